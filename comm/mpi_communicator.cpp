@@ -1,0 +1,202 @@
+// The MPI communicator: host buffers (or CUDA-aware MPI), nonblocking point to point with
+// deadlines, collectives. Messages over 1 GiB are split, because MPI counts are ints.
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "comm/mpi_check.hpp"
+#include "comm/topology.hpp"
+#include "longattn/communicator.hpp"
+#include "longattn/config.hpp"
+#include "longattn/log.hpp"
+
+namespace longattn::comm {
+
+void throw_mpi_error(int code, const char* call, const char* file, int line) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, text, &len);
+  throw Error(ErrorCode::communication, fmt::format("{} failed: {} ({}:{})", call, std::string(text, static_cast<std::size_t>(len)), file, line));
+}
+
+namespace {
+
+constexpr std::size_t kMaxChunk = std::size_t{1} << 30;
+
+class MpiRequest final : public CommRequest {
+ public:
+  MpiRequest(std::vector<MPI_Request> reqs, std::string what) : reqs_(std::move(reqs)), what_(std::move(what)) {}
+  ~MpiRequest() override {
+    // A request dropped unfinished (an exception unwound past it) must not leave MPI writing into
+    // freed memory: cancel what can be cancelled.
+    for (auto& r : reqs_) {
+      if (r != MPI_REQUEST_NULL) {
+        MPI_Cancel(&r);
+        MPI_Request_free(&r);
+      }
+    }
+  }
+  bool test() override {
+    int done = 0;
+    MPI_CHECK(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &done, MPI_STATUSES_IGNORE));
+    return done != 0;
+  }
+  void wait() override {
+    // Poll with a deadline instead of MPI_Waitall, so a dead or mismatched peer becomes an error.
+    const auto timeout = std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S"));
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int spins = 0;
+    while (!test()) {
+      if (std::chrono::steady_clock::now() > deadline)
+        throw Error(ErrorCode::timeout, fmt::format("{} did not complete within {} s (LONGATTN_COMM_TIMEOUT_S); is a peer "
+                                                    "dead or running with different arguments?", what_, timeout.count()));
+      if (++spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+ private:
+  std::vector<MPI_Request> reqs_;
+  std::string what_;
+};
+
+MPI_Datatype mpi_type(ReduceType t) {
+  switch (t) {
+    case ReduceType::f32: return MPI_FLOAT;
+    case ReduceType::f64: return MPI_DOUBLE;
+    case ReduceType::i64: return MPI_INT64_T;
+  }
+  return MPI_BYTE;
+}
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum: return MPI_SUM;
+    case ReduceOp::max: return MPI_MAX;
+    case ReduceOp::min: return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
+    MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    topo_ = discover_topology(comm_);
+  }
+  ~MpiCommunicator() override {
+    if (owned_) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend_name() const override { return "mpi"; }
+  Topology topology() const override { return topo_; }
+
+  Request isend(const void* buf, std::size_t bytes, int peer, int tag, void*) override {
+    check_peer(peer);
+    std::vector<MPI_Request> reqs;
+    const auto* p = static_cast<const char*>(buf);
+    for (std::size_t off = 0; off < bytes || (bytes == 0 && off == 0); off += kMaxChunk) {
+      const auto n = static_cast<int>(std::min(kMaxChunk, bytes - off));
+      reqs.emplace_back();
+      MPI_CHECK(MPI_Isend(p + off, n, MPI_BYTE, peer, tag, comm_, &reqs.back()));
+      if (bytes == 0) break;
+    }
+    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("send of {} bytes to rank {}", bytes, peer));
+  }
+
+  Request irecv(void* buf, std::size_t bytes, int peer, int tag, void*) override {
+    check_peer(peer);
+    std::vector<MPI_Request> reqs;
+    auto* p = static_cast<char*>(buf);
+    for (std::size_t off = 0; off < bytes || (bytes == 0 && off == 0); off += kMaxChunk) {
+      const auto n = static_cast<int>(std::min(kMaxChunk, bytes - off));
+      reqs.emplace_back();
+      MPI_CHECK(MPI_Irecv(p + off, n, MPI_BYTE, peer, tag, comm_, &reqs.back()));
+      if (bytes == 0) break;
+    }
+    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("receive of {} bytes from rank {}", bytes, peer));
+  }
+
+  void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes, const std::vector<std::size_t>& send_offsets,
+                 void* recv, const std::vector<std::size_t>& recv_bytes, const std::vector<std::size_t>& recv_offsets,
+                 void*) override {
+    const auto n = static_cast<std::size_t>(size_);
+    LONGATTN_INVALID(send_bytes.size() == n && send_offsets.size() == n && recv_bytes.size() == n && recv_offsets.size() == n,
+                     "alltoallv needs {} counts and offsets per direction", n);
+    std::vector<Request> pending;
+    constexpr int kTag = 0x7a11;
+    for (int p = 0; p < size_; ++p) {
+      const auto up = static_cast<std::size_t>(p);
+      pending.push_back(irecv(static_cast<char*>(recv) + recv_offsets[up], recv_bytes[up], p, kTag, nullptr));
+    }
+    for (int p = 0; p < size_; ++p) {
+      const auto up = static_cast<std::size_t>(p);
+      pending.push_back(isend(static_cast<const char*>(send) + send_offsets[up], send_bytes[up], p, kTag, nullptr));
+    }
+    for (auto& r : pending) r->wait();
+  }
+
+  void allreduce(void* buf, std::size_t count, ReduceType type, ReduceOp op) override {
+    LONGATTN_INVALID(count < (std::size_t{1} << 31), "allreduce of {} elements exceeds MPI's int count", count);
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(type), mpi_op(op), comm_));
+  }
+  void allgather(const void* send, void* recv, std::size_t bytes_each) override {
+    LONGATTN_INVALID(bytes_each < (std::size_t{1} << 31), "allgather of {} bytes per rank exceeds MPI's int count", bytes_each);
+    MPI_CHECK(MPI_Allgather(send, static_cast<int>(bytes_each), MPI_BYTE, recv, static_cast<int>(bytes_each), MPI_BYTE, comm_));
+  }
+  void broadcast(void* buf, std::size_t bytes, int root) override {
+    LONGATTN_INVALID(bytes < (std::size_t{1} << 31), "broadcast of {} bytes exceeds MPI's int count", bytes);
+    MPI_CHECK(MPI_Bcast(buf, static_cast<int>(bytes), MPI_BYTE, root, comm_));
+  }
+  void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
+
+  std::unique_ptr<Communicator> split(int color, int key) const override {
+    MPI_Comm sub;
+    MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
+    return std::make_unique<MpiCommunicator>(sub, true);
+  }
+
+ private:
+  void check_peer(int peer) const {
+    LONGATTN_INVALID(peer >= 0 && peer < size_, "peer rank {} is outside [0, {})", peer, size_);
+  }
+  MPI_Comm comm_;
+  bool owned_;
+  int rank_ = 0, size_ = 1;
+  Topology topo_;
+};
+
+}  // namespace
+}  // namespace longattn::comm
+
+namespace longattn {
+
+MpiSession::MpiSession(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized) return;
+  int provided = 0;
+  MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+  owns_ = true;
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  set_log_rank(rank);
+  if (provided < MPI_THREAD_MULTIPLE)
+    logger(Subsystem::comm).debug("MPI provides thread level {} (< MULTIPLE); communication stays on one thread", provided);
+}
+
+MpiSession::~MpiSession() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (owns_ && !finalized) MPI_Finalize();
+}
+
+std::unique_ptr<Communicator> make_mpi_world_communicator() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  LONGATTN_REQUIRE(initialized, ErrorCode::invalid_argument, "MPI is not initialized: create a longattn::MpiSession first");
+  return std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD, false);
+}
+
+}  // namespace longattn

@@ -1,0 +1,42 @@
+// The table of LONGATTN_* variables. Adding a variable means adding a row here (and to
+// docs/environment.md); env_string refuses names that are not in the table.
+#include "longattn/config.hpp"
+
+#include <cstdlib>
+#include <string_view>
+
+#include "common/check.hpp"
+
+namespace longattn {
+
+const std::vector<EnvVarInfo>& environment_variables() {
+  static const std::vector<EnvVarInfo> table = {
+      {"LONGATTN_LOG", "info", "log level: trace, debug, info, warn, error, off"},
+      {"LONGATTN_LOG_SUBSYS", "all", "comma list of subsystems to log: kernels,partition,comm,ring,offload,app"},
+      {"LONGATTN_BACKEND", "auto", "local attention backend: auto, reference, cpu, cuda, cudnn"},
+      {"LONGATTN_NUM_THREADS", "0", "CPU kernel threads per process; 0 = cores / processes on this node"},
+      {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
+      {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
+  };
+  return table;
+}
+
+std::string env_string(const char* name) {
+  for (const auto& v : environment_variables()) {
+    if (std::string_view(v.name) == name) {
+      const char* value = std::getenv(name);
+      return value ? std::string(value) : std::string(v.default_value);
+    }
+  }
+  throw Error(ErrorCode::internal, fmt::format("environment variable {} is read but not documented in config.cpp", name));
+}
+
+long env_int(const char* name) {
+  const std::string s = env_string(name);
+  char* end = nullptr;
+  const long v = std::strtol(s.c_str(), &end, 10);
+  LONGATTN_INVALID(end && *end == '\0' && !s.empty(), "{}='{}' is not an integer", name, s);
+  return v;
+}
+
+}  // namespace longattn

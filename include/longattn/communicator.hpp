@@ -1,0 +1,83 @@
+// Moving bytes between ranks: the communicator interface every distributed algorithm uses, with an
+// MPI backend always present (NCCL where built). Nothing here knows about attention.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace longattn {
+
+// Where this rank sits. Nodes come from shared-memory domains (hostnames) or, to simulate several
+// nodes on one machine, from LONGATTN_NODE_SIZE (every N consecutive ranks form a node).
+struct Topology {
+  int node = 0;        // this rank's node id, 0..nodes-1
+  int nodes = 1;
+  int local_rank = 0;  // index among the ranks of this node
+  int local_size = 1;
+};
+
+// A pending nonblocking operation. wait() returns once the buffer may be reused (send) or read
+// (receive); on a GPU communicator "read" means: by work queued afterwards on the stream given to
+// the call. wait() throws Error(timeout) after LONGATTN_COMM_TIMEOUT_S instead of hanging.
+class CommRequest {
+ public:
+  virtual ~CommRequest() = default;
+  virtual void wait() = 0;
+  virtual bool test() = 0;
+};
+using Request = std::unique_ptr<CommRequest>;
+
+enum class ReduceOp { sum, max, min };
+enum class ReduceType { f32, f64, i64 };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend_name() const = 0;
+  virtual Topology topology() const = 0;
+
+  // `stream`: for stream-ordered (GPU) communicators, the stream whose queued work produces /
+  // consumes the buffer. Host communicators ignore it.
+  virtual Request isend(const void* buf, std::size_t bytes, int peer, int tag, void* stream = nullptr) = 0;
+  virtual Request irecv(void* buf, std::size_t bytes, int peer, int tag, void* stream = nullptr) = 0;
+
+  // Byte counts and displacements per peer (size() entries each).
+  virtual void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes,
+                         const std::vector<std::size_t>& send_offsets, void* recv,
+                         const std::vector<std::size_t>& recv_bytes, const std::vector<std::size_t>& recv_offsets,
+                         void* stream = nullptr) = 0;
+  virtual void allreduce(void* buf, std::size_t count, ReduceType type, ReduceOp op) = 0;
+  virtual void allgather(const void* send, void* recv, std::size_t bytes_each) = 0;
+  virtual void broadcast(void* buf, std::size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // Ranks with the same color form a new communicator, ordered by key.
+  virtual std::unique_ptr<Communicator> split(int color, int key) const = 0;
+};
+
+// Initializes MPI (thread level MULTIPLE) on construction if nobody has, finalizes on destruction
+// if it initialized. Create one at the top of main().
+class MpiSession {
+ public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+
+ private:
+  bool owns_ = false;
+};
+
+// A communicator over MPI_COMM_WORLD (MPI must be initialized, e.g. by MpiSession).
+std::unique_ptr<Communicator> make_mpi_world_communicator();
+
+// Throws Error(invalid_argument) on every rank, naming the ranks that disagree, when `value`
+// differs between ranks. Cheap (two integer reductions) when they agree: call it on arguments
+// that every rank must share before starting collective work.
+void require_same_on_all_ranks(Communicator& comm, const std::string& what, const std::string& value);
+
+}  // namespace longattn

@@ -1,0 +1,23 @@
+// Every LONGATTN_* environment variable is read here and only here (see docs/environment.md).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace longattn {
+
+struct EnvVarInfo {
+  const char* name;
+  const char* default_value;
+  const char* meaning;
+};
+
+// The documented table of all variables.
+const std::vector<EnvVarInfo>& environment_variables();
+
+// Value of a documented variable (its default when unset). Throws for undocumented names, so a
+// variable cannot be read without being listed.
+std::string env_string(const char* name);
+long env_int(const char* name);
+
+}  // namespace longattn

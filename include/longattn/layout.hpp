@@ -1,0 +1,53 @@
+// How the tokens of a batch of sequences are spread over P ranks for sequence parallelism.
+//   contiguous: rank r holds the r-th of P equal slices of each sequence (causal work unbalanced);
+//   zigzag:     each sequence is cut into 2P chunks, rank r holds chunks r and 2P-1-r, so under a
+//               causal mask every rank has the same work at every ring step;
+//   striped:    token t of a sequence lives on rank t mod P (also balanced).
+// Lengths need not divide evenly: chunks differ by at most one token.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace longattn {
+
+enum class Layout { contiguous, zigzag, striped };
+const char* to_string(Layout l) noexcept;
+Layout parse_layout(const std::string& name);  // throws on an unknown name
+
+// The tokens one rank holds, in local order (sequence by sequence, positions increasing).
+struct RankShard {
+  std::vector<std::int64_t> global_index;  // packed index in the full batch of each local token
+  std::vector<std::int32_t> positions;     // position of each local token inside its sequence
+  std::vector<std::int32_t> cu_seqlens;    // local prefix sums, batch + 1 entries
+  std::int64_t tokens() const noexcept { return static_cast<std::int64_t>(global_index.size()); }
+};
+
+class ShardPlan {
+ public:
+  // cu_seqlens: prefix sums of the global batch (batch + 1 entries, starting at 0).
+  ShardPlan(std::vector<std::int32_t> cu_seqlens, Layout layout, int world);
+  static ShardPlan single_sequence(std::int64_t seq_len, Layout layout, int world);
+
+  RankShard shard(int rank) const;
+  std::int64_t local_tokens(int rank) const;  // without building the index lists
+  std::int64_t max_local_tokens() const;
+  int world() const noexcept { return world_; }
+  Layout layout() const noexcept { return layout_; }
+  int batch() const noexcept { return static_cast<int>(cu_seqlens_.size()) - 1; }
+  std::int64_t total_tokens() const noexcept { return cu_seqlens_.back(); }
+  const std::vector<std::int32_t>& cu_seqlens() const noexcept { return cu_seqlens_; }
+
+ private:
+  std::vector<std::int32_t> cu_seqlens_;
+  Layout layout_;
+  int world_;
+};
+
+// Gather the rows (row_bytes each) a rank holds out of the full batch, and scatter them back.
+void shard_rows(const void* global, void* local, std::size_t row_bytes, const RankShard& shard);
+void unshard_rows(const void* local, void* global, std::size_t row_bytes, const RankShard& shard);
+
+}  // namespace longattn

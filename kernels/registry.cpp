@@ -1,0 +1,67 @@
+// Backend registry: names to factories. CPU backends are always built; GPU ones join where the
+// build found CUDA (LONGATTN_HAVE_CUDA) and a GPU is present at run time.
+#include <functional>
+
+#include "common/check.hpp"
+#include "kernels/cpu_backend.hpp"
+#include "longattn/config.hpp"
+#include "longattn/log.hpp"
+
+#ifdef LONGATTN_HAVE_CUDA
+#include "kernels/cuda/cuda_backends.hpp"
+#endif
+
+namespace longattn {
+namespace {
+
+struct Entry {
+  const char* name;
+  DeviceKind kind;
+  std::function<bool()> available;
+  std::function<std::unique_ptr<AttentionBackend>()> make;
+};
+
+// In order of preference for "auto" on each device kind.
+const std::vector<Entry>& entries() {
+  static const std::vector<Entry> table = {
+#ifdef LONGATTN_HAVE_CUDA
+      {"cudnn", DeviceKind::cuda, kernels::cudnn_backend_available, kernels::make_cudnn_backend},
+      {"cuda", DeviceKind::cuda, kernels::cuda_device_available, kernels::make_cuda_backend},
+#endif
+      {"cpu", DeviceKind::cpu, [] { return true; }, kernels::make_cpu_fast_backend},
+      {"reference", DeviceKind::cpu, [] { return true; }, kernels::make_reference_backend},
+  };
+  return table;
+}
+
+}  // namespace
+
+std::vector<std::string> available_backends() {
+  std::vector<std::string> names;
+  for (const auto& e : entries())
+    if (e.available()) names.emplace_back(e.name);
+  return names;
+}
+
+std::unique_ptr<AttentionBackend> make_backend(const std::string& requested, DeviceKind kind) {
+  std::string name = requested;
+  if (name.empty() || name == "auto") name = env_string("LONGATTN_BACKEND");
+  if (name == "auto") {
+    for (const auto& e : entries())
+      if (e.kind == kind && e.available()) {
+        logger(Subsystem::kernels).debug("backend auto -> {}", e.name);
+        return e.make();
+      }
+    throw Error(ErrorCode::unsupported, fmt::format("no attention backend is available for device {}", to_string(kind)));
+  }
+  for (const auto& e : entries()) {
+    if (name != e.name) continue;
+    LONGATTN_REQUIRE(e.available(), ErrorCode::unsupported, "backend '{}' is built but cannot run here (no GPU?)", name);
+    return e.make();
+  }
+  std::string known;
+  for (const auto& e : entries()) known += std::string(known.empty() ? "" : ", ") + e.name;
+  throw Error(ErrorCode::invalid_argument, fmt::format("unknown backend '{}'; this build has: auto, {}", name, known));
+}
+
+}  // namespace longattn

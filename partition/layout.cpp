@@ -1,0 +1,128 @@
+// Contiguous, zigzag and striped shard plans. Pure functions of (cu_seqlens, layout, world).
+#include "longattn/layout.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/check.hpp"
+
+namespace longattn {
+namespace {
+
+// Size and start of piece c when n items are cut into `pieces` parts differing by at most one.
+std::int64_t piece_size(std::int64_t n, std::int64_t pieces, std::int64_t c) { return n / pieces + (c < n % pieces ? 1 : 0); }
+std::int64_t piece_start(std::int64_t n, std::int64_t pieces, std::int64_t c) {
+  return c * (n / pieces) + std::min(c, n % pieces);
+}
+
+// Calls emit(position) for each position of a sequence of length n that `rank` holds, increasing.
+template <class Emit>
+void for_each_local_position(Layout layout, std::int64_t n, int world, int rank, Emit&& emit) {
+  switch (layout) {
+    case Layout::contiguous: {
+      const auto s = piece_start(n, world, rank), z = piece_size(n, world, rank);
+      for (std::int64_t p = s; p < s + z; ++p) emit(p);
+      break;
+    }
+    case Layout::zigzag: {
+      const std::int64_t chunks = 2LL * world;
+      for (std::int64_t c : {std::int64_t{rank}, chunks - 1 - rank}) {
+        const auto s = piece_start(n, chunks, c), z = piece_size(n, chunks, c);
+        for (std::int64_t p = s; p < s + z; ++p) emit(p);
+      }
+      break;
+    }
+    case Layout::striped:
+      for (std::int64_t p = rank; p < n; p += world) emit(p);
+      break;
+  }
+}
+
+std::int64_t local_count(Layout layout, std::int64_t n, int world, int rank) {
+  switch (layout) {
+    case Layout::contiguous: return piece_size(n, world, rank);
+    case Layout::zigzag: return piece_size(n, 2LL * world, rank) + piece_size(n, 2LL * world, 2LL * world - 1 - rank);
+    case Layout::striped: return n > rank ? (n - rank + world - 1) / world : 0;
+  }
+  return 0;
+}
+
+}  // namespace
+
+const char* to_string(Layout l) noexcept {
+  switch (l) {
+    case Layout::contiguous: return "contiguous";
+    case Layout::zigzag: return "zigzag";
+    case Layout::striped: return "striped";
+  }
+  return "?";
+}
+
+Layout parse_layout(const std::string& name) {
+  if (name == "contiguous") return Layout::contiguous;
+  if (name == "zigzag") return Layout::zigzag;
+  if (name == "striped") return Layout::striped;
+  throw Error(ErrorCode::invalid_argument, fmt::format("unknown layout '{}': use contiguous, zigzag or striped", name));
+}
+
+ShardPlan::ShardPlan(std::vector<std::int32_t> cu_seqlens, Layout layout, int world)
+    : cu_seqlens_(std::move(cu_seqlens)), layout_(layout), world_(world) {
+  LONGATTN_INVALID(world >= 1, "the number of ranks must be at least 1, got {}", world);
+  LONGATTN_INVALID(cu_seqlens_.size() >= 2 && cu_seqlens_.front() == 0,
+                   "cu_seqlens must start at 0 and hold at least one sequence");
+  for (std::size_t b = 1; b < cu_seqlens_.size(); ++b)
+    LONGATTN_INVALID(cu_seqlens_[b] >= cu_seqlens_[b - 1], "cu_seqlens must be non-decreasing (entry {} is {} < {})", b,
+                     cu_seqlens_[b], cu_seqlens_[b - 1]);
+}
+
+ShardPlan ShardPlan::single_sequence(std::int64_t seq_len, Layout layout, int world) {
+  LONGATTN_INVALID(seq_len >= 1 && seq_len < (std::int64_t{1} << 31), "sequence length must be in [1, 2^31), got {}", seq_len);
+  return ShardPlan({0, static_cast<std::int32_t>(seq_len)}, layout, world);
+}
+
+std::int64_t ShardPlan::local_tokens(int rank) const {
+  std::int64_t n = 0;
+  for (int b = 0; b < batch(); ++b) n += local_count(layout_, cu_seqlens_[b + 1] - cu_seqlens_[b], world_, rank);
+  return n;
+}
+
+std::int64_t ShardPlan::max_local_tokens() const {
+  std::int64_t m = 0;
+  for (int r = 0; r < world_; ++r) m = std::max(m, local_tokens(r));
+  return m;
+}
+
+RankShard ShardPlan::shard(int rank) const {
+  LONGATTN_INVALID(rank >= 0 && rank < world_, "rank {} is outside [0, {})", rank, world_);
+  RankShard s;
+  const auto n = local_tokens(rank);
+  s.global_index.reserve(static_cast<std::size_t>(n));
+  s.positions.reserve(static_cast<std::size_t>(n));
+  s.cu_seqlens.reserve(cu_seqlens_.size());
+  s.cu_seqlens.push_back(0);
+  for (int b = 0; b < batch(); ++b) {
+    const std::int64_t start = cu_seqlens_[b];
+    for_each_local_position(layout_, cu_seqlens_[b + 1] - start, world_, rank, [&](std::int64_t p) {
+      s.global_index.push_back(start + p);
+      s.positions.push_back(static_cast<std::int32_t>(p));
+    });
+    s.cu_seqlens.push_back(static_cast<std::int32_t>(s.global_index.size()));
+  }
+  return s;
+}
+
+void shard_rows(const void* global, void* local, std::size_t row_bytes, const RankShard& shard) {
+  auto* dst = static_cast<char*>(local);
+  const auto* src = static_cast<const char*>(global);
+  for (std::size_t i = 0; i < shard.global_index.size(); ++i)
+    std::memcpy(dst + i * row_bytes, src + static_cast<std::size_t>(shard.global_index[i]) * row_bytes, row_bytes);
+}
+
+void unshard_rows(const void* local, void* global, std::size_t row_bytes, const RankShard& shard) {
+  auto* dst = static_cast<char*>(global);
+  const auto* src = static_cast<const char*>(local);
+  for (std::size_t i = 0; i < shard.global_index.size(); ++i)
+    std::memcpy(dst + static_cast<std::size_t>(shard.global_index[i]) * row_bytes, src + i * row_bytes, row_bytes);
+}
+
+}  // namespace longattn

@@ -1,0 +1,346 @@
+// Ring attention forward and backward over any Communicator and AttentionBackend.
+//
+// Forward, on rank r with P ranks: at step s the rank holds the key/value shard of rank
+// src = (r - s) mod P; it posts the receive of the next shard from r-1 and the send of the current
+// one to r+1, computes its queries against the current shard, merges (o, lse) by the LSE identity,
+// then waits for the transfers (double buffer: compute on one, receive into the other).
+//
+// Backward: delta = rowsum(dO * O) once; dQ accumulates at home. dK/dV of a shard follow the shard:
+// rank r at step s computes the gradient of shard src into a fresh buffer, adds the partial sum the
+// previous rank computed for the same shard one step earlier, and passes it on; after P steps
+// every shard's gradient arrives at its home rank.
+#include <algorithm>
+#include <chrono>
+#include <limits>
+#include <vector>
+
+#include "common/check.hpp"
+#include "longattn/log.hpp"
+#include "longattn/ring.hpp"
+
+namespace longattn {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+
+enum Tag : int { kTagK = 11, kTagV = 12, kTagGrad = 13 };
+
+// What every rank knows about every rank's shard, without any data: sizes, positions, sequence
+// boundaries, and the position range per sequence (to skip steps the causal mask hides).
+struct ShardMeta {
+  std::int64_t tokens = 0;
+  std::unique_ptr<DeviceBuffer> positions;   // int32 [tokens] on the backend's device
+  std::unique_ptr<DeviceBuffer> cu_seqlens;  // int32 [batch + 1] on the backend's device
+  std::vector<std::int32_t> min_pos, max_pos;  // per sequence; empty sequence => min > max
+};
+
+TensorView view_of(DeviceBuffer& buf, DType t, std::initializer_list<std::int64_t> dims, Device dev) {
+  TensorView v(buf.data(), t, dims, dev);
+  LONGATTN_REQUIRE(v.bytes() <= buf.bytes(), ErrorCode::internal, "workspace too small for {}", v.describe());
+  return v;
+}
+
+}  // namespace
+
+struct RingAttention::Impl {
+  Communicator& comm;
+  ShardPlan plan;
+  RingOptions opt;
+  std::unique_ptr<AttentionBackend> backend;
+  std::vector<ShardMeta> meta;
+  RingStats stats;
+  int rank, world;
+
+  // Workspaces, sized on first use and reused while shapes allow.
+  struct Shape {
+    int hq = 0, hkv = 0, d = 0;
+    DType dtype = DType::f32;
+    bool operator==(const Shape&) const = default;
+  } shape;
+  std::unique_ptr<DeviceBuffer> kv_buf[2];     // [k | v] of an incoming shard, input dtype
+  std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;  // f32
+  std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in;  // f32
+
+  Impl(Communicator& c, ShardPlan p, RingOptions o, std::unique_ptr<AttentionBackend> b)
+      : comm(c), plan(std::move(p)), opt(std::move(o)), backend(std::move(b)), rank(c.rank()), world(c.size()) {
+    if (!backend) backend = make_backend("auto");
+    LONGATTN_INVALID(plan.world() == world, "the shard plan is for {} ranks but the communicator has {}", plan.world(), world);
+    require_same_on_all_ranks(comm, "ring attention settings (layout, world, batch, tokens, causal)",
+                              fmt::format("{} {} {} {} {}", to_string(plan.layout()), plan.world(), plan.batch(),
+                                          plan.total_tokens(), opt.causal));
+    meta.resize(static_cast<std::size_t>(world));
+    for (int r = 0; r < world; ++r) {
+      const RankShard s = plan.shard(r);
+      auto& m = meta[static_cast<std::size_t>(r)];
+      m.tokens = s.tokens();
+      m.positions = upload(s.positions.data(), s.positions.size() * 4);
+      m.cu_seqlens = upload(s.cu_seqlens.data(), s.cu_seqlens.size() * 4);
+      for (int b = 0; b < plan.batch(); ++b) {
+        const auto lo = s.cu_seqlens[b], hi = s.cu_seqlens[b + 1];
+        m.min_pos.push_back(lo < hi ? s.positions[lo] : std::numeric_limits<std::int32_t>::max());
+        m.max_pos.push_back(lo < hi ? s.positions[hi - 1] : -1);
+      }
+    }
+  }
+
+  std::unique_ptr<DeviceBuffer> upload(const void* src, std::size_t bytes) {
+    auto buf = backend->allocate(std::max<std::size_t>(bytes, 4));
+    backend->copy_bytes(buf->data(), src, bytes, opt.stream);
+    return buf;
+  }
+
+  const ShardMeta& of(int r) const { return meta[static_cast<std::size_t>(r)]; }
+  std::int64_t local() const { return of(rank).tokens; }
+
+  // True when some query of this rank may see some key of rank src (always without a causal mask).
+  bool has_work(int src) const {
+    if (!opt.causal) return true;
+    for (int b = 0; b < plan.batch(); ++b) {
+      const auto ub = static_cast<std::size_t>(b);
+      if (of(src).min_pos[ub] <= of(rank).max_pos[ub]) return true;
+    }
+    return false;
+  }
+
+  void ensure_workspaces(const Shape& s, bool for_backward) {
+    const auto n_max = static_cast<std::size_t>(plan.max_local_tokens());
+    const auto n = static_cast<std::size_t>(local());
+    const auto kv_elems = n_max * static_cast<std::size_t>(s.hkv) * static_cast<std::size_t>(s.d);
+    const auto q_elems = n * static_cast<std::size_t>(s.hq) * static_cast<std::size_t>(s.d);
+    auto need = [&](std::unique_ptr<DeviceBuffer>& b, std::size_t bytes) {
+      bytes = std::max<std::size_t>(bytes, 64);
+      if (!b || b->bytes() < bytes || !(shape == s)) b = backend->allocate(bytes);
+    };
+    for (auto& b : kv_buf) need(b, 2 * kv_elems * dtype_size(s.dtype));
+    need(o_acc, q_elems * 4);
+    need(o_part, q_elems * 4);
+    need(lse_part, n * static_cast<std::size_t>(s.hq) * 4);
+    if (for_backward) {
+      need(delta, n * static_cast<std::size_t>(s.hq) * 4);
+      need(dq_acc, q_elems * 4);
+      for (auto& b : grad_buf) need(b, 2 * kv_elems * 4);
+      need(grad_in, 2 * kv_elems * 4);
+    }
+    shape = s;
+  }
+
+  Shape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v) {
+    LONGATTN_INVALID(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, "ring attention takes q, k, v as [tokens, heads, dim], got {}, {}, {}",
+                     q.describe(), k.describe(), v.describe());
+    const auto n = local();
+    LONGATTN_INVALID(q.dim(0) == n && k.dim(0) == n && v.dim(0) == n,
+                     "rank {} holds {} tokens under the {} plan, but q/k/v have {}/{}/{} rows", rank, n,
+                     to_string(plan.layout()), q.dim(0), k.dim(0), v.dim(0));
+    Shape s{static_cast<int>(q.dim(1)), static_cast<int>(k.dim(1)), static_cast<int>(q.dim(2)), q.dtype};
+    require_same_on_all_ranks(comm, "ring attention tensor shapes (heads, kv heads, head dim, dtype)",
+                              fmt::format("{} {} {} {}", s.hq, s.hkv, s.d, to_string(s.dtype)));
+    return s;
+  }
+
+  // Local attention arguments: this rank's queries against the given key/value shard of rank src.
+  AttentionArgs step_args(const TensorView& q, const TensorView& k, const TensorView& v, int src) const {
+    AttentionArgs a;
+    a.q = q;
+    a.k = k;
+    a.v = v;
+    a.batch = plan.batch();
+    a.cu_seqlens_q = static_cast<const std::int32_t*>(of(rank).cu_seqlens->data());
+    a.cu_seqlens_k = static_cast<const std::int32_t*>(of(src).cu_seqlens->data());
+    a.q_positions = static_cast<const std::int32_t*>(of(rank).positions->data());
+    a.k_positions = static_cast<const std::int32_t*>(of(src).positions->data());
+    a.causal = opt.causal;
+    a.scale = opt.scale;
+    a.stream = opt.stream;
+    return a;
+  }
+
+  // Views of the key/value halves of a travelling buffer holding rank src's shard.
+  std::pair<TensorView, TensorView> kv_views(DeviceBuffer& buf, int src) const {
+    const auto n = of(src).tokens;
+    const auto half = static_cast<std::size_t>(n) * static_cast<std::size_t>(shape.hkv) * static_cast<std::size_t>(shape.d) *
+                      dtype_size(shape.dtype);
+    const Device dev = backend->device();
+    TensorView k(buf.data(), shape.dtype, {n, shape.hkv, shape.d}, dev);
+    TensorView v(static_cast<char*>(buf.data()) + half, shape.dtype, {n, shape.hkv, shape.d}, dev);
+    return {k, v};
+  }
+
+  // Posts the transfer that brings shard (r - s - 1) here while sending the current one onward.
+  std::vector<Request> rotate_kv(const TensorView& k, const TensorView& v, DeviceBuffer& into, int next_src) {
+    std::vector<Request> reqs;
+    const int next = (rank + 1) % world, prev = (rank - 1 + world) % world;
+    auto [rk, rv] = kv_views(into, next_src);
+    reqs.push_back(comm.irecv(rk.data, rk.bytes(), prev, kTagK, opt.stream));
+    reqs.push_back(comm.irecv(rv.data, rv.bytes(), prev, kTagV, opt.stream));
+    reqs.push_back(comm.isend(k.data, k.bytes(), next, kTagK, opt.stream));
+    reqs.push_back(comm.isend(v.data, v.bytes(), next, kTagV, opt.stream));
+    stats.bytes_sent += k.bytes() + v.bytes();
+    return reqs;
+  }
+
+  void wait_all(std::vector<Request>& reqs) {
+    const auto t = Clock::now();
+    for (auto& r : reqs) r->wait();
+    reqs.clear();
+    stats.wait_ms += ms_since(t);
+  }
+
+  void forward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse) {
+    const auto t0 = Clock::now();
+    stats = {};
+    const Shape s = check_inputs(q, k, v);
+    ensure_workspaces(s, false);
+    const auto n = local();
+    const Device dev = backend->device();
+    LONGATTN_INVALID(lse.dtype == DType::f32 && lse.ndim == 2 && lse.dim(0) == s.hq && lse.dim(1) == n,
+                     "lse must be fp32 [{}, {}], got {}", s.hq, n, lse.describe());
+    TensorView oacc = view_of(*o_acc, DType::f32, {n, s.hq, s.d}, dev);
+    TensorView opart = view_of(*o_part, DType::f32, {n, s.hq, s.d}, dev);
+    TensorView lpart = view_of(*lse_part, DType::f32, {s.hq, n}, dev);
+    backend->fill(oacc, 0.0f, opt.stream);
+    backend->fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
+
+    TensorView cur_k = k, cur_v = v;
+    std::vector<Request> pending;
+    for (int step = 0; step < world; ++step) {
+      const int src = (rank - step + world) % world;
+      if (step + 1 < world) pending = rotate_kv(cur_k, cur_v, *kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
+      const auto tc = Clock::now();
+      if (has_work(src)) {
+        const auto a = step_args(q, cur_k, cur_v, src);
+        backend->forward(a, {opart, lpart});
+        backend->merge_into(oacc, lse, opart, lpart, opt.stream);
+      } else {
+        ++stats.skipped_steps;
+      }
+      backend->synchronize(opt.stream);
+      stats.compute_ms += ms_since(tc);
+      wait_all(pending);
+      if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
+      ++stats.steps;
+      logger(Subsystem::ring).debug("forward step {}/{} (kv of rank {})", step + 1, world, src);
+      if (opt.on_step) opt.on_step("forward", step + 1, world);
+    }
+    backend->convert(o, oacc, opt.stream);
+    backend->synchronize(opt.stream);
+    stats.wall_ms = ms_since(t0);
+  }
+
+  void backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o, TensorView dq,
+                TensorView dk, TensorView dv) {
+    const auto t0 = Clock::now();
+    stats = {};
+    const Shape s = check_inputs(q, k, v);
+    ensure_workspaces(s, true);
+    const auto n = local();
+    const Device dev = backend->device();
+    const int next = (rank + 1) % world, prev = (rank - 1 + world) % world;
+    for (const auto* t : {&o, &d_o, &dq})
+      LONGATTN_INVALID(t->ndim == 3 && t->dim(0) == n && t->dim(1) == s.hq && t->dim(2) == s.d,
+                       "o, d_o and dq must be [{}, {}, {}], got {}", n, s.hq, s.d, t->describe());
+    for (const auto* t : {&dk, &dv})
+      LONGATTN_INVALID(t->ndim == 3 && t->dim(0) == n && t->dim(1) == s.hkv && t->dim(2) == s.d,
+                       "dk and dv must be [{}, {}, {}], got {}", n, s.hkv, s.d, t->describe());
+
+    TensorView delta_v = view_of(*delta, DType::f32, {s.hq, n}, dev);
+    TensorView dq_v = view_of(*dq_acc, DType::f32, {n, s.hq, s.d}, dev);
+    backend->compute_delta(o, d_o, delta_v, opt.stream);
+    backend->fill(dq_v, 0.0f, opt.stream);
+
+    // Gradient buffer of rank src's shard: [dk | dv] in fp32.
+    auto grad_views = [&](DeviceBuffer& buf, int src) {
+      const auto m = of(src).tokens;
+      const auto half = static_cast<std::size_t>(m) * static_cast<std::size_t>(s.hkv) * static_cast<std::size_t>(s.d);
+      TensorView gk(buf.data(), DType::f32, {m, s.hkv, s.d}, dev);
+      TensorView gv(static_cast<float*>(buf.data()) + half, DType::f32, {m, s.hkv, s.d}, dev);
+      return std::pair{gk, gv};
+    };
+    auto grad_bytes = [&](int src) { return 2 * grad_views(*grad_in, src).first.bytes(); };
+
+    TensorView cur_k = k, cur_v = v;
+    std::vector<Request> kv_pending, grad_recv, grad_send;
+    for (int step = 0; step < world; ++step) {
+      const int src = (rank - step + world) % world;
+      const int next_src = (rank - step - 1 + 2 * world) % world;
+      if (step + 1 < world) kv_pending = rotate_kv(cur_k, cur_v, *kv_buf[step % 2], next_src);
+      // The partial gradient of shard src from the ranks before us (sent after their step - 1).
+      if (step > 0) grad_recv.push_back(comm.irecv(grad_in->data(), grad_bytes(src), prev, kTagGrad, opt.stream));
+
+      DeviceBuffer& gbuf = *grad_buf[step % 2];
+      auto [gk, gv] = grad_views(gbuf, src);
+      const auto tc = Clock::now();
+      if (has_work(src)) {
+        const auto a = step_args(q, cur_k, cur_v, src);
+        BackwardArgs g;
+        g.o = o;
+        g.lse = lse;
+        g.d_o = d_o;
+        g.delta = delta_v;
+        g.dq = dq_v;
+        g.dk = gk;
+        g.dv = gv;
+        g.accumulate = false;
+        // dq accumulates across steps; dk/dv are fresh for this step. The kernel interface has one
+        // accumulate flag, so dq goes through the accumulate path and dk/dv start from zero.
+        backend->fill(gk, 0.0f, opt.stream);
+        backend->fill(gv, 0.0f, opt.stream);
+        g.accumulate = true;
+        backend->backward(a, g);
+      } else {
+        backend->fill(gk, 0.0f, opt.stream);
+        backend->fill(gv, 0.0f, opt.stream);
+        ++stats.skipped_steps;
+      }
+      backend->synchronize(opt.stream);
+      stats.compute_ms += ms_since(tc);
+      if (step > 0) {
+        wait_all(grad_recv);
+        auto [ik, iv] = grad_views(*grad_in, src);
+        backend->add_into(gk, ik, opt.stream);
+        backend->add_into(gv, iv, opt.stream);
+      }
+      wait_all(grad_send);  // the buffer we send from next step must be free
+      if (world > 1) {
+        grad_send.push_back(comm.isend(gbuf.data(), grad_bytes(src), next, kTagGrad, opt.stream));
+        stats.bytes_sent += grad_bytes(src);
+      }
+      wait_all(kv_pending);
+      if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], next_src);
+      ++stats.steps;
+      logger(Subsystem::ring).debug("backward step {}/{} (kv of rank {})", step + 1, world, src);
+      if (opt.on_step) opt.on_step("backward", step + 1, world);
+    }
+    // After P steps our own shard's gradient comes home from the previous rank.
+    DeviceBuffer* home = grad_buf[(world - 1) % 2].get();
+    if (world > 1) {
+      grad_recv.push_back(comm.irecv(grad_in->data(), grad_bytes(rank), prev, kTagGrad, opt.stream));
+      wait_all(grad_recv);
+      wait_all(grad_send);
+      home = grad_in.get();
+    }
+    auto [hk, hv] = grad_views(*home, rank);
+    backend->convert(dk, hk, opt.stream);
+    backend->convert(dv, hv, opt.stream);
+    backend->convert(dq, dq_v, opt.stream);
+    backend->synchronize(opt.stream);
+    stats.wall_ms = ms_since(t0);
+  }
+};
+
+RingAttention::RingAttention(Communicator& comm, ShardPlan plan, RingOptions options, std::unique_ptr<AttentionBackend> backend)
+    : impl_(std::make_unique<Impl>(comm, std::move(plan), std::move(options), std::move(backend))) {}
+RingAttention::~RingAttention() = default;
+
+void RingAttention::forward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse) {
+  impl_->forward(q, k, v, o, lse);
+}
+void RingAttention::backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o,
+                             TensorView dq, TensorView dk, TensorView dv) {
+  impl_->backward(q, k, v, o, lse, d_o, dq, dk, dv);
+}
+const RingStats& RingAttention::last_stats() const noexcept { return impl_->stats; }
+AttentionBackend& RingAttention::backend() noexcept { return *impl_->backend; }
+const ShardPlan& RingAttention::plan() const noexcept { return impl_->plan; }
+
+}  // namespace longattn

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages longattn builds against. Idempotent: a second run checks and returns.
+set -euo pipefail
+packages=(cmake make g++ libopenmpi-dev openmpi-bin libboost-dev libboost-system-dev
+          libspdlog-dev libfmt-dev libgtest-dev libucx-dev libopenblas-dev python3-numpy)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null; then
+  echo "setup-deps: missing packages (${missing[*]}) and no apt-get here; install them by hand" >&2
+  exit 1
+fi
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+echo "setup-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,102 @@
+// Shard plans: every token on exactly one rank, round trips, balance of the causal work.
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <random>
+#include <set>
+
+#include "longattn/error.hpp"
+#include "longattn/layout.hpp"
+
+namespace longattn {
+namespace {
+
+class Layouts : public ::testing::TestWithParam<std::tuple<Layout, int>> {};
+
+TEST_P(Layouts, EveryTokenOnExactlyOneRankAndRoundTrip) {
+  const auto [layout, world] = GetParam();
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_int_distribution<int> len(0, 50);
+  std::vector<std::int32_t> cu{0};
+  for (int b = 0; b < 6; ++b) cu.push_back(cu.back() + (b == 0 ? 0 : b == 1 ? 1 : len(rng)));
+  ShardPlan plan(cu, layout, world);
+  const auto total = cu.back();
+  std::vector<std::int32_t> global(static_cast<std::size_t>(total));
+  std::iota(global.begin(), global.end(), 1000);
+  std::vector<std::int32_t> rebuilt(global.size(), -1);
+  std::set<std::int64_t> seen;
+  for (int r = 0; r < world; ++r) {
+    const auto s = plan.shard(r);
+    EXPECT_EQ(s.tokens(), plan.local_tokens(r));
+    ASSERT_EQ(s.cu_seqlens.size(), cu.size());
+    EXPECT_EQ(s.cu_seqlens.back(), s.tokens());
+    for (std::size_t i = 0; i < s.global_index.size(); ++i) {
+      EXPECT_TRUE(seen.insert(s.global_index[i]).second) << "token " << s.global_index[i] << " on two ranks";
+      // position = index inside its sequence
+      const auto g = s.global_index[i];
+      const auto b = std::upper_bound(cu.begin(), cu.end(), g) - cu.begin() - 1;
+      EXPECT_EQ(s.positions[i], g - cu[static_cast<std::size_t>(b)]);
+    }
+    std::vector<std::int32_t> local(static_cast<std::size_t>(s.tokens()));
+    shard_rows(global.data(), local.data(), 4, s);
+    unshard_rows(local.data(), rebuilt.data(), 4, s);
+  }
+  EXPECT_EQ(static_cast<std::int64_t>(seen.size()), total);
+  EXPECT_EQ(rebuilt, global);
+  // Chunks differ by at most a couple of tokens per sequence between ranks.
+  std::int64_t lo = plan.local_tokens(0), hi = lo;
+  for (int r = 1; r < world; ++r) {
+    lo = std::min(lo, plan.local_tokens(r));
+    hi = std::max(hi, plan.local_tokens(r));
+  }
+  EXPECT_LE(hi - lo, 2 * 6);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, Layouts,
+                         ::testing::Combine(::testing::Values(Layout::contiguous, Layout::zigzag, Layout::striped),
+                                            ::testing::Range(1, 9)),
+                         [](const auto& info) {
+                           return std::string(to_string(std::get<0>(info.param))) + "_P" + std::to_string(std::get<1>(info.param));
+                         });
+
+// Causal work of rank r: number of (query, key) pairs with key position <= query position summed over
+// ring steps = sum over local queries of (position + 1).
+std::int64_t causal_work(const RankShard& s) {
+  std::int64_t w = 0;
+  for (auto p : s.positions) w += p + 1;
+  return w;
+}
+
+TEST(Layouts, ZigzagAndStripedBalanceCausalWorkContiguousDoesNot) {
+  const int world = 4;
+  auto spread = [&](Layout l) {
+    auto plan = ShardPlan::single_sequence(4096, l, world);
+    std::int64_t lo = INT64_MAX, hi = 0;
+    for (int r = 0; r < world; ++r) {
+      lo = std::min(lo, causal_work(plan.shard(r)));
+      hi = std::max(hi, causal_work(plan.shard(r)));
+    }
+    return static_cast<double>(hi) / static_cast<double>(lo);
+  };
+  EXPECT_LT(spread(Layout::zigzag), 1.001);
+  EXPECT_LT(spread(Layout::striped), 1.01);
+  EXPECT_GT(spread(Layout::contiguous), 5.0);
+}
+
+TEST(Layouts, ZigzagChunksAreTheRightOnes) {
+  auto s = ShardPlan::single_sequence(16, Layout::zigzag, 2).shard(0);
+  EXPECT_EQ(s.positions, (std::vector<std::int32_t>{0, 1, 2, 3, 12, 13, 14, 15}));
+  s = ShardPlan::single_sequence(6, Layout::striped, 4).shard(1);
+  EXPECT_EQ(s.positions, (std::vector<std::int32_t>{1, 5}));
+}
+
+TEST(Layouts, BadInputIsRefused) {
+  EXPECT_THROW(ShardPlan::single_sequence(0, Layout::zigzag, 2), Error);
+  EXPECT_THROW(ShardPlan({0, 5, 3}, Layout::zigzag, 2), Error);
+  EXPECT_THROW(ShardPlan({0, 5}, Layout::zigzag, 0), Error);
+  EXPECT_THROW(parse_layout("diagonal"), Error);
+  EXPECT_THROW(ShardPlan::single_sequence(8, Layout::zigzag, 2).shard(2), Error);
+}
+
+}  // namespace
+}  // namespace longattn
