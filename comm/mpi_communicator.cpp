@@ -1,6 +1,7 @@
 // The MPI communicator: host buffers (or CUDA-aware MPI), nonblocking point to point with
 // deadlines, collectives. Messages over 1 GiB are split, because MPI counts are ints.
 #include <chrono>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
@@ -190,6 +191,11 @@ MpiSession::~MpiSession() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (owns_ && !finalized) MPI_Finalize();
+}
+
+void MpiSession::abort(int exit_code) {
+  MPI_Abort(MPI_COMM_WORLD, exit_code);
+  std::_Exit(exit_code);
 }
 
 std::unique_ptr<Communicator> make_mpi_world_communicator() {

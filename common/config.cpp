@@ -40,3 +40,14 @@ long env_int(const char* name) {
 }
 
 }  // namespace longattn
+
+#include <thread>
+
+namespace longattn {
+int cpu_threads_per_process(int processes_on_node) {
+  const long forced = env_int("LONGATTN_NUM_THREADS");
+  if (forced > 0) return static_cast<int>(forced);
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(1, cores / std::max(1, processes_on_node));
+}
+}  // namespace longattn

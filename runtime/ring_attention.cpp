@@ -76,8 +76,8 @@ struct RingAttention::Impl {
       m.tokens = s.tokens();
       m.positions = upload(s.positions.data(), s.positions.size() * 4);
       m.cu_seqlens = upload(s.cu_seqlens.data(), s.cu_seqlens.size() * 4);
-      for (int b = 0; b < plan.batch(); ++b) {
-        const auto lo = s.cu_seqlens[b], hi = s.cu_seqlens[b + 1];
+      for (int seq = 0; seq < plan.batch(); ++seq) {
+        const auto lo = s.cu_seqlens[seq], hi = s.cu_seqlens[seq + 1];
         m.min_pos.push_back(lo < hi ? s.positions[lo] : std::numeric_limits<std::int32_t>::max());
         m.max_pos.push_back(lo < hi ? s.positions[hi - 1] : -1);
       }

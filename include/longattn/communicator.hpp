@@ -65,6 +65,8 @@ class MpiSession {
  public:
   MpiSession(int* argc, char*** argv);
   ~MpiSession();
+  // Ends every process of the job (MPI_Abort): for errors after which peers could wait forever.
+  [[noreturn]] static void abort(int exit_code);
   MpiSession(const MpiSession&) = delete;
   MpiSession& operator=(const MpiSession&) = delete;
 

@@ -21,3 +21,9 @@ std::string env_string(const char* name);
 long env_int(const char* name);
 
 }  // namespace longattn
+
+namespace longattn {
+// CPU threads one process should use: LONGATTN_NUM_THREADS when set (> 0), otherwise the cores of
+// this machine divided among the processes that share it (at least 1).
+int cpu_threads_per_process(int processes_on_node);
+}  // namespace longattn

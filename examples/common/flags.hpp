@@ -1,0 +1,69 @@
+// A small flag parser for the example programs: --name value, --name=value and boolean --name.
+// Unknown flags and bad values are errors that name the flag.
+#pragma once
+
+#include <cstdlib>
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace longattn::examples {
+
+class Flags {
+ public:
+  // `booleans` take no value; every other known flag takes one.
+  Flags(int argc, char** argv, std::set<std::string> valued, std::set<std::string> booleans) {
+    for (int i = 1; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a.rfind("--", 0) != 0) throw std::invalid_argument("unexpected argument '" + a + "' (flags start with --)");
+      a = a.substr(2);
+      std::string value;
+      const auto eq = a.find('=');
+      if (eq != std::string::npos) {
+        value = a.substr(eq + 1);
+        a = a.substr(0, eq);
+      }
+      if (booleans.count(a)) {
+        values_[a] = eq == std::string::npos ? "1" : value;
+      } else if (valued.count(a)) {
+        if (eq == std::string::npos) {
+          if (i + 1 >= argc) throw std::invalid_argument("--" + a + " needs a value");
+          value = argv[++i];
+        }
+        values_[a] = value;
+      } else {
+        throw std::invalid_argument("unknown flag --" + a + " (see --help)");
+      }
+      canonical_ += " --" + a + "=" + values_[a];
+    }
+  }
+  bool has(const std::string& name) const { return values_.count(name) != 0; }
+  bool flag(const std::string& name) const {
+    auto it = values_.find(name);
+    return it != values_.end() && it->second != "0" && it->second != "false";
+  }
+  std::string str(const std::string& name, const std::string& fallback) const {
+    auto it = values_.find(name);
+    return it == values_.end() ? fallback : it->second;
+  }
+  long long integer(const std::string& name, long long fallback, long long min, long long max) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) return fallback;
+    char* end = nullptr;
+    const long long v = std::strtoll(it->second.c_str(), &end, 10);
+    if (it->second.empty() || *end != '\0') throw std::invalid_argument("--" + name + " needs an integer, got '" + it->second + "'");
+    if (v < min || v > max)
+      throw std::invalid_argument("--" + name + "=" + it->second + " is outside [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+    return v;
+  }
+  // All flags as given, normalized: what every rank must agree on.
+  const std::string& canonical() const { return canonical_; }
+
+ private:
+  std::map<std::string, std::string> values_;
+  std::string canonical_;
+};
+
+}  // namespace longattn::examples
