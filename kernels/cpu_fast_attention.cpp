@@ -397,44 +397,83 @@ void cpu_fast_backward(const AttentionArgs& a, const BackwardArgs& g) {
     delta = delta_buf.data();
   }
 
+  // Fused single pass when there are enough (sequence, kv head) items to keep every thread busy and
+  // their dQ fits a per-thread buffer: each item walks its key blocks in order and also accumulates dQ
+  // (no recomputation: 5 tile products instead of 7). Its dQ sums are the very operations of pass 2,
+  // in the same order, so both paths give bitwise identical results whatever the thread count.
+  const int threads = omp_get_max_threads();
+  std::size_t max_seq_blocks = 0;
+  for (int b = 0; b < a.batch; ++b)
+    max_seq_blocks = std::max<std::size_t>(max_seq_blocks, static_cast<std::size_t>(c.qt.first[b + 1] - c.qt.first[b]));
+  const std::size_t dq_floats = max_seq_blocks * kBq * Dp * group;
+  const bool fused = static_cast<std::int64_t>(a.batch) * sh.hkv >= 2 * threads && dq_floats * 4 <= (std::size_t{256} << 20);
+
   // Pass 1: dK and dV, one key block of one kv head per item, the group's query heads inside.
   std::vector<Item> items;
-  for (int b = 0; b < a.batch; ++b)
-    for (int ki = c.kt.first[b]; ki < c.kt.first[b + 1]; ++ki) {
-      const std::int64_t cost = static_cast<std::int64_t>(group) * count_visible(c.kt.tiles[ki], c.qt, b, a.causal, false) + 1;
-      for (int hk = 0; hk < sh.hkv; ++hk) items.push_back({b, hk, ki, cost});
+  if (fused) {
+    for (int b = 0; b < a.batch; ++b) {
+      std::int64_t cost = 1;
+      for (int ki = c.kt.first[b]; ki < c.kt.first[b + 1]; ++ki) cost += count_visible(c.kt.tiles[ki], c.qt, b, a.causal, false);
+      for (int hk = 0; hk < sh.hkv; ++hk) items.push_back({b, hk, -1, cost});
     }
+  } else {
+    for (int b = 0; b < a.batch; ++b)
+      for (int ki = c.kt.first[b]; ki < c.kt.first[b + 1]; ++ki) {
+        const std::int64_t cost = static_cast<std::int64_t>(group) * count_visible(c.kt.tiles[ki], c.qt, b, a.causal, false) + 1;
+        for (int hk = 0; hk < sh.hkv; ++hk) items.push_back({b, hk, ki, cost});
+      }
+  }
   sort_items(items);
 #pragma omp parallel
   {
     Scratch w(Dp);
+    HostBuffer dq_buf(fused ? dq_floats * sizeof(float) : 0);
 #pragma omp for schedule(dynamic, 1)
     for (std::size_t it = 0; it < items.size(); ++it) {
-      const auto [b, hk, ki, cost] = items[it];
-      const Tile& kb = c.kt.tiles[ki];
-      const int nk = kb.n;
-      pack_rows(a.k, kb.start, nk, nk, hk, Dp, 1.0f, w.kp);
-      pack_rows(a.v, kb.start, nk, nk, hk, Dp, 1.0f, w.vp);
-      key_positions(a.k_positions, kb, c.ck[b], w.kpos);
-      std::fill_n(w.acc, static_cast<std::size_t>(nk) * Dp, 0.0f);   // dK
-      std::fill_n(w.acc2, static_cast<std::size_t>(nk) * Dp, 0.0f);  // dV
-      for (int gi = 0; gi < group; ++gi) {
-        const int h = hk * group + gi;
-        for (int qi = c.qt.first[b]; qi < c.qt.first[b + 1]; ++qi) {
-          const Tile& qb = c.qt.tiles[qi];
-          const Vis vis = classify(qb, kb, a.causal);
-          if (vis == Vis::hidden) continue;
-          pack_query_block(w, a, g, c, b, h, qb, delta, true);
-          scores_t(w, nk, Dp, vis);
-          probs_and_ds(w, nk, Dp, c.scale);
-          tile_gemm(nk, Dp, kBq, w.st, kBq, 1, w.dor, Dp, w.acc2, Dp, true);  // dV += P^T dO
-          tile_gemm(nk, Dp, kBq, w.pt2, kBq, 1, w.qr, Dp, w.acc, Dp, true);   // dK += dS^T Q
+      const auto [b, hk, item_ki, cost] = items[it];
+      const int q_first = c.qt.first[b], nqb = c.qt.first[b + 1] - q_first;
+      float* dqb = fused ? dq_buf.as<float>() : nullptr;
+      if (fused) std::fill_n(dqb, static_cast<std::size_t>(nqb) * kBq * Dp * group, 0.0f);
+      const int k_begin = fused ? c.kt.first[b] : item_ki, k_end = fused ? c.kt.first[b + 1] : item_ki + 1;
+      for (int ki = k_begin; ki < k_end; ++ki) {
+        const Tile& kb = c.kt.tiles[ki];
+        const int nk = kb.n;
+        pack_rows(a.k, kb.start, nk, nk, hk, Dp, 1.0f, w.kp);
+        pack_rows(a.v, kb.start, nk, nk, hk, Dp, 1.0f, w.vp);
+        key_positions(a.k_positions, kb, c.ck[b], w.kpos);
+        std::fill_n(w.acc, static_cast<std::size_t>(nk) * Dp, 0.0f);   // dK
+        std::fill_n(w.acc2, static_cast<std::size_t>(nk) * Dp, 0.0f);  // dV
+        for (int gi = 0; gi < group; ++gi) {
+          const int h = hk * group + gi;
+          for (int qi = q_first; qi < q_first + nqb; ++qi) {
+            const Tile& qb = c.qt.tiles[qi];
+            const Vis vis = classify(qb, kb, a.causal);
+            if (vis == Vis::hidden) continue;
+            pack_query_block(w, a, g, c, b, h, qb, delta, true);
+            scores_t(w, nk, Dp, vis);
+            probs_and_ds(w, nk, Dp, c.scale);
+            tile_gemm(nk, Dp, kBq, w.st, kBq, 1, w.dor, Dp, w.acc2, Dp, true);  // dV += P^T dO
+            tile_gemm(nk, Dp, kBq, w.pt2, kBq, 1, w.qr, Dp, w.acc, Dp, true);   // dK += dS^T Q
+            if (fused) {
+              float* dq_tile = dqb + (static_cast<std::size_t>(gi) * nqb + (qi - q_first)) * kBq * Dp;
+              tile_gemm(kBq, Dp, nk, w.pt2, 1, kBq, w.kp, Dp, dq_tile, Dp, true);  // dQ += dS K
+            }
+          }
         }
+        store_rows(g.dk, kb.start, nk, hk, Dp, w.acc, g.accumulate);
+        store_rows(g.dv, kb.start, nk, hk, Dp, w.acc2, g.accumulate);
       }
-      store_rows(g.dk, kb.start, nk, hk, Dp, w.acc, g.accumulate);
-      store_rows(g.dv, kb.start, nk, hk, Dp, w.acc2, g.accumulate);
+      if (fused) {
+        for (int gi = 0; gi < group; ++gi)
+          for (int qi = q_first; qi < q_first + nqb; ++qi) {
+            const Tile& qb = c.qt.tiles[qi];
+            store_rows(g.dq, qb.start, qb.n, hk * group + gi, Dp,
+                       dqb + (static_cast<std::size_t>(gi) * nqb + (qi - q_first)) * kBq * Dp, g.accumulate);
+          }
+      }
     }
   }
+  if (fused) return;
 
   // Pass 2: dQ, one query block of one query head per item, key tiles in a fixed order.
   items.clear();
