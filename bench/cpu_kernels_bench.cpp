@@ -27,6 +27,7 @@ extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, i
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
 // OpenBLAS keeps its own thread pool; weak so that another BLAS (which follows OpenMP) links too.
 extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+extern "C" char* openblas_get_corename() __attribute__((weak));
 #endif
 
 namespace longattn::bench {
@@ -106,8 +107,10 @@ int run_kernels(int argc, char** argv) {
   const double flops_full = 4.0 * static_cast<double>(L) * L * D * H;
   const int n = std::max(64, static_cast<int>(std::lround(std::cbrt(flops_full / 2) / 64)) * 64);
   double sgemm_gflops = -1;
+  std::string blas_core = "none";
 #if defined(LONGATTN_HAVE_BLAS)
   {
+    blas_core = openblas_get_corename ? openblas_get_corename() : "unknown (not OpenBLAS)";
     if (openblas_set_num_threads) openblas_set_num_threads(threads);
     std::vector<float> A(static_cast<std::size_t>(n) * n), B(A.size()), C(A.size());
     std::mt19937_64 rng(1);
@@ -148,9 +151,14 @@ int run_kernels(int argc, char** argv) {
               static_cast<long long>(L), static_cast<long long>(H), static_cast<long long>(D), to_string(dt), threads,
               opt.iters);
   if (sgemm_gflops > 0) {
-    std::printf("sgemm (OpenBLAS/cblas) %d x %d x %d: %.1f GFLOP/s\n", n, n, n, sgemm_gflops);
+    std::printf("sgemm (cblas, core %s) %d x %d x %d: %.1f GFLOP/s\n", blas_core.c_str(), n, n, n, sgemm_gflops);
+    // OpenBLAS picks its kernels from CPUID; under some hypervisors it does not recognise the CPU and
+    // falls back to SSE3 ("Prescott"), which makes the ruler several times too slow.
+    if (blas_core == "Prescott" || blas_core == "prescott")
+      std::printf("warning: OpenBLAS chose its SSE3 kernels; for a fair ruler rerun with OPENBLAS_CORETYPE=SkylakeX (or "
+                  "Haswell without AVX-512)\n");
   } else {
-    std::printf("sgemm: not measured (built without BLAS)\n");
+    std::printf("sgemm: null (built without BLAS, so no ruler; attention numbers only)\n");
   }
   std::printf("%-8s %10s %10s %10s %10s %10s\n", "causal", "fwd ms", "fwd GF/s", "bwd ms", "bwd GF/s", "fwd/sgemm");
   for (const auto& r : runs)
@@ -170,12 +178,12 @@ int run_kernels(int argc, char** argv) {
   std::printf(
       "RESULT {\"bench\":\"kernels\",\"sgemm_gflops\":%s,\"sgemm_n\":%d,\"fwd_gflops\":%.2f,\"bwd_gflops\":%.2f,"
       "\"fwd_ratio\":%s,\"bwd_ratio\":%s,\"seq_len\":%lld,\"head_dim\":%lld,\"heads\":%lld,\"dtype\":\"%s\",\"causal\":%s,"
-      "\"threads\":%d,\"iters\":%d,\"runs\":[%s]}\n",
+      "\"threads\":%d,\"iters\":%d,\"blas_core\":\"%s\",\"runs\":[%s]}\n",
       num(sgemm_gflops).c_str(), n, head.fwd_gflops(), head.bwd_gflops(),
       sgemm_gflops > 0 ? fmt::format("{:.4f}", head.fwd_gflops() / sgemm_gflops).c_str() : "null",
       sgemm_gflops > 0 ? fmt::format("{:.4f}", head.bwd_gflops() / sgemm_gflops).c_str() : "null",
       static_cast<long long>(L), static_cast<long long>(D), static_cast<long long>(H), to_string(dt),
-      modes.size() == 2 ? "\"both\"" : (head.causal ? "true" : "false"), threads, opt.iters, per_mode.c_str());
+      modes.size() == 2 ? "\"both\"" : (head.causal ? "true" : "false"), threads, opt.iters, blas_core.c_str(), per_mode.c_str());
   return 0;
 }
 
