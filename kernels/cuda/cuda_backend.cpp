@@ -1,0 +1,208 @@
+// The "cuda" backend: the own fused kernels (flash_fwd.cu, flash_bwd.cu), the split-KV decode
+// kernel for few-query calls, and the GPU element-wise helpers, all on the caller's stream.
+#include <cmath>
+#include <vector>
+
+#include "common/check.hpp"
+#include "kernels/cuda/cuda_backends.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/cuda_common.hpp"
+#include "kernels/cuda/decode.hpp"
+#include "kernels/cuda/flash_params.hpp"
+#include "kernels/validate.hpp"
+
+namespace longattn::kernels {
+namespace cuda {
+
+void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line) {
+  throw Error(ErrorCode::internal, fmt::format("{} failed: {} ({}:{})", call, cudaGetErrorString(err), file, line));
+}
+void throw_unsupported(const char* what) { throw Error(ErrorCode::unsupported, what); }
+
+CudaDeviceBuffer::CudaDeviceBuffer(std::size_t bytes) : bytes_(bytes) {
+  if (bytes > 0) LONGATTN_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+}
+CudaDeviceBuffer::~CudaDeviceBuffer() {
+  if (ptr_) cudaFree(ptr_);
+}
+
+std::string device_tensor_reason(const AttentionArgs& a) {
+  for (const auto* t : {&a.q, &a.k, &a.v})
+    if (t->device.kind != DeviceKind::cuda) return "tensors must be on a cuda device, got " + t->describe();
+  if (a.q.dtype != DType::bf16 && a.q.dtype != DType::f16)
+    return std::string("only bf16 and fp16 inputs are supported on the GPU, got ") + to_string(a.q.dtype);
+  return {};
+}
+
+void sequence_maxima(const AttentionArgs& a, const ProblemShape& s, int& max_q, int& max_k) {
+  max_q = a.max_seqlen_q;
+  max_k = a.max_seqlen_k;
+  if (!a.cu_seqlens_q) {
+    max_q = static_cast<int>(s.tq);
+    max_k = static_cast<int>(s.tk);
+    return;
+  }
+  if (max_q > 0 && max_k > 0) return;
+  // No hints: read the boundaries back. This synchronizes the stream; pass max_seqlen_q/k to avoid it.
+  std::vector<std::int32_t> cq(a.batch + 1), ck(a.batch + 1);
+  auto st = static_cast<cudaStream_t>(a.stream);
+  LONGATTN_CUDA_CHECK(cudaMemcpyAsync(cq.data(), a.cu_seqlens_q, cq.size() * 4, cudaMemcpyDefault, st));
+  LONGATTN_CUDA_CHECK(cudaMemcpyAsync(ck.data(), a.cu_seqlens_k, ck.size() * 4, cudaMemcpyDefault, st));
+  LONGATTN_CUDA_CHECK(cudaStreamSynchronize(st));
+  int mq = 0, mk = 0;
+  for (int b = 0; b < a.batch; ++b) {
+    mq = std::max(mq, cq[b + 1] - cq[b]);
+    mk = std::max(mk, ck[b + 1] - ck[b]);
+  }
+  if (max_q <= 0) max_q = mq;
+  if (max_k <= 0) max_k = mk;
+}
+
+FlashParams make_params(const AttentionArgs& a, const ProblemShape& s) {
+  FlashParams p;
+  p.q = a.q.data;
+  p.k = a.k.data;
+  p.v = a.v.data;
+  p.cu_q = a.cu_seqlens_q;
+  p.cu_k = a.cu_seqlens_k;
+  p.pos_q = a.q_positions;
+  p.pos_k = a.k_positions;
+  p.tq = s.tq;
+  p.tk = s.tk;
+  p.batch = a.batch;
+  p.hq = s.hq;
+  p.hkv = s.hkv;
+  p.d = s.d;
+  sequence_maxima(a, s, p.max_len_q, p.max_len_k);
+  p.causal = a.causal;
+  p.scale = a.effective_scale();
+  p.dtype = a.q.dtype;
+  return p;
+}
+
+}  // namespace cuda
+
+namespace {
+
+using namespace cuda;
+
+class CudaBackend final : public AttentionBackend {
+ public:
+  CudaBackend() { LONGATTN_CUDA_CHECK(cudaGetDevice(&device_)); }
+  std::string name() const override { return "cuda"; }
+  Device device() const override { return {DeviceKind::cuda, device_}; }
+
+  std::string unsupported_reason(const AttentionArgs& a) const override {
+    auto why = device_tensor_reason(a);
+    if (!why.empty()) return why;
+    if (a.q.ndim == 3 && a.q.dim(2) != 64 && a.q.dim(2) != 128)
+      return "the cuda backend is built for head_dim 64 and 128, got " + std::to_string(a.q.dim(2));
+    return {};
+  }
+
+  void forward(const AttentionArgs& a, const ForwardOutputs& out) override {
+    const auto s = validate_inputs(a);
+    validate_forward(a, out, s);
+    require(a);
+    // Few query rows against a long KV: the split-KV decode kernel reads the KV at memory speed,
+    // where the fused kernel would leave most SMs idle.
+    if (decode_unsupported_reason(a).empty() && s.tk >= 4096) {
+      cuda_decode_attention(a, out);
+      return;
+    }
+    FlashParams p = make_params(a, s);
+    p.o = out.o.data;
+    p.o_dtype = out.o.dtype;
+    p.lse = out.lse.as<float>();
+    flash_forward(p, static_cast<cudaStream_t>(a.stream));
+  }
+
+  void backward(const AttentionArgs& a, const BackwardArgs& g) override {
+    const auto s = validate_inputs(a);
+    validate_backward(a, g, s);
+    require(a);
+    auto st = static_cast<cudaStream_t>(a.stream);
+    FlashParams p = make_params(a, s);
+    p.d_o = g.d_o.data;
+    p.lse_in = g.lse.as<const float>();
+    p.dq = g.dq.data;
+    p.dk = g.dk.data;
+    p.dv = g.dv.data;
+    p.grad_dtype_q = g.dq.dtype;
+    p.grad_dtype_k = g.dk.dtype;
+    p.grad_dtype_v = g.dv.dtype;
+    p.accumulate = g.accumulate;
+    void* tmp = nullptr;
+    if (g.delta.empty()) {
+      LONGATTN_CUDA_CHECK(cudaMallocAsync(&tmp, std::max<std::size_t>(1, s.tq * s.hq * sizeof(float)), st));
+      launch_compute_delta(g.o.data, g.o.dtype, g.d_o.data, g.d_o.dtype, static_cast<float*>(tmp), s.tq, s.hq, s.d, st);
+      p.delta = static_cast<const float*>(tmp);
+    } else {
+      p.delta = g.delta.as<const float>();
+    }
+    flash_backward(p, st);
+    if (tmp) LONGATTN_CUDA_CHECK(cudaFreeAsync(tmp, st));
+  }
+
+  void merge_into(TensorView oa, TensorView la, TensorView op, TensorView lp, void* stream) override {
+    check_merge(oa, la, op, lp);
+    launch_merge_into(oa.as<float>(), la.as<float>(), op.data, op.dtype, lp.as<const float>(), oa.dim(0),
+                      static_cast<int>(oa.dim(1)), static_cast<int>(oa.dim(2)), static_cast<cudaStream_t>(stream));
+  }
+  void compute_delta(TensorView o, TensorView d_o, TensorView delta, void* stream) override {
+    LONGATTN_INVALID(o.ndim == 3 && d_o.numel() == o.numel() && delta.dtype == DType::f32 &&
+                         delta.numel() == o.dim(0) * o.dim(1),
+                     "compute_delta: o {} and d_o {} must be [T, H, D], delta {} fp32 [H, T]", o.describe(),
+                     d_o.describe(), delta.describe());
+    launch_compute_delta(o.data, o.dtype, d_o.data, d_o.dtype, delta.as<float>(), o.dim(0), static_cast<int>(o.dim(1)),
+                         static_cast<int>(o.dim(2)), static_cast<cudaStream_t>(stream));
+  }
+
+  std::unique_ptr<DeviceBuffer> allocate(std::size_t bytes) override { return std::make_unique<CudaDeviceBuffer>(bytes); }
+  void fill(TensorView dst, float value, void* stream) override {
+    launch_fill(dst.data, dst.dtype, dst.numel(), value, static_cast<cudaStream_t>(stream));
+  }
+  void add_into(TensorView dst, TensorView src, void* stream) override {
+    LONGATTN_INVALID(dst.dtype == DType::f32 && dst.numel() == src.numel(), "add_into: dst {} must be fp32 and match src {}",
+                     dst.describe(), src.describe());
+    launch_add_into(dst.as<float>(), src.data, src.dtype, dst.numel(), static_cast<cudaStream_t>(stream));
+  }
+  void convert(TensorView dst, TensorView src, void* stream) override {
+    LONGATTN_INVALID(dst.numel() == src.numel(), "convert: {} and {} differ in size", dst.describe(), src.describe());
+    if (dst.dtype == src.dtype) {
+      copy_bytes(dst.data, src.data, dst.bytes(), stream);
+    } else {
+      launch_convert(dst.data, dst.dtype, src.data, src.dtype, dst.numel(), static_cast<cudaStream_t>(stream));
+    }
+  }
+  void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) override {
+    if (bytes == 0) return;
+    LONGATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)));
+  }
+  void synchronize(void* stream) override { LONGATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
+
+ private:
+  void require(const AttentionArgs& a) const {
+    const auto why = unsupported_reason(a);
+    LONGATTN_REQUIRE(why.empty(), ErrorCode::unsupported, "cuda backend: {}", why);
+  }
+  static void check_merge(const TensorView& oa, const TensorView& la, const TensorView& op, const TensorView& lp) {
+    LONGATTN_INVALID(oa.ndim == 3 && oa.dtype == DType::f32 && op.numel() == oa.numel(),
+                     "merge_into: o_acc {} must be fp32 [T, H, D] and o_part {} the same size", oa.describe(), op.describe());
+    LONGATTN_INVALID(la.dtype == DType::f32 && lp.dtype == DType::f32 && la.numel() == oa.dim(0) * oa.dim(1) &&
+                         lp.numel() == la.numel(),
+                     "merge_into: lse_acc {} and lse_part {} must be fp32 [H, T]", la.describe(), lp.describe());
+  }
+  int device_ = 0;
+};
+
+}  // namespace
+
+bool cuda_device_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::unique_ptr<AttentionBackend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+
+}  // namespace longattn::kernels

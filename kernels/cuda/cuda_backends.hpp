@@ -1,0 +1,18 @@
+// The GPU backends the registry knows: "cuda" (own fused kernels) and "cudnn" (cuDNN 9 SDPA).
+#pragma once
+
+#include <memory>
+
+#include "longattn/backend.hpp"
+
+namespace longattn::kernels {
+
+// True when the CUDA runtime sees at least one device.
+bool cuda_device_available();
+std::unique_ptr<AttentionBackend> make_cuda_backend();
+
+// False when built without cuDNN or when no device is present.
+bool cudnn_backend_available();
+std::unique_ptr<AttentionBackend> make_cudnn_backend();
+
+}  // namespace longattn::kernels

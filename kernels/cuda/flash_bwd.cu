@@ -1,0 +1,422 @@
+// Fused attention backward, deterministic and atomic-free, in two kernels:
+//  - dK/dV: one block per (128-key tile, kv head, sequence); each warp owns 16 keys and keeps their
+//    dK and dV in registers while it walks every query tile of every query head of its GQA group,
+//    recomputing P^T = exp(K Q^T - lse) and dS^T = P^T (V dO^T - delta) in transposed form;
+//  - dQ: one block per (128-query tile, head, sequence), the forward's walk over key tiles,
+//    recomputing P and dS and accumulating dQ = dS K.
+// Recomputing the scores twice costs 7 instead of 5 tile products, but no gradient is ever summed
+// by atomics: the result is bit-identical from run to run and `accumulate` is a plain add.
+#include <cmath>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_tiles.hpp"
+
+namespace longattn::kernels::cuda {
+namespace {
+
+__device__ __forceinline__ void store_grad(void* base, DType t, DType in_t, bool acc, std::int64_t idx, float a, float b) {
+  if (t == DType::f32) {
+    float2* p = reinterpret_cast<float2*>(static_cast<float*>(base) + idx);
+    if (acc) {
+      const float2 old = *p;
+      a += old.x;
+      b += old.y;
+    }
+    *p = make_float2(a, b);
+  } else if (t == DType::bf16) {
+    *reinterpret_cast<std::uint32_t*>(static_cast<__nv_bfloat16*>(base) + idx) = Pack<__nv_bfloat16>::pack(a, b);
+  } else {
+    *reinterpret_cast<std::uint32_t*>(static_cast<__half*>(base) + idx) = Pack<__half>::pack(a, b);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ
+template <class T, int D, bool kHasPos>
+__global__ void __launch_bounds__(BwdQTile<D>::kThreads, 1) flash_bwd_dq_kernel(const FlashParams p) {
+  using Tile = BwdQTile<D>;
+  constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kNT = Tile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBM * D;
+  T* sK = sdO + kBM * D;  // two buffers of kBN x D
+  T* sV = sK + 2 * kBN * D;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  std::int64_t q_start, k_start;
+  int len_q, len_k;
+  seq_bounds(p.cu_q, b, p.tq, q_start, len_q);
+  seq_bounds(p.cu_k, b, p.tk, k_start, len_k);
+  const int m0 = m_block * kBM;
+  if (m0 >= len_q) return;
+  const int rows_q = min(kBM, len_q - m0);
+  const int hk = h / (p.hq / p.hkv);
+  const std::int64_t q_stride = static_cast<std::int64_t>(p.hq) * D, kv_stride = static_cast<std::int64_t>(p.hkv) * D;
+  const std::int64_t q_off = (q_start + m0) * q_stride + static_cast<std::int64_t>(h) * D;
+  const T* kg = static_cast<const T*>(p.k) + k_start * kv_stride + static_cast<std::int64_t>(hk) * D;
+  const T* vg = static_cast<const T*>(p.v) + k_start * kv_stride + static_cast<std::int64_t>(hk) * D;
+
+  int qmin, qmax;
+  if (kHasPos && p.pos_q) {
+    warp_minmax<kBM / 32>(p.pos_q + q_start + m0, rows_q, lane, qmin, qmax);
+  } else {
+    qmin = m0;
+    qmax = m0 + rows_q - 1;
+  }
+  const int r_loc0 = warp * 16 + lane / 4;
+  int qpos[2];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = m0 + r_loc0 + 8 * i;
+    const bool in = r < len_q;
+    qpos[i] = (kHasPos && p.pos_q) ? (in ? p.pos_q[q_start + r] : -0x7fffffff) : r;
+    const float l = in ? p.lse_in[static_cast<std::int64_t>(h) * p.tq + q_start + r] : -INFINITY;
+    lse2[i] = l == -INFINITY ? INFINITY : l * kLog2e;  // a row that saw nothing gets p = 0
+    delta[i] = in ? p.delta[static_cast<std::int64_t>(h) * p.tq + q_start + r] : 0.0f;
+  }
+
+  TileWalk tiles{kHasPos ? p.pos_k : nullptr, k_start, len_k, kBN, (len_k + kBN - 1) / kBN, p.causal, false, qmin, qmax};
+  if (p.causal && tiles.pos == nullptr) tiles.end = min(tiles.end, max(0, (qmax + 1 + kBN - 1) / kBN));
+
+  load_tile<kBM, D, kNT>(sQ, static_cast<const T*>(p.q) + q_off, q_stride, rows_q, tid);
+  load_tile<kBM, D, kNT>(sdO, static_cast<const T*>(p.d_o) + q_off, q_stride, rows_q, tid);
+  int n = tiles.next(0, lane);
+  if (n < tiles.end) {
+    load_tile<kBN, D, kNT>(sK, kg + static_cast<std::int64_t>(n) * kBN * kv_stride, kv_stride, len_k - n * kBN, tid);
+    load_tile<kBN, D, kNT>(sV, vg + static_cast<std::int64_t>(n) * kBN * kv_stride, kv_stride, len_k - n * kBN, tid);
+  }
+  cp_async_commit();
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  const float scale_log2 = p.scale * kLog2e;
+
+  cp_async_wait<0>();
+  __syncthreads();
+  std::uint32_t qf[D / 16][4], dof[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qf[kk], smem_addr(sQ + SwizzledTile<D>::offset(warp * 16 + lane % 16, 2 * kk + lane / 16)));
+    ldmatrix_x4(dof[kk], smem_addr(sdO + SwizzledTile<D>::offset(warp * 16 + lane % 16, 2 * kk + lane / 16)));
+  }
+
+  int buf = 0;
+  while (n < tiles.end) {
+    cp_async_wait<0>();
+    __syncthreads();  // tile n is in buffer `buf`; every warp is done with the other buffer
+    const int nxt = tiles.next(n + 1, lane);
+    if (nxt < tiles.end) {
+      const std::int64_t off = static_cast<std::int64_t>(nxt) * kBN * kv_stride;
+      load_tile<kBN, D, kNT>(sK + (buf ^ 1) * kBN * D, kg + off, kv_stride, len_k - nxt * kBN, tid);
+      load_tile<kBN, D, kNT>(sV + (buf ^ 1) * kBN * D, vg + off, kv_stride, len_k - nxt * kBN, tid);
+    }
+    cp_async_commit();
+    const T* cK = sK + buf * kBN * D;
+    const T* cV = sV + buf * kBN * D;
+    const int kn0 = n * kBN;
+
+    float s[kBN / 8][4], dp[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < kBN / 16; ++j) {
+        std::uint32_t bk[4], bv[4];
+        const int off = SwizzledTile<D>::offset(j * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2);
+        ldmatrix_x4(bk, smem_addr(cK + off));
+        ldmatrix_x4(bv, smem_addr(cV + off));
+        mma16816<T>(s[2 * j], qf[kk], bk);
+        mma16816<T>(s[2 * j + 1], qf[kk], bk + 2);
+        mma16816<T>(dp[2 * j], dof[kk], bv);
+        mma16816<T>(dp[2 * j + 1], dof[kk], bv + 2);
+      }
+    }
+
+    const bool partial = tiles.mask(n, lane) == TileMask::partial;
+    const bool tail = kn0 + kBN > len_k;
+#pragma unroll
+    for (int t = 0; t < kBN / 8; ++t) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int key = kn0 + t * 8 + (lane % 4) * 2 + c;
+        bool in = true;
+        int kp = 0;
+        if (partial || tail) {
+          in = key < len_k;
+          kp = in ? ((kHasPos && p.pos_k) ? p.pos_k[k_start + key] : key) : 0;
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool vis = in && !(partial && kp > qpos[r]);
+          const float pr = vis ? exp2f(s[t][2 * r + c] * scale_log2 - lse2[r]) : 0.0f;
+          s[t][2 * r + c] = pr * (dp[t][2 * r + c] - delta[r]) * p.scale;  // dS
+        }
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      std::uint32_t a[4];
+      a[0] = Pack<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Pack<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Pack<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Pack<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        std::uint32_t bf[4];
+        ldmatrix_x4_trans(bf, smem_addr(cK + SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * j + lane / 16)));
+        mma16816<T>(acc[2 * j], a, bf);
+        mma16816<T>(acc[2 * j + 1], a, bf + 2);
+      }
+    }
+    buf ^= 1;
+    n = nxt;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + r_loc0 + 8 * r;
+    if (row >= len_q) continue;
+    const std::int64_t base = (q_start + row) * q_stride + static_cast<std::int64_t>(h) * D + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      store_grad(p.dq, p.grad_dtype_q, p.dtype, p.accumulate, base + dt * 8, acc[dt][2 * r], acc[dt][2 * r + 1]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dK, dV
+template <class T, int D, bool kHasPos>
+__global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kernel(const FlashParams p) {
+  using Tile = BwdKVTile<D>;
+  constexpr int kBN = Tile::kBN, kBM = Tile::kBMq, kNT = Tile::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * D;
+  T* sQ = sV + kBN * D;      // two buffers of kBM x D
+  T* sdO = sQ + 2 * kBM * D;  // two buffers
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBM * D);  // [2][kBM], log2 domain
+  float* sDelta = sLse + 2 * kBM;                               // [2][kBM]
+  int* sQpos = reinterpret_cast<int*>(sDelta + 2 * kBM);        // [2][kBM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int group = p.hq / p.hkv;
+  std::int64_t q_start, k_start;
+  int len_q, len_k;
+  seq_bounds(p.cu_q, b, p.tq, q_start, len_q);
+  seq_bounds(p.cu_k, b, p.tk, k_start, len_k);
+  const int n0 = blockIdx.x * kBN;
+  if (n0 >= len_k) return;
+  const int rows_k = min(kBN, len_k - n0);
+  const std::int64_t q_stride = static_cast<std::int64_t>(p.hq) * D, kv_stride = static_cast<std::int64_t>(p.hkv) * D;
+  const std::int64_t kv_off = (k_start + n0) * kv_stride + static_cast<std::int64_t>(hk) * D;
+
+  int kmin, kmax;
+  if (kHasPos && p.pos_k) {
+    warp_minmax<kBN / 32>(p.pos_k + k_start + n0, rows_k, lane, kmin, kmax);
+  } else {
+    kmin = n0;
+    kmax = n0 + rows_k - 1;
+  }
+  const int r_loc0 = warp * 16 + lane / 4;  // this thread's keys: r_loc0 and r_loc0 + 8
+  int kpos[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = n0 + r_loc0 + 8 * i;
+    kpos[i] = (kHasPos && p.pos_k) ? (r < len_k ? p.pos_k[k_start + r] : 0x7fffffff) : r;
+  }
+
+  TileWalk tiles{kHasPos ? p.pos_q : nullptr, q_start, len_q, kBM, (len_q + kBM - 1) / kBM, p.causal, true, kmin, kmax};
+  int t_begin = 0;
+  if (p.causal && tiles.pos == nullptr) t_begin = min(tiles.end, max(0, kmin) / kBM);
+
+  // Work items are (query head of the group, query tile), heads outer.
+  auto next_item = [&](int g, int t, int& g_out, int& t_out) {
+    t = tiles.next(t, lane);
+    while (t >= tiles.end && ++g < group) t = tiles.next(t_begin, lane);
+    g_out = g;
+    t_out = t;
+  };
+  auto load_item = [&](int g, int t, int bf) {
+    const int h = hk * group + g;
+    const int m0 = t * kBM;
+    const int rows = min(kBM, len_q - m0);
+    const std::int64_t q_off = (q_start + m0) * q_stride + static_cast<std::int64_t>(h) * D;
+    load_tile<kBM, D, kNT>(sQ + bf * kBM * D, static_cast<const T*>(p.q) + q_off, q_stride, rows, tid);
+    load_tile<kBM, D, kNT>(sdO + bf * kBM * D, static_cast<const T*>(p.d_o) + q_off, q_stride, rows, tid);
+    if (tid < kBM) {
+      const bool in = tid < rows;
+      const std::int64_t li = static_cast<std::int64_t>(h) * p.tq + q_start + m0 + tid;
+      const float l = in ? p.lse_in[li] : -INFINITY;
+      sLse[bf * kBM + tid] = l == -INFINITY ? INFINITY : l * kLog2e;
+      sDelta[bf * kBM + tid] = in ? p.delta[li] : 0.0f;
+      sQpos[bf * kBM + tid] = (kHasPos && p.pos_q) ? (in ? p.pos_q[q_start + m0 + tid] : -0x7fffffff) : m0 + tid;
+    }
+  };
+
+  load_tile<kBN, D, kNT>(sK, static_cast<const T*>(p.k) + kv_off, kv_stride, rows_k, tid);
+  load_tile<kBN, D, kNT>(sV, static_cast<const T*>(p.v) + kv_off, kv_stride, rows_k, tid);
+  int g, t;
+  next_item(0, t_begin, g, t);
+  if (g < group) load_item(g, t, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dk[i][j] = dv[i][j] = 0.0f;
+  const float scale_log2 = p.scale * kLog2e;
+
+  int buf = 0;
+  while (g < group) {
+    cp_async_wait<0>();
+    __syncthreads();  // item (g, t) is in buffer `buf`; every warp is done with the other one
+    int g2, t2;
+    next_item(g, t + 1, g2, t2);
+    if (g2 < group) load_item(g2, t2, buf ^ 1);
+    cp_async_commit();
+    const T* cQ = sQ + buf * kBM * D;
+    const T* cdO = sdO + buf * kBM * D;
+    const float* cL = sLse + buf * kBM;
+    const float* cD = sDelta + buf * kBM;
+    const int* cP = sQpos + buf * kBM;
+
+    float s[kBM / 8][4], dp[kBM / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBM / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      std::uint32_t ak[4], av[4];
+      const int aoff = SwizzledTile<D>::offset(warp * 16 + lane % 16, 2 * kk + lane / 16);
+      ldmatrix_x4(ak, smem_addr(sK + aoff));
+      ldmatrix_x4(av, smem_addr(sV + aoff));
+#pragma unroll
+      for (int j = 0; j < kBM / 16; ++j) {
+        std::uint32_t bq[4], bo[4];
+        const int off = SwizzledTile<D>::offset(j * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2);
+        ldmatrix_x4(bq, smem_addr(cQ + off));
+        ldmatrix_x4(bo, smem_addr(cdO + off));
+        mma16816<T>(s[2 * j], ak, bq);
+        mma16816<T>(s[2 * j + 1], ak, bq + 2);
+        mma16816<T>(dp[2 * j], av, bo);
+        mma16816<T>(dp[2 * j + 1], av, bo + 2);
+      }
+    }
+
+    const bool partial = tiles.mask(t, lane) == TileMask::partial;
+    // s <- P^T, dp <- dS^T
+#pragma unroll
+    for (int j = 0; j < kBM / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = j * 8 + (lane % 4) * 2 + c;
+        const float l2 = cL[col], dl = cD[col];
+        const int qp = cP[col];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool vis = !(partial && kpos[r] > qp);
+          const float pr = vis ? exp2f(s[j][2 * r + c] * scale_log2 - l2) : 0.0f;
+          s[j][2 * r + c] = pr;
+          dp[j][2 * r + c] = pr * (dp[j][2 * r + c] - dl) * p.scale;
+        }
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      std::uint32_t ap[4], ads[4];
+      ap[0] = Pack<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      ap[1] = Pack<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      ap[2] = Pack<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      ap[3] = Pack<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      ads[0] = Pack<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
+      ads[1] = Pack<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
+      ads[2] = Pack<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+      ads[3] = Pack<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+      for (int j = 0; j < D / 16; ++j) {
+        std::uint32_t bo[4], bq[4];
+        const int off = SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * j + lane / 16);
+        ldmatrix_x4_trans(bo, smem_addr(cdO + off));
+        ldmatrix_x4_trans(bq, smem_addr(cQ + off));
+        mma16816<T>(dv[2 * j], ap, bo);
+        mma16816<T>(dv[2 * j + 1], ap, bo + 2);
+        mma16816<T>(dk[2 * j], ads, bq);
+        mma16816<T>(dk[2 * j + 1], ads, bq + 2);
+      }
+    }
+    buf ^= 1;
+    g = g2;
+    t = t2;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = n0 + r_loc0 + 8 * r;
+    if (row >= len_k) continue;
+    const std::int64_t base = (k_start + row) * kv_stride + static_cast<std::int64_t>(hk) * D + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      store_grad(p.dk, p.grad_dtype_k, p.dtype, p.accumulate, base + dt * 8, dk[dt][2 * r], dk[dt][2 * r + 1]);
+      store_grad(p.dv, p.grad_dtype_v, p.dtype, p.accumulate, base + dt * 8, dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
+  }
+}
+
+template <class T, int D>
+void launch_bwd(const FlashParams& p, cudaStream_t stream) {
+  const bool pos = p.pos_q || p.pos_k;
+  {
+    using Tile = BwdKVTile<D>;
+    const int smem = (2 * Tile::kBN + 4 * Tile::kBMq) * D * static_cast<int>(sizeof(T)) + 6 * Tile::kBMq * 4;
+    dim3 grid((p.max_len_k + Tile::kBN - 1) / Tile::kBN, p.hkv, p.batch);
+    if (grid.x > 0) {
+      auto kernel = pos ? flash_bwd_dkdv_kernel<T, D, true> : flash_bwd_dkdv_kernel<T, D, false>;
+      LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
+      LONGATTN_CUDA_CHECK_LAUNCH();
+    }
+  }
+  {
+    using Tile = BwdQTile<D>;
+    const int smem = (2 * Tile::kBM + 4 * Tile::kBN) * D * static_cast<int>(sizeof(T));
+    dim3 grid((p.max_len_q + Tile::kBM - 1) / Tile::kBM, p.hq, p.batch);
+    if (grid.x > 0) {
+      auto kernel = pos ? flash_bwd_dq_kernel<T, D, true> : flash_bwd_dq_kernel<T, D, false>;
+      LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
+      LONGATTN_CUDA_CHECK_LAUNCH();
+    }
+  }
+}
+
+}  // namespace
+
+void flash_backward(const FlashParams& p, cudaStream_t stream) {
+  if (p.d != 64 && p.d != 128) throw_unsupported("cuda attention: only head_dim 64 and 128 are built");
+  if (p.dtype == DType::bf16) {
+    if (p.d == 64) launch_bwd<__nv_bfloat16, 64>(p, stream);
+    else launch_bwd<__nv_bfloat16, 128>(p, stream);
+  } else {
+    if (p.d == 64) launch_bwd<__half, 64>(p, stream);
+    else launch_bwd<__half, 128>(p, stream);
+  }
+}
+
+}  // namespace longattn::kernels::cuda

@@ -1,0 +1,53 @@
+// Parameters of the own fused attention kernels (forward, backward, decode) and their launchers.
+// One struct per kernel family, filled on the host from AttentionArgs; the .cu files dispatch
+// dtype x head dim to template instantiations (only bf16/fp16 x 64/128 are built).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "longattn/tensor.hpp"
+
+namespace longattn::kernels::cuda {
+
+struct FlashParams {
+  const void *q = nullptr, *k = nullptr, *v = nullptr;  // [T, H, D], dtype of the call
+  const std::int32_t *cu_q = nullptr, *cu_k = nullptr;  // device, batch + 1; null => one sequence
+  const std::int32_t *pos_q = nullptr, *pos_k = nullptr;  // device, absolute positions; null => index
+  std::int64_t tq = 0, tk = 0;                          // packed token counts
+  int batch = 1, hq = 0, hkv = 0, d = 0;
+  int max_len_q = 0, max_len_k = 0;                     // grid sizing; exact upper bounds
+  bool causal = false;
+  float scale = 0.0f;                                   // softmax scale
+  DType dtype = DType::bf16;
+
+  // forward
+  void* o = nullptr;  // [Tq, Hq, D]
+  DType o_dtype = DType::bf16;
+  float* lse = nullptr;  // [Hq, Tq]
+
+  // backward
+  const void* d_o = nullptr;    // [Tq, Hq, D], dtype of the call
+  const float* delta = nullptr; // [Hq, Tq], rowsum(dO * O)
+  const float* lse_in = nullptr;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  DType grad_dtype_q = DType::f32, grad_dtype_k = DType::f32, grad_dtype_v = DType::f32;
+  bool accumulate = false;
+};
+
+void flash_forward(const FlashParams& p, cudaStream_t stream);
+// Deterministic: one kernel owns each dK/dV row block (summing the GQA group in order), another
+// each dQ row block; no atomics anywhere.
+void flash_backward(const FlashParams& p, cudaStream_t stream);
+
+// Element-wise helpers (elementwise.cu).
+void launch_merge_into(float* o_acc, float* lse_acc, const void* o_part, DType part_dtype, const float* lse_part,
+                       std::int64_t tokens, int heads, int d, cudaStream_t stream);
+void launch_compute_delta(const void* o, DType o_dtype, const void* d_o, DType do_dtype, float* delta,
+                          std::int64_t tokens, int heads, int d, cudaStream_t stream);
+void launch_fill(void* dst, DType t, std::int64_t n, float value, cudaStream_t stream);
+void launch_add_into(float* dst, const void* src, DType src_dtype, std::int64_t n, cudaStream_t stream);
+void launch_convert(void* dst, DType dst_dtype, const void* src, DType src_dtype, std::int64_t n, cudaStream_t stream);
+
+}  // namespace longattn::kernels::cuda
