@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# On a GPU machine: configure and build the GPU targets, run the GPU tests, then the GPU kernel
+# benchmark and PyTorch's SDPA peer back to back; full logs under $OUT; a short side-by-side table
+# last. Usage: scripts/gpu-run.sh [quick|full|test]   (quick: seq 8k/32k only; test: no benchmarks)
+set -uo pipefail
+MODE=${1:-full}
+OUT=${OUT:-/tmp/longattn-gpu-out}
+mkdir -p "$OUT"
+SRC=$(pwd)
+BUILD=${BUILD:-$SRC/build-gpu}
+JOBS=${JOBS:-16}
+export NCCL_NVLS_ENABLE=0
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/device.txt" 2>&1
+date -u +%Y-%m-%dT%H:%MZ >> "$OUT/device.txt"
+cat "$OUT/device.txt"
+
+configure() {
+  cmake -S "$1" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLONGATTN_CUDA=ON -DLONGATTN_CUDA_ARCHS=90a > "$OUT/configure.log" 2>&1
+}
+if ! configure "$SRC"; then
+  # Another part's half-finished folder must not stop the GPU run: retry on a copy without it.
+  echo "configure failed in place (see configure.log); retrying without offload/" | tee -a "$OUT/configure.log"
+  rm -rf /tmp/longattn-src "$BUILD" && mkdir -p /tmp/longattn-src
+  tar --exclude='./build*' --exclude='./offload' --exclude='./tests/offload' -cf - . | (cd /tmp/longattn-src && tar xf -)
+  configure /tmp/longattn-src || { tail -30 "$OUT/configure.log"; exit 1; }
+fi
+start=$(date +%s)
+if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench > "$OUT/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build.log" | head -30
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+
+"$BUILD/bin/test_gpu" --gtest_brief=1 > "$OUT/test_gpu.log" 2>&1
+test_rc=$?
+grep -E "^\[  (PASSED|FAILED|SKIPPED) \]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
+echo "test_gpu exit code: $test_rc"
+[ "$MODE" = test ] && exit $test_rc
+
+SEQS=8192,32768,131072
+[ "$MODE" = quick ] && SEQS=8192,32768
+"$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS > "$OUT/bench_gpu_kernels.log" 2>&1
+PYTHONUNBUFFERED=1 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs $SEQS > "$OUT/bench_torch_sdpa.log" 2>&1
+
+python3 - "$OUT/bench_gpu_kernels.log" "$OUT/bench_torch_sdpa.log" <<'PY' | tee "$OUT/table.md"
+import json, sys
+def result(path):
+    for line in open(path, errors="replace"):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"attention": [], "decode": []}
+ours, torch = result(sys.argv[1]), result(sys.argv[2])
+cols = [("ours cuda", ours, "cuda"), ("ours cudnn", ours, "cudnn"), ("torch flash", torch, "flash"), ("torch cudnn", torch, "cudnn")]
+def cell(res, be, seq, d, causal, key):
+    for r in res["attention"]:
+        if r["backend"] == be and r["seq"] == seq and r["d"] == d and r["causal"] == causal and r.get(key):
+            return f"{r[key]:.0f}"
+    return "-"
+shapes = sorted({(r["seq"], r["d"], r["causal"]) for res in (ours, torch) for r in res["attention"]}, key=lambda s: (s[1], s[0], not s[2]))
+print("TFLOP/s fwd / bwd (bf16, 32 heads, batch 1)")
+print("| seq | d | causal | " + " | ".join(c[0] for c in cols) + " |")
+print("|---|---|---|" + "---|" * len(cols))
+for seq, d, causal in shapes:
+    cells = [cell(res, be, seq, d, causal, "fwd_tflops") + " / " + cell(res, be, seq, d, causal, "bwd_tflops") for _, res, be in cols]
+    print(f"| {seq // 1024}k | {d} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |")
+print(f"decode 1M-token KV (GB/s of KV; device copy {ours.get('copy_gbs', 0):.0f} GB/s):",
+      ", ".join(f"ours {r['backend']} {r['gbs']:.0f}" for r in ours["decode"] if r.get("gbs")),
+      "|", ", ".join(f"torch {r['backend']} {r['gbs']:.0f}" for r in torch["decode"] if r.get("gbs")))
+PY
+exit $test_rc
