@@ -1,0 +1,455 @@
+// The CPU decode kernel (see cpu_decode.hpp). One work item = (sequence, kv head, chunk of KV
+// tokens); it streams the chunk's K and V rows once for all query rows of the GQA group, with an
+// online softmax in f32, and leaves an unnormalized partial (acc, max, sum) that the merge step
+// joins across chunks. The body is one template over the vector width, written with GCC/Clang
+// vector extensions; three wrappers compile it for AVX-512, AVX2 and plain SSE2 through target
+// attributes, and the best one the CPU supports is picked at run time, so one binary runs on hosts
+// with and without AVX-512.
+#include "kernels/cpu_decode.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/check.hpp"
+#include "longattn/dtype_convert.hpp"
+
+// The vector types never cross a call boundary (everything below is inlined into the wrappers that
+// carry the target attribute), so the ABI note about passing them is moot.
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace longattn::kernels {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int BT = kDecodeBlockTokens;
+
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef std::int32_t i __attribute__((vector_size(4 * W)));
+  typedef std::uint32_t u __attribute__((vector_size(4 * W)));
+  typedef std::uint16_t h __attribute__((vector_size(2 * W)));
+#if defined(__FLT16_MAX__)
+  typedef _Float16 f16 __attribute__((vector_size(2 * W)));
+#endif
+};
+
+template <int W>
+[[gnu::always_inline]] inline typename Vec<W>::f splat(float x) {
+  typename Vec<W>::f v;
+  for (int l = 0; l < W; ++l) v[l] = x;
+  return v;
+}
+
+// W consecutive elements of type T as f32.
+template <int W, class T>
+[[gnu::always_inline]] inline typename Vec<W>::f load(const T* p) {
+  using V = Vec<W>;
+  typename V::f out;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&out, p, sizeof(out));
+  } else if constexpr (std::is_same_v<T, std::uint16_t>) {  // bf16: the high half of an f32
+    typename V::h x;
+    std::memcpy(&x, p, sizeof(x));
+    typename V::u w = __builtin_convertvector(x, typename V::u) << 16;
+    std::memcpy(&out, &w, sizeof(out));
+  } else {  // T = Half (f16)
+#if defined(__FLT16_MAX__)
+    typename V::f16 x;
+    std::memcpy(&x, p, sizeof(x));
+    out = __builtin_convertvector(x, typename V::f);
+#else
+    for (int l = 0; l < W; ++l) out[l] = f16_to_f32(reinterpret_cast<const std::uint16_t*>(p)[l]);
+#endif
+  }
+  return out;
+}
+
+template <int W>
+[[gnu::always_inline]] inline float hsum(typename Vec<W>::f v) {
+  if constexpr (W >= 16) {
+    typename Vec<8>::f lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return hsum<8>(lo + hi);
+  } else if constexpr (W >= 8) {
+    typename Vec<4>::f lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return hsum<4>(lo + hi);
+  } else {
+    float s = 0;
+    for (int l = 0; l < W; ++l) s += v[l];
+    return s;
+  }
+}
+
+// exp for a vector of f32 (Cephes-style: 2^n * polynomial on [-ln2/2, ln2/2]); relative error
+// ~2 ulp, exp(-inf) handled by the caller's mask.
+template <int W>
+[[gnu::always_inline]] inline typename Vec<W>::f vexp(typename Vec<W>::f x) {
+  using V = Vec<W>;
+  const auto lo = splat<W>(-87.3f), hi = splat<W>(88.7f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const auto t = x * splat<W>(1.44269504088896341f) + splat<W>(128.5f);
+  const typename V::i n = __builtin_convertvector(t, typename V::i) - 128;  // floor(x*log2e + 0.5)
+  const auto nf = __builtin_convertvector(n, typename V::f);
+  auto r = x - nf * splat<W>(0.693359375f);
+  r = r - nf * splat<W>(-2.12194440e-4f);
+  auto p = splat<W>(1.9875691500e-4f);
+  p = p * r + splat<W>(1.3981999507e-3f);
+  p = p * r + splat<W>(8.3334519073e-3f);
+  p = p * r + splat<W>(4.1665795894e-2f);
+  p = p * r + splat<W>(1.6666665459e-1f);
+  p = p * r + splat<W>(5.0000001201e-1f);
+  p = p * r * r + r + splat<W>(1.0f);
+  const typename V::i bits = (n + 127) << 23;
+  typename V::f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Shared, read-only facts of one call.
+struct Problem {
+  DecodeLayout lay;
+  int group = 1;  // query heads per kv head
+  float scale = 1;
+  const DecodeSequence* seqs = nullptr;
+  const float* q = nullptr;
+  const std::int64_t* pos = nullptr;
+  std::int64_t total_q = 0;
+};
+
+struct Item {
+  int seq, head;
+  std::int64_t t0, t1;  // stored tokens [t0, t1)
+  std::size_t part;     // index of its partial
+};
+
+// Per-thread scratch, sized for the largest group.
+struct Scratch {
+  std::vector<float> qs, s, p, kf, vf;
+  std::vector<std::int64_t> vis;
+};
+
+// Partial results of an item: acc [R][D] (unnormalized), m [R], l [R].
+struct Partials {
+  std::vector<float> acc, m, l;
+  std::size_t rows = 0;  // R of the largest item (stride)
+};
+
+template <int W, class T>
+[[gnu::always_inline]] inline void run_item(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) {
+  using F = typename Vec<W>::f;
+  const auto& sq = pb.seqs[it.seq];
+  const int D = pb.lay.head_dim, G = pb.group, P = pb.lay.page_tokens, Hkv = pb.lay.kv_heads;
+  const int R = sq.q_count * G;
+  const int NS = D / W;  // vector slices per row
+  float* acc = &parts.acc[it.part * parts.rows * D];
+  float* m = &parts.m[it.part * parts.rows];
+  float* l = &parts.l[it.part * parts.rows];
+
+  // Scaled query rows r = qi * G + gh and the number of stored tokens each may see.
+  std::int64_t vis_max = 0;
+  for (int qi = 0; qi < sq.q_count; ++qi) {
+    const std::int64_t row = sq.q_begin + qi;
+    std::int64_t vis = sq.length;
+    if (pb.pos) vis = std::clamp<std::int64_t>(pb.pos[row] - sq.kv_start + 1, 0, sq.length);
+    for (int gh = 0; gh < G; ++gh) {
+      const int r = qi * G + gh;
+      sc.vis[r] = vis;
+      const float* src = pb.q + (static_cast<std::size_t>(row) * pb.lay.q_heads + it.head * G + gh) * D;
+      for (int d = 0; d < D; ++d) sc.qs[static_cast<std::size_t>(r) * D + d] = src[d] * pb.scale;
+    }
+    vis_max = std::max(vis_max, vis);
+  }
+  for (int r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0;
+  }
+  std::fill(acc, acc + static_cast<std::size_t>(R) * D, 0.0f);
+  const std::int64_t t_end = std::min(it.t1, vis_max);
+
+  for (std::int64_t t = it.t0; t < t_end;) {
+    const std::int64_t page = t / P;
+    const int row0 = static_cast<int>(t % P);
+    const int n = static_cast<int>(std::min<std::int64_t>({BT, t_end - t, P - row0}));
+    const T* kbase = reinterpret_cast<const T*>(sq.pages[page]) + (static_cast<std::size_t>(it.head) * P + row0) * D;
+    const T* vbase = kbase + static_cast<std::size_t>(Hkv) * P * D;
+
+    // K rows to f32 once (L1-resident), then every query row against them.
+    const float* kf;
+    if constexpr (std::is_same_v<T, float>) {
+      kf = kbase;
+    } else {
+      for (int j = 0; j < n; ++j)
+        for (int x = 0; x < NS; ++x) {
+          const F v = load<W>(kbase + static_cast<std::size_t>(j) * D + x * W);
+          std::memcpy(&sc.kf[static_cast<std::size_t>(j) * D + x * W], &v, sizeof(v));
+        }
+      kf = sc.kf.data();
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* qr = &sc.qs[static_cast<std::size_t>(r) * D];
+      float* sr = &sc.s[static_cast<std::size_t>(r) * BT];
+      for (int j = 0; j < n; ++j) {
+        const float* kj = kf + static_cast<std::size_t>(j) * D;
+        F a0 = splat<W>(0.0f), a1 = splat<W>(0.0f);
+        int x = 0;
+        for (; x + 1 < NS; x += 2) {
+          a0 += load<W>(qr + x * W) * load<W>(kj + x * W);
+          a1 += load<W>(qr + (x + 1) * W) * load<W>(kj + (x + 1) * W);
+        }
+        if (x < NS) a0 += load<W>(qr + x * W) * load<W>(kj + x * W);
+        sr[j] = t + j < sc.vis[r] ? hsum<W>(a0 + a1) : kNegInf;
+      }
+      for (int j = n; j < BT; ++j) sr[j] = kNegInf;
+    }
+
+    // Online softmax per row: new max, rescale what was accumulated, probabilities of this block.
+    for (int r = 0; r < R; ++r) {
+      float* sr = &sc.s[static_cast<std::size_t>(r) * BT];
+      float* pr = &sc.p[static_cast<std::size_t>(r) * BT];
+      float bmax = kNegInf;
+      for (int j = 0; j < n; ++j) bmax = std::max(bmax, sr[j]);
+      if (bmax == kNegInf) {
+        for (int j = 0; j < BT; ++j) pr[j] = 0;
+        continue;
+      }
+      const float m_new = std::max(m[r], bmax);
+      if (m_new != m[r]) {
+        const float corr = m[r] == kNegInf ? 0.0f : std::exp(m[r] - m_new);
+        l[r] *= corr;
+        float* ar = acc + static_cast<std::size_t>(r) * D;
+        for (int d = 0; d < D; ++d) ar[d] *= corr;
+        m[r] = m_new;
+      }
+      float sum = 0;
+      for (int j = 0; j < BT; j += W) {
+        const F sv = load<W>(sr + j);
+        F pv = vexp<W>(sv - splat<W>(m_new));
+        const auto keep = sv != splat<W>(kNegInf);  // masked keys weigh exactly 0
+        pv = keep ? pv : splat<W>(0.0f);
+        std::memcpy(pr + j, &pv, sizeof(pv));
+        sum += hsum<W>(pv);
+      }
+      l[r] += sum;
+    }
+
+    // V rows to f32 once, then acc[r] += sum_j p[r][j] * v[j], a register accumulator per slice.
+    const float* vf;
+    if constexpr (std::is_same_v<T, float>) {
+      vf = vbase;
+    } else {
+      for (int j = 0; j < n; ++j)
+        for (int x = 0; x < NS; ++x) {
+          const F v = load<W>(vbase + static_cast<std::size_t>(j) * D + x * W);
+          std::memcpy(&sc.vf[static_cast<std::size_t>(j) * D + x * W], &v, sizeof(v));
+        }
+      vf = sc.vf.data();
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* pr = &sc.p[static_cast<std::size_t>(r) * BT];
+      float* ar = acc + static_cast<std::size_t>(r) * D;
+      for (int x = 0; x < NS; ++x) {
+        F a = load<W>(ar + x * W);
+        for (int j = 0; j < n; ++j) a += splat<W>(pr[j]) * load<W>(vf + static_cast<std::size_t>(j) * D + x * W);
+        std::memcpy(ar + x * W, &a, sizeof(a));
+      }
+    }
+    t += n;
+  }
+}
+
+template <int W>
+[[gnu::always_inline]] inline void run_typed(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) {
+  switch (pb.lay.kv_dtype) {
+    case DType::f32: run_item<W, float>(pb, it, sc, parts); break;
+    case DType::bf16: run_item<W, std::uint16_t>(pb, it, sc, parts); break;
+#if defined(__FLT16_MAX__)
+    case DType::f16: run_item<W, _Float16>(pb, it, sc, parts); break;
+#else
+    case DType::f16: run_item<W, std::int16_t>(pb, it, sc, parts); break;
+#endif
+  }
+}
+
+// One item per call: the target attribute must sit on the function that holds the inlined body
+// (OpenMP outlines parallel regions into functions of their own, which need not inherit it).
+using ItemFn = void (*)(const Problem&, const Item&, Scratch&, Partials&);
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) void item_avx512(const Problem& pb, const Item& it,
+                                                                                      Scratch& sc, Partials& parts) {
+  run_typed<16>(pb, it, sc, parts);
+}
+__attribute__((target("avx2,fma,f16c"))) void item_avx2(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) {
+  run_typed<8>(pb, it, sc, parts);
+}
+void item_sse(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) { run_typed<4>(pb, it, sc, parts); }
+void item_scalar(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) { run_typed<1>(pb, it, sc, parts); }
+
+void validate(const DecodeArgs& a) {
+  const auto& L = a.layout;
+  LONGATTN_INVALID(L.kv_heads > 0 && L.q_heads > 0 && L.q_heads % L.kv_heads == 0,
+                   "decode: q_heads ({}) must be a positive multiple of kv_heads ({})", L.q_heads, L.kv_heads);
+  LONGATTN_INVALID(L.head_dim > 0 && L.head_dim <= kDecodeMaxHeadDim, "decode: head_dim {} outside [1, {}]", L.head_dim,
+                   kDecodeMaxHeadDim);
+  LONGATTN_INVALID(L.page_tokens > 0 && L.page_tokens % BT == 0, "decode: page_tokens {} must be a positive multiple of {}",
+                   L.page_tokens, BT);
+  LONGATTN_INVALID(a.num_seqs >= 0 && (a.num_seqs == 0 || a.seqs), "decode: no sequences given");
+  LONGATTN_INVALID(a.total_q >= 0 && (a.total_q == 0 || (a.q && a.o && a.lse)), "decode: q, o and lse are required");
+  LONGATTN_INVALID(a.chunk_tokens >= 0 && a.chunk_tokens % BT == 0, "decode: chunk_tokens {} must be a multiple of {}",
+                   a.chunk_tokens, BT);
+  std::int64_t next = 0;
+  for (int b = 0; b < a.num_seqs; ++b) {
+    const auto& s = a.seqs[b];
+    LONGATTN_INVALID(s.length >= 0 && s.q_count >= 0 && s.q_begin == next, "decode: sequence {} has bad length/query rows", b);
+    LONGATTN_INVALID(s.length == 0 || s.pages, "decode: sequence {} has {} tokens but no pages", b, s.length);
+    next += s.q_count;
+  }
+  LONGATTN_INVALID(next == a.total_q, "decode: the sequences' query rows add up to {}, not total_q {}", next, a.total_q);
+}
+
+}  // namespace
+
+const char* to_string(DecodeIsa isa) noexcept {
+  switch (isa) {
+    case DecodeIsa::generic: return "generic";
+    case DecodeIsa::avx2: return "avx2";
+    case DecodeIsa::avx512: return "avx512";
+  }
+  return "?";
+}
+
+DecodeIsa best_decode_isa() noexcept {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return DecodeIsa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return DecodeIsa::avx2;
+  return DecodeIsa::generic;
+}
+
+std::size_t decode_kv_bytes(const DecodeArgs& a) noexcept {
+  std::size_t tokens = 0;
+  for (int b = 0; b < a.num_seqs; ++b) {
+    if (a.seqs[b].q_count > 0) tokens += static_cast<std::size_t>(a.seqs[b].length);
+  }
+  return tokens * 2 * a.layout.kv_heads * a.layout.head_dim * dtype_size(a.layout.kv_dtype);
+}
+
+void cpu_decode(const DecodeArgs& a) { cpu_decode(a, best_decode_isa()); }
+
+void cpu_decode(const DecodeArgs& a, DecodeIsa isa) {
+  validate(a);
+  if (isa > best_decode_isa()) isa = best_decode_isa();
+  const auto& L = a.layout;
+  const int D = L.head_dim, G = L.q_heads / L.kv_heads;
+  const int threads = a.threads > 0 ? a.threads : omp_get_max_threads();
+
+  Problem pb{L, G, a.scale > 0 ? a.scale : 1.0f / std::sqrt(static_cast<float>(D)), a.seqs, a.q, a.q_positions, a.total_q};
+
+  // Chunk size: enough items to keep every thread busy (x4 for dynamic balance), but chunks long
+  // enough (>= 256 tokens) that the per-item setup and the merge stay small next to the streaming.
+  std::int64_t total = 0;
+  int max_q = 0;
+  for (int b = 0; b < a.num_seqs; ++b) {
+    if (a.seqs[b].q_count == 0) continue;
+    total += a.seqs[b].length * L.kv_heads;
+    max_q = std::max(max_q, a.seqs[b].q_count);
+  }
+  std::int64_t chunk = a.chunk_tokens;
+  if (chunk == 0) {
+    chunk = std::max<std::int64_t>(256, (total / std::max(1, 4 * threads) + BT - 1) / BT * BT);
+  }
+
+  std::vector<Item> items;
+  std::vector<std::size_t> first_item(static_cast<std::size_t>(a.num_seqs) * L.kv_heads + 1, 0);
+  for (int b = 0; b < a.num_seqs; ++b) {
+    for (int h = 0; h < L.kv_heads; ++h) {
+      first_item[static_cast<std::size_t>(b) * L.kv_heads + h] = items.size();
+      if (a.seqs[b].q_count == 0) continue;
+      const std::int64_t len = a.seqs[b].length;
+      if (len == 0) items.push_back({b, h, 0, 0, items.size()});
+      for (std::int64_t t0 = 0; t0 < len; t0 += chunk) items.push_back({b, h, t0, std::min(len, t0 + chunk), items.size()});
+    }
+  }
+  first_item.back() = items.size();
+
+  Partials parts;
+  parts.rows = static_cast<std::size_t>(max_q) * G;
+  parts.acc.resize(items.size() * parts.rows * D);
+  parts.m.resize(items.size() * parts.rows);
+  parts.l.resize(items.size() * parts.rows);
+
+  ItemFn fn = item_scalar;
+  if (isa == DecodeIsa::avx512 && D % 16 == 0) {
+    fn = item_avx512;
+  } else if (isa >= DecodeIsa::avx2 && D % 8 == 0) {
+    fn = item_avx2;
+  } else if (D % 4 == 0) {
+    fn = item_sse;
+  }
+  if (!items.empty()) {
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch sc;
+      sc.qs.resize(parts.rows * D);
+      sc.s.resize(parts.rows * BT);
+      sc.p.resize(parts.rows * BT);
+      sc.kf.resize(static_cast<std::size_t>(BT) * D);
+      sc.vf.resize(static_cast<std::size_t>(BT) * D);
+      sc.vis.resize(parts.rows);
+#pragma omp for schedule(dynamic, 1)
+      for (std::size_t i = 0; i < items.size(); ++i) fn(pb, items[i], sc, parts);
+    }
+  }
+
+  // LSE merge of the chunk partials of each (sequence, kv head) into o and lse.
+  const std::int64_t groups = static_cast<std::int64_t>(a.num_seqs) * L.kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::int64_t gi = 0; gi < groups; ++gi) {
+    const int b = static_cast<int>(gi / L.kv_heads), h = static_cast<int>(gi % L.kv_heads);
+    const auto& sq = a.seqs[b];
+    const std::size_t i0 = first_item[gi], i1 = first_item[gi + 1];
+    for (int qi = 0; qi < sq.q_count; ++qi) {
+      for (int gh = 0; gh < G; ++gh) {
+        const std::size_t r = static_cast<std::size_t>(qi) * G + gh;
+        const std::int64_t row = sq.q_begin + qi;
+        const int head = h * G + gh;
+        float M = kNegInf;
+        for (std::size_t i = i0; i < i1; ++i) M = std::max(M, parts.m[i * parts.rows + r]);
+        float* out = a.o + (static_cast<std::size_t>(row) * L.q_heads + head) * D;
+        float& lse = a.lse[static_cast<std::size_t>(head) * a.total_q + row];
+        if (M == kNegInf) {
+          std::fill(out, out + D, 0.0f);
+          lse = kNegInf;
+          continue;
+        }
+        float Lsum = 0;
+        for (std::size_t i = i0; i < i1; ++i) {
+          const float mi = parts.m[i * parts.rows + r];
+          if (mi != kNegInf) Lsum += parts.l[i * parts.rows + r] * std::exp(mi - M);
+        }
+        std::fill(out, out + D, 0.0f);
+        for (std::size_t i = i0; i < i1; ++i) {
+          const float mi = parts.m[i * parts.rows + r];
+          if (mi == kNegInf) continue;
+          const float w = std::exp(mi - M) / Lsum;
+          const float* acc = &parts.acc[(i * parts.rows + r) * D];
+          for (int d = 0; d < D; ++d) out[d] += w * acc[d];
+        }
+        lse = M + std::log(Lsum);
+      }
+    }
+  }
+}
+
+}  // namespace longattn::kernels

@@ -1,0 +1,114 @@
+// The server's KV cache: per (client, sequence) and layer, a list of fixed-size pages in host
+// memory (the page layout the decode kernel reads), from a page pool that enforces a global memory
+// limit and a per-client limit. Running out is a clear Error(out_of_capacity) for that request
+// only; everyone else keeps being served. Thread-safe: attends hold shared locks on their
+// sequences while the kernel runs, appends an exclusive one.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels/cpu_decode.hpp"
+#include "offload/protocol.hpp"
+
+namespace longattn::offload {
+
+// Fixed-size pages with a free list per size, so steady decode (pages filled and dropped at the
+// same rate) stops calling the allocator. Cached free pages count against the limit: the limit is
+// what the process really holds.
+class PagePool {
+ public:
+  PagePool(std::size_t memory_limit, std::size_t per_client_limit);
+  ~PagePool();
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  // Throws Error(out_of_capacity) when the global or the client's limit would be passed.
+  std::byte* allocate(std::uint64_t client, std::size_t bytes);
+  void release(std::uint64_t client, std::byte* page, std::size_t bytes) noexcept;
+
+  std::size_t memory_limit() const noexcept { return limit_; }
+  std::size_t in_use() const noexcept;    // bytes held by sequences
+  std::size_t reserved() const noexcept;  // in use + cached free pages
+
+ private:
+  mutable std::mutex mu_;
+  std::size_t limit_, client_limit_;
+  std::size_t in_use_ = 0, cached_ = 0;
+  std::unordered_map<std::uint64_t, std::size_t> per_client_;
+  std::map<std::size_t, std::vector<std::byte*>> free_;
+};
+
+struct KvStoreOptions {
+  std::size_t memory_limit = std::size_t{1} << 30;
+  std::size_t per_client_limit = 0;  // 0 = the memory limit
+  int page_tokens = 64;  // 64 tokens: one page per kv head is >= 8 KiB of contiguous rows at head_dim 64
+};
+
+struct AttendStats {
+  double kernel_seconds = 0;
+  std::size_t kv_bytes_read = 0;
+};
+
+class KvStore {
+ public:
+  explicit KvStore(const KvStoreOptions& opt);
+  ~KvStore();
+
+  int page_tokens() const noexcept { return opt_.page_tokens; }
+
+  // Idempotent: opening an existing sequence with the same geometry is fine, another geometry is
+  // an error (drop it first).
+  void open(std::uint64_t client, const Open& m);
+  // Appends tokens [start, start + tokens) to one layer and returns the layer's length. A repeat of
+  // an append already applied (start + tokens <= length) changes nothing; a gap is an error.
+  std::int64_t append(std::uint64_t client, const Append& m);
+  bool drop(std::uint64_t client, std::uint64_t seq);
+  // Runs the decode kernel for one attend request; o [total_q, q_heads, head_dim] and
+  // lse [q_heads, total_q] f32.
+  AttendStats attend(std::uint64_t client, const Attend& m, float* o, float* lse, int threads);
+
+  struct Stats {
+    std::size_t sequences = 0, tokens = 0, bytes_in_use = 0, bytes_reserved = 0, memory_limit = 0;
+  };
+  Stats stats() const;
+
+ private:
+  struct Layer {
+    std::vector<std::byte*> pages;
+    std::int64_t length = 0;
+  };
+  struct Sequence {
+    Open geom;
+    std::uint64_t client = 0;
+    PagePool* pool = nullptr;
+    std::size_t page_bytes = 0;
+    std::shared_mutex mu;
+    bool dropped = false;  // under mu: an append that raced with drop must not add tokens
+    std::vector<Layer> layers;
+    ~Sequence();
+  };
+  using Key = std::pair<std::uint64_t, std::uint64_t>;  // (client, sequence)
+
+  std::shared_ptr<Sequence> find(std::uint64_t client, std::uint64_t seq) const;
+
+  KvStoreOptions opt_;
+  PagePool pool_;
+  mutable std::mutex mu_;
+  std::map<Key, std::shared_ptr<Sequence>> seqs_;
+  std::atomic<std::size_t> tokens_{0};
+};
+
+// "64G", "512M", "1.5T", "4096" (bytes) -> bytes; throws Error(invalid_argument).
+std::size_t parse_size(const std::string& text);
+std::string format_bytes(std::size_t bytes);
+
+}  // namespace longattn::offload

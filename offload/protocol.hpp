@@ -1,0 +1,148 @@
+// The offload wire protocol: versioned, length-prefixed, little-endian binary frames, the same on
+// every transport (TCP, UCX). Decoding treats every byte as hostile: each field is checked against
+// Limits, all size arithmetic is overflow-checked, and anything wrong throws
+// Error(ErrorCode::protocol) naming the field. docs/offload-protocol.md is the prose version.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "longattn/error.hpp"
+#include "longattn/tensor.hpp"
+
+namespace longattn::offload {
+
+inline constexpr std::uint32_t kMagic = 0x464f414cu;  // the bytes "LAOF"
+inline constexpr std::uint16_t kVersion = 1;
+inline constexpr std::size_t kHeaderBytes = 24;
+
+enum class MsgType : std::uint16_t { hello = 1, open = 2, append = 3, attend = 4, drop = 5, stats = 6, error = 127 };
+const char* to_string(MsgType t) noexcept;
+
+inline constexpr std::uint32_t kFlagResponse = 1u;           // header flag: set on every server reply
+inline constexpr std::uint32_t kAttendHasPositions = 1u;     // Attend::flags: per-query absolute positions follow
+
+// What a decoder accepts. Defaults suit real models with room to spare; the server's
+// --max-frame flag raises max_payload for very large bulk prefills.
+struct Limits {
+  std::uint32_t max_payload = 256u << 20;
+  std::uint32_t max_token_bytes = 4096;
+  std::uint32_t max_layers = 4096;
+  std::uint32_t max_heads = 1024;
+  std::uint32_t max_head_dim = 512;
+  std::uint32_t max_seqs_per_attend = 65536;
+  std::uint32_t max_q_per_seq = 256;
+  std::uint32_t max_message_bytes = 4096;
+  std::int64_t max_position = std::int64_t{1} << 40;
+};
+
+struct FrameHeader {
+  std::uint32_t magic = kMagic;
+  std::uint16_t version = kVersion;
+  MsgType type = MsgType::error;
+  std::uint32_t flags = 0;
+  std::uint64_t request_id = 0;
+  std::uint32_t payload_bytes = 0;
+};
+
+std::array<std::byte, kHeaderBytes> encode_header(const FrameHeader& h) noexcept;
+// Checks magic, version, type, flags and payload length against the limits.
+FrameHeader decode_header(std::span<const std::byte> bytes, const Limits& lim);
+
+// Error codes on the wire: stable numbers, independent of the C++ enum's order.
+std::uint32_t wire_code(ErrorCode c) noexcept;
+ErrorCode from_wire_code(std::uint32_t code) noexcept;
+
+// ---- messages (request and reply payloads) ----
+struct Hello {
+  std::string token;
+  std::uint64_t client_id = 0;  // a namespace for sequence ids and the unit of the per-client quota
+};
+struct HelloReply {
+  std::uint32_t version = kVersion;
+  std::uint32_t page_tokens = 0;
+  std::uint64_t max_payload = 0;
+};
+struct Open {
+  std::uint64_t seq = 0;
+  std::uint32_t layers = 0, kv_heads = 0, head_dim = 0;
+  DType dtype = DType::bf16;
+  std::int64_t kv_start = 0;  // absolute position of the first token this server holds
+};
+struct Append {
+  std::uint64_t seq = 0;
+  std::uint32_t layer = 0;
+  std::uint32_t tokens = 0;
+  std::int64_t start = 0;  // index (within this server's part) of the first appended token
+  std::uint32_t kv_heads = 0, head_dim = 0;
+  DType dtype = DType::bf16;
+  std::span<const std::byte> k, v;  // [tokens, kv_heads, head_dim] each, in dtype
+};
+struct AppendReply {
+  std::int64_t length = 0;
+};
+struct AttendSeq {
+  std::uint64_t seq = 0;
+  std::uint32_t q_count = 0;
+  std::int64_t length = 0;  // tokens the caller expects this layer to hold: a mismatch is an error, never a wrong answer
+};
+struct Attend {
+  std::uint32_t layer = 0, q_heads = 0, head_dim = 0;
+  std::uint32_t flags = 0;
+  std::vector<AttendSeq> seqs;
+  std::uint64_t total_q = 0;
+  std::vector<std::int64_t> positions;  // [total_q] when kAttendHasPositions
+  std::span<const std::byte> q;         // f32 [total_q, q_heads, head_dim]
+};
+struct AttendReply {
+  std::uint64_t total_q = 0;
+  std::uint32_t q_heads = 0, head_dim = 0;
+  std::span<const std::byte> o;    // f32 [total_q, q_heads, head_dim]
+  std::span<const std::byte> lse;  // f32 [q_heads, total_q]
+};
+struct Drop {
+  std::uint64_t seq = 0;
+};
+struct ErrorReply {
+  ErrorCode code = ErrorCode::internal;
+  std::string message;
+};
+
+// A frame ready to send: header + payload in one buffer.
+std::vector<std::byte> frame(MsgType t, std::uint32_t flags, std::uint64_t request_id, std::span<const std::byte> payload);
+
+std::vector<std::byte> encode(const Hello& m);
+std::vector<std::byte> encode(const HelloReply& m);
+std::vector<std::byte> encode(const Open& m);
+std::vector<std::byte> encode(const Append& m);
+std::vector<std::byte> encode(const AppendReply& m);
+std::vector<std::byte> encode(const Attend& m);
+// The reply's header fields, then o and lse copied from the caller's floats.
+std::vector<std::byte> encode_attend_reply(std::uint64_t total_q, std::uint32_t q_heads, std::uint32_t head_dim,
+                                           const float* o, const float* lse);
+std::vector<std::byte> encode(const Drop& m);
+std::vector<std::byte> encode(const ErrorReply& m);
+
+// Decoders: the spans they return point into `payload`, which must outlive them.
+Hello decode_hello(std::span<const std::byte> payload, const Limits& lim);
+HelloReply decode_hello_reply(std::span<const std::byte> payload, const Limits& lim);
+Open decode_open(std::span<const std::byte> payload, const Limits& lim);
+Append decode_append(std::span<const std::byte> payload, const Limits& lim);
+AppendReply decode_append_reply(std::span<const std::byte> payload, const Limits& lim);
+Attend decode_attend(std::span<const std::byte> payload, const Limits& lim);
+AttendReply decode_attend_reply(std::span<const std::byte> payload, const Limits& lim);
+Drop decode_drop(std::span<const std::byte> payload, const Limits& lim);
+ErrorReply decode_error(std::span<const std::byte> payload, const Limits& lim);
+
+// Decodes one whole frame (header + payload) of any request type and throws on any defect: the
+// entry point of the fuzzer, and what the server's read path amounts to.
+void validate_frame(std::span<const std::byte> bytes, const Limits& lim);
+
+// Overflow-checked a * b (throws Error(protocol) naming `what`).
+std::uint64_t checked_mul(std::uint64_t a, std::uint64_t b, const char* what);
+
+}  // namespace longattn::offload

@@ -1,0 +1,578 @@
+// The offload server over TCP (Boost.Asio). One strand per connection; a connection handles one
+// frame at a time (read header, read payload, answer, read the next), so replies come back in
+// request order and a client pipelines simply by sending ahead. Attends go to one compute thread
+// whose decode kernel spreads over all cores: a memory-bound kernel gains nothing from running two
+// at once, and serializing keeps each one at full DRAM bandwidth.
+#include "offload/server.hpp"
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include <utility>  // before Boost.Asio: 1.74's awaitable.hpp uses std::exchange without it
+
+#include <boost/asio.hpp>
+#include <fmt/format.h>
+
+#include "common/check.hpp"
+#include "longattn/log.hpp"
+
+namespace longattn::offload {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+
+bool secrets_equal(const std::string& a, const std::string& b) noexcept {
+  // Length is not secret-bearing here (the token file's length is not the secret), but the bytes
+  // are compared without an early exit.
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const std::size_t n = std::max(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned char>(x ^ y);
+  }
+  return diff == 0;
+}
+
+std::pair<std::string, int> parse_host_port(const std::string& text) {
+  const auto colon = text.rfind(':');
+  LONGATTN_INVALID(colon != std::string::npos && colon + 1 < text.size(), "'{}' is not HOST:PORT", text);
+  std::string host = text.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  char* end = nullptr;
+  const long port = std::strtol(text.c_str() + colon + 1, &end, 10);
+  LONGATTN_INVALID(end && *end == '\0' && port >= 0 && port <= 65535, "'{}': the port must be a number in [0, 65535]", text);
+  LONGATTN_INVALID(!host.empty(), "'{}': missing host (use 0.0.0.0 to listen on every interface)", text);
+  return {host, static_cast<int>(port)};
+}
+
+namespace {
+
+constexpr std::array<const char*, 6> kTypeNames = {"hello", "open", "append", "attend", "drop", "stats"};
+constexpr std::array<const char*, 10> kCodeNames = {"none",     "invalid_argument", "unsupported", "io",           "communication",
+                                                     "timeout", "out_of_capacity",  "protocol",    "unauthorized", "internal"};
+
+struct Counters {
+  std::array<std::atomic<std::uint64_t>, 7> requests{};  // by type index (1..6)
+  std::array<std::atomic<std::uint64_t>, 10> errors{};   // by wire code
+  std::atomic<std::uint64_t> bytes_in{0}, bytes_out{0}, connections_total{0}, connections_open{0};
+  std::atomic<std::uint64_t> kernel_ns{0}, kv_bytes_read{0}, attend_queries{0};
+};
+
+}  // namespace
+
+struct Server::Impl {
+  ServerOptions opt;
+  const Server* owner = nullptr;
+  KvStore store;
+  asio::io_context io;
+  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  tcp::acceptor acceptor{io};
+  tcp::acceptor metrics_acceptor{io};
+  std::vector<std::thread> io_threads;
+  Counters c;
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::atomic<bool> draining{false}, stopped{false};
+
+  // Compute thread.
+  std::thread compute;
+  std::mutex cmu;
+  std::condition_variable ccv;
+  std::deque<std::function<void()>> cq;
+  bool compute_stop = false;
+  std::atomic<int> in_flight{0};
+
+  struct Connection;
+  std::mutex conn_mu;
+  std::set<std::shared_ptr<Connection>> conns;
+
+  explicit Impl(ServerOptions o)
+      : opt(std::move(o)), store(KvStoreOptions{opt.memory_limit, opt.per_client_limit, opt.page_tokens}) {}
+
+  spdlog::logger& log() { return logger(Subsystem::offload); }
+
+  void count_error(ErrorCode code) { c.errors[wire_code(code)]++; }
+
+  void submit(std::function<void()> fn) {
+    {
+      std::lock_guard lock(cmu);
+      cq.push_back(std::move(fn));
+    }
+    ccv.notify_one();
+  }
+
+  void compute_loop() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock lock(cmu);
+        ccv.wait(lock, [&] { return compute_stop || !cq.empty(); });
+        if (cq.empty()) return;
+        fn = std::move(cq.front());
+        cq.pop_front();
+      }
+      fn();
+    }
+  }
+
+  struct Connection : std::enable_shared_from_this<Connection> {
+    Impl* srv;
+    tcp::socket sock;
+    asio::steady_timer timer;
+    std::array<std::byte, kHeaderBytes> hbuf{};
+    FrameHeader h;
+    std::vector<std::byte> payload;
+    std::vector<std::byte> out;
+    bool authed = false;
+    std::uint64_t client = 0;
+    std::string peer;
+    bool closed = false;
+
+    Connection(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)), timer(sock.get_executor()) {
+      boost::system::error_code ec;
+      auto ep = sock.remote_endpoint(ec);
+      peer = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
+      sock.set_option(tcp::no_delay(true), ec);
+    }
+
+    void arm(double seconds) {
+      timer.expires_after(std::chrono::milliseconds(static_cast<long>(seconds * 1000)));
+      timer.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+        if (ec) return;
+        self->srv->log().warn("connection {}: timed out waiting for a frame; closing", self->peer);
+        self->srv->count_error(ErrorCode::timeout);
+        self->close();
+      });
+    }
+
+    void close() {
+      if (closed) return;
+      closed = true;
+      boost::system::error_code ec;
+      timer.cancel();
+      sock.shutdown(tcp::socket::shutdown_both, ec);
+      sock.close(ec);
+      srv->c.connections_open--;
+      std::lock_guard lock(srv->conn_mu);
+      srv->conns.erase(shared_from_this());
+    }
+
+    void read_header() {
+      if (closed) return;
+      if (!authed) {
+        arm(srv->opt.hello_timeout_s);
+      } else {
+        timer.cancel();
+      }
+      asio::async_read(sock, asio::buffer(hbuf), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+        if (ec) {
+          if (ec != asio::error::eof && ec != asio::error::operation_aborted)
+            self->srv->log().debug("connection {}: {}", self->peer, ec.message());
+          self->close();
+          return;
+        }
+        self->srv->c.bytes_in += n;
+        self->on_header();
+      });
+    }
+
+    void on_header() {
+      try {
+        h = decode_header(hbuf, srv->opt.limits);
+        if (h.flags & kFlagResponse) throw Error(ErrorCode::protocol, "malformed frame: a reply sent to the server");
+        if (h.type == MsgType::error) throw Error(ErrorCode::protocol, "malformed frame: an error frame sent to the server");
+      } catch (const Error& e) {
+        fail_and_close(0, e);
+        return;
+      }
+      payload.resize(h.payload_bytes);
+      if (h.payload_bytes == 0) {
+        on_frame();
+        return;
+      }
+      arm(srv->opt.frame_timeout_s);
+      asio::async_read(sock, asio::buffer(payload), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+        if (ec) {
+          self->srv->log().debug("connection {}: frame cut short: {}", self->peer, ec.message());
+          self->close();
+          return;
+        }
+        self->srv->c.bytes_in += n;
+        self->timer.cancel();
+        self->on_frame();
+      });
+    }
+
+    // A reply that leaves the connection open (or closes it after sending when `then_close`).
+    void send(std::vector<std::byte> bytes, bool then_close) {
+      out = std::move(bytes);
+      asio::async_write(sock, asio::buffer(out), [self = shared_from_this(), then_close](boost::system::error_code ec, std::size_t n) {
+        self->srv->c.bytes_out += n;
+        if (ec || then_close) {
+          self->close();
+          return;
+        }
+        self->read_header();
+      });
+    }
+
+    void reply(MsgType t, std::span<const std::byte> p) { send(frame(t, kFlagResponse, h.request_id, p), false); }
+
+    void reply_error(std::uint64_t id, const Error& e, bool then_close) {
+      srv->count_error(e.code());
+      const auto p = encode(ErrorReply{e.code(), e.what()});
+      send(frame(MsgType::error, kFlagResponse, id, p), then_close);
+    }
+
+    void fail_and_close(std::uint64_t id, const Error& e) {
+      srv->log().warn("connection {}: {}; closing it", peer, e.what());
+      reply_error(id, e, true);
+    }
+
+    void on_frame() {
+      const auto ti = static_cast<std::size_t>(h.type);
+      if (ti < srv->c.requests.size()) srv->c.requests[ti]++;
+      const Limits& lim = srv->opt.limits;
+      try {
+        if (!authed && h.type != MsgType::hello)
+          throw Error(ErrorCode::unauthorized, "unauthorized: send hello with the server's token first");
+        if (srv->draining) throw Error(ErrorCode::communication, "the server is shutting down; use another server");
+        switch (h.type) {
+          case MsgType::hello: {
+            const Hello m = decode_hello(payload, lim);
+            if (!secrets_equal(m.token, srv->opt.token)) {
+              srv->log().warn("connection {}: wrong token; refused", peer);
+              throw Error(ErrorCode::unauthorized, "unauthorized: wrong token");
+            }
+            authed = true;
+            client = m.client_id;
+            timer.cancel();
+            reply(h.type, encode(HelloReply{kVersion, static_cast<std::uint32_t>(srv->opt.page_tokens), lim.max_payload}));
+            return;
+          }
+          case MsgType::open: {
+            srv->store.open(client, decode_open(payload, lim));
+            reply(h.type, {});
+            return;
+          }
+          case MsgType::append: {
+            const AppendReply r{srv->store.append(client, decode_append(payload, lim))};
+            reply(h.type, encode(r));
+            return;
+          }
+          case MsgType::drop: {
+            const bool existed = srv->store.drop(client, decode_drop(payload, lim).seq);
+            const std::array<std::byte, 1> b{static_cast<std::byte>(existed ? 1 : 0)};
+            reply(h.type, b);
+            return;
+          }
+          case MsgType::stats: {
+            if (!payload.empty()) throw Error(ErrorCode::protocol, "malformed frame: stats request carries a payload");
+            const std::string text = srv->owner->metrics_text();
+            reply(h.type, std::as_bytes(std::span(text.data(), text.size())));
+            return;
+          }
+          case MsgType::attend: {
+            auto m = std::make_shared<Attend>(decode_attend(payload, lim));
+            auto self = shared_from_this();
+            srv->in_flight++;
+            srv->submit([self, m] { self->run_attend(*m); });
+            return;
+          }
+          case MsgType::error: break;
+        }
+        throw Error(ErrorCode::protocol, "malformed frame: unexpected message type");
+      } catch (const Error& e) {
+        const bool fatal = e.code() == ErrorCode::protocol || e.code() == ErrorCode::unauthorized ||
+                           (e.code() == ErrorCode::communication && srv->draining);
+        if (fatal) {
+          fail_and_close(h.request_id, e);
+        } else {
+          srv->log().info("connection {}: {} request {} refused: {}", peer, to_string(h.type), h.request_id, e.what());
+          reply_error(h.request_id, e, false);
+        }
+      } catch (const std::bad_alloc&) {
+        reply_error(h.request_id, Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate memory"), false);
+      } catch (const std::exception& e) {
+        reply_error(h.request_id, Error(ErrorCode::internal, std::string("internal error: ") + e.what()), false);
+      }
+    }
+
+    // On the compute thread.
+    void run_attend(const Attend& m) {
+      std::vector<std::byte> result;
+      bool ok = false;
+      Error err(ErrorCode::internal, "");
+      try {
+        const std::size_t rows = static_cast<std::size_t>(m.total_q) * m.q_heads;
+        std::vector<float> o(rows * m.head_dim), lse(rows);
+        const auto st = srv->store.attend(client, m, o.data(), lse.data(), srv->opt.compute_threads);
+        srv->c.kernel_ns += static_cast<std::uint64_t>(st.kernel_seconds * 1e9);
+        srv->c.kv_bytes_read += st.kv_bytes_read;
+        srv->c.attend_queries += m.total_q;
+        result = frame(MsgType::attend, kFlagResponse, h.request_id,
+                       encode_attend_reply(m.total_q, m.q_heads, m.head_dim, o.data(), lse.data()));
+        ok = true;
+      } catch (const Error& e) {
+        err = e;
+      } catch (const std::bad_alloc&) {
+        err = Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate the attend buffers");
+      } catch (const std::exception& e) {
+        err = Error(ErrorCode::internal, std::string("internal error: ") + e.what());
+      }
+      asio::post(sock.get_executor(), [self = shared_from_this(), ok, err, result = std::move(result)]() mutable {
+        self->srv->in_flight--;
+        if (self->closed) return;
+        if (ok) {
+          self->send(std::move(result), false);
+        } else {
+          self->srv->log().info("connection {}: attend request {} refused: {}", self->peer, self->h.request_id, err.what());
+          self->reply_error(self->h.request_id, err, false);
+        }
+      });
+    }
+  };
+
+  void accept() {
+    acceptor.async_accept(asio::make_strand(io), [this](boost::system::error_code ec, tcp::socket s) {
+      if (ec) {
+        if (ec != asio::error::operation_aborted) log().warn("accept: {}", ec.message());
+        if (!acceptor.is_open()) return;
+        accept();
+        return;
+      }
+      if (draining) return;
+      c.connections_total++;
+      if (c.connections_open.load() >= static_cast<std::uint64_t>(opt.max_connections)) {
+        log().warn("refusing a connection: {} open is the limit", opt.max_connections);
+        boost::system::error_code e2;
+        s.close(e2);
+      } else {
+        c.connections_open++;
+        auto conn = std::make_shared<Connection>(this, std::move(s));
+        {
+          std::lock_guard lock(conn_mu);
+          conns.insert(conn);
+        }
+        asio::post(conn->sock.get_executor(), [conn] { conn->read_header(); });
+      }
+      accept();
+    });
+  }
+
+  struct HttpConn : std::enable_shared_from_this<HttpConn> {
+    Impl* srv;
+    tcp::socket sock;
+    asio::streambuf buf{8192};
+    std::string out;
+    HttpConn(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)) {}
+    void start() {
+      asio::async_read_until(sock, buf, "\r\n\r\n", [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
+        if (ec) return;
+        std::istream is(&self->buf);
+        std::string method, path;
+        is >> method >> path;
+        std::string body, status = "200 OK";
+        if (method == "GET" && (path == "/metrics" || path.rfind("/metrics?", 0) == 0)) {
+          body = self->srv->owner->metrics_text();
+        } else {
+          status = "404 Not Found";
+          body = "only GET /metrics is served here\n";
+        }
+        self->out = fmt::format("HTTP/1.1 {}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                                status, body.size(), body);
+        asio::async_write(self->sock, asio::buffer(self->out), [self](boost::system::error_code, std::size_t) {
+          boost::system::error_code e;
+          self->sock.shutdown(tcp::socket::shutdown_both, e);
+          self->sock.close(e);
+        });
+      });
+    }
+  };
+
+  void accept_metrics() {
+    metrics_acceptor.async_accept(asio::make_strand(io), [this](boost::system::error_code ec, tcp::socket s) {
+      if (ec) return;
+      std::make_shared<HttpConn>(this, std::move(s))->start();
+      accept_metrics();
+    });
+  }
+
+  static void bind(tcp::acceptor& a, asio::io_context& io, const std::string& where) {
+    const auto [host, port] = parse_host_port(where);
+    boost::system::error_code ec;
+    const auto addr = asio::ip::make_address(host, ec);
+    tcp::endpoint ep;
+    if (ec) {
+      tcp::resolver res(io);
+      auto r = res.resolve(host, std::to_string(port), ec);
+      LONGATTN_REQUIRE(!ec && !r.empty(), ErrorCode::invalid_argument, "cannot resolve listen address '{}': {}", where, ec.message());
+      ep = *r.begin();
+    } else {
+      ep = tcp::endpoint(addr, static_cast<unsigned short>(port));
+    }
+    a.open(ep.protocol());
+    a.set_option(tcp::acceptor::reuse_address(true));
+    a.bind(ep, ec);
+    LONGATTN_REQUIRE(!ec, ErrorCode::io, "cannot listen on {}: {}", where, ec.message());
+    a.listen(asio::socket_base::max_listen_connections);
+  }
+
+  void close_all(bool abrupt) {
+    std::vector<std::shared_ptr<Connection>> all;
+    {
+      std::lock_guard lock(conn_mu);
+      all.assign(conns.begin(), conns.end());
+    }
+    for (auto& cn : all) {
+      asio::post(cn->sock.get_executor(), [cn, abrupt] {
+        if (abrupt) {
+          boost::system::error_code ec;
+          cn->sock.set_option(asio::socket_base::linger(true, 0), ec);  // RST, like a crashed process
+        }
+        cn->close();
+      });
+    }
+  }
+};
+
+Server::Server(ServerOptions opt) {
+  LONGATTN_INVALID(!opt.token.empty(), "the server needs a token (--token-file): refusing to serve without authentication");
+  LONGATTN_INVALID(opt.io_threads >= 1 && opt.io_threads <= 256, "io_threads {} outside [1, 256]", opt.io_threads);
+  if (opt.transport != "tcp") {
+    throw Error(ErrorCode::unsupported,
+                fmt::format("transport '{}' is not available in this build (built: tcp); rebuild with UCX found or use --transport tcp",
+                            opt.transport));
+  }
+  impl_ = std::make_unique<Impl>(std::move(opt));
+  impl_->owner = this;
+}
+
+Server::~Server() {
+  if (impl_ && !impl_->io_threads.empty() && !impl_->stopped) {
+    kill();
+    wait();
+  }
+}
+
+void Server::start() {
+  auto& I = *impl_;
+  Impl::bind(I.acceptor, I.io, I.opt.listen);
+  if (!I.opt.metrics_listen.empty()) {
+    Impl::bind(I.metrics_acceptor, I.io, I.opt.metrics_listen);
+    I.accept_metrics();
+  }
+  I.work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(I.io.get_executor());
+  I.accept();
+  I.compute = std::thread([&I] { I.compute_loop(); });
+  for (int i = 0; i < I.opt.io_threads; ++i) I.io_threads.emplace_back([&I] { I.io.run(); });
+  I.log().info("serving on {}:{} (tcp; {} I/O threads; memory limit {}){}", I.acceptor.local_endpoint().address().to_string(),
+               port(), I.opt.io_threads, format_bytes(I.opt.memory_limit),
+               I.opt.metrics_listen.empty() ? "" : fmt::format("; metrics on port {}", metrics_port()));
+}
+
+int Server::port() const { return impl_->acceptor.is_open() ? impl_->acceptor.local_endpoint().port() : 0; }
+int Server::metrics_port() const { return impl_->metrics_acceptor.is_open() ? impl_->metrics_acceptor.local_endpoint().port() : 0; }
+
+void Server::shutdown() {
+  auto& I = *impl_;
+  if (I.draining.exchange(true)) return;
+  I.log().info("shutting down: refusing new requests, finishing {} in flight", I.in_flight.load());
+  asio::post(I.io, [&I] {
+    boost::system::error_code ec;
+    I.acceptor.close(ec);
+  });
+  // In-flight attends finish on the compute thread and their replies are written; then close.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (I.in_flight.load() > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the last replies flush
+  I.close_all(false);
+  asio::post(I.io, [&I] {
+    boost::system::error_code ec;
+    I.metrics_acceptor.close(ec);
+  });
+  I.work.reset();
+}
+
+void Server::kill() {
+  auto& I = *impl_;
+  I.draining = true;
+  asio::post(I.io, [&I] {
+    boost::system::error_code ec;
+    I.acceptor.close(ec);
+    I.metrics_acceptor.close(ec);
+  });
+  I.close_all(true);
+  I.work.reset();
+}
+
+void Server::wait() {
+  auto& I = *impl_;
+  for (auto& t : I.io_threads)
+    if (t.joinable()) t.join();
+  {
+    std::lock_guard lock(I.cmu);
+    I.compute_stop = true;
+  }
+  I.ccv.notify_all();
+  if (I.compute.joinable()) I.compute.join();
+  I.stopped = true;
+}
+
+std::string Server::metrics_text() const {
+  const auto& I = *impl_;
+  const auto st = I.store.stats();
+  std::string s;
+  s += "# HELP longattn_offload_requests_total Requests received, by type.\n# TYPE longattn_offload_requests_total counter\n";
+  for (std::size_t t = 1; t < I.c.requests.size(); ++t)
+    s += fmt::format("longattn_offload_requests_total{{type=\"{}\"}} {}\n", kTypeNames[t - 1], I.c.requests[t].load());
+  s += "# HELP longattn_offload_errors_total Error replies and dropped connections, by kind.\n# TYPE longattn_offload_errors_total counter\n";
+  for (std::size_t e = 1; e < I.c.errors.size(); ++e)
+    s += fmt::format("longattn_offload_errors_total{{kind=\"{}\"}} {}\n", kCodeNames[e], I.c.errors[e].load());
+  const double kernel_s = static_cast<double>(I.c.kernel_ns.load()) * 1e-9;
+  s += fmt::format(
+      "# TYPE longattn_offload_bytes_received_total counter\nlongattn_offload_bytes_received_total {}\n"
+      "# TYPE longattn_offload_bytes_sent_total counter\nlongattn_offload_bytes_sent_total {}\n"
+      "# TYPE longattn_offload_connections_open gauge\nlongattn_offload_connections_open {}\n"
+      "# TYPE longattn_offload_connections_total counter\nlongattn_offload_connections_total {}\n"
+      "# HELP longattn_offload_kv_sequences Sequences held.\n# TYPE longattn_offload_kv_sequences gauge\nlongattn_offload_kv_sequences {}\n"
+      "# HELP longattn_offload_kv_token_layers KV tokens held, summed over layers.\n# TYPE longattn_offload_kv_token_layers gauge\n"
+      "longattn_offload_kv_token_layers {}\n"
+      "# HELP longattn_offload_kv_bytes KV page bytes held by sequences.\n# TYPE longattn_offload_kv_bytes gauge\nlongattn_offload_kv_bytes {}\n"
+      "# TYPE longattn_offload_kv_bytes_reserved gauge\nlongattn_offload_kv_bytes_reserved {}\n"
+      "# TYPE longattn_offload_memory_limit_bytes gauge\nlongattn_offload_memory_limit_bytes {}\n"
+      "# TYPE longattn_offload_kernel_seconds_total counter\nlongattn_offload_kernel_seconds_total {:.6f}\n"
+      "# TYPE longattn_offload_kernel_kv_bytes_read_total counter\nlongattn_offload_kernel_kv_bytes_read_total {}\n"
+      "# HELP longattn_offload_kernel_gbps KV bytes read per second of decode kernel time, since start.\n"
+      "# TYPE longattn_offload_kernel_gbps gauge\nlongattn_offload_kernel_gbps {:.3f}\n"
+      "# TYPE longattn_offload_attend_queries_total counter\nlongattn_offload_attend_queries_total {}\n",
+      I.c.bytes_in.load(), I.c.bytes_out.load(), I.c.connections_open.load(), I.c.connections_total.load(), st.sequences, st.tokens,
+      st.bytes_in_use, st.bytes_reserved, st.memory_limit, kernel_s, I.c.kv_bytes_read.load(),
+      kernel_s > 0 ? static_cast<double>(I.c.kv_bytes_read.load()) / kernel_s * 1e-9 : 0.0, I.c.attend_queries.load());
+  return s;
+}
+
+std::string Server::result_json() const {
+  const auto& I = *impl_;
+  std::uint64_t req = 0, err = 0;
+  for (std::size_t t = 1; t < I.c.requests.size(); ++t) req += I.c.requests[t].load();
+  for (std::size_t e = 1; e < I.c.errors.size(); ++e) err += I.c.errors[e].load();
+  const double kernel_s = static_cast<double>(I.c.kernel_ns.load()) * 1e-9;
+  const double up = std::chrono::duration<double>(std::chrono::steady_clock::now() - I.started).count();
+  return fmt::format(
+      "{{\"program\":\"longattn-offload-server\",\"uptime_s\":{:.3f},\"requests\":{},\"attend_requests\":{},\"errors\":{},"
+      "\"bytes_in\":{},\"bytes_out\":{},\"connections\":{},\"kernel_s\":{:.6f},\"kernel_gbps\":{:.3f}}}",
+      up, req, I.c.requests[static_cast<std::size_t>(MsgType::attend)].load(), err, I.c.bytes_in.load(), I.c.bytes_out.load(),
+      I.c.connections_total.load(), kernel_s, kernel_s > 0 ? static_cast<double>(I.c.kv_bytes_read.load()) / kernel_s * 1e-9 : 0.0);
+}
+
+}  // namespace longattn::offload

@@ -1,0 +1,170 @@
+// longattn-offload-server: the attention-offload daemon. Holds KV caches in host memory and answers
+// decode attention over TCP (docs/offload.md: deployment and security; docs/offload-protocol.md:
+// the wire format). SIGTERM/SIGINT: finish in-flight requests, refuse new ones, exit 0 with a
+// RESULT {json} line.
+#include <sys/stat.h>
+
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "common/check.hpp"
+#include "longattn/log.hpp"
+#include "offload/server.hpp"
+
+namespace {
+
+using longattn::Error;
+using longattn::ErrorCode;
+
+const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
+  --listen HOST:PORT        where to serve (default 127.0.0.1:7070; 0.0.0.0:PORT for every interface)
+  --token-file FILE         the shared secret clients must present (required; not readable by others)
+  --threads N               decode kernel threads (default: all cores)
+  --io-threads N            network threads (default 2)
+  --memory-limit SIZE       KV memory this server may hold, e.g. 64G (default 1G)
+  --per-client-limit SIZE   KV memory one client id may hold (default: the memory limit)
+  --metrics-listen HOST:PORT  serve Prometheus text on GET /metrics (default: off)
+  --transport tcp|ucx       (ucx only where built with UCX)
+  --max-frame SIZE          largest accepted frame payload (default 256M)
+  --max-connections N       (default 1024)
+  --page-tokens N           tokens per KV page, a multiple of 16 (default 64)
+  --config FILE             key=value lines with the same keys (flags given on the command line win)
+)";
+
+const std::set<std::string> kKeys = {"listen",      "token-file", "threads",   "io-threads", "memory-limit", "per-client-limit",
+                                     "metrics-listen", "transport", "max-frame", "max-connections", "page-tokens", "config"};
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
+}
+
+std::map<std::string, std::string> read_config(const std::string& path) {
+  std::ifstream in(path);
+  LONGATTN_REQUIRE(in, ErrorCode::io, "cannot read config file {}", path);
+  std::map<std::string, std::string> kv;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    line = trim(line);
+    if (line.empty() || line[0] == '#') continue;
+    const auto eq = line.find('=');
+    LONGATTN_REQUIRE(eq != std::string::npos, ErrorCode::io, "{}:{}: expected key=value", path, n);
+    const std::string k = trim(line.substr(0, eq));
+    LONGATTN_REQUIRE(kKeys.count(k) && k != "config", ErrorCode::io, "{}:{}: unknown key '{}'", path, n, k);
+    kv[k] = trim(line.substr(eq + 1));
+  }
+  return kv;
+}
+
+std::string read_token(const std::string& path) {
+  struct stat st {};
+  LONGATTN_REQUIRE(::stat(path.c_str(), &st) == 0, ErrorCode::io, "cannot read token file {}", path);
+  LONGATTN_REQUIRE((st.st_mode & S_IROTH) == 0, ErrorCode::invalid_argument,
+                   "token file {} is readable by every user; run chmod 600 {} (or 640 with a dedicated group)", path, path);
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string tok = trim(ss.str());
+  LONGATTN_REQUIRE(tok.size() >= 16, ErrorCode::invalid_argument,
+                   "token in {} is {} bytes; use at least 16 random bytes (e.g. openssl rand -hex 32)", path, tok.size());
+  LONGATTN_REQUIRE(tok.size() <= 4096, ErrorCode::invalid_argument, "token in {} is longer than 4096 bytes", path);
+  return tok;
+}
+
+long to_int(const std::map<std::string, std::string>& kv, const std::string& k, long dflt, long lo, long hi) {
+  auto it = kv.find(k);
+  if (it == kv.end()) return dflt;
+  char* end = nullptr;
+  const long v = std::strtol(it->second.c_str(), &end, 10);
+  LONGATTN_INVALID(!it->second.empty() && *end == '\0' && v >= lo && v <= hi, "--{}={}: expected an integer in [{}, {}]", k,
+                   it->second, lo, hi);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace longattn;
+  try {
+    std::map<std::string, std::string> cli;
+    for (int i = 1; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a == "--help" || a == "-h") {
+        std::fputs(kUsage, stdout);
+        return 0;
+      }
+      LONGATTN_INVALID(a.rfind("--", 0) == 0, "unexpected argument '{}' (see --help)", a);
+      a = a.substr(2);
+      std::string v;
+      const auto eq = a.find('=');
+      if (eq != std::string::npos) {
+        v = a.substr(eq + 1);
+        a = a.substr(0, eq);
+      } else {
+        LONGATTN_INVALID(i + 1 < argc, "--{} needs a value", a);
+        v = argv[++i];
+      }
+      LONGATTN_INVALID(kKeys.count(a), "unknown flag --{} (see --help)", a);
+      cli[a] = v;
+    }
+    std::map<std::string, std::string> kv;
+    if (cli.count("config")) kv = read_config(cli["config"]);
+    for (auto& [k, v] : cli) kv[k] = v;
+
+    offload::ServerOptions opt;
+    opt.listen = kv.count("listen") ? kv["listen"] : "127.0.0.1:7070";
+    LONGATTN_INVALID(kv.count("token-file"), "--token-file is required: the server never serves without authentication");
+    opt.token = read_token(kv["token-file"]);
+    opt.compute_threads = static_cast<int>(to_int(kv, "threads", 0, 0, 4096));
+    opt.io_threads = static_cast<int>(to_int(kv, "io-threads", 2, 1, 256));
+    if (kv.count("memory-limit")) opt.memory_limit = offload::parse_size(kv["memory-limit"]);
+    if (kv.count("per-client-limit")) opt.per_client_limit = offload::parse_size(kv["per-client-limit"]);
+    if (kv.count("metrics-listen")) opt.metrics_listen = kv["metrics-listen"];
+    if (kv.count("transport")) opt.transport = kv["transport"];
+    LONGATTN_INVALID(opt.transport == "tcp" || opt.transport == "ucx", "--transport must be tcp or ucx, got '{}'", opt.transport);
+    if (kv.count("max-frame")) {
+      const auto mf = offload::parse_size(kv["max-frame"]);
+      LONGATTN_INVALID(mf >= 4096 && mf <= 0xffffffffull, "--max-frame must be in [4K, 4G)");
+      opt.limits.max_payload = static_cast<std::uint32_t>(mf);
+    }
+    opt.max_connections = static_cast<int>(to_int(kv, "max-connections", 1024, 1, 1 << 20));
+    opt.page_tokens = static_cast<int>(to_int(kv, "page-tokens", 64, 16, 1 << 16));
+
+    // Signals go to this thread only (blocked before any other thread exists), taken by sigwait.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    std::signal(SIGPIPE, SIG_IGN);
+
+    offload::Server server(opt);
+    server.start();
+    std::printf("LISTENING %d\n", server.port());
+    std::fflush(stdout);
+    int sig = 0;
+    sigwait(&set, &sig);
+    logger(Subsystem::offload).info("signal {}: graceful shutdown", sig);
+    server.shutdown();
+    server.wait();
+    std::printf("RESULT %s\n", server.result_json().c_str());
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "longattn-offload-server: error (%s): %s\n", to_string(e.code()), e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "longattn-offload-server: error: %s\n", e.what());
+    return 2;
+  }
+}

@@ -1,0 +1,206 @@
+// Frames and messages: round trips of every message, and decoders that refuse every defect
+// (truncation, oversize, wrong version, bad ids and dtypes, lengths that overflow).
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "offload/kv_store.hpp"
+#include "offload/protocol.hpp"
+
+namespace longattn::offload {
+namespace {
+
+template <class F>
+ErrorCode code_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.code();
+  }
+  return ErrorCode::internal;  // "did not throw"
+}
+
+TEST(Protocol, HeaderRoundTrip) {
+  FrameHeader h;
+  h.type = MsgType::attend;
+  h.flags = kFlagResponse;
+  h.request_id = 0x0123456789abcdefULL;
+  h.payload_bytes = 4242;
+  const auto b = encode_header(h);
+  const auto g = decode_header(b, Limits{});
+  EXPECT_EQ(g.type, MsgType::attend);
+  EXPECT_EQ(g.flags, kFlagResponse);
+  EXPECT_EQ(g.request_id, h.request_id);
+  EXPECT_EQ(g.payload_bytes, 4242u);
+  // Little-endian on the wire, whatever the host.
+  EXPECT_EQ(static_cast<int>(b[0]), 'L');
+  EXPECT_EQ(static_cast<int>(b[3]), 'F');
+}
+
+TEST(Protocol, HeaderDefectsRefused) {
+  FrameHeader h;
+  h.type = MsgType::hello;
+  auto b = encode_header(h);
+  Limits lim;
+  EXPECT_EQ(code_of([&] { decode_header(std::span(b).first(10), lim); }), ErrorCode::protocol);  // truncated
+  auto bad = b;
+  bad[0] = std::byte{0};
+  EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // magic
+  h.version = 2;
+  bad = encode_header(h);
+  EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // version
+  h.version = kVersion;
+  h.type = static_cast<MsgType>(99);
+  bad = encode_header(h);
+  EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // type
+  h.type = MsgType::open;
+  h.flags = 0x80;
+  bad = encode_header(h);
+  EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // flags
+  h.flags = 0;
+  h.payload_bytes = lim.max_payload + 1;
+  bad = encode_header(h);
+  EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // oversized
+}
+
+TEST(Protocol, MessagesRoundTrip) {
+  Limits lim;
+  {
+    const auto m = decode_hello(encode(Hello{"secret-token", 77}), lim);
+    EXPECT_EQ(m.token, "secret-token");
+    EXPECT_EQ(m.client_id, 77u);
+  }
+  {
+    Open o{5, 32, 8, 128, DType::f16, 4096};
+    const auto m = decode_open(encode(o), lim);
+    EXPECT_EQ(m.seq, 5u);
+    EXPECT_EQ(m.layers, 32u);
+    EXPECT_EQ(m.kv_heads, 8u);
+    EXPECT_EQ(m.head_dim, 128u);
+    EXPECT_EQ(m.dtype, DType::f16);
+    EXPECT_EQ(m.kv_start, 4096);
+  }
+  {
+    std::vector<std::byte> k(3 * 2 * 16 * 2, std::byte{1}), v(k.size(), std::byte{2});
+    Append a;
+    a.seq = 9;
+    a.layer = 3;
+    a.tokens = 3;
+    a.start = 10;
+    a.kv_heads = 2;
+    a.head_dim = 16;
+    a.dtype = DType::bf16;
+    a.k = k;
+    a.v = v;
+    const auto enc = encode(a);
+    const auto m = decode_append(enc, lim);
+    EXPECT_EQ(m.tokens, 3u);
+    EXPECT_EQ(m.start, 10);
+    ASSERT_EQ(m.k.size(), k.size());
+    EXPECT_EQ(m.v[0], std::byte{2});
+  }
+  {
+    std::vector<float> q(3 * 4 * 8, 0.5f);
+    Attend a;
+    a.layer = 1;
+    a.q_heads = 4;
+    a.head_dim = 8;
+    a.flags = kAttendHasPositions;
+    a.seqs = {{1, 1, 100}, {2, 2, 7}};
+    a.total_q = 3;
+    a.positions = {99, 5, 6};
+    a.q = std::as_bytes(std::span(q));
+    const auto enc = encode(a);
+    const auto m = decode_attend(enc, lim);
+    ASSERT_EQ(m.seqs.size(), 2u);
+    EXPECT_EQ(m.seqs[1].q_count, 2u);
+    EXPECT_EQ(m.seqs[1].length, 7);
+    EXPECT_EQ(m.total_q, 3u);
+    EXPECT_EQ(m.positions[2], 6);
+    EXPECT_EQ(m.q.size(), q.size() * 4);
+  }
+  {
+    std::vector<float> o(2 * 3 * 4, 1.5f), lse(2 * 3, -2.0f);
+    const auto enc = encode_attend_reply(2, 3, 4, o.data(), lse.data());
+    const auto m = decode_attend_reply(enc, lim);
+    EXPECT_EQ(m.o.size(), o.size() * 4);
+    EXPECT_EQ(m.lse.size(), lse.size() * 4);
+  }
+  {
+    const auto m = decode_error(encode(ErrorReply{ErrorCode::out_of_capacity, "full"}), lim);
+    EXPECT_EQ(m.code, ErrorCode::out_of_capacity);
+    EXPECT_EQ(m.message, "full");
+  }
+  EXPECT_EQ(decode_drop(encode(Drop{11}), lim).seq, 11u);
+}
+
+TEST(Protocol, PayloadDefectsRefused) {
+  Limits lim;
+  // Every truncation of a valid append and attend is refused, never read past the end.
+  std::vector<std::byte> k(2 * 16 * 4, std::byte{1});
+  Append a;
+  a.seq = 1;
+  a.tokens = 1;
+  a.kv_heads = 2;
+  a.head_dim = 16;
+  a.dtype = DType::f32;
+  a.k = k;
+  a.v = k;
+  const auto app = encode(a);
+  for (std::size_t n = 0; n < app.size(); ++n)
+    EXPECT_EQ(code_of([&] { decode_append(std::span(app).first(n), lim); }), ErrorCode::protocol) << n;
+  auto longer = app;
+  longer.push_back(std::byte{0});
+  EXPECT_EQ(code_of([&] { decode_append(longer, lim); }), ErrorCode::protocol);  // trailing bytes
+
+  // Sizes that overflow 64 bits: tokens * kv_heads * head_dim * 4 with huge fields.
+  Append big = a;
+  big.tokens = 0xffffffffu;
+  big.kv_heads = 1024;
+  big.head_dim = 512;
+  big.k = {};
+  big.v = {};
+  EXPECT_EQ(code_of([&] { decode_append(encode(big), lim); }), ErrorCode::protocol);
+  // Out-of-range fields.
+  Append bad_dtype = a;
+  auto enc = encode(bad_dtype);
+  enc[8 + 4 + 4 + 8 + 4 + 4] = std::byte{7};  // dtype byte
+  EXPECT_EQ(code_of([&] { decode_append(enc, lim); }), ErrorCode::protocol);
+  Open o{1, 0, 8, 64, DType::bf16, 0};  // zero layers
+  EXPECT_EQ(code_of([&] { decode_open(encode(o), lim); }), ErrorCode::protocol);
+  o = {1, 2, 8, 100000, DType::bf16, 0};  // head dim too large
+  EXPECT_EQ(code_of([&] { decode_open(encode(o), lim); }), ErrorCode::protocol);
+  o = {1, 2, 8, 64, DType::bf16, -5};  // negative start
+  EXPECT_EQ(code_of([&] { decode_open(encode(o), lim); }), ErrorCode::protocol);
+
+  // Attend: a sequence count that promises more than the payload holds, and q too short.
+  Attend at;
+  at.q_heads = 4;
+  at.head_dim = 8;
+  at.seqs = {{1, 1, 0}};
+  at.total_q = 1;
+  std::vector<float> q(32, 1.0f);
+  at.q = std::as_bytes(std::span(q));
+  auto ae = encode(at);
+  ae[16] = std::byte{0xff};  // sequence count low byte -> 255 sequences
+  EXPECT_EQ(code_of([&] { decode_attend(ae, lim); }), ErrorCode::protocol);
+  ae = encode(at);
+  for (std::size_t n = 0; n < ae.size(); ++n)
+    EXPECT_EQ(code_of([&] { decode_attend(std::span(ae).first(n), lim); }), ErrorCode::protocol) << n;
+  // A hello whose token length field is huge.
+  auto he = encode(Hello{"abc", 1});
+  he[3] = std::byte{0x7f};
+  EXPECT_EQ(code_of([&] { decode_hello(he, lim); }), ErrorCode::protocol);
+}
+
+TEST(Protocol, SizesParse) {
+  EXPECT_EQ(parse_size("64G"), std::size_t{64} << 30);
+  EXPECT_EQ(parse_size("512M"), std::size_t{512} << 20);
+  EXPECT_EQ(parse_size("4096"), 4096u);
+  EXPECT_THROW(parse_size("12Q"), Error);
+  EXPECT_THROW(parse_size("-1G"), Error);
+  EXPECT_THROW(parse_size(""), Error);
+}
+
+}  // namespace
+}  // namespace longattn::offload
