@@ -55,8 +55,8 @@ TEST_P(Layouts, EveryTokenOnExactlyOneRankAndRoundTrip) {
 INSTANTIATE_TEST_SUITE_P(All, Layouts,
                          ::testing::Combine(::testing::Values(Layout::contiguous, Layout::zigzag, Layout::striped),
                                             ::testing::Range(1, 9)),
-                         [](const auto& info) {
-                           return std::string(to_string(std::get<0>(info.param))) + "_P" + std::to_string(std::get<1>(info.param));
+                         [](const auto& param_info) {
+                           return std::string(to_string(std::get<0>(param_info.param))) + "_P" + std::to_string(std::get<1>(param_info.param));
                          });
 
 // Causal work of rank r: number of (query, key) pairs with key position <= query position summed over
