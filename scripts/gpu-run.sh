@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine: configure and build the GPU targets, run the GPU tests, then the GPU kernel
 # benchmark and PyTorch's SDPA peer back to back; full logs under $OUT; a short side-by-side table
-# last. Usage: scripts/gpu-run.sh [quick|full|test]   (quick: seq 8k/32k only; test: no benchmarks)
+# last. Usage: scripts/gpu-run.sh [quick|full|test|build]   (quick: seq 8k/32k only; test: no
+# benchmarks; build: build only). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
+# kernels/cuda/flash_tiles.hpp) beside the default one.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-/tmp/longattn-gpu-out}
@@ -16,12 +18,13 @@ date -u +%Y-%m-%dT%H:%MZ >> "$OUT/device.txt"
 cat "$OUT/device.txt"
 
 configure() {
-  cmake -S "$1" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLONGATTN_CUDA=ON -DLONGATTN_CUDA_ARCHS=90a > "$OUT/configure.log" 2>&1
+  cmake -S "$1" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLONGATTN_CUDA=ON -DLONGATTN_CUDA_ARCHS=90a \
+    -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" > "$OUT/configure.log" 2>&1
 }
 if ! configure "$SRC"; then
   # Another part's half-finished folder must not stop the GPU run: retry on a copy without it.
   echo "configure failed in place (see configure.log); retrying without offload/" | tee -a "$OUT/configure.log"
-  rm -rf /tmp/longattn-src "$BUILD" && mkdir -p /tmp/longattn-src
+  rm -rf /tmp/longattn-src "$BUILD"/CMakeCache.txt && mkdir -p /tmp/longattn-src
   tar --exclude='./build*' --exclude='./offload' --exclude='./tests/offload' -cf - . | (cd /tmp/longattn-src && tar xf -)
   configure /tmp/longattn-src || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
@@ -31,6 +34,7 @@ if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench > "$OUT/b
   exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
+[ "$MODE" = build ] && exit 0
 
 "$BUILD/bin/test_gpu" --gtest_brief=1 > "$OUT/test_gpu.log" 2>&1
 test_rc=$?

@@ -12,9 +12,9 @@ namespace longattn::kernels::cuda {
 namespace {
 
 template <class T, int D, bool kHasPos>
-__global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(const FlashParams p) {
+__global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) flash_fwd_kernel(const FlashParams p) {
   using Tile = FwdTile<D>;
-  constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kNT = Tile::kThreads;
+  constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kNT = Tile::kThreads, kMT = Tile::kMT;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBM * D;
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
   const T* kg = static_cast<const T*>(p.k) + k_start * kv_stride + static_cast<std::int64_t>(hk) * D;
   const T* vg = static_cast<const T*>(p.v) + k_start * kv_stride + static_cast<std::int64_t>(hk) * D;
 
-  // Positions of this block's rows and of this thread's two rows.
+  // Positions of this block's rows and of this thread's rows: m-tile mt, half r (+8 rows).
   int qmin, qmax;
   if (kHasPos && p.pos_q) {
     warp_minmax<kBM / 32>(p.pos_q + q_start + m0, rows_q, lane, qmin, qmax);
@@ -44,13 +44,15 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
     qmin = m0;
     qmax = m0 + rows_q - 1;
   }
-  const int r_loc0 = warp * 16 + lane / 4;  // row inside the tile; the second row is +8
-  int qpos[2];
+  const int r_loc0 = warp * 16 * kMT + lane / 4;  // row (m-tile mt, half r) = r_loc0 + 16 mt + 8 r
+  int qpos[kMT][2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = m0 + r_loc0 + 8 * i;
-    qpos[i] = (kHasPos && p.pos_q) ? (r < len_q ? p.pos_q[q_start + r] : -0x7fffffff) : r;
-  }
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = m0 + r_loc0 + 16 * mt + 8 * i;
+      qpos[mt][i] = (kHasPos && p.pos_q) ? (r < len_q ? p.pos_q[q_start + r] : -0x7fffffff) : r;
+    }
 
   TileWalk tiles{kHasPos ? p.pos_k : nullptr, k_start, len_k, kBN, (len_k + kBN - 1) / kBN, p.causal, false, qmin, qmax};
   if (p.causal && tiles.pos == nullptr) tiles.end = min(tiles.end, max(0, (qmax + 1 + kBN - 1) / kBN));
@@ -60,41 +62,48 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
   if (n < tiles.end) load_tile<kBN, D, kNT>(sK, kg + static_cast<std::int64_t>(n) * kBN * kv_stride, kv_stride, len_k - n * kBN, tid);
   cp_async_commit();
 
-  float acc_o[D / 8][4];
+  float acc_o[kMT][D / 8][4];
+  float row_max[kMT][2], row_sum[kMT][2];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc_o[i][j] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc_o[mt][i][j] = 0.0f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
   const float scale_log2 = p.scale * kLog2e;
-
-  cp_async_wait<0>();
-  __syncthreads();
-  std::uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], smem_addr(sQ + SwizzledTile<D>::offset(warp * 16 + lane % 16, 2 * kk + lane / 16)));
 
   while (n < tiles.end) {
     cp_async_wait<0>();
-    __syncthreads();  // K(n) landed; every warp is done with the previous V
+    __syncthreads();  // K(n) (and Q) landed; every warp is done with the previous V
     const int kn0 = n * kBN;
     load_tile<kBN, D, kNT>(sV, vg + static_cast<std::int64_t>(kn0) * kv_stride, kv_stride, len_k - kn0, tid);
     cp_async_commit();
 
-    float s[kBN / 8][4];
+    float s[kMT][kBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) s[i][j] = 0.0f;
+      for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[mt][i][j] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      std::uint32_t qf[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+        ldmatrix_x4(qf[mt], smem_addr(sQ + SwizzledTile<D>::offset(warp * 16 * kMT + mt * 16 + lane % 16, 2 * kk + lane / 16)));
 #pragma unroll
       for (int j = 0; j < kBN / 16; ++j) {
         std::uint32_t bf[4];
         ldmatrix_x4(bf, smem_addr(sK + SwizzledTile<D>::offset(j * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2)));
-        mma16816<T>(s[2 * j], qf[kk], bf);
-        mma16816<T>(s[2 * j + 1], qf[kk], bf + 2);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma16816<T>(s[mt][2 * j], qf[mt], bf);
+          mma16816<T>(s[mt][2 * j + 1], qf[mt], bf + 2);
+        }
       }
     }
 
@@ -102,9 +111,11 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
     const bool partial = tiles.mask(n, lane) == TileMask::partial;
     const bool tail = kn0 + kBN > len_k;
 #pragma unroll
-    for (int t = 0; t < kBN / 8; ++t)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[t][i] *= scale_log2;
+      for (int t = 0; t < kBN / 8; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][t][i] *= scale_log2;
     if (partial || tail) {
 #pragma unroll
       for (int t = 0; t < kBN / 8; ++t) {
@@ -114,37 +125,41 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
           const bool in = key < len_k;
           const int kp = in ? ((kHasPos && p.pos_k) ? p.pos_k[k_start + key] : key) : 0;
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
-            if (!in || (partial && kp > qpos[r])) s[t][2 * r + c] = -INFINITY;
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+              if (!in || (partial && kp > qpos[mt][r])) s[mt][t][2 * r + c] = -INFINITY;
         }
       }
     }
 
     // Online softmax (log2 domain); rows are shared by the 4 lanes of a quad.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int t = 0; t < kBN / 8; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.0f : mx;
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = mx;
-      float sum = 0.0f;
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
 #pragma unroll
-      for (int t = 0; t < kBN / 8; ++t) {
-        s[t][2 * r] = exp2f(s[t][2 * r] - m_use);
-        s[t][2 * r + 1] = exp2f(s[t][2 * r + 1] - m_use);
-        sum += s[t][2 * r] + s[t][2 * r + 1];
+        for (int t = 0; t < kBN / 8; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.0f : mx;
+        const float alpha = exp2f(row_max[mt][r] - m_use);
+        row_max[mt][r] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kBN / 8; ++t) {
+          s[mt][t][2 * r] = exp2f(s[mt][t][2 * r] - m_use);
+          s[mt][t][2 * r + 1] = exp2f(s[mt][t][2 * r + 1] - m_use);
+          sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
+        }
+        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc_o[mt][dt][2 * r] *= alpha;
+          acc_o[mt][dt][2 * r + 1] *= alpha;
+        }
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc_o[dt][2 * r] *= alpha;
-        acc_o[dt][2 * r + 1] *= alpha;
-      }
-    }
 
     const int nxt = tiles.next(n + 1, lane);
     cp_async_wait<0>();
@@ -155,17 +170,23 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
 
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      std::uint32_t pa[4];
-      pa[0] = Pack<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Pack<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Pack<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Pack<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      std::uint32_t pa[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        pa[mt][0] = Pack<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][1] = Pack<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][2] = Pack<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][3] = Pack<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int j = 0; j < D / 16; ++j) {
         std::uint32_t bf[4];
         ldmatrix_x4_trans(bf, smem_addr(sV + SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * j + lane / 16)));
-        mma16816<T>(acc_o[2 * j], pa, bf);
-        mma16816<T>(acc_o[2 * j + 1], pa, bf + 2);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma16816<T>(acc_o[mt][2 * j], pa[mt], bf);
+          mma16816<T>(acc_o[mt][2 * j + 1], pa[mt], bf + 2);
+        }
       }
     }
     n = nxt;
@@ -174,21 +195,23 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1) flash_fwd_kernel(cons
 
   // Epilogue: finish the row sums across the quad, normalize, write o and lse.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const int row = m0 + r_loc0 + 8 * r;
-    if (row >= len_q) continue;
-    const std::int64_t tok = q_start + row;
-    const std::int64_t obase = tok * q_stride + static_cast<std::int64_t>(h) * D + (lane % 4) * 2;
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      store_pair<T>(p.o, p.o_dtype, obase + dt * 8, acc_o[dt][2 * r] * inv, acc_o[dt][2 * r + 1] * inv);
-    if (lane % 4 == 0)
-      p.lse[static_cast<std::int64_t>(h) * p.tq + tok] = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
-  }
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const int row = m0 + r_loc0 + 16 * mt + 8 * r;
+      if (row >= len_q) continue;
+      const std::int64_t tok = q_start + row;
+      const std::int64_t obase = tok * q_stride + static_cast<std::int64_t>(h) * D + (lane % 4) * 2;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        store_pair<T>(p.o, p.o_dtype, obase + dt * 8, acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+      if (lane % 4 == 0)
+        p.lse[static_cast<std::int64_t>(h) * p.tq + tok] = sum > 0.0f ? (row_max[mt][r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
 }
 
 template <class T, int D>
