@@ -1,5 +1,6 @@
-// Cheap agreement check of arguments across ranks: compare a 64-bit hash by min/max reduction and
-// only if they differ gather the (short) values to name who disagrees.
+// Communicator pieces common to every backend: batched point-to-point by default, and the cheap
+// agreement check of arguments across ranks (a 64-bit hash compared by min/max reduction; only if
+// they differ are the short values gathered to name who disagrees).
 #include <functional>
 #include <vector>
 
@@ -7,6 +8,36 @@
 #include "longattn/communicator.hpp"
 
 namespace longattn {
+
+namespace {
+// Completion of a batch posted as separate requests.
+class BatchRequest final : public CommRequest {
+ public:
+  explicit BatchRequest(std::vector<Request> parts) : parts_(std::move(parts)) {}
+  void wait() override {
+    for (auto& r : parts_) r->wait();
+  }
+  bool test() override {
+    bool done = true;
+    for (auto& r : parts_) done = r->test() && done;
+    return done;
+  }
+
+ private:
+  std::vector<Request> parts_;
+};
+}  // namespace
+
+Request Communicator::post(const std::vector<P2POp>& ops, void* stream) {
+  std::vector<Request> parts;
+  parts.reserve(ops.size());
+  // Receives first, so that a peer's matching send finds a posted buffer.
+  for (const auto& op : ops)
+    if (op.kind == P2POp::Kind::recv) parts.push_back(irecv(op.buffer, op.bytes, op.peer, op.tag, stream));
+  for (const auto& op : ops)
+    if (op.kind == P2POp::Kind::send) parts.push_back(isend(op.buffer, op.bytes, op.peer, op.tag, stream));
+  return std::make_unique<BatchRequest>(std::move(parts));
+}
 
 void require_same_on_all_ranks(Communicator& comm, const std::string& what, const std::string& value) {
   const auto h = static_cast<std::int64_t>(std::hash<std::string>{}(value) >> 1);

@@ -60,7 +60,7 @@ struct RingAttention::Impl {
   } shape;
   std::unique_ptr<DeviceBuffer> kv_buf[2];     // [k | v] of an incoming shard, input dtype
   std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;  // f32
-  std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in;  // f32
+  std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in[2];  // f32
 
   Impl(Communicator& c, ShardPlan p, RingOptions o, std::unique_ptr<AttentionBackend> b)
       : comm(c), plan(std::move(p)), opt(std::move(o)), backend(std::move(b)), rank(c.rank()), world(c.size()) {
@@ -120,7 +120,7 @@ struct RingAttention::Impl {
       need(delta, n * static_cast<std::size_t>(s.hq) * 4);
       need(dq_acc, q_elems * 4);
       for (auto& b : grad_buf) need(b, 2 * kv_elems * 4);
-      need(grad_in, 2 * kv_elems * 4);
+      for (auto& b : grad_in) need(b, 2 * kv_elems * 4);
     }
     shape = s;
   }
@@ -166,25 +166,30 @@ struct RingAttention::Impl {
     return {k, v};
   }
 
-  // Posts the transfer that brings shard (r - s - 1) here while sending the current one onward.
-  std::vector<Request> rotate_kv(const TensorView& k, const TensorView& v, DeviceBuffer& into, int next_src) {
-    std::vector<Request> reqs;
+  // The operations that bring shard next_src here while sending the current one onward.
+  void rotate_kv(std::vector<P2POp>& ops, const TensorView& k, const TensorView& v, DeviceBuffer& into, int next_src) {
     const int next = (rank + 1) % world, prev = (rank - 1 + world) % world;
     auto [rk, rv] = kv_views(into, next_src);
-    reqs.push_back(comm.irecv(rk.data, rk.bytes(), prev, kTagK, opt.stream));
-    reqs.push_back(comm.irecv(rv.data, rv.bytes(), prev, kTagV, opt.stream));
-    reqs.push_back(comm.isend(k.data, k.bytes(), next, kTagK, opt.stream));
-    reqs.push_back(comm.isend(v.data, v.bytes(), next, kTagV, opt.stream));
+    ops.push_back({P2POp::Kind::recv, rk.data, rk.bytes(), prev, kTagK});
+    ops.push_back({P2POp::Kind::recv, rv.data, rv.bytes(), prev, kTagV});
+    ops.push_back({P2POp::Kind::send, k.data, k.bytes(), next, kTagK});
+    ops.push_back({P2POp::Kind::send, v.data, v.bytes(), next, kTagV});
     stats.bytes_sent += k.bytes() + v.bytes();
-    return reqs;
   }
 
-  void wait_all(std::vector<Request>& reqs) {
+  Request post(const std::vector<P2POp>& ops) { return ops.empty() ? nullptr : comm.post(ops, opt.stream); }
+
+  void wait(Request& req) {
+    if (!req) return;
     const auto t = Clock::now();
-    for (auto& r : reqs) r->wait();
-    reqs.clear();
+    req->wait();
+    req.reset();
     stats.wait_ms += ms_since(t);
   }
+
+  // Host-measured compute time is real only where the backend runs synchronously (CPU) or when
+  // each step is synchronized on purpose (profile_steps).
+  bool timing_steps() const { return backend->device().kind == DeviceKind::cpu || opt.profile_steps; }
 
   void forward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse) {
     const auto t0 = Clock::now();
@@ -202,10 +207,11 @@ struct RingAttention::Impl {
     backend->fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
 
     TensorView cur_k = k, cur_v = v;
-    std::vector<Request> pending;
     for (int step = 0; step < world; ++step) {
       const int src = (rank - step + world) % world;
-      if (step + 1 < world) pending = rotate_kv(cur_k, cur_v, *kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
+      std::vector<P2POp> ops;
+      if (step + 1 < world) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
+      Request pending = post(ops);
       const auto tc = Clock::now();
       if (has_work(src)) {
         const auto a = step_args(q, cur_k, cur_v, src);
@@ -214,17 +220,25 @@ struct RingAttention::Impl {
       } else {
         ++stats.skipped_steps;
       }
-      backend->synchronize(opt.stream);
-      stats.compute_ms += ms_since(tc);
-      wait_all(pending);
+      if (timing_steps()) {
+        backend->synchronize(opt.stream);
+        stats.compute_ms += ms_since(tc);
+      }
+      wait(pending);
       if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
       ++stats.steps;
       logger(Subsystem::ring).debug("forward step {}/{} (kv of rank {})", step + 1, world, src);
       if (opt.on_step) opt.on_step("forward", step + 1, world);
     }
     backend->convert(o, oacc, opt.stream);
-    backend->synchronize(opt.stream);
+    finish();
     stats.wall_ms = ms_since(t0);
+  }
+
+  // Waits for the device and the communicator, turning a stuck peer into an error.
+  void finish() {
+    comm.synchronize(opt.stream);
+    backend->synchronize(opt.stream);
   }
 
   void backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o, TensorView dq,
@@ -256,22 +270,35 @@ struct RingAttention::Impl {
       TensorView gv(static_cast<float*>(buf.data()) + half, DType::f32, {m, s.hkv, s.d}, dev);
       return std::pair{gk, gv};
     };
-    auto grad_bytes = [&](int src) { return 2 * grad_views(*grad_in, src).first.bytes(); };
+    auto grad_bytes = [&](int src) { return 2 * grad_views(*grad_in[0], src).first.bytes(); };
 
+    // Step s posts one batch: the key/value shard for step s+1, the gradient this rank computed at
+    // step s-1 (to the next rank) and the partial gradient of the shard it computes now (from the
+    // previous rank, who computed it at its step s-1). Every rank posts the same sequence of
+    // batches, so stream-ordered communicators cannot deadlock. A last batch brings each shard's
+    // gradient home.
     TensorView cur_k = k, cur_v = v;
-    std::vector<Request> kv_pending, grad_recv, grad_send;
+    int sent_src = -1;  // shard whose gradient (in grad_buf[(step - 1) % 2]) goes out this step
     for (int step = 0; step < world; ++step) {
       const int src = (rank - step + world) % world;
       const int next_src = (rank - step - 1 + 2 * world) % world;
-      if (step + 1 < world) kv_pending = rotate_kv(cur_k, cur_v, *kv_buf[step % 2], next_src);
-      // The partial gradient of shard src from the ranks before us (sent after their step - 1).
-      if (step > 0) grad_recv.push_back(comm.irecv(grad_in->data(), grad_bytes(src), prev, kTagGrad, opt.stream));
+      DeviceBuffer& incoming = *grad_in[step % 2];
+      std::vector<P2POp> ops;
+      if (step + 1 < world) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], next_src);
+      if (step > 0) {
+        ops.push_back({P2POp::Kind::send, grad_buf[(step - 1) % 2]->data(), grad_bytes(sent_src), next, kTagGrad});
+        ops.push_back({P2POp::Kind::recv, incoming.data(), grad_bytes(src), prev, kTagGrad});
+        stats.bytes_sent += grad_bytes(sent_src);
+      }
+      Request pending = post(ops);
 
       DeviceBuffer& gbuf = *grad_buf[step % 2];
       auto [gk, gv] = grad_views(gbuf, src);
+      // dq accumulates across steps (accumulate); dk/dv of this step start from zero.
+      backend->fill(gk, 0.0f, opt.stream);
+      backend->fill(gv, 0.0f, opt.stream);
       const auto tc = Clock::now();
       if (has_work(src)) {
-        const auto a = step_args(q, cur_k, cur_v, src);
         BackwardArgs g;
         g.o = o;
         g.lse = lse;
@@ -280,32 +307,22 @@ struct RingAttention::Impl {
         g.dq = dq_v;
         g.dk = gk;
         g.dv = gv;
-        g.accumulate = false;
-        // dq accumulates across steps; dk/dv are fresh for this step. The kernel interface has one
-        // accumulate flag, so dq goes through the accumulate path and dk/dv start from zero.
-        backend->fill(gk, 0.0f, opt.stream);
-        backend->fill(gv, 0.0f, opt.stream);
         g.accumulate = true;
-        backend->backward(a, g);
+        backend->backward(step_args(q, cur_k, cur_v, src), g);
       } else {
-        backend->fill(gk, 0.0f, opt.stream);
-        backend->fill(gv, 0.0f, opt.stream);
         ++stats.skipped_steps;
       }
-      backend->synchronize(opt.stream);
-      stats.compute_ms += ms_since(tc);
+      if (timing_steps()) {
+        backend->synchronize(opt.stream);
+        stats.compute_ms += ms_since(tc);
+      }
+      wait(pending);
       if (step > 0) {
-        wait_all(grad_recv);
-        auto [ik, iv] = grad_views(*grad_in, src);
+        auto [ik, iv] = grad_views(incoming, src);
         backend->add_into(gk, ik, opt.stream);
         backend->add_into(gv, iv, opt.stream);
       }
-      wait_all(grad_send);  // the buffer we send from next step must be free
-      if (world > 1) {
-        grad_send.push_back(comm.isend(gbuf.data(), grad_bytes(src), next, kTagGrad, opt.stream));
-        stats.bytes_sent += grad_bytes(src);
-      }
-      wait_all(kv_pending);
+      sent_src = src;
       if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], next_src);
       ++stats.steps;
       logger(Subsystem::ring).debug("backward step {}/{} (kv of rank {})", step + 1, world, src);
@@ -314,16 +331,18 @@ struct RingAttention::Impl {
     // After P steps our own shard's gradient comes home from the previous rank.
     DeviceBuffer* home = grad_buf[(world - 1) % 2].get();
     if (world > 1) {
-      grad_recv.push_back(comm.irecv(grad_in->data(), grad_bytes(rank), prev, kTagGrad, opt.stream));
-      wait_all(grad_recv);
-      wait_all(grad_send);
-      home = grad_in.get();
+      DeviceBuffer& incoming = *grad_in[world % 2];
+      Request last = post({{P2POp::Kind::send, grad_buf[(world - 1) % 2]->data(), grad_bytes(sent_src), next, kTagGrad},
+                           {P2POp::Kind::recv, incoming.data(), grad_bytes(rank), prev, kTagGrad}});
+      stats.bytes_sent += grad_bytes(sent_src);
+      wait(last);
+      home = &incoming;
     }
     auto [hk, hv] = grad_views(*home, rank);
     backend->convert(dk, hk, opt.stream);
     backend->convert(dv, hv, opt.stream);
     backend->convert(dq, dq_v, opt.stream);
-    backend->synchronize(opt.stream);
+    finish();
     stats.wall_ms = ms_since(t0);
   }
 };

@@ -31,6 +31,15 @@ class CommRequest {
 using Request = std::unique_ptr<CommRequest>;
 
 enum class ReduceOp { sum, max, min };
+
+// One point-to-point operation of a batch (see Communicator::post).
+struct P2POp {
+  enum class Kind { send, recv } kind;
+  void* buffer;  // const for sends
+  std::size_t bytes;
+  int peer;
+  int tag;
+};
 enum class ReduceType { f32, f64, i64 };
 
 class Communicator {
@@ -45,6 +54,14 @@ class Communicator {
   // consumes the buffer. Host communicators ignore it.
   virtual Request isend(const void* buf, std::size_t bytes, int peer, int tag, void* stream = nullptr) = 0;
   virtual Request irecv(void* buf, std::size_t bytes, int peer, int tag, void* stream = nullptr) = 0;
+
+  // Posts several sends and receives together and returns one request for all of them. Stream-
+  // ordered communicators (NCCL) need this to avoid deadlock when two ranks send to each other:
+  // ops of one batch progress together. Every rank must post matching batches in the same order.
+  virtual Request post(const std::vector<P2POp>& ops, void* stream = nullptr);
+  // Blocks until the communication queued for `stream` is done; detects peer failures and hangs
+  // (Error(communication/timeout) after LONGATTN_COMM_TIMEOUT_S). A no-op for host communicators.
+  virtual void synchronize(void* stream) {}
 
   // Byte counts and displacements per peer (size() entries each).
   virtual void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes,
@@ -76,6 +93,12 @@ class MpiSession {
 
 // A communicator over MPI_COMM_WORLD (MPI must be initialized, e.g. by MpiSession).
 std::unique_ptr<Communicator> make_mpi_world_communicator();
+
+// NCCL on device buffers, one GPU per rank (picked from the local rank), bootstrapped through
+// `host` (an MPI communicator, kept for host-side collectives and agreement checks). Throws
+// Error(unsupported) when longattn was built without NCCL. `host` must outlive the result.
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& host);
+bool nccl_available();
 
 // Throws Error(invalid_argument) on every rank, naming the ranks that disagree, when `value`
 // differs between ranks. Cheap (two integer reductions) when they agree: call it on arguments

@@ -17,6 +17,9 @@ struct RingOptions {
   bool causal = false;
   float scale = 0.0f;             // 0 => 1/sqrt(head_dim)
   void* stream = nullptr;         // compute stream for GPU backends
+  // Time each local step on its own (synchronizing the device after it) to report compute_ms on
+  // GPUs. Costs the overlap of that run; CPU backends are synchronous and always report it.
+  bool profile_steps = false;
   // Called after each ring step on every rank: (phase "forward"/"backward", step, steps).
   std::function<void(const char*, int, int)> on_step;
 };
@@ -24,8 +27,8 @@ struct RingOptions {
 // Timings of the last call, in milliseconds (host wall clock; on GPUs measured with events).
 struct RingStats {
   double wall_ms = 0;     // the whole call
-  double compute_ms = 0;  // sum of local kernel (and merge) time
-  double wait_ms = 0;     // time blocked waiting for a transfer that compute did not hide
+  double compute_ms = 0;  // sum of local kernel (and merge) time; on GPUs only with profile_steps
+  double wait_ms = 0;     // host time blocked waiting for transfers (CPU/MPI)
   int steps = 0;
   int skipped_steps = 0;  // steps where the causal mask hid every key
   std::size_t bytes_sent = 0;
