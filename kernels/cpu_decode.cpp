@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.hpp"
@@ -29,6 +30,11 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int BT = kDecodeBlockTokens;
+// How far ahead to prefetch: 4 blocks of 16 tokens = 16 KiB of K+V at head_dim 128 bf16, about
+// the bytes in flight one core needs to cover DRAM latency (~100 ns x ~10 GB/s x 2 for safety).
+constexpr int kPrefetchBlocks = 4;
+// Query rows per register tile: 8 accumulators + a K/V slice + temporaries fit AVX2's 16 registers.
+constexpr int RB = 8;
 
 template <int W>
 struct Vec {
@@ -43,9 +49,18 @@ struct Vec {
 
 template <int W>
 [[gnu::always_inline]] inline typename Vec<W>::f splat(float x) {
-  typename Vec<W>::f v;
-  for (int l = 0; l < W; ++l) v[l] = x;
-  return v;
+  // vector + scalar broadcasts the scalar; adding it to -0.0 (the identity of +, unlike +0.0)
+  // lets the compiler drop the add and keep a single vbroadcastss.
+  const typename Vec<W>::f negzero = -typename Vec<W>::f{};
+  return negzero + x;
+}
+
+// Software prefetch of `bytes` starting at p. Rows of one kv head are contiguous only within a
+// page (and K and V are two streams), so the hardware prefetchers, which stop at 4 KiB boundaries,
+// leave the loads waiting on DRAM; asking for the next block ahead keeps the memory busy.
+[[gnu::always_inline]] inline void prefetch(const void* p, std::size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 // W consecutive elements of type T as f32.
@@ -146,6 +161,86 @@ struct Partials {
   std::size_t rows = 0;  // R of the largest item (stride)
 };
 
+// Row tiles with the row count as a template argument, so accumulators live in registers.
+template <class F>
+[[gnu::always_inline]] inline void tile_dispatch(int rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// s[i][j] = q[i] . k[j] for RT query rows (stride D) and n keys; -inf beyond each row's visible end.
+template <int W, class T, int RT>
+[[gnu::always_inline]] inline void score_tile(const float* q0, int D, int NS, const T* kbase, int n, float* s,
+                                              const std::int64_t* vis, std::int64_t t) {
+  using F = typename Vec<W>::f;
+  for (int j = 0; j < n; ++j) {
+    const T* kj = kbase + static_cast<std::size_t>(j) * D;
+    F sa[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) sa[i] = splat<W>(0.0f);
+    for (int x = 0; x < NS; ++x) {
+      const F kv = load<W>(kj + x * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) sa[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + x * W) * kv;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) s[static_cast<std::size_t>(i) * BT + j] = t + j < vis[i] ? hsum<W>(sa[i]) : kNegInf;
+  }
+  for (int i = 0; i < RT; ++i)
+    for (int j = n; j < BT; ++j) s[static_cast<std::size_t>(i) * BT + j] = kNegInf;
+}
+
+// a[i] += sum_j p[i][j] * v[j] for RT rows (a stride D, p stride BT). Two slices per pass give
+// 2 * RT independent FMA chains, enough to hide the FMA latency even for one row.
+template <int W, class T, int RT>
+[[gnu::always_inline]] inline void value_tile(float* a0, int D, int NS, const T* vbase, int n, const float* p0) {
+  using F = typename Vec<W>::f;
+  int x = 0;
+  for (; x + 1 < NS; x += 2) {
+    F av[RT], aw[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) {
+      av[i] = load<W>(a0 + static_cast<std::size_t>(i) * D + x * W);
+      aw[i] = load<W>(a0 + static_cast<std::size_t>(i) * D + (x + 1) * W);
+    }
+    for (int j = 0; j < n; ++j) {
+      const F vv = load<W>(vbase + static_cast<std::size_t>(j) * D + x * W);
+      const F vw = load<W>(vbase + static_cast<std::size_t>(j) * D + (x + 1) * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        const F pj = splat<W>(p0[static_cast<std::size_t>(i) * BT + j]);
+        av[i] += pj * vv;
+        aw[i] += pj * vw;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) {
+      std::memcpy(a0 + static_cast<std::size_t>(i) * D + x * W, &av[i], sizeof(F));
+      std::memcpy(a0 + static_cast<std::size_t>(i) * D + (x + 1) * W, &aw[i], sizeof(F));
+    }
+  }
+  for (; x < NS; ++x) {
+    F av[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) av[i] = load<W>(a0 + static_cast<std::size_t>(i) * D + x * W);
+    for (int j = 0; j < n; ++j) {
+      const F vv = load<W>(vbase + static_cast<std::size_t>(j) * D + x * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) av[i] += splat<W>(p0[static_cast<std::size_t>(i) * BT + j]) * vv;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) std::memcpy(a0 + static_cast<std::size_t>(i) * D + x * W, &av[i], sizeof(F));
+  }
+}
+
 template <int W, class T>
 [[gnu::always_inline]] inline void run_item(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) {
   using F = typename Vec<W>::f;
@@ -184,34 +279,25 @@ template <int W, class T>
     const int n = static_cast<int>(std::min<std::int64_t>({BT, t_end - t, P - row0}));
     const T* kbase = reinterpret_cast<const T*>(sq.pages[page]) + (static_cast<std::size_t>(it.head) * P + row0) * D;
     const T* vbase = kbase + static_cast<std::size_t>(Hkv) * P * D;
-
-    // K rows to f32 once (L1-resident), then every query row against them.
-    const float* kf;
-    if constexpr (std::is_same_v<T, float>) {
-      kf = kbase;
-    } else {
-      for (int j = 0; j < n; ++j)
-        for (int x = 0; x < NS; ++x) {
-          const F v = load<W>(kbase + static_cast<std::size_t>(j) * D + x * W);
-          std::memcpy(&sc.kf[static_cast<std::size_t>(j) * D + x * W], &v, sizeof(v));
-        }
-      kf = sc.kf.data();
-    }
-    for (int r = 0; r < R; ++r) {
-      const float* qr = &sc.qs[static_cast<std::size_t>(r) * D];
-      float* sr = &sc.s[static_cast<std::size_t>(r) * BT];
-      for (int j = 0; j < n; ++j) {
-        const float* kj = kf + static_cast<std::size_t>(j) * D;
-        F a0 = splat<W>(0.0f), a1 = splat<W>(0.0f);
-        int x = 0;
-        for (; x + 1 < NS; x += 2) {
-          a0 += load<W>(qr + x * W) * load<W>(kj + x * W);
-          a1 += load<W>(qr + (x + 1) * W) * load<W>(kj + (x + 1) * W);
-        }
-        if (x < NS) a0 += load<W>(qr + x * W) * load<W>(kj + x * W);
-        sr[j] = t + j < sc.vis[r] ? hsum<W>(a0 + a1) : kNegInf;
+    {
+      // The block kPrefetchBlocks ahead (same page, or the head's rows in a later page).
+      const std::int64_t ta = t + static_cast<std::int64_t>(kPrefetchBlocks) * BT;
+      if (kPrefetchBlocks > 0 && ta < t_end) {
+        const int na = static_cast<int>(std::min<std::int64_t>({BT, t_end - ta, P - ta % P}));
+        const T* ka = reinterpret_cast<const T*>(sq.pages[ta / P]) + (static_cast<std::size_t>(it.head) * P + ta % P) * D;
+        prefetch(ka, static_cast<std::size_t>(na) * D * sizeof(T));
+        prefetch(ka + static_cast<std::size_t>(Hkv) * P * D, static_cast<std::size_t>(na) * D * sizeof(T));
       }
-      for (int j = n; j < BT; ++j) sr[j] = kNegInf;
+    }
+
+    // Scores: each K row is loaded (and widened to f32) once per tile of up to RB query rows, whose
+    // accumulators stay in registers; the query rows come from L1.
+    for (int r0 = 0; r0 < R; r0 += RB) {
+      const int rows = std::min(RB, R - r0);
+      tile_dispatch(rows, [&](auto rt) {
+        score_tile<W, T, decltype(rt)::value>(&sc.qs[static_cast<std::size_t>(r0) * D], D, NS, kbase, n,
+                                              &sc.s[static_cast<std::size_t>(r0) * BT], &sc.vis[r0], t);
+      });
     }
 
     // Online softmax per row: new max, rescale what was accumulated, probabilities of this block.
@@ -244,26 +330,14 @@ template <int W, class T>
       l[r] += sum;
     }
 
-    // V rows to f32 once, then acc[r] += sum_j p[r][j] * v[j], a register accumulator per slice.
-    const float* vf;
-    if constexpr (std::is_same_v<T, float>) {
-      vf = vbase;
-    } else {
-      for (int j = 0; j < n; ++j)
-        for (int x = 0; x < NS; ++x) {
-          const F v = load<W>(vbase + static_cast<std::size_t>(j) * D + x * W);
-          std::memcpy(&sc.vf[static_cast<std::size_t>(j) * D + x * W], &v, sizeof(v));
-        }
-      vf = sc.vf.data();
-    }
-    for (int r = 0; r < R; ++r) {
-      const float* pr = &sc.p[static_cast<std::size_t>(r) * BT];
-      float* ar = acc + static_cast<std::size_t>(r) * D;
-      for (int x = 0; x < NS; ++x) {
-        F a = load<W>(ar + x * W);
-        for (int j = 0; j < n; ++j) a += splat<W>(pr[j]) * load<W>(vf + static_cast<std::size_t>(j) * D + x * W);
-        std::memcpy(ar + x * W, &a, sizeof(a));
-      }
+    // acc[r] += sum_j p[r][j] * v[j]: each V slice is loaded once per row tile and feeds the
+    // tile's register accumulators (p broadcast from L1).
+    for (int r0 = 0; r0 < R; r0 += RB) {
+      const int rows = std::min(RB, R - r0);
+      tile_dispatch(rows, [&](auto rt) {
+        value_tile<W, T, decltype(rt)::value>(acc + static_cast<std::size_t>(r0) * D, D, NS, vbase, n,
+                                              &sc.p[static_cast<std::size_t>(r0) * BT]);
+      });
     }
     t += n;
   }
@@ -285,7 +359,7 @@ template <int W>
 // One item per call: the target attribute must sit on the function that holds the inlined body
 // (OpenMP outlines parallel regions into functions of their own, which need not inherit it).
 using ItemFn = void (*)(const Problem&, const Item&, Scratch&, Partials&);
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) void item_avx512(const Problem& pb, const Item& it,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void item_avx512(const Problem& pb, const Item& it,
                                                                                       Scratch& sc, Partials& parts) {
   run_typed<16>(pb, it, sc, parts);
 }
