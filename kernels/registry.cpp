@@ -8,6 +8,8 @@
 #include "longattn/log.hpp"
 
 #ifdef LONGATTN_HAVE_CUDA
+#include <cuda_runtime.h>
+
 #include "kernels/cuda/cuda_backends.hpp"
 #endif
 
@@ -35,6 +37,14 @@ const std::vector<Entry>& entries() {
 }
 
 }  // namespace
+
+std::size_t gpu_memory_used_bytes() {
+#ifdef LONGATTN_HAVE_CUDA
+  std::size_t free_bytes = 0, total = 0;
+  if (cudaMemGetInfo(&free_bytes, &total) == cudaSuccess) return total - free_bytes;
+#endif
+  return 0;
+}
 
 std::vector<std::string> available_backends() {
   std::vector<std::string> names;

@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <omp.h>
 
+#include "../common/device_tensor.hpp"
 #include "../common/flags.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/communicator.hpp"
@@ -31,6 +32,8 @@
 namespace {
 
 using namespace longattn;
+using examples::DeviceTensor;
+using examples::random_value;
 
 constexpr const char* kUsage = R"(usage: mpirun -np P ring_attention [flags]
   --seq-len N        tokens in the sequence (default 4096; with --load, from the files)
@@ -39,7 +42,8 @@ constexpr const char* kUsage = R"(usage: mpirun -np P ring_attention [flags]
   --head-dim D       head dimension (default 64)
   --layout L         contiguous | zigzag | striped (default zigzag)
   --causal           causal mask
-  --dtype T          fp32 | bf16 | fp16 (default fp32)
+  --dtype T          fp32 | bf16 | fp16 (default fp32 on cpu, bf16 on cuda)
+  --device D         cpu | cuda (default cuda where GPUs and NCCL exist): one GPU per rank, NCCL ring
   --backend B        local attention backend: auto | cpu | reference | cuda | cudnn (default auto)
   --backward         also run the backward pass
   --check            compare with a single-process oracle on rank 0; fail beyond tolerance
@@ -57,6 +61,7 @@ struct Options {
   bool causal = false, backward = false, check = false;
   DType dtype = DType::f32;
   std::string backend = "auto", oracle = "auto", load, dump;
+  DeviceKind device = DeviceKind::cpu;
   std::uint64_t seed = 1234;
   int iters = 1;
 };
@@ -71,8 +76,19 @@ Options parse(const examples::Flags& f) {
   o.causal = f.flag("causal");
   o.backward = f.flag("backward");
   o.check = f.flag("check");
-  o.dtype = parse_dtype(f.str("dtype", "fp32"));
+
   o.backend = f.str("backend", "auto");
+  const std::string device = f.str("device", nccl_available() ? "cuda" : "cpu");
+  if (device == "cuda") {
+    if (!nccl_available())
+      throw Error(ErrorCode::unsupported, "--device cuda needs a GPU and a longattn built with CUDA and NCCL; use --device cpu");
+    o.device = DeviceKind::cuda;
+  } else if (device != "cpu") {
+    throw Error(ErrorCode::invalid_argument, "--device must be cpu or cuda, got '" + device + "'");
+  }
+  o.dtype = parse_dtype(f.str("dtype", o.device == DeviceKind::cuda ? "bf16" : "fp32"));
+  if (o.device == DeviceKind::cuda && o.dtype == DType::f32)
+    throw Error(ErrorCode::unsupported, "the GPU kernels take bf16 or fp16 inputs: add --dtype bf16");
   o.oracle = f.str("check-oracle", "auto");
   o.load = f.str("load", "");
   o.dump = f.str("dump", "");
@@ -81,17 +97,6 @@ Options parse(const examples::Flags& f) {
   if (o.oracle != "auto" && o.oracle != "reference" && o.oracle != "cpu")
     throw Error(ErrorCode::invalid_argument, "--check-oracle must be auto, reference or cpu, got '" + o.oracle + "'");
   return o;
-}
-
-// Counter-based random value in [-1, 1) for element (tensor, row, col): any rank can make exactly
-// its own rows of the global random inputs without ever building the whole tensor.
-float random_value(std::uint64_t seed, int tensor, std::int64_t index) {
-  std::uint64_t z = seed * 0x9e3779b97f4a7c15ULL + static_cast<std::uint64_t>(tensor) * 0xbf58476d1ce4e5b9ULL +
-                    static_cast<std::uint64_t>(index) * 0x94d049bb133111ebULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  z ^= z >> 31;
-  return static_cast<float>(static_cast<double>(z >> 40) / static_cast<double>(1ULL << 23) - 1.0);
 }
 
 // Rows [T, width] of one input tensor as f32, either read from a file or generated.
@@ -107,49 +112,12 @@ Input load_input(const std::string& dir, const char* name) {
   return {a.shape, std::move(a.data)};
 }
 
-std::vector<float> local_rows(const Input* loaded, std::uint64_t seed, int tensor, const RankShard& shard, std::int64_t width) {
-  std::vector<float> out(static_cast<std::size_t>(shard.tokens() * width));
-  for (std::size_t i = 0; i < shard.global_index.size(); ++i) {
-    const auto g = shard.global_index[i];
-    for (std::int64_t c = 0; c < width; ++c)
-      out[i * static_cast<std::size_t>(width) + static_cast<std::size_t>(c)] =
-          loaded ? loaded->full[static_cast<std::size_t>(g * width + c)] : random_value(seed, tensor, g * width + c);
-  }
-  return out;
-}
-
 std::vector<float> full_rows(const Input* loaded, std::uint64_t seed, int tensor, std::int64_t tokens, std::int64_t width) {
   if (loaded) return loaded->full;
   std::vector<float> out(static_cast<std::size_t>(tokens * width));
   for (std::size_t i = 0; i < out.size(); ++i) out[i] = random_value(seed, tensor, static_cast<std::int64_t>(i));
   return out;
 }
-
-// A tensor on the backend's device, filled from / read back to host f32.
-struct DeviceTensor {
-  std::unique_ptr<DeviceBuffer> buf;
-  TensorView view;
-  DeviceTensor(AttentionBackend& be, DType t, std::initializer_list<std::int64_t> dims) {
-    TensorView v(nullptr, t, dims, be.device());
-    buf = be.allocate(std::max<std::size_t>(v.bytes(), 64));
-    view = v;
-    view.data = buf->data();
-  }
-  void upload(AttentionBackend& be, const std::vector<float>& host) {
-    HostBuffer tmp(view.bytes());
-    convert_from_f32(host.data(), tmp.data(), view.dtype, host.size());
-    be.copy_bytes(view.data, tmp.data(), view.bytes(), nullptr);
-    be.synchronize(nullptr);
-  }
-  std::vector<float> download(AttentionBackend& be) const {
-    HostBuffer tmp(view.bytes());
-    be.copy_bytes(tmp.data(), view.data, view.bytes(), nullptr);
-    be.synchronize(nullptr);
-    std::vector<float> out(static_cast<std::size_t>(view.numel()));
-    convert_to_f32(tmp.data(), view.dtype, out.data(), out.size());
-    return out;
-  }
-};
 
 // Collects every rank's rows of a [T, width] result on rank 0, in global order.
 std::vector<float> gather_rows(Communicator& comm, const ShardPlan& plan, const std::vector<float>& local, std::int64_t width) {
@@ -217,7 +185,7 @@ int run(int argc, char** argv) {
   std::string setup_error;
   try {
     examples::Flags flags(argc, argv,
-                          {"seq-len", "heads", "kv-heads", "head-dim", "layout", "dtype", "backend", "check-oracle", "load",
+                          {"seq-len", "heads", "kv-heads", "head-dim", "layout", "dtype", "device", "backend", "check-oracle", "load",
                            "dump", "seed", "iters"},
                           {"causal", "backward", "check"});
     require_same_on_all_ranks(*world, "command-line flags", flags.canonical());
@@ -273,7 +241,11 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
   const auto plan = ShardPlan::single_sequence(opt.seq_len, opt.layout, nranks);
   const auto shard = plan.shard(rank);
   const std::int64_t n = shard.tokens(), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
-  auto backend = make_backend(opt.backend, DeviceKind::cpu);
+  // On GPUs the ring runs over NCCL (which also picks this rank's GPU); on CPUs over MPI.
+  std::unique_ptr<Communicator> nccl;
+  if (opt.device == DeviceKind::cuda) nccl = make_nccl_communicator(*world);
+  Communicator& ring_comm = nccl ? *nccl : *world;
+  auto backend = make_backend(opt.backend, opt.device);
   const std::string backend_name = backend->name();
 
   RingOptions ropt;
@@ -282,13 +254,13 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
   ropt.on_step = [&](const char* phase, int step, int steps) {
     if (progress) log.info("{} step {}/{}", phase, step, steps);
   };
-  RingAttention ring(*world, plan, ropt, std::move(backend));
+  RingAttention ring(ring_comm, plan, ropt, std::move(backend));
   AttentionBackend& be = ring.backend();
 
   DeviceTensor q(be, opt.dtype, {n, H, D}), k(be, opt.dtype, {n, K, D}), v(be, opt.dtype, {n, K, D});
-  q.upload(be, local_rows(in_q ? &*in_q : nullptr, opt.seed, 0, shard, H * D));
-  k.upload(be, local_rows(in_k ? &*in_k : nullptr, opt.seed, 1, shard, K * D));
-  v.upload(be, local_rows(in_v ? &*in_v : nullptr, opt.seed, 2, shard, K * D));
+  q.fill_shard(be, shard, opt.seed, 0, in_q ? &in_q->full : nullptr);
+  k.fill_shard(be, shard, opt.seed, 1, in_k ? &in_k->full : nullptr);
+  v.fill_shard(be, shard, opt.seed, 2, in_v ? &in_v->full : nullptr);
   DeviceTensor o(be, opt.dtype, {n, H, D}), lse(be, DType::f32, {H, n});
 
   if (rank == 0)
@@ -304,10 +276,11 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
     fwd_stats = ring.last_stats();
     fwd_ms.push_back(fwd_stats.wall_ms);
   }
+  std::size_t mem_peak = gpu_memory_used_bytes();
   std::optional<DeviceTensor> d_o, dq, dk, dv;
   if (opt.backward) {
     d_o.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, H, D});
-    d_o->upload(be, local_rows(in_do ? &*in_do : nullptr, opt.seed, 3, shard, H * D));
+    d_o->fill_shard(be, shard, opt.seed, 3, in_do ? &in_do->full : nullptr);
     dq.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, H, D});
     dk.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, K, D});
     dv.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, K, D});
@@ -317,10 +290,11 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
       bwd_stats = ring.last_stats();
       bwd_ms.push_back(bwd_stats.wall_ms);
     }
+    mem_peak = std::max(mem_peak, gpu_memory_used_bytes());
   }
-  // The slowest rank defines the step time.
-  double times[2] = {median(fwd_ms), median(bwd_ms)};
-  world->allreduce(times, 2, ReduceType::f64, ReduceOp::max);
+  // The slowest rank defines the step time; peak device memory is the largest over ranks.
+  double times[3] = {median(fwd_ms), median(bwd_ms), static_cast<double>(mem_peak)};
+  world->allreduce(times, 3, ReduceType::f64, ReduceOp::max);
 
   // Gather results on rank 0 for --check and --dump.
   std::vector<float> g_o, g_lse, g_dq, g_dk, g_dv;
@@ -408,11 +382,11 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
       std::printf("%-10s %10.1f %10.4f %12.1f %12.1f %10d\n", "backward", times[1], bwd_tflops, bwd_stats.compute_ms, bwd_stats.wait_ms, bwd_stats.skipped_steps);
     std::printf(
         "RESULT {\"program\":\"ring_attention\",\"ranks\":%d,\"seq_len\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
-        "\"layout\":\"%s\",\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"device\":\"cpu\",\"fwd_ms\":%.3f,\"bwd_ms\":%s,"
+        "\"layout\":\"%s\",\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"device\":\"%s\",\"peak_gpu_mem_gib\":%.3f,\"fwd_ms\":%.3f,\"bwd_ms\":%s,"
         "\"tflops\":%.5f,\"bwd_tflops\":%s,\"fwd_compute_ms\":%.3f,\"fwd_wait_ms\":%.3f,\"check\":\"%s\",\"check_oracle\":\"%s\","
         "\"max_abs_err\":%s,\"rel_err\":%s}\n",
         nranks, static_cast<long long>(opt.seq_len), opt.heads, opt.kv_heads, opt.head_dim, to_string(opt.layout),
-        opt.causal ? "true" : "false", to_string(opt.dtype), backend_name.c_str(), times[0],
+        opt.causal ? "true" : "false", to_string(opt.dtype), backend_name.c_str(), to_string(opt.device), times[2] / (1 << 30), times[0],
         opt.backward ? fmt::format("{:.3f}", times[1]).c_str() : "null", tflops,
         opt.backward ? fmt::format("{:.5f}", bwd_tflops).c_str() : "null", fwd_stats.compute_ms, fwd_stats.wait_ms,
         check.c_str(), oracle.c_str(), opt.check ? fmt::format("{:.3e}", err.max_abs).c_str() : "null",

@@ -54,3 +54,8 @@ std::unique_ptr<AttentionBackend> make_backend(const std::string& name, DeviceKi
 std::vector<std::string> available_backends();
 
 }  // namespace longattn
+
+namespace longattn {
+// Bytes of GPU memory in use on the current device (cudaMemGetInfo: total - free); 0 without CUDA.
+std::size_t gpu_memory_used_bytes();
+}  // namespace longattn

@@ -1,0 +1,265 @@
+// offload_decode: the decode loop of a small synthetic multi-layer model that runs on this host
+// (the stand-in for the GPU side: projections, residual, norm) while the attention over the KV
+// cache is offloaded to longattn-offload-server daemons.
+//
+//   build/bin/longattn-offload-server --listen 127.0.0.1:7070 --token-file tok &
+//   build/bin/offload_decode --servers 127.0.0.1:7070,127.0.0.1:7071 --token-file tok
+//       --layers 4 --batch 4 --context 4096 --steps 16 --heads 8 --kv-heads 2 --head-dim 64 --check
+//
+// Each step, per layer: q, k, v = x Wq, x Wk, x Wv; the new k, v are appended on the servers; the
+// batch's queries attend there; x += o Wo; x = rmsnorm(x). The prefill context is random KV sent
+// in bulk. --check keeps a local copy of the KV and compares every attention result with the
+// local "cpu" backend. Ends with one line: RESULT {json}.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "../common/flags.hpp"
+#include "longattn/backend.hpp"
+#include "longattn/dtype_convert.hpp"
+#include "longattn/error.hpp"
+#include "longattn/offload_client.hpp"
+
+namespace {
+
+using namespace longattn;
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOST:PORT...] --token-file FILE [flags]
+  --layers L        model layers (default 4)
+  --batch B         sequences decoded together (default 4)
+  --context N       prefill tokens per sequence (default 4096)
+  --steps S         decode steps (default 16)
+  --heads H         query heads (default 8)
+  --kv-heads K      kv heads, H % K == 0 (default 2)
+  --head-dim D      (default 64)
+  --dtype T         KV dtype on the servers: bf16, fp16, fp32 (default bf16)
+  --shard-tokens N  spread each sequence over the servers in ranges of N tokens (default 0: whole sequences)
+  --timeout-ms MS   per request, retries included (default 10000)
+  --seed S          (default 1)
+  --check           compare every attention with the local cpu backend
+)";
+
+std::string read_token(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(ErrorCode::io, "cannot read token file " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string t = ss.str();
+  while (!t.empty() && (t.back() == '\n' || t.back() == '\r' || t.back() == ' ')) t.pop_back();
+  return t;
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string x; std::getline(ss, x, ',');)
+    if (!x.empty()) out.push_back(x);
+  return out;
+}
+
+// y[n, out] = x[n, in] W[in, out]
+void matmul(const std::vector<float>& x, const std::vector<float>& w, std::vector<float>& y, int n, int in, int out) {
+  y.assign(static_cast<std::size_t>(n) * out, 0.0f);
+#pragma omp parallel for
+  for (int r = 0; r < n; ++r)
+    for (int i = 0; i < in; ++i) {
+      const float xv = x[static_cast<std::size_t>(r) * in + i];
+      const float* wr = &w[static_cast<std::size_t>(i) * out];
+      float* yr = &y[static_cast<std::size_t>(r) * out];
+      for (int o = 0; o < out; ++o) yr[o] += xv * wr[o];
+    }
+}
+
+int run(int argc, char** argv) {
+  examples::Flags f(argc, argv,
+                    {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
+                     "shard-tokens", "timeout-ms", "seed"},
+                    {"check", "help"});
+  if (f.flag("help")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (!f.has("servers") || !f.has("token-file")) throw Error(ErrorCode::invalid_argument, "--servers and --token-file are required (see --help)");
+  const int L = static_cast<int>(f.integer("layers", 4, 1, 1024));
+  const int B = static_cast<int>(f.integer("batch", 4, 1, 4096));
+  const std::int64_t ctx = f.integer("context", 4096, 0, std::int64_t{1} << 30);
+  const int steps = static_cast<int>(f.integer("steps", 16, 1, 1 << 20));
+  const int H = static_cast<int>(f.integer("heads", 8, 1, 1024));
+  const int K = static_cast<int>(f.integer("kv-heads", 2, 1, 1024));
+  const int D = static_cast<int>(f.integer("head-dim", 64, 1, 512));
+  const DType dt = parse_dtype(f.str("dtype", "bf16"));
+  const bool check = f.flag("check");
+  if (H % K) throw Error(ErrorCode::invalid_argument, "--heads must be a multiple of --kv-heads");
+  const int hidden = H * D;
+
+  offload::ClientOptions co;
+  co.servers = split(f.str("servers", ""));
+  co.token = read_token(f.str("token-file", ""));
+  co.timeout = std::chrono::milliseconds(f.integer("timeout-ms", 10000, 1, 3600000));
+  co.shard_tokens = f.integer("shard-tokens", 0, 0, std::int64_t{1} << 40);
+  offload::Client client(co);
+
+  std::mt19937_64 rng(static_cast<std::uint64_t>(f.integer("seed", 1, 0, 1LL << 62)));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto randn = [&](std::size_t n, float scale) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = nd(rng) * scale;
+    return v;
+  };
+  struct Layer {
+    std::vector<float> wq, wk, wv, wo;
+  };
+  std::vector<Layer> layers(static_cast<std::size_t>(L));
+  const float ws = 1.0f / std::sqrt(static_cast<float>(hidden));
+  for (auto& l : layers) {
+    l.wq = randn(static_cast<std::size_t>(hidden) * H * D, ws);
+    l.wk = randn(static_cast<std::size_t>(hidden) * K * D, ws);
+    l.wv = randn(static_cast<std::size_t>(hidden) * K * D, ws);
+    l.wo = randn(static_cast<std::size_t>(H) * D * hidden, ws);
+  }
+
+  // Prefill: random KV (values exact in the KV dtype, so the local check sees the same numbers).
+  const std::size_t row = static_cast<std::size_t>(K) * D;
+  std::vector<std::vector<std::vector<float>>> kcache(static_cast<std::size_t>(L), std::vector<std::vector<float>>(static_cast<std::size_t>(B)));
+  auto vcache = kcache;
+  auto to_dtype = [&](std::vector<float>& v) {  // rounds in place, returns raw bytes
+    std::vector<std::byte> raw(v.size() * dtype_size(dt));
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      store_from_f32(raw.data(), dt, i, v[i]);
+      v[i] = load_as_f32(raw.data(), dt, i);
+    }
+    return raw;
+  };
+  const auto t_prefill = Clock::now();
+  for (int b = 0; b < B; ++b) client.open({static_cast<std::uint64_t>(b), L, K, D, dt}).get();
+  for (int l = 0; l < L; ++l) {
+    std::vector<std::future<void>> pending;
+    std::vector<std::vector<std::byte>> keep;
+    for (int b = 0; b < B; ++b) {
+      if (ctx == 0) continue;
+      auto k = randn(static_cast<std::size_t>(ctx) * row, 1.0f), v = randn(static_cast<std::size_t>(ctx) * row, 1.0f);
+      keep.push_back(to_dtype(k));
+      keep.push_back(to_dtype(v));
+      pending.push_back(client.append(static_cast<std::uint64_t>(b), l, keep[keep.size() - 2].data(), keep.back().data(), ctx));
+      if (check) {
+        kcache[l][b] = std::move(k);
+        vcache[l][b] = std::move(v);
+      }
+    }
+    for (auto& p : pending) p.get();
+  }
+  const double prefill_s = std::chrono::duration<double>(Clock::now() - t_prefill).count();
+
+  std::unique_ptr<AttentionBackend> local;
+  if (check) local = make_backend("cpu", DeviceKind::cpu);
+  std::vector<float> x = randn(static_cast<std::size_t>(B) * hidden, 1.0f);
+  std::vector<offload::DecodeQuery> queries;
+  for (int b = 0; b < B; ++b) queries.push_back({static_cast<std::uint64_t>(b), 1});
+
+  const auto s0 = client.stats();
+  double attn_s = 0, max_err = 0;
+  std::vector<float> q, kk, vv, o(static_cast<std::size_t>(B) * H * D), lse(static_cast<std::size_t>(B) * H), y;
+  const auto t_decode = Clock::now();
+  for (int step = 0; step < steps; ++step) {
+    for (int l = 0; l < L; ++l) {
+      auto& W = layers[static_cast<std::size_t>(l)];
+      matmul(x, W.wq, q, B, hidden, H * D);
+      matmul(x, W.wk, kk, B, hidden, K * D);
+      matmul(x, W.wv, vv, B, hidden, K * D);
+      const auto kraw = to_dtype(kk), vraw = to_dtype(vv);
+      const auto ta = Clock::now();
+      std::vector<std::future<void>> app;
+      for (int b = 0; b < B; ++b)
+        app.push_back(client.append(static_cast<std::uint64_t>(b), l, kraw.data() + b * row * dtype_size(dt),
+                                    vraw.data() + b * row * dtype_size(dt), 1));
+      for (auto& a : app) a.get();
+      client.attend(l, H, D, queries, q.data(), o.data(), lse.data()).get();
+      attn_s += std::chrono::duration<double>(Clock::now() - ta).count();
+
+      if (check) {
+        // Local attention over the same KV with the cpu backend (f32 copies of the KV values).
+        std::vector<float> kd, vd, ro(o.size()), rl(lse.size());
+        std::vector<std::int32_t> cu_q{0}, cu_k{0};
+        for (int b = 0; b < B; ++b) {
+          auto& kc = kcache[l][b];
+          auto& vc = vcache[l][b];
+          kc.insert(kc.end(), kk.begin() + static_cast<std::ptrdiff_t>(b * row), kk.begin() + static_cast<std::ptrdiff_t>((b + 1) * row));
+          vc.insert(vc.end(), vv.begin() + static_cast<std::ptrdiff_t>(b * row), vv.begin() + static_cast<std::ptrdiff_t>((b + 1) * row));
+          kd.insert(kd.end(), kc.begin(), kc.end());
+          vd.insert(vd.end(), vc.begin(), vc.end());
+          cu_q.push_back(b + 1);
+          cu_k.push_back(static_cast<std::int32_t>(kd.size() / row));
+        }
+        AttentionArgs a;
+        const std::int64_t tk = static_cast<std::int64_t>(kd.size() / row);
+        a.q = TensorView(q.data(), DType::f32, {B, H, D});
+        a.k = TensorView(kd.data(), DType::f32, {tk, K, D});
+        a.v = TensorView(vd.data(), DType::f32, {tk, K, D});
+        a.cu_seqlens_q = cu_q.data();
+        a.cu_seqlens_k = cu_k.data();
+        a.batch = B;
+        local->forward(a, {TensorView(ro.data(), DType::f32, {B, H, D}), TensorView(rl.data(), DType::f32, {H, B})});
+        for (std::size_t i = 0; i < o.size(); ++i) max_err = std::max(max_err, static_cast<double>(std::abs(o[i] - ro[i])));
+        for (std::size_t i = 0; i < lse.size(); ++i) max_err = std::max(max_err, static_cast<double>(std::abs(lse[i] - rl[i])));
+      }
+      matmul(o, W.wo, y, B, H * D, hidden);
+      for (int b = 0; b < B; ++b) {
+        float ss = 0;
+        float* xb = &x[static_cast<std::size_t>(b) * hidden];
+        for (int i = 0; i < hidden; ++i) {
+          xb[i] += y[static_cast<std::size_t>(b) * hidden + i];
+          ss += xb[i] * xb[i];
+        }
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + 1e-6f);
+        for (int i = 0; i < hidden; ++i) xb[i] *= inv;
+      }
+    }
+  }
+  const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
+  const auto s1 = client.stats();
+  for (int b = 0; b < B; ++b) client.drop(static_cast<std::uint64_t>(b)).get();
+
+  const double tokens_per_s = static_cast<double>(B) * steps / decode_s;
+  std::printf("offload_decode: %zu server(s), %d layers, batch %d, context %lld + %d steps, %d/%d heads x %d, %s KV\n", co.servers.size(), L, B,
+              static_cast<long long>(ctx), steps, H, K, D, to_string(dt));
+  std::printf("  prefill %.3f s; decode %.3f s: %.1f tokens/s; attention %.3f ms per step (all layers)\n", prefill_s, decode_s, tokens_per_s,
+              attn_s * 1e3 / steps);
+  std::printf("  per step: %.1f KiB sent, %.1f KiB received%s\n", static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps / 1024,
+              static_cast<double>(s1.bytes_received - s0.bytes_received) / steps / 1024,
+              check ? fmt::format("; max |error| vs local attention {:.3g}", max_err).c_str() : "");
+  std::printf("RESULT {\"program\":\"offload_decode\",\"servers\":%zu,\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,"
+              "\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\",\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"tokens_per_s\":%.3f,"
+              "\"attention_ms_per_step\":%.4f,\"bytes_sent_per_step\":%.1f,\"bytes_received_per_step\":%.1f,\"retries\":%llu,"
+              "\"checked\":%s,\"max_error\":%.6g}\n",
+              co.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D, to_string(dt), static_cast<long long>(co.shard_tokens), prefill_s,
+              tokens_per_s, attn_s * 1e3 / steps, static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps,
+              static_cast<double>(s1.bytes_received - s0.bytes_received) / steps, static_cast<unsigned long long>(s1.retries - s0.retries),
+              check ? "true" : "false", check ? max_err : 0.0);
+  if (check && !(max_err < 1e-3)) {
+    std::fprintf(stderr, "offload_decode: error: offloaded attention differs from local attention by %.3g\n", max_err);
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const longattn::Error& e) {
+    std::fprintf(stderr, "offload_decode: error (%s): %s\n", longattn::to_string(e.code()), e.what());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "offload_decode: error: %s\n", e.what());
+  }
+  return 1;
+}
