@@ -3,8 +3,10 @@
 // the wire format). SIGTERM/SIGINT: finish in-flight requests, refuse new ones, exit 0 with a
 // RESULT {json} line.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -96,6 +98,13 @@ long to_int(const std::map<std::string, std::string>& kv, const std::string& k, 
 
 int main(int argc, char** argv) {
   using namespace longattn;
+  // OpenMP threads that spin between kernel calls take the cores the network threads need (and,
+  // on a shared host, everyone else's). libgomp reads OMP_WAIT_POLICY once, before main, so
+  // unless the operator chose a policy, run again with the passive one.
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    ::setenv("OMP_WAIT_POLICY", "passive", 1);
+    ::execv("/proc/self/exe", argv);  // on failure, carry on with the default policy
+  }
   try {
     std::map<std::string, std::string> cli;
     for (int i = 1; i < argc; ++i) {
