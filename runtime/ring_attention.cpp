@@ -60,7 +60,7 @@ struct RingAttention::Impl {
   } shape;
   std::unique_ptr<DeviceBuffer> kv_buf[2];     // [k | v] of an incoming shard, input dtype
   std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;  // f32
-  std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in[2];  // f32
+  std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in;  // f32
 
   Impl(Communicator& c, ShardPlan p, RingOptions o, std::unique_ptr<AttentionBackend> b)
       : comm(c), plan(std::move(p)), opt(std::move(o)), backend(std::move(b)), rank(c.rank()), world(c.size()) {
@@ -120,7 +120,7 @@ struct RingAttention::Impl {
       need(delta, n * static_cast<std::size_t>(s.hq) * 4);
       need(dq_acc, q_elems * 4);
       for (auto& b : grad_buf) need(b, 2 * kv_elems * 4);
-      for (auto& b : grad_in) need(b, 2 * kv_elems * 4);
+      need(grad_in, 2 * kv_elems * 4);
     }
     shape = s;
   }
@@ -270,7 +270,7 @@ struct RingAttention::Impl {
       TensorView gv(static_cast<float*>(buf.data()) + half, DType::f32, {m, s.hkv, s.d}, dev);
       return std::pair{gk, gv};
     };
-    auto grad_bytes = [&](int src) { return 2 * grad_views(*grad_in[0], src).first.bytes(); };
+    auto grad_bytes = [&](int src) { return 2 * grad_views(*grad_in, src).first.bytes(); };
 
     // Step s posts one batch: the key/value shard for step s+1, the gradient this rank computed at
     // step s-1 (to the next rank) and the partial gradient of the shard it computes now (from the
@@ -282,7 +282,9 @@ struct RingAttention::Impl {
     for (int step = 0; step < world; ++step) {
       const int src = (rank - step + world) % world;
       const int next_src = (rank - step - 1 + 2 * world) % world;
-      DeviceBuffer& incoming = *grad_in[step % 2];
+      // One incoming buffer suffices: the batch that refills it is posted after this step's add_into
+      // was queued, and stream order (or the host wait on CPUs) keeps them apart.
+      DeviceBuffer& incoming = *grad_in;
       std::vector<P2POp> ops;
       if (step + 1 < world) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], next_src);
       if (step > 0) {
@@ -331,7 +333,7 @@ struct RingAttention::Impl {
     // After P steps our own shard's gradient comes home from the previous rank.
     DeviceBuffer* home = grad_buf[(world - 1) % 2].get();
     if (world > 1) {
-      DeviceBuffer& incoming = *grad_in[world % 2];
+      DeviceBuffer& incoming = *grad_in;
       Request last = post({{P2POp::Kind::send, grad_buf[(world - 1) % 2]->data(), grad_bytes(sent_src), next, kTagGrad},
                            {P2POp::Kind::recv, incoming.data(), grad_bytes(rank), prev, kTagGrad}});
       stats.bytes_sent += grad_bytes(sent_src);
