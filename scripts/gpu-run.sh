@@ -29,7 +29,7 @@ if ! configure "$SRC"; then
   configure /tmp/longattn-src || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
 start=$(date +%s)
-if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench > "$OUT/build.log" 2>&1; then
+if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench ring_attention > "$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -30
   exit 1
 fi
@@ -40,6 +40,12 @@ echo "build: $(( $(date +%s) - start )) s"
 test_rc=$?
 grep -E "^\[  (PASSED|FAILED|SKIPPED) \]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
 echo "test_gpu exit code: $test_rc"
+# The distributed job end to end on this one GPU (NCCL ring of one rank, cuda backend).
+if [ -x "$BUILD/bin/ring_attention" ]; then
+  mpirun --allow-run-as-root -np 1 "$BUILD/bin/ring_attention" --device cuda --backend cuda --seq-len 4096 --heads 8 \
+    --kv-heads 2 --head-dim 128 --causal --backward --check > "$OUT/ring_attention.log" 2>&1
+  echo "ring_attention --device cuda (1 rank) exit code: $?"; grep -E "RESULT|error|check" "$OUT/ring_attention.log" | tail -3 | cut -c1-400
+fi
 [ "$MODE" = test ] && exit $test_rc
 
 SEQS=8192,32768,131072

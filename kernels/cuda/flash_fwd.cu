@@ -110,12 +110,6 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
     // Mask: the tail tile of a sequence always, causal tiles that straddle the diagonal.
     const bool partial = tiles.mask(n, lane) == TileMask::partial;
     const bool tail = kn0 + kBN > len_k;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int t = 0; t < kBN / 8; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[mt][t][i] *= scale_log2;
     if (partial || tail) {
 #pragma unroll
       for (int t = 0; t < kBN / 8; ++t) {
@@ -133,7 +127,8 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
       }
     }
 
-    // Online softmax (log2 domain); rows are shared by the 4 lanes of a quad.
+    // Online softmax; rows are shared by the 4 lanes of a quad. row_max holds the raw (unscaled)
+    // maximum; exponents are scale*log2(e)*(s - max), one FFMA per score.
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -143,14 +138,14 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
         for (int t = 0; t < kBN / 8; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_use = mx == -INFINITY ? 0.0f : mx;
-        const float alpha = exp2f(row_max[mt][r] - m_use);
+        const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
+        const float alpha = fast_exp2(row_max[mt][r] * scale_log2 - m_scaled);
         row_max[mt][r] = mx;
         float sum = 0.0f;
 #pragma unroll
         for (int t = 0; t < kBN / 8; ++t) {
-          s[mt][t][2 * r] = exp2f(s[mt][t][2 * r] - m_use);
-          s[mt][t][2 * r + 1] = exp2f(s[mt][t][2 * r + 1] - m_use);
+          s[mt][t][2 * r] = fast_exp2(fmaf(s[mt][t][2 * r], scale_log2, -m_scaled));
+          s[mt][t][2 * r + 1] = fast_exp2(fmaf(s[mt][t][2 * r + 1], scale_log2, -m_scaled));
           sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
         }
         row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
@@ -210,7 +205,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
       for (int dt = 0; dt < D / 8; ++dt)
         store_pair<T>(p.o, p.o_dtype, obase + dt * 8, acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
       if (lane % 4 == 0)
-        p.lse[static_cast<std::int64_t>(h) * p.tq + tok] = sum > 0.0f ? (row_max[mt][r] + log2f(sum)) * kLn2 : -INFINITY;
+        p.lse[static_cast<std::int64_t>(h) * p.tq + tok] = sum > 0.0f ? row_max[mt][r] * p.scale + log2f(sum) * kLn2 : -INFINITY;
     }
 }
 
