@@ -1,0 +1,22 @@
+# Installs the built tree into a scratch prefix, then configures, builds and runs a consumer
+# project that uses find_package(longattn). Arguments: -DBUILD=<build dir> -DSOURCE=<tests/install>
+set(prefix ${BUILD}/test-install/prefix)
+set(consumer ${BUILD}/test-install/consumer)
+file(REMOVE_RECURSE ${BUILD}/test-install)
+execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD} --prefix ${prefix} RESULT_VARIABLE rc OUTPUT_QUIET)
+if(rc)
+  message(FATAL_ERROR "cmake --install failed (${rc})")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE}/consumer -B ${consumer} -DCMAKE_PREFIX_PATH=${prefix}
+                RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "configuring the consumer with find_package(longattn) failed")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${consumer} RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "building the consumer against the installed longattn failed")
+endif()
+execute_process(COMMAND ${consumer}/consumer RESULT_VARIABLE rc)
+if(rc)
+  message(FATAL_ERROR "the consumer program failed (${rc})")
+endif()
