@@ -88,7 +88,7 @@ using namespace cuda;
 
 class CudaBackend final : public AttentionBackend {
  public:
-  CudaBackend() { LONGATTN_CUDA_CHECK(cudaGetDevice(&device_)); }
+  explicit CudaBackend(bool deterministic) : deterministic_(deterministic) { LONGATTN_CUDA_CHECK(cudaGetDevice(&device_)); }
   std::string name() const override { return "cuda"; }
   Device device() const override { return {DeviceKind::cuda, device_}; }
 
@@ -132,7 +132,22 @@ class CudaBackend final : public AttentionBackend {
     p.grad_dtype_k = g.dk.dtype;
     p.grad_dtype_v = g.dv.dtype;
     p.accumulate = g.accumulate;
+    p.deterministic = deterministic_;
     void* tmp = nullptr;
+    void* dq_tmp = nullptr;
+    const std::size_t dq_bytes = static_cast<std::size_t>(g.dq.numel()) * sizeof(float);
+    if (!deterministic_) {
+      // Atomic dQ sums into fp32: the caller's fp32 dq directly (zeroed unless accumulating), or a
+      // zeroed fp32 buffer converted to the caller's dtype afterwards.
+      if (g.dq.dtype == DType::f32) {
+        p.dq_accum = g.dq.as<float>();
+        if (!g.accumulate && dq_bytes) LONGATTN_CUDA_CHECK(cudaMemsetAsync(p.dq_accum, 0, dq_bytes, st));
+      } else {
+        LONGATTN_CUDA_CHECK(cudaMallocAsync(&dq_tmp, std::max<std::size_t>(dq_bytes, 16), st));
+        if (dq_bytes) LONGATTN_CUDA_CHECK(cudaMemsetAsync(dq_tmp, 0, dq_bytes, st));
+        p.dq_accum = static_cast<float*>(dq_tmp);
+      }
+    }
     if (g.delta.empty()) {
       LONGATTN_CUDA_CHECK(cudaMallocAsync(&tmp, std::max<std::size_t>(1, s.tq * s.hq * sizeof(float)), st));
       launch_compute_delta(g.o.data, g.o.dtype, g.d_o.data, g.d_o.dtype, static_cast<float*>(tmp), s.tq, s.hq, s.d, st);
@@ -141,6 +156,10 @@ class CudaBackend final : public AttentionBackend {
       p.delta = g.delta.as<const float>();
     }
     flash_backward(p, st);
+    if (dq_tmp) {
+      launch_convert(g.dq.data, g.dq.dtype, dq_tmp, DType::f32, g.dq.numel(), st);
+      LONGATTN_CUDA_CHECK(cudaFreeAsync(dq_tmp, st));
+    }
     if (tmp) LONGATTN_CUDA_CHECK(cudaFreeAsync(tmp, st));
   }
 
@@ -193,6 +212,7 @@ class CudaBackend final : public AttentionBackend {
                          lp.numel() == la.numel(),
                      "merge_into: lse_acc {} and lse_part {} must be fp32 [H, T]", la.describe(), lp.describe());
   }
+  bool deterministic_ = false;
   int device_ = 0;
 };
 
@@ -203,6 +223,7 @@ bool cuda_device_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-std::unique_ptr<AttentionBackend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+std::unique_ptr<AttentionBackend> make_cuda_backend() { return std::make_unique<CudaBackend>(false); }
+std::unique_ptr<AttentionBackend> make_cuda_backend_deterministic() { return std::make_unique<CudaBackend>(true); }
 
 }  // namespace longattn::kernels

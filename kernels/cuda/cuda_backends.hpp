@@ -10,6 +10,9 @@ namespace longattn::kernels {
 // True when the CUDA runtime sees at least one device.
 bool cuda_device_available();
 std::unique_ptr<AttentionBackend> make_cuda_backend();
+// Backward without atomics (a separate dQ kernel; bit-identical across runs, about
+// 1.3x slower). The registry's "cuda" is the default, atomic dQ mode.
+std::unique_ptr<AttentionBackend> make_cuda_backend_deterministic();
 
 // False when built without cuDNN or when no device is present.
 bool cudnn_backend_available();

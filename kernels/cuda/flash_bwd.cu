@@ -5,7 +5,10 @@
 //  - dQ: one block per (128-query tile, head, sequence), the forward's walk over key tiles,
 //    recomputing P and dS and accumulating dQ = dS K.
 // Recomputing the scores twice costs 7 instead of 5 tile products, but no gradient is ever summed
-// by atomics: the result is bit-identical from run to run and `accumulate` is a plain add.
+// by atomics: the result is bit-identical from run to run and `accumulate` is a plain add. That is
+// the deterministic mode. The default mode skips the dQ kernel: the dK/dV kernel stages dS of each
+// step in shared memory and adds dQ += dS K into an fp32 buffer with atomics (FlashAttention-2's
+// scheme), 5 tile products per step, run-to-run differences at fp32 rounding level.
 #include <cmath>
 
 #include "kernels/cuda/cuda_check.hpp"
@@ -197,7 +200,7 @@ __global__ void __launch_bounds__(BwdQTile<D>::kThreads, 1) flash_bwd_dq_kernel(
 
 // ---------------------------------------------------------------------------------------------
 // dK, dV
-template <class T, int D, bool kHasPos>
+template <class T, int D, bool kHasPos, bool kAtomicDQ>
 __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kernel(const FlashParams p) {
   using Tile = BwdKVTile<D>;
   constexpr int kBN = Tile::kBN, kBM = Tile::kBMq, kNT = Tile::kThreads;
@@ -209,6 +212,7 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kBM * D);  // [2][kBM], log2 domain
   float* sDelta = sLse + 2 * kBM;                               // [2][kBM]
   int* sQpos = reinterpret_cast<int*>(sDelta + 2 * kBM);        // [2][kBM]
+  T* sdS = reinterpret_cast<T*>(sQpos + 2 * kBM);               // [kBM][kBN] dS of the step (atomic dQ)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int hk = blockIdx.y, b = blockIdx.z;
@@ -337,6 +341,18 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
       }
     }
 
+    if constexpr (kAtomicDQ) {
+      // Stage dS (queries x keys) for dQ += dS K; element (q, key) of a swizzled kBM x kBN tile.
+#pragma unroll
+      for (int j = 0; j < kBM / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int key = warp * 16 + lane / 4 + (i >= 2 ? 8 : 0);
+          const int q = j * 8 + (lane % 4) * 2 + (i & 1);
+          sdS[SwizzledTile<kBN>::offset(q, key / 8) + key % 8] = Pack<T>::from_float(dp[j][i]);
+        }
+    }
+
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
       std::uint32_t ap[4], ads[4];
@@ -358,6 +374,43 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
         mma16816<T>(dv[2 * j + 1], ap, bo + 2);
         mma16816<T>(dk[2 * j], ads, bq);
         mma16816<T>(dk[2 * j + 1], ads, bq + 2);
+      }
+    }
+    if constexpr (kAtomicDQ) {
+      // dQ (kBM x D) += dS (kBM x kBN) K (kBN x D): warp w takes m-tile w % kMTiles and 4 n-tiles.
+      constexpr int kMTiles = kBM / 16;
+      static_assert(kMTiles * (D / 32) == Tile::kWarps, "dQ work split assumes one m-tile x 32 columns per warp");
+      __syncthreads();  // dS of every warp is staged
+      const int mt = warp % kMTiles, ng = warp / kMTiles;
+      float acc[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        std::uint32_t a[4];
+        ldmatrix_x4(a, smem_addr(sdS + SwizzledTile<kBN>::offset(mt * 16 + lane % 16, 2 * kk + lane / 16)));
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+          std::uint32_t bf[4];
+          ldmatrix_x4_trans(bf, smem_addr(sK + SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 4 * ng + 2 * jp + lane / 16)));
+          mma16816<T>(acc[2 * jp], a, bf);
+          mma16816<T>(acc[2 * jp + 1], a, bf + 2);
+        }
+      }
+      const int h = hk * group + g;
+      const int m0 = t * kBM;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + mt * 16 + lane / 4 + 8 * r;
+        if (row >= len_q) continue;
+        float* dst = p.dq_accum + (q_start + row) * q_stride + static_cast<std::int64_t>(h) * D + ng * 32 + (lane % 4) * 2;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          atomicAdd(dst + nt * 8, acc[nt][2 * r]);
+          atomicAdd(dst + nt * 8 + 1, acc[nt][2 * r + 1]);
+        }
       }
     }
     buf ^= 1;
@@ -384,10 +437,12 @@ void launch_bwd(const FlashParams& p, cudaStream_t stream) {
   const bool pos = p.pos_q || p.pos_k;
   {
     using Tile = BwdKVTile<D>;
-    const int smem = (2 * Tile::kBN + 4 * Tile::kBMq) * D * static_cast<int>(sizeof(T)) + 6 * Tile::kBMq * 4;
+    const int smem = (2 * Tile::kBN + 4 * Tile::kBMq) * D * static_cast<int>(sizeof(T)) + 6 * Tile::kBMq * 4 +
+                     (p.deterministic ? 0 : Tile::kBMq * Tile::kBN * static_cast<int>(sizeof(T)));
     dim3 grid((p.max_len_k + Tile::kBN - 1) / Tile::kBN, p.hkv, p.batch);
     if (grid.x > 0) {
-      auto kernel = pos ? flash_bwd_dkdv_kernel<T, D, true> : flash_bwd_dkdv_kernel<T, D, false>;
+      auto kernel = p.deterministic ? (pos ? flash_bwd_dkdv_kernel<T, D, true, false> : flash_bwd_dkdv_kernel<T, D, false, false>)
+                                    : (pos ? flash_bwd_dkdv_kernel<T, D, true, true> : flash_bwd_dkdv_kernel<T, D, false, true>);
       LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
       LONGATTN_CUDA_CHECK_LAUNCH();
@@ -397,7 +452,7 @@ void launch_bwd(const FlashParams& p, cudaStream_t stream) {
     using Tile = BwdQTile<D>;
     const int smem = (2 * Tile::kBM + 4 * Tile::kBN) * D * static_cast<int>(sizeof(T));
     dim3 grid((p.max_len_q + Tile::kBM - 1) / Tile::kBM, p.hq, p.batch);
-    if (grid.x > 0) {
+    if (grid.x > 0 && p.deterministic) {
       auto kernel = pos ? flash_bwd_dq_kernel<T, D, true> : flash_bwd_dq_kernel<T, D, false>;
       LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       kernel<<<grid, Tile::kThreads, smem, stream>>>(p);

@@ -34,11 +34,15 @@ struct FlashParams {
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
   DType grad_dtype_q = DType::f32, grad_dtype_k = DType::f32, grad_dtype_v = DType::f32;
   bool accumulate = false;
+  // false: dQ is summed by fp32 atomics into dq_accum (zeroed or holding the values to add to) from
+  // the dK/dV kernel, 5 tile products per step; true: a separate dQ kernel, no atomics, 7 products.
+  bool deterministic = false;
+  float* dq_accum = nullptr;  // [Tq, Hq, D] fp32, only when !deterministic
 };
 
 void flash_forward(const FlashParams& p, cudaStream_t stream);
-// Deterministic: one kernel owns each dK/dV row block (summing the GQA group in order), another
-// each dQ row block; no atomics anywhere.
+// dK/dV: one kernel owns each key block (summing the GQA group in order, no atomics). dQ: see
+// FlashParams::deterministic.
 void flash_backward(const FlashParams& p, cudaStream_t stream);
 
 // Element-wise helpers (elementwise.cu).

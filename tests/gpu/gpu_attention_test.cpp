@@ -1,7 +1,8 @@
 // The GPU backends ("cuda", and "cudnn" where built) against the double-precision CPU reference:
 // forward and backward, odd and varlen sizes (empty and one-token sequences), head dims 64/128,
 // GQA/MQA, causal by explicit positions (ring-step views), bf16/fp16; outputs poisoned with NaN
-// before every run; accumulate mode; bit-identical backward across runs (deterministic mode).
+// before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
+// bit-identical across runs.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "kernels/cpu_kernels.hpp"
+#include "kernels/cuda/cuda_backends.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/error.hpp"
 #include "gpu/gpu_test_util.hpp"
@@ -83,15 +85,16 @@ class GpuVsReference : public ::testing::TestWithParam<std::tuple<std::string, C
 TEST_P(GpuVsReference, ForwardAndBackward) {
   LONGATTN_SKIP_WITHOUT_GPU();
   const auto& [backend_name, c] = GetParam();
+  const bool det = backend_name == "cuda-deterministic";
   const auto available = available_backends();
-  if (std::find(available.begin(), available.end(), backend_name) == available.end())
+  if (!det && std::find(available.begin(), available.end(), backend_name) == available.end())
     GTEST_SKIP() << "backend " << backend_name << " is not available in this build/machine";
   const auto seed = test::fresh_seed();
   SCOPED_TRACE(fmt::format("seed {}", seed));
   std::mt19937_64 rng(seed);
   auto p = make_problem(rng, c);
   const auto tq = p.cu_q.back(), tk = p.cu_k.back();
-  auto backend = make_backend(backend_name, DeviceKind::cuda);
+  auto backend = det ? kernels::make_cuda_backend_deterministic() : make_backend(backend_name, DeviceKind::cuda);
 
   DeviceTensor q(p.q), k(p.k), v(p.v), d_o(p.d_o);
   DeviceInts cu_q(p.cu_q), cu_k(p.cu_k), pos_q(p.pos_q), pos_k(p.pos_k);
@@ -157,7 +160,7 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
     auto dv2 = DeviceTensor::poisoned(DType::f32, {tk, c.hkv, c.d});
     backend->backward(a, {o_dev.view, lse_dev.view, d_o.view, {}, dq2.view, dk2.view, dv2.view, false});
     GPU_OK(cudaDeviceSynchronize());
-    if (backend_name == "cuda") {
+    if (det) {
       EXPECT_EQ(0, std::memcmp(dq.to_host().view.data, dq2.to_host().view.data, dq.view.bytes())) << "dq not deterministic";
       EXPECT_EQ(0, std::memcmp(dk.to_host().view.data, dk2.to_host().view.data, dk.view.bytes())) << "dk not deterministic";
     }
@@ -199,8 +202,8 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cudnn"), ::testing::ValuesIn(cases())),
-                         [](const auto& tp) { return std::get<0>(tp.param) + "_" + name(std::get<1>(tp.param)); });
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cudnn"), ::testing::ValuesIn(cases())),
+                         [](const auto& tp) { return (std::get<0>(tp.param) == "cuda-deterministic" ? std::string("cuda_det") : std::get<0>(tp.param)) + "_" + name(std::get<1>(tp.param)); });
 
 TEST(GpuBackend, RefusesHostTensorsAndOtherHeadDims) {
   LONGATTN_SKIP_WITHOUT_GPU();
