@@ -5,6 +5,7 @@
 //          --layout zigzag --causal --backward --check
 //
 // Ends with one line: RESULT {json}.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -78,6 +79,12 @@ Options parse(const examples::Flags& f) {
   o.check = f.flag("check");
 
   o.backend = f.str("backend", "auto");
+  {
+    const auto names = available_backends();
+    if (o.backend != "auto" && std::find(names.begin(), names.end(), o.backend) == names.end())
+      throw Error(ErrorCode::invalid_argument,
+                  fmt::format("unknown or unavailable backend '{}'; here: auto, {}", o.backend, fmt::join(names, ", ")));
+  }
   const std::string device = f.str("device", nccl_available() ? "cuda" : "cpu");
   if (device == "cuda") {
     if (!nccl_available())
