@@ -33,6 +33,7 @@ struct ShardMeta {
   std::unique_ptr<DeviceBuffer> positions;   // int32 [tokens] on the backend's device
   std::unique_ptr<DeviceBuffer> cu_seqlens;  // int32 [batch + 1] on the backend's device
   std::vector<std::int32_t> min_pos, max_pos;  // per sequence; empty sequence => min > max
+  int max_len = 1;  // longest local piece of a sequence: the kernels' grid hint (avoids a readback)
 };
 
 TensorView view_of(DeviceBuffer& buf, DType t, std::initializer_list<std::int64_t> dims, Device dev) {
@@ -80,6 +81,7 @@ struct RingAttention::Impl {
         const auto lo = s.cu_seqlens[seq], hi = s.cu_seqlens[seq + 1];
         m.min_pos.push_back(lo < hi ? s.positions[lo] : std::numeric_limits<std::int32_t>::max());
         m.max_pos.push_back(lo < hi ? s.positions[hi - 1] : -1);
+        m.max_len = std::max(m.max_len, hi - lo);
       }
     }
   }
@@ -147,6 +149,8 @@ struct RingAttention::Impl {
     a.batch = plan.batch();
     a.cu_seqlens_q = static_cast<const std::int32_t*>(of(rank).cu_seqlens->data());
     a.cu_seqlens_k = static_cast<const std::int32_t*>(of(src).cu_seqlens->data());
+    a.max_seqlen_q = of(rank).max_len;
+    a.max_seqlen_k = of(src).max_len;
     a.q_positions = static_cast<const std::int32_t*>(of(rank).positions->data());
     a.k_positions = static_cast<const std::int32_t*>(of(src).positions->data());
     a.causal = opt.causal;
