@@ -100,6 +100,13 @@ std::unique_ptr<Communicator> make_mpi_world_communicator();
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator& host);
 bool nccl_available();
 
+// In-process communicators for `ranks` ranks run as threads of one process (tests, experiments on
+// one machine): element r is rank r. Host mode copies at once; stream-ordered mode (needs CUDA)
+// copies device memory on a stream after both sides' streams reached the call, and completes
+// through events, with the same semantics as the NCCL communicator. Each rank's object must be
+// used by one thread; all of them must outlive their use.
+std::vector<std::unique_ptr<Communicator>> make_local_communicators(int ranks, bool stream_ordered = false);
+
 // Throws Error(invalid_argument) on every rank, naming the ranks that disagree, when `value`
 // differs between ranks. Cheap (two integer reductions) when they agree: call it on arguments
 // that every rank must share before starting collective work.

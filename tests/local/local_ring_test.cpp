@@ -1,0 +1,94 @@
+// Ranks as threads of one process (make_local_communicators): the communicator's semantics, and
+// ring attention with P = 1..5 against the reference, without mpirun.
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "longattn/communicator.hpp"
+#include "longattn/error.hpp"
+#include "support/ring_check.hpp"
+#include "support/test_util.hpp"
+
+namespace longattn {
+namespace {
+
+// Runs fn(comm) on one thread per rank and joins them.
+template <class Fn>
+void on_ranks(int ranks, Fn fn) {
+  auto comms = make_local_communicators(ranks);
+  std::vector<std::thread> threads;
+  for (auto& c : comms) threads.emplace_back([&fn, &c] { fn(*c); });
+  for (auto& t : threads) t.join();
+}
+
+TEST(LocalCommunicator, PointToPointCollectivesAndSplit) {
+  on_ranks(4, [](Communicator& c) {
+    const int r = c.rank(), p = c.size();
+    std::vector<int> out(1000, r), in(1000, -1);
+    auto rq = c.irecv(in.data(), in.size() * 4, (r + p - 1) % p, 3);
+    auto sq = c.isend(out.data(), out.size() * 4, (r + 1) % p, 3);
+    rq->wait();
+    sq->wait();
+    EXPECT_EQ(in[999], (r + p - 1) % p);
+    std::int64_t sum = r;
+    c.allreduce(&sum, 1, ReduceType::i64, ReduceOp::sum);
+    EXPECT_EQ(sum, 6);
+    double mx = r * 1.5;
+    c.allreduce(&mx, 1, ReduceType::f64, ReduceOp::max);
+    EXPECT_EQ(mx, 4.5);
+    int root_value = r == 2 ? 77 : 0;
+    c.broadcast(&root_value, 4, 2);
+    EXPECT_EQ(root_value, 77);
+    auto sub = c.split(r % 2, -r);  // reverse order by key
+    EXPECT_EQ(sub->size(), 2);
+    EXPECT_EQ(sub->rank(), r < 2 ? 1 : 0);
+    std::int64_t s = r;
+    sub->allreduce(&s, 1, ReduceType::i64, ReduceOp::sum);
+    EXPECT_EQ(s, r % 2 == 0 ? 2 : 4);
+    c.barrier();
+  });
+}
+
+TEST(LocalCommunicator, SizeMismatchAndMissingPeerAreErrors) {
+  on_ranks(2, [](Communicator& c) {
+    int buf[4] = {1, 2, 3, 4};
+    if (c.rank() == 0) {
+      EXPECT_THROW(c.isend(buf, 16, 1, 9)->wait(), Error);
+    } else {
+      EXPECT_THROW(c.irecv(buf, 8, 0, 9)->wait(), Error);
+    }
+    c.barrier();
+  });
+  setenv("LONGATTN_COMM_TIMEOUT_S", "1", 1);
+  auto comms = make_local_communicators(2);
+  int x = 0;
+  try {
+    comms[0]->irecv(&x, 4, 1, 5)->wait();
+    FAIL() << "no timeout";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::timeout);
+  }
+  unsetenv("LONGATTN_COMM_TIMEOUT_S");
+}
+
+class LocalRing : public ::testing::TestWithParam<std::tuple<int, Layout>> {};
+
+TEST_P(LocalRing, MatchesReference) {
+  const auto [ranks, layout] = GetParam();
+  const auto seed = test::fresh_seed();
+  on_ranks(ranks, [&](Communicator& c) {
+    test::check_ring_against_reference(c, {layout, true, {0, 0, 1, 77, 190}, 4, 2, 32, DType::f32}, seed);
+    test::check_ring_against_reference(c, {layout, false, {0, 101}, 2, 1, 64, DType::bf16}, seed + 1);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(All, LocalRing,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 5),
+                                            ::testing::Values(Layout::contiguous, Layout::zigzag, Layout::striped)),
+                         [](const auto& param_info) {
+                           return std::string(to_string(std::get<1>(param_info.param))) + "_P" +
+                                  std::to_string(std::get<0>(param_info.param));
+                         });
+
+}  // namespace
+}  // namespace longattn

@@ -1,0 +1,31 @@
+// One ring-attention check shared by the MPI, in-process (threads) and GPU suites: every rank
+// builds the same random global batch, runs the ring forward and backward on its shard with the
+// given backend, and compares its rows with the single-process double-precision reference.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "longattn/communicator.hpp"
+#include "longattn/layout.hpp"
+#include "longattn/tensor.hpp"
+
+namespace longattn::test {
+
+struct RingCase {
+  Layout layout;
+  bool causal;
+  std::vector<std::int32_t> cu;  // global batch
+  int hq, hkv, d;
+  DType dtype;
+};
+
+std::string describe(const RingCase& c);
+
+// Collective over `comm`; records gtest failures (never returns early before a collective).
+// `seed` must be the same on every rank. `stream` is the compute stream for GPU backends.
+void check_ring_against_reference(Communicator& comm, const RingCase& c, std::uint64_t seed,
+                                  const std::string& backend = "cpu", DeviceKind device = DeviceKind::cpu,
+                                  void* stream = nullptr);
+
+}  // namespace longattn::test
