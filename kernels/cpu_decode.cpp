@@ -32,7 +32,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int BT = kDecodeBlockTokens;
 // How far ahead to prefetch: 4 blocks of 16 tokens = 16 KiB of K+V at head_dim 128 bf16, about
 // the bytes in flight one core needs to cover DRAM latency (~100 ns x ~10 GB/s x 2 for safety).
-constexpr int kPrefetchBlocks = 4;
+constexpr int kPrefetchBlocks = 2;
 // Query rows per register tile: 8 accumulators + a K/V slice + temporaries fit AVX2's 16 registers.
 constexpr int RB = 8;
 
@@ -183,16 +183,26 @@ template <int W, class T, int RT>
   using F = typename Vec<W>::f;
   for (int j = 0; j < n; ++j) {
     const T* kj = kbase + static_cast<std::size_t>(j) * D;
-    F sa[RT];
+    // Two accumulators per row (even and odd slices) halve the FMA dependency chains.
+    F sa[RT], sb[RT];
 #pragma GCC unroll 8
-    for (int i = 0; i < RT; ++i) sa[i] = splat<W>(0.0f);
-    for (int x = 0; x < NS; ++x) {
-      const F kv = load<W>(kj + x * W);
+    for (int i = 0; i < RT; ++i) sa[i] = sb[i] = splat<W>(0.0f);
+    int x = 0;
+    for (; x + 1 < NS; x += 2) {
+      const F k0 = load<W>(kj + x * W), k1 = load<W>(kj + (x + 1) * W);
 #pragma GCC unroll 8
-      for (int i = 0; i < RT; ++i) sa[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + x * W) * kv;
+      for (int i = 0; i < RT; ++i) {
+        sa[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + x * W) * k0;
+        sb[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + (x + 1) * W) * k1;
+      }
+    }
+    if (x < NS) {
+      const F k0 = load<W>(kj + x * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) sa[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + x * W) * k0;
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < RT; ++i) s[static_cast<std::size_t>(i) * BT + j] = t + j < vis[i] ? hsum<W>(sa[i]) : kNegInf;
+    for (int i = 0; i < RT; ++i) s[static_cast<std::size_t>(i) * BT + j] = t + j < vis[i] ? hsum<W>(sa[i] + sb[i]) : kNegInf;
   }
   for (int i = 0; i < RT; ++i)
     for (int j = n; j < BT; ++j) s[static_cast<std::size_t>(i) * BT + j] = kNegInf;
@@ -241,6 +251,74 @@ template <int W, class T, int RT>
   }
 }
 
+// bf16 pairs: one 2W-element load as W u32 lanes gives the even elements (lane << 16) and the odd
+// ones (lane & 0xffff0000) as f32 in two instructions, instead of a widening conversion. Dot
+// products and the V accumulation do not care about the order of the head dimension, so q and the
+// accumulators are kept in the same "evens then odds per 2W chunk" order and restored at the end.
+template <int W>
+[[gnu::always_inline]] inline void load_bf16_pair(const std::uint16_t* p, typename Vec<W>::f& even, typename Vec<W>::f& odd) {
+  typename Vec<W>::u w;
+  std::memcpy(&w, p, sizeof(w));
+  const typename Vec<W>::u e = w << 16, o = w & 0xffff0000u;
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
+
+template <int W, int RT>
+[[gnu::always_inline]] inline void score_tile_pair(const float* q0, int D, const std::uint16_t* kbase, int n, float* s,
+                                                   const std::int64_t* vis, std::int64_t t) {
+  using F = typename Vec<W>::f;
+  const int NC = D / (2 * W);
+  for (int j = 0; j < n; ++j) {
+    const std::uint16_t* kj = kbase + static_cast<std::size_t>(j) * D;
+    F sa[RT], sb[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) sa[i] = sb[i] = splat<W>(0.0f);
+    for (int c = 0; c < NC; ++c) {
+      F ke, ko;
+      load_bf16_pair<W>(kj + c * 2 * W, ke, ko);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        sa[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + c * 2 * W) * ke;
+        sb[i] += load<W>(q0 + static_cast<std::size_t>(i) * D + c * 2 * W + W) * ko;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) s[static_cast<std::size_t>(i) * BT + j] = t + j < vis[i] ? hsum<W>(sa[i] + sb[i]) : kNegInf;
+  }
+  for (int i = 0; i < RT; ++i)
+    for (int j = n; j < BT; ++j) s[static_cast<std::size_t>(i) * BT + j] = kNegInf;
+}
+
+template <int W, int RT>
+[[gnu::always_inline]] inline void value_tile_pair(float* a0, int D, const std::uint16_t* vbase, int n, const float* p0) {
+  using F = typename Vec<W>::f;
+  const int NC = D / (2 * W);
+  for (int c = 0; c < NC; ++c) {
+    F ae[RT], ao[RT];
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) {
+      ae[i] = load<W>(a0 + static_cast<std::size_t>(i) * D + c * 2 * W);
+      ao[i] = load<W>(a0 + static_cast<std::size_t>(i) * D + c * 2 * W + W);
+    }
+    for (int j = 0; j < n; ++j) {
+      F ve, vo;
+      load_bf16_pair<W>(vbase + static_cast<std::size_t>(j) * D + c * 2 * W, ve, vo);
+#pragma GCC unroll 8
+      for (int i = 0; i < RT; ++i) {
+        const F pj = splat<W>(p0[static_cast<std::size_t>(i) * BT + j]);
+        ae[i] += pj * ve;
+        ao[i] += pj * vo;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RT; ++i) {
+      std::memcpy(a0 + static_cast<std::size_t>(i) * D + c * 2 * W, &ae[i], sizeof(F));
+      std::memcpy(a0 + static_cast<std::size_t>(i) * D + c * 2 * W + W, &ao[i], sizeof(F));
+    }
+  }
+}
+
 template <int W, class T>
 [[gnu::always_inline]] inline void run_item(const Problem& pb, const Item& it, Scratch& sc, Partials& parts) {
   using F = typename Vec<W>::f;
@@ -252,6 +330,7 @@ template <int W, class T>
   float* m = &parts.m[it.part * parts.rows];
   float* l = &parts.l[it.part * parts.rows];
 
+  const bool pair = std::is_same_v<T, std::uint16_t> && W > 1 && D % (2 * W) == 0;
   // Scaled query rows r = qi * G + gh and the number of stored tokens each may see.
   std::int64_t vis_max = 0;
   for (int qi = 0; qi < sq.q_count; ++qi) {
@@ -262,7 +341,16 @@ template <int W, class T>
       const int r = qi * G + gh;
       sc.vis[r] = vis;
       const float* src = pb.q + (static_cast<std::size_t>(row) * pb.lay.q_heads + it.head * G + gh) * D;
-      for (int d = 0; d < D; ++d) sc.qs[static_cast<std::size_t>(r) * D + d] = src[d] * pb.scale;
+      float* dst = &sc.qs[static_cast<std::size_t>(r) * D];
+      if (pair) {
+        for (int c = 0; c < D; c += 2 * W)
+          for (int ln = 0; ln < W; ++ln) {
+            dst[c + ln] = src[c + 2 * ln] * pb.scale;
+            dst[c + W + ln] = src[c + 2 * ln + 1] * pb.scale;
+          }
+      } else {
+        for (int d = 0; d < D; ++d) dst[d] = src[d] * pb.scale;
+      }
     }
     vis_max = std::max(vis_max, vis);
   }
@@ -295,6 +383,13 @@ template <int W, class T>
     for (int r0 = 0; r0 < R; r0 += RB) {
       const int rows = std::min(RB, R - r0);
       tile_dispatch(rows, [&](auto rt) {
+        if constexpr (std::is_same_v<T, std::uint16_t>) {
+          if (pair) {
+            score_tile_pair<W, decltype(rt)::value>(&sc.qs[static_cast<std::size_t>(r0) * D], D, kbase, n,
+                                                    &sc.s[static_cast<std::size_t>(r0) * BT], &sc.vis[r0], t);
+            return;
+          }
+        }
         score_tile<W, T, decltype(rt)::value>(&sc.qs[static_cast<std::size_t>(r0) * D], D, NS, kbase, n,
                                               &sc.s[static_cast<std::size_t>(r0) * BT], &sc.vis[r0], t);
       });
@@ -335,11 +430,30 @@ template <int W, class T>
     for (int r0 = 0; r0 < R; r0 += RB) {
       const int rows = std::min(RB, R - r0);
       tile_dispatch(rows, [&](auto rt) {
+        if constexpr (std::is_same_v<T, std::uint16_t>) {
+          if (pair) {
+            value_tile_pair<W, decltype(rt)::value>(acc + static_cast<std::size_t>(r0) * D, D, vbase, n,
+                                                    &sc.p[static_cast<std::size_t>(r0) * BT]);
+            return;
+          }
+        }
         value_tile<W, T, decltype(rt)::value>(acc + static_cast<std::size_t>(r0) * D, D, NS, vbase, n,
                                               &sc.p[static_cast<std::size_t>(r0) * BT]);
       });
     }
     t += n;
+  }
+  if (pair) {  // back to the natural order of the head dimension
+    float* tmp = sc.kf.data();
+    for (int r = 0; r < R; ++r) {
+      float* ar = acc + static_cast<std::size_t>(r) * D;
+      std::memcpy(tmp, ar, static_cast<std::size_t>(D) * sizeof(float));
+      for (int c = 0; c < D; c += 2 * W)
+        for (int ln = 0; ln < W; ++ln) {
+          ar[c + 2 * ln] = tmp[c + ln];
+          ar[c + 2 * ln + 1] = tmp[c + W + ln];
+        }
+    }
   }
 }
 
