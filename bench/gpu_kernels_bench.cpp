@@ -141,7 +141,13 @@ int run(int argc, char** argv) {
   if (o.causal != "1") causals.push_back(false);
   const Device gpu{DeviceKind::cuda, dev};
   std::vector<Row> rows;
+  const auto available = available_backends();
+  auto usable = [&](const std::string& b) { return std::find(available.begin(), available.end(), b) != available.end(); };
   for (const auto& bname : o.backends) {
+    if (!usable(bname)) {
+      std::printf("backend %s: not available in this build or on this machine\n", bname.c_str());
+      continue;
+    }
     std::unique_ptr<AttentionBackend> backend;
     try {
       backend = make_backend(bname, DeviceKind::cuda);
@@ -223,6 +229,7 @@ int run(int argc, char** argv) {
     a.v = TensorView(v.p, DType::bf16, {T, hkv, d}, gpu);
     ForwardOutputs fo{TensorView(out.p, DType::bf16, {1, hq, d}, gpu), TensorView(lse.p, DType::f32, {hq, 1}, gpu)};
     for (const auto& bname : o.backends) {
+      if (!usable(bname)) continue;
       DecodeRow r{bname, 0, 0, {}};
       try {
         auto backend = make_backend(bname, DeviceKind::cuda);

@@ -38,7 +38,7 @@ echo "build: $(( $(date +%s) - start )) s"
 
 "$BUILD/bin/test_gpu" --gtest_brief=1 > "$OUT/test_gpu.log" 2>&1
 test_rc=$?
-grep -E "^\[  (PASSED|FAILED|SKIPPED) \]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
+grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
 echo "test_gpu exit code: $test_rc"
 # The distributed job end to end on this one GPU (NCCL ring of one rank, cuda backend).
 if [ -x "$BUILD/bin/ring_attention" ]; then
