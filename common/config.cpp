@@ -14,6 +14,7 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_LOG", "info", "log level: trace, debug, info, warn, error, off"},
       {"LONGATTN_LOG_SUBSYS", "all", "comma list of subsystems to log: kernels,partition,comm,ring,offload,app"},
       {"LONGATTN_BACKEND", "auto", "local attention backend: auto, reference, cpu, cuda, cudnn"},
+      {"LONGATTN_DETERMINISTIC", "0", "1 = GPU backward without atomics (bit-identical run to run; 'cuda' backend)"},
       {"LONGATTN_NUM_THREADS", "0", "CPU kernel threads per process; 0 = cores / processes on this node"},
       {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},

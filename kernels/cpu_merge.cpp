@@ -25,7 +25,11 @@ void cpu_merge_into(TensorView o_acc, TensorView lse_acc, TensorView o_part, Ten
     for (std::int64_t hh = 0; hh < h; ++hh) {
       const float l1 = la[hh * t + i], l2 = lp[hh * t + i];
       const std::size_t base = static_cast<std::size_t>((i * h + hh) * d);
-      if (l2 == -std::numeric_limits<float>::infinity()) continue;  // the part saw nothing
+      if (l2 == -std::numeric_limits<float>::infinity()) {  // the part saw nothing
+        if (l1 == -std::numeric_limits<float>::infinity())     // nor did the accumulator: o = 0
+          for (std::int64_t x = 0; x < d; ++x) oa[base + x] = 0.0f;
+        continue;
+      }
       if (l1 == -std::numeric_limits<float>::infinity()) {          // the accumulator saw nothing yet
         for (std::int64_t x = 0; x < d; ++x) oa[base + x] = load_as_f32(o_part.data, o_part.dtype, base + x);
         la[hh * t + i] = l2;

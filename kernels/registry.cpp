@@ -28,7 +28,8 @@ const std::vector<Entry>& entries() {
   static const std::vector<Entry> table = {
 #ifdef LONGATTN_HAVE_CUDA
       {"cudnn", DeviceKind::cuda, kernels::cudnn_backend_available, kernels::make_cudnn_backend},
-      {"cuda", DeviceKind::cuda, kernels::cuda_device_available, kernels::make_cuda_backend},
+      {"cuda", DeviceKind::cuda, kernels::cuda_device_available,
+       [] { return env_int("LONGATTN_DETERMINISTIC") ? kernels::make_cuda_backend_deterministic() : kernels::make_cuda_backend(); }},
 #endif
       {"cpu", DeviceKind::cpu, [] { return true; }, kernels::make_cpu_fast_backend},
       {"reference", DeviceKind::cpu, [] { return true; }, kernels::make_reference_backend},

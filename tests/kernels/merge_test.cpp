@@ -67,8 +67,9 @@ TEST(Merge, BothSidesEmptyStaysEmptyWithoutNaN) {
   const int t = 4, h = 2, d = 8;
   HostTensor o(DType::f32, {t, h, d}), l(DType::f32, {h, t}), op(DType::f32, {t, h, d}), lp(DType::f32, {h, t});
   auto backend = make_backend("cpu");
-  backend->fill(o.view, 0.0f, nullptr);
-  backend->fill(op.view, 0.0f, nullptr);
+  // Whatever the accumulator held, a row that saw no key at all has o = 0 (DESIGN.md).
+  backend->fill(o.view, 7.0f, nullptr);
+  backend->fill(op.view, 3.0f, nullptr);
   backend->fill(l.view, -std::numeric_limits<float>::infinity(), nullptr);
   backend->fill(lp.view, -std::numeric_limits<float>::infinity(), nullptr);
   backend->merge_into(o.view, l.view, op.view, lp.view, nullptr);
