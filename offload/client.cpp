@@ -28,6 +28,7 @@
 #include "offload/kv_store.hpp"
 #include "offload/protocol.hpp"
 #include "offload/server.hpp"
+#include "offload/transport.hpp"
 
 namespace longattn::offload {
 
@@ -86,6 +87,48 @@ struct Join {
   }
 };
 
+// The TCP ByteStream: Boost.Asio on the client's I/O thread.
+class TcpStream final : public ByteStream {
+ public:
+  explicit TcpStream(asio::io_context& io) : sock_(io), resolver_(io) {}
+  void connect(const std::string& host, const std::string& port, Handler done) override {
+    resolver_.async_resolve(host, port, [this, done = std::move(done)](boost::system::error_code ec, tcp::resolver::results_type res) mutable {
+      if (ec) {
+        done("cannot resolve: " + ec.message(), 0);
+        return;
+      }
+      asio::async_connect(sock_, res, [this, done = std::move(done)](boost::system::error_code ec2, const tcp::endpoint&) {
+        if (ec2) {
+          done(ec2.message(), 0);
+          return;
+        }
+        boost::system::error_code e;
+        sock_.set_option(tcp::no_delay(true), e);
+        done("", 0);
+      });
+    });
+  }
+  void write(const void* data, std::size_t bytes, Handler done) override {
+    asio::async_write(sock_, asio::buffer(data, bytes), [done = std::move(done)](boost::system::error_code ec, std::size_t n) {
+      done(ec ? ec.message() : std::string(), n);
+    });
+  }
+  void read(void* data, std::size_t bytes, Handler done) override {
+    asio::async_read(sock_, asio::buffer(data, bytes), [done = std::move(done)](boost::system::error_code ec, std::size_t n) {
+      done(ec ? ec.message() : std::string(), n);
+    });
+  }
+  void close() override {
+    boost::system::error_code ec;
+    resolver_.cancel();
+    sock_.close(ec);
+  }
+
+ private:
+  tcp::socket sock_;
+  tcp::resolver resolver_;
+};
+
 }  // namespace
 
 struct Client::Impl {
@@ -110,8 +153,7 @@ struct Client::Impl {
     Impl* cl;
     int index;
     std::string host, port, name;
-    tcp::socket sock;
-    tcp::resolver resolver;
+    std::unique_ptr<ByteStream> stream;  // one per connection attempt
     asio::steady_timer backoff;
     enum class State { idle, connecting, handshaking, ready } state = State::idle;
     std::map<std::uint64_t, std::shared_ptr<Request>> pending;
@@ -125,7 +167,7 @@ struct Client::Impl {
     int connect_failures = 0;
 
     Conn(Impl* c, int i, const std::string& where)
-        : cl(c), index(i), name(where), sock(c->io), resolver(c->io), backoff(c->io) {
+        : cl(c), index(i), name(where), backoff(c->io) {
       const auto [h, p] = parse_host_port(where);
       host = h;
       port = std::to_string(p);
@@ -170,22 +212,14 @@ struct Client::Impl {
       state = State::connecting;
       const int gen = generation;
       auto self = shared_from_this();
-      resolver.async_resolve(host, port, [self, gen](boost::system::error_code ec, tcp::resolver::results_type res) {
+      stream = cl->make_stream();
+      stream->connect(host, port, [self, gen](const std::string& err, std::size_t) {
         if (gen != self->generation) return;
-        if (ec) {
-          self->lost(Error(ErrorCode::communication, fmt::format("cannot resolve server {}: {}", self->name, ec.message())), true);
+        if (!err.empty()) {
+          self->lost(Error(ErrorCode::communication, fmt::format("cannot connect to server {}: {}", self->name, err)), true);
           return;
         }
-        asio::async_connect(self->sock, res, [self, gen](boost::system::error_code ec2, const tcp::endpoint&) {
-          if (gen != self->generation) return;
-          if (ec2) {
-            self->lost(Error(ErrorCode::communication, fmt::format("cannot connect to server {}: {}", self->name, ec2.message())), true);
-            return;
-          }
-          boost::system::error_code e;
-          self->sock.set_option(tcp::no_delay(true), e);
-          self->handshake();
-        });
+        self->handshake();
       });
     }
 
@@ -195,13 +229,10 @@ struct Client::Impl {
       hello_frame = frame(MsgType::hello, 0, hello_id, encode(Hello{cl->opt.token, cl->opt.client_id}));
       const int gen = generation;
       auto self = shared_from_this();
-      asio::async_write(sock, asio::buffer(hello_frame), [self, gen](boost::system::error_code ec, std::size_t n) {
+      stream->write(hello_frame.data(), hello_frame.size(), [self, gen](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
         self->cl->n_sent += n;
-        if (ec) {
-          self->lost(Error(ErrorCode::communication, fmt::format("server {}: {}", self->name, ec.message())), true);
-          return;
-        }
+        if (!err.empty()) self->lost(Error(ErrorCode::communication, fmt::format("server {}: {}", self->name, err)), true);
       });
       read_header();
     }
@@ -216,12 +247,12 @@ struct Client::Impl {
       writing = true;
       const int gen = generation;
       auto self = shared_from_this();
-      asio::async_write(sock, asio::buffer(r->frame), [self, gen, r](boost::system::error_code ec, std::size_t n) {
+      stream->write(r->frame.data(), r->frame.size(), [self, gen, r](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
         self->writing = false;
         self->cl->n_sent += n;
-        if (ec) {
-          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, ec.message())), false);
+        if (!err.empty()) {
+          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)), false);
           return;
         }
         self->pump();
@@ -231,10 +262,10 @@ struct Client::Impl {
     void read_header() {
       const int gen = generation;
       auto self = shared_from_this();
-      asio::async_read(sock, asio::buffer(hbuf), [self, gen](boost::system::error_code ec, std::size_t n) {
+      stream->read(hbuf.data(), hbuf.size(), [self, gen](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
-        if (ec) {
-          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, ec.message())),
+        if (!err.empty()) {
+          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)),
                      self->state != State::ready);
           return;
         }
@@ -248,10 +279,14 @@ struct Client::Impl {
           return;
         }
         self->rbuf.resize(h.payload_bytes);
-        asio::async_read(self->sock, asio::buffer(self->rbuf), [self, gen, h](boost::system::error_code ec2, std::size_t n2) {
+        if (h.payload_bytes == 0) {
+          self->on_reply(h);
+          return;
+        }
+        self->stream->read(self->rbuf.data(), self->rbuf.size(), [self, gen, h](const std::string& err2, std::size_t n2) {
           if (gen != self->generation) return;
-          if (ec2) {
-            self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, ec2.message())), false);
+          if (!err2.empty()) {
+            self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err2)), false);
             return;
           }
           self->cl->n_received += n2;
@@ -303,8 +338,7 @@ struct Client::Impl {
     // rest and reconnect after a short backoff.
     void lost(const Error& why, bool connecting, bool retryable = true) {
       ++generation;
-      boost::system::error_code ec;
-      sock.close(ec);
+      if (stream) stream->close();
       writing = false;
       state = State::idle;
       if (connecting) ++connect_failures;
@@ -343,8 +377,7 @@ struct Client::Impl {
 
     void shutdown(const Error& why) {
       ++generation;
-      boost::system::error_code ec;
-      sock.close(ec);
+      if (stream) stream->close();
       backoff.cancel();
       std::vector<std::shared_ptr<Request>> all;
       for (auto& [id, r] : pending) all.push_back(r);
@@ -353,6 +386,12 @@ struct Client::Impl {
     }
   };
   std::vector<std::shared_ptr<Conn>> conns;
+  std::unique_ptr<UcxClientEngine> ucx;  // only with transport "ucx"
+
+  std::unique_ptr<ByteStream> make_stream() {
+    if (ucx) return ucx->stream();
+    return std::make_unique<TcpStream>(io);
+  }
 
   explicit Impl(ClientOptions o) : opt(std::move(o)) {
     LONGATTN_INVALID(!opt.servers.empty(), "offload client: no servers given");
@@ -360,8 +399,10 @@ struct Client::Impl {
     LONGATTN_INVALID(opt.timeout.count() > 0, "offload client: the timeout must be positive");
     LONGATTN_INVALID(opt.retries >= 0 && opt.retries <= 100, "offload client: retries {} outside [0, 100]", opt.retries);
     LONGATTN_INVALID(opt.shard_tokens >= 0, "offload client: shard_tokens must be >= 0");
-    LONGATTN_REQUIRE(opt.transport == "tcp", ErrorCode::unsupported,
-                     "offload client: transport '{}' is not available in this build (built: tcp)", opt.transport);
+    LONGATTN_INVALID(opt.transport == "tcp" || opt.transport == "ucx", "offload client: transport must be tcp or ucx, got '{}'",
+                     opt.transport);
+    LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
+                     "offload client: transport 'ucx' is not available in this build (built without UCX); use tcp");
     if (opt.client_id == 0) {
       std::random_device rd;
       opt.client_id = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ 1;
@@ -369,15 +410,20 @@ struct Client::Impl {
     for (std::size_t i = 0; i < opt.servers.size(); ++i) conns.push_back(std::make_shared<Conn>(this, static_cast<int>(i), opt.servers[i]));
     work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
     thread = std::thread([this] { io.run(); });
+    if (opt.transport == "ucx") ucx = make_ucx_client([this](std::function<void()> fn) { asio::post(io, std::move(fn)); });
   }
 
   ~Impl() {
     std::promise<void> done;
     asio::post(io, [this, &done] {
-      for (auto& c : conns) c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
+      for (auto& c : conns) {
+        c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
+        c->stream.reset();  // before the UCX engine goes
+      }
       done.set_value();
     });
     done.get_future().wait();
+    ucx.reset();  // its worker thread stops; completions it still posts are dropped with the io_context
     work.reset();
     io.stop();
     thread.join();

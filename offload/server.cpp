@@ -23,6 +23,7 @@
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
+#include "offload/transport.hpp"
 
 namespace longattn::offload {
 
@@ -69,7 +70,7 @@ struct Counters {
 
 }  // namespace
 
-struct Server::Impl {
+struct Server::Impl : FrameService {
   ServerOptions opt;
   const Server* owner = nullptr;
   KvStore store;
@@ -78,9 +79,10 @@ struct Server::Impl {
   tcp::acceptor acceptor{io};
   tcp::acceptor metrics_acceptor{io};
   std::vector<std::thread> io_threads;
+  std::unique_ptr<UcxServerTransport> ucx;
   Counters c;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
-  std::atomic<bool> draining{false}, stopped{false};
+  std::atomic<bool> draining_{false}, stopped{false};
 
   // Compute thread.
   std::thread compute;
@@ -123,6 +125,127 @@ struct Server::Impl {
     }
   }
 
+  // ---- FrameService: the request logic, the same for every transport ----
+  const Limits& limits() const override { return opt.limits; }
+  bool draining() const override { return draining_; }
+  void on_bytes(std::size_t in, std::size_t out) override {
+    c.bytes_in += in;
+    c.bytes_out += out;
+  }
+  void on_connection(bool opened) override {
+    if (opened) {
+      c.connections_total++;
+      c.connections_open++;
+    } else {
+      c.connections_open--;
+    }
+  }
+
+  std::vector<std::byte> error_frame(std::uint64_t id, const Error& e) {
+    count_error(e.code());
+    return frame(MsgType::error, kFlagResponse, id, encode(ErrorReply{e.code(), e.what()}));
+  }
+
+  std::vector<std::byte> on_bad_header(Session& s, const Error& e) override {
+    log().warn("connection {}: {}; closing it", s.peer, e.what());
+    return error_frame(0, e);
+  }
+
+  void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte> payload, Respond respond) override {
+    const auto ti = static_cast<std::size_t>(h.type);
+    if (ti < c.requests.size()) c.requests[ti]++;
+    const Limits& lim = opt.limits;
+    auto reply = [&](std::span<const std::byte> p) { respond(frame(h.type, kFlagResponse, h.request_id, p), false); };
+    try {
+      if (h.flags & kFlagResponse) throw Error(ErrorCode::protocol, "malformed frame: a reply sent to the server");
+      if (h.type == MsgType::error) throw Error(ErrorCode::protocol, "malformed frame: an error frame sent to the server");
+      if (!s.authed && h.type != MsgType::hello)
+        throw Error(ErrorCode::unauthorized, "unauthorized: send hello with the server's token first");
+      if (draining_) throw Error(ErrorCode::communication, "the server is shutting down; use another server");
+      switch (h.type) {
+        case MsgType::hello: {
+          const Hello m = decode_hello(payload, lim);
+          if (!secrets_equal(m.token, opt.token)) {
+            log().warn("connection {}: wrong token; refused", s.peer);
+            throw Error(ErrorCode::unauthorized, "unauthorized: wrong token");
+          }
+          s.authed = true;
+          s.client = m.client_id;
+          reply(encode(HelloReply{kVersion, static_cast<std::uint32_t>(opt.page_tokens), lim.max_payload}));
+          return;
+        }
+        case MsgType::open: {
+          store.open(s.client, decode_open(payload, lim));
+          reply({});
+          return;
+        }
+        case MsgType::append: {
+          const AppendReply r{store.append(s.client, decode_append(payload, lim))};
+          reply(encode(r));
+          return;
+        }
+        case MsgType::drop: {
+          const bool existed = store.drop(s.client, decode_drop(payload, lim).seq);
+          const std::array<std::byte, 1> b{static_cast<std::byte>(existed ? 1 : 0)};
+          reply(b);
+          return;
+        }
+        case MsgType::stats: {
+          if (!payload.empty()) throw Error(ErrorCode::protocol, "malformed frame: stats request carries a payload");
+          const std::string text = owner->metrics_text();
+          reply(std::as_bytes(std::span(text.data(), text.size())));
+          return;
+        }
+        case MsgType::attend: {
+          auto m = std::make_shared<Attend>(decode_attend(payload, lim));
+          auto keep = std::make_shared<std::vector<std::byte>>(std::move(payload));  // m's spans point into it
+          in_flight++;
+          submit([this, m, keep, client = s.client, peer = s.peer, id = h.request_id, respond] {
+            respond(run_attend(client, peer, id, *m), false);
+            in_flight--;
+          });
+          return;
+        }
+        case MsgType::error: break;
+      }
+      throw Error(ErrorCode::protocol, "malformed frame: unexpected message type");
+    } catch (const Error& e) {
+      const bool fatal = e.code() == ErrorCode::protocol || e.code() == ErrorCode::unauthorized ||
+                         (e.code() == ErrorCode::communication && draining_);
+      if (fatal) {
+        log().warn("connection {}: {}; closing it", s.peer, e.what());
+      } else {
+        log().info("connection {}: {} request {} refused: {}", s.peer, to_string(h.type), h.request_id, e.what());
+      }
+      respond(error_frame(h.request_id, e), fatal);
+    } catch (const std::bad_alloc&) {
+      respond(error_frame(h.request_id, Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate memory")), false);
+    } catch (const std::exception& e) {
+      respond(error_frame(h.request_id, Error(ErrorCode::internal, std::string("internal error: ") + e.what())), false);
+    }
+  }
+
+  // On the compute thread: the reply frame (or error frame) of one attend.
+  std::vector<std::byte> run_attend(std::uint64_t client, const std::string& peer, std::uint64_t id, const Attend& m) {
+    try {
+      const std::size_t rows = static_cast<std::size_t>(m.total_q) * m.q_heads;
+      std::vector<float> o(rows * m.head_dim), lse(rows);
+      const auto st = store.attend(client, m, o.data(), lse.data(), opt.compute_threads);
+      c.kernel_ns += static_cast<std::uint64_t>(st.kernel_seconds * 1e9);
+      c.kv_bytes_read += st.kv_bytes_read;
+      c.attend_queries += m.total_q;
+      return frame(MsgType::attend, kFlagResponse, id, encode_attend_reply(m.total_q, m.q_heads, m.head_dim, o.data(), lse.data()));
+    } catch (const Error& e) {
+      log().info("connection {}: attend request {} refused: {}", peer, id, e.what());
+      return error_frame(id, e);
+    } catch (const std::bad_alloc&) {
+      return error_frame(id, Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate the attend buffers"));
+    } catch (const std::exception& e) {
+      return error_frame(id, Error(ErrorCode::internal, std::string("internal error: ") + e.what()));
+    }
+  }
+
+  // ---- TCP ----
   struct Connection : std::enable_shared_from_this<Connection> {
     Impl* srv;
     tcp::socket sock;
@@ -131,15 +254,13 @@ struct Server::Impl {
     FrameHeader h;
     std::vector<std::byte> payload;
     std::vector<std::byte> out;
-    bool authed = false;
-    std::uint64_t client = 0;
-    std::string peer;
+    Session session;
     bool closed = false;
 
     Connection(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)), timer(sock.get_executor()) {
       boost::system::error_code ec;
       auto ep = sock.remote_endpoint(ec);
-      peer = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
+      session.peer = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
       sock.set_option(tcp::no_delay(true), ec);
     }
 
@@ -147,7 +268,7 @@ struct Server::Impl {
       timer.expires_after(std::chrono::milliseconds(static_cast<long>(seconds * 1000)));
       timer.async_wait([self = shared_from_this()](boost::system::error_code ec) {
         if (ec) return;
-        self->srv->log().warn("connection {}: timed out waiting for a frame; closing", self->peer);
+        self->srv->log().warn("connection {}: timed out waiting for a frame; closing", self->session.peer);
         self->srv->count_error(ErrorCode::timeout);
         self->close();
       });
@@ -160,14 +281,14 @@ struct Server::Impl {
       timer.cancel();
       sock.shutdown(tcp::socket::shutdown_both, ec);
       sock.close(ec);
-      srv->c.connections_open--;
+      srv->on_connection(false);
       std::lock_guard lock(srv->conn_mu);
       srv->conns.erase(shared_from_this());
     }
 
     void read_header() {
       if (closed) return;
-      if (!authed) {
+      if (!session.authed) {
         arm(srv->opt.hello_timeout_s);
       } else {
         timer.cancel();
@@ -175,11 +296,11 @@ struct Server::Impl {
       asio::async_read(sock, asio::buffer(hbuf), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
         if (ec) {
           if (ec != asio::error::eof && ec != asio::error::operation_aborted)
-            self->srv->log().debug("connection {}: {}", self->peer, ec.message());
+            self->srv->log().debug("connection {}: {}", self->session.peer, ec.message());
           self->close();
           return;
         }
-        self->srv->c.bytes_in += n;
+        self->srv->on_bytes(n, 0);
         self->on_header();
       });
     }
@@ -187,10 +308,8 @@ struct Server::Impl {
     void on_header() {
       try {
         h = decode_header(hbuf, srv->opt.limits);
-        if (h.flags & kFlagResponse) throw Error(ErrorCode::protocol, "malformed frame: a reply sent to the server");
-        if (h.type == MsgType::error) throw Error(ErrorCode::protocol, "malformed frame: an error frame sent to the server");
       } catch (const Error& e) {
-        fail_and_close(0, e);
+        send(srv->on_bad_header(session, e), true);
         return;
       }
       payload.resize(h.payload_bytes);
@@ -201,21 +320,20 @@ struct Server::Impl {
       arm(srv->opt.frame_timeout_s);
       asio::async_read(sock, asio::buffer(payload), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
         if (ec) {
-          self->srv->log().debug("connection {}: frame cut short: {}", self->peer, ec.message());
+          self->srv->log().debug("connection {}: frame cut short: {}", self->session.peer, ec.message());
           self->close();
           return;
         }
-        self->srv->c.bytes_in += n;
+        self->srv->on_bytes(n, 0);
         self->timer.cancel();
         self->on_frame();
       });
     }
 
-    // A reply that leaves the connection open (or closes it after sending when `then_close`).
     void send(std::vector<std::byte> bytes, bool then_close) {
       out = std::move(bytes);
       asio::async_write(sock, asio::buffer(out), [self = shared_from_this(), then_close](boost::system::error_code ec, std::size_t n) {
-        self->srv->c.bytes_out += n;
+        self->srv->on_bytes(0, n);
         if (ec || then_close) {
           self->close();
           return;
@@ -224,119 +342,17 @@ struct Server::Impl {
       });
     }
 
-    void reply(MsgType t, std::span<const std::byte> p) { send(frame(t, kFlagResponse, h.request_id, p), false); }
-
-    void reply_error(std::uint64_t id, const Error& e, bool then_close) {
-      srv->count_error(e.code());
-      const auto p = encode(ErrorReply{e.code(), e.what()});
-      send(frame(MsgType::error, kFlagResponse, id, p), then_close);
-    }
-
-    void fail_and_close(std::uint64_t id, const Error& e) {
-      srv->log().warn("connection {}: {}; closing it", peer, e.what());
-      reply_error(id, e, true);
-    }
-
     void on_frame() {
-      const auto ti = static_cast<std::size_t>(h.type);
-      if (ti < srv->c.requests.size()) srv->c.requests[ti]++;
-      const Limits& lim = srv->opt.limits;
-      try {
-        if (!authed && h.type != MsgType::hello)
-          throw Error(ErrorCode::unauthorized, "unauthorized: send hello with the server's token first");
-        if (srv->draining) throw Error(ErrorCode::communication, "the server is shutting down; use another server");
-        switch (h.type) {
-          case MsgType::hello: {
-            const Hello m = decode_hello(payload, lim);
-            if (!secrets_equal(m.token, srv->opt.token)) {
-              srv->log().warn("connection {}: wrong token; refused", peer);
-              throw Error(ErrorCode::unauthorized, "unauthorized: wrong token");
-            }
-            authed = true;
-            client = m.client_id;
-            timer.cancel();
-            reply(h.type, encode(HelloReply{kVersion, static_cast<std::uint32_t>(srv->opt.page_tokens), lim.max_payload}));
-            return;
-          }
-          case MsgType::open: {
-            srv->store.open(client, decode_open(payload, lim));
-            reply(h.type, {});
-            return;
-          }
-          case MsgType::append: {
-            const AppendReply r{srv->store.append(client, decode_append(payload, lim))};
-            reply(h.type, encode(r));
-            return;
-          }
-          case MsgType::drop: {
-            const bool existed = srv->store.drop(client, decode_drop(payload, lim).seq);
-            const std::array<std::byte, 1> b{static_cast<std::byte>(existed ? 1 : 0)};
-            reply(h.type, b);
-            return;
-          }
-          case MsgType::stats: {
-            if (!payload.empty()) throw Error(ErrorCode::protocol, "malformed frame: stats request carries a payload");
-            const std::string text = srv->owner->metrics_text();
-            reply(h.type, std::as_bytes(std::span(text.data(), text.size())));
-            return;
-          }
-          case MsgType::attend: {
-            auto m = std::make_shared<Attend>(decode_attend(payload, lim));
-            auto self = shared_from_this();
-            srv->in_flight++;
-            srv->submit([self, m] { self->run_attend(*m); });
-            return;
-          }
-          case MsgType::error: break;
-        }
-        throw Error(ErrorCode::protocol, "malformed frame: unexpected message type");
-      } catch (const Error& e) {
-        const bool fatal = e.code() == ErrorCode::protocol || e.code() == ErrorCode::unauthorized ||
-                           (e.code() == ErrorCode::communication && srv->draining);
-        if (fatal) {
-          fail_and_close(h.request_id, e);
-        } else {
-          srv->log().info("connection {}: {} request {} refused: {}", peer, to_string(h.type), h.request_id, e.what());
-          reply_error(h.request_id, e, false);
-        }
-      } catch (const std::bad_alloc&) {
-        reply_error(h.request_id, Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate memory"), false);
-      } catch (const std::exception& e) {
-        reply_error(h.request_id, Error(ErrorCode::internal, std::string("internal error: ") + e.what()), false);
-      }
-    }
-
-    // On the compute thread.
-    void run_attend(const Attend& m) {
-      std::vector<std::byte> result;
-      bool ok = false;
-      Error err(ErrorCode::internal, "");
-      try {
-        const std::size_t rows = static_cast<std::size_t>(m.total_q) * m.q_heads;
-        std::vector<float> o(rows * m.head_dim), lse(rows);
-        const auto st = srv->store.attend(client, m, o.data(), lse.data(), srv->opt.compute_threads);
-        srv->c.kernel_ns += static_cast<std::uint64_t>(st.kernel_seconds * 1e9);
-        srv->c.kv_bytes_read += st.kv_bytes_read;
-        srv->c.attend_queries += m.total_q;
-        result = frame(MsgType::attend, kFlagResponse, h.request_id,
-                       encode_attend_reply(m.total_q, m.q_heads, m.head_dim, o.data(), lse.data()));
-        ok = true;
-      } catch (const Error& e) {
-        err = e;
-      } catch (const std::bad_alloc&) {
-        err = Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate the attend buffers");
-      } catch (const std::exception& e) {
-        err = Error(ErrorCode::internal, std::string("internal error: ") + e.what());
-      }
-      asio::post(sock.get_executor(), [self = shared_from_this(), ok, err, result = std::move(result)]() mutable {
-        self->srv->in_flight--;
-        if (self->closed) return;
-        if (ok) {
-          self->send(std::move(result), false);
-        } else {
-          self->srv->log().info("connection {}: attend request {} refused: {}", self->peer, self->h.request_id, err.what());
-          self->reply_error(self->h.request_id, err, false);
-        }
+      if (session.authed) timer.cancel();
+      std::weak_ptr<Connection> weak = shared_from_this();
+      srv->on_frame(session, h, std::move(payload), [weak](std::vector<std::byte> f, bool then_close) {
+        auto self = weak.lock();
+        if (!self) return;
+        asio::post(self->sock.get_executor(), [self, f = std::move(f), then_close]() mutable {
+          if (self->closed) return;
+          if (self->session.authed) self->timer.cancel();
+          self->send(std::move(f), then_close);
+        });
       });
     }
   };
@@ -349,14 +365,13 @@ struct Server::Impl {
         accept();
         return;
       }
-      if (draining) return;
-      c.connections_total++;
+      if (draining_) return;
       if (c.connections_open.load() >= static_cast<std::uint64_t>(opt.max_connections)) {
         log().warn("refusing a connection: {} open is the limit", opt.max_connections);
         boost::system::error_code e2;
         s.close(e2);
       } else {
-        c.connections_open++;
+        on_connection(true);
         auto conn = std::make_shared<Connection>(this, std::move(s));
         {
           std::lock_guard lock(conn_mu);
@@ -447,11 +462,10 @@ struct Server::Impl {
 Server::Server(ServerOptions opt) {
   LONGATTN_INVALID(!opt.token.empty(), "the server needs a token (--token-file): refusing to serve without authentication");
   LONGATTN_INVALID(opt.io_threads >= 1 && opt.io_threads <= 256, "io_threads {} outside [1, 256]", opt.io_threads);
-  if (opt.transport != "tcp") {
-    throw Error(ErrorCode::unsupported,
-                fmt::format("transport '{}' is not available in this build (built: tcp); rebuild with UCX found or use --transport tcp",
-                            opt.transport));
-  }
+  LONGATTN_INVALID(opt.transport == "tcp" || opt.transport == "ucx", "transport must be tcp or ucx, got '{}'", opt.transport);
+  LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
+                   "transport 'ucx' is not available in this build (built without UCX headers); use --transport tcp or "
+                   "rebuild where UCX is installed (libucx-dev)");
   impl_ = std::make_unique<Impl>(std::move(opt));
   impl_->owner = this;
 }
@@ -465,26 +479,33 @@ Server::~Server() {
 
 void Server::start() {
   auto& I = *impl_;
-  Impl::bind(I.acceptor, I.io, I.opt.listen);
+  if (I.opt.transport == "ucx") {
+    const auto [host, p] = parse_host_port(I.opt.listen);
+    I.ucx = make_ucx_server(host, p, I);
+  } else {
+    Impl::bind(I.acceptor, I.io, I.opt.listen);
+  }
   if (!I.opt.metrics_listen.empty()) {
     Impl::bind(I.metrics_acceptor, I.io, I.opt.metrics_listen);
     I.accept_metrics();
   }
   I.work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(I.io.get_executor());
-  I.accept();
+  if (!I.ucx) I.accept();
   I.compute = std::thread([&I] { I.compute_loop(); });
   for (int i = 0; i < I.opt.io_threads; ++i) I.io_threads.emplace_back([&I] { I.io.run(); });
-  I.log().info("serving on {}:{} (tcp; {} I/O threads; memory limit {}){}", I.acceptor.local_endpoint().address().to_string(),
-               port(), I.opt.io_threads, format_bytes(I.opt.memory_limit),
+  I.log().info("serving on {} port {} ({}; memory limit {}){}", I.opt.listen, port(), I.opt.transport, format_bytes(I.opt.memory_limit),
                I.opt.metrics_listen.empty() ? "" : fmt::format("; metrics on port {}", metrics_port()));
 }
 
-int Server::port() const { return impl_->acceptor.is_open() ? impl_->acceptor.local_endpoint().port() : 0; }
+int Server::port() const {
+  if (impl_->ucx) return impl_->ucx->port();
+  return impl_->acceptor.is_open() ? impl_->acceptor.local_endpoint().port() : 0;
+}
 int Server::metrics_port() const { return impl_->metrics_acceptor.is_open() ? impl_->metrics_acceptor.local_endpoint().port() : 0; }
 
 void Server::shutdown() {
   auto& I = *impl_;
-  if (I.draining.exchange(true)) return;
+  if (I.draining_.exchange(true)) return;
   I.log().info("shutting down: refusing new requests, finishing {} in flight", I.in_flight.load());
   asio::post(I.io, [&I] {
     boost::system::error_code ec;
@@ -496,6 +517,7 @@ void Server::shutdown() {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the last replies flush
   I.close_all(false);
+  if (I.ucx) I.ucx->stop(false);
   asio::post(I.io, [&I] {
     boost::system::error_code ec;
     I.metrics_acceptor.close(ec);
@@ -505,13 +527,14 @@ void Server::shutdown() {
 
 void Server::kill() {
   auto& I = *impl_;
-  I.draining = true;
+  I.draining_ = true;
   asio::post(I.io, [&I] {
     boost::system::error_code ec;
     I.acceptor.close(ec);
     I.metrics_acceptor.close(ec);
   });
   I.close_all(true);
+  if (I.ucx) I.ucx->stop(true);
   I.work.reset();
 }
 
@@ -519,6 +542,7 @@ void Server::wait() {
   auto& I = *impl_;
   for (auto& t : I.io_threads)
     if (t.joinable()) t.join();
+  if (I.ucx) I.ucx->join();
   {
     std::lock_guard lock(I.cmu);
     I.compute_stop = true;

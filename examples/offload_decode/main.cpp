@@ -44,6 +44,7 @@ constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOS
   --dtype T         KV dtype on the servers: bf16, fp16, fp32 (default bf16)
   --shard-tokens N  spread each sequence over the servers in ranges of N tokens (default 0: whole sequences)
   --timeout-ms MS   per request, retries included (default 10000)
+  --transport T     tcp or ucx (ucx where built with UCX; the servers must use the same)
   --seed S          (default 1)
   --check           compare every attention with the local cpu backend
 )";
@@ -82,7 +83,7 @@ void matmul(const std::vector<float>& x, const std::vector<float>& w, std::vecto
 int run(int argc, char** argv) {
   examples::Flags f(argc, argv,
                     {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
-                     "shard-tokens", "timeout-ms", "seed"},
+                     "shard-tokens", "timeout-ms", "seed", "transport"},
                     {"check", "help"});
   if (f.flag("help")) {
     std::fputs(kUsage, stdout);
@@ -106,6 +107,7 @@ int run(int argc, char** argv) {
   co.token = read_token(f.str("token-file", ""));
   co.timeout = std::chrono::milliseconds(f.integer("timeout-ms", 10000, 1, 3600000));
   co.shard_tokens = f.integer("shard-tokens", 0, 0, std::int64_t{1} << 40);
+  co.transport = f.str("transport", "tcp");
   offload::Client client(co);
 
   std::mt19937_64 rng(static_cast<std::uint64_t>(f.integer("seed", 1, 0, 1LL << 62)));
@@ -236,11 +238,12 @@ int run(int argc, char** argv) {
   std::printf("  per step: %.1f KiB sent, %.1f KiB received%s\n", static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps / 1024,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps / 1024,
               check ? fmt::format("; max |error| vs local attention {:.3g}", max_err).c_str() : "");
-  std::printf("RESULT {\"program\":\"offload_decode\",\"servers\":%zu,\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,"
+  std::printf("RESULT {\"program\":\"offload_decode\",\"transport\":\"%s\",\"servers\":%zu,\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,"
               "\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\",\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"tokens_per_s\":%.3f,"
               "\"attention_ms_per_step\":%.4f,\"bytes_sent_per_step\":%.1f,\"bytes_received_per_step\":%.1f,\"retries\":%llu,"
               "\"checked\":%s,\"max_error\":%.6g}\n",
-              co.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D, to_string(dt), static_cast<long long>(co.shard_tokens), prefill_s,
+              co.transport.c_str(), co.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D, to_string(dt),
+              static_cast<long long>(co.shard_tokens), prefill_s,
               tokens_per_s, attn_s * 1e3 / steps, static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps, static_cast<unsigned long long>(s1.retries - s0.retries),
               check ? "true" : "false", check ? max_err : 0.0);

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "longattn/offload_client.hpp"
+#include "offload/transport.hpp"
 #include "offload_test_util.hpp"
 #include "support/test_util.hpp"
 
@@ -94,6 +95,55 @@ TEST(OffloadEndToEnd, TwoServersTokenRanges) {
   std::mt19937_64 rng(seed);
   run_decode(c, Model{2, 8, 2, 64, DType::f32}, rng, {300, 47, 1}, 3, 1, 300);
   run_decode(c, Model{1, 4, 1, 64, DType::bf16}, rng, {95}, 2, 3, 400);
+}
+
+TEST(OffloadEndToEnd, TwoServersOverUcx) {
+  if (!ucx_available()) GTEST_SKIP() << "built without UCX";
+  auto s1 = test::start_server(std::size_t{256} << 20, 0, "", "ucx"), s2 = test::start_server(std::size_t{256} << 20, 0, "", "ucx");
+  ClientOptions co;
+  co.servers = {test::addr(*s1), test::addr(*s2)};
+  co.token = test::kToken;
+  co.transport = "ucx";
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  {
+    Client c(co);
+    run_decode(c, Model{}, rng, {0, 1, 130, 77}, 2, 1, 500);
+  }
+  co.shard_tokens = 40;
+  Client c(co);
+  run_decode(c, Model{1, 4, 2, 32, DType::f16}, rng, {150, 3}, 2, 2, 600);
+  // A wrong token is refused over UCX too.
+  co.token = "wrong-token-wrong-token";
+  Client bad(co);
+  try {
+    bad.open({1, 1, 1, 16, DType::f32}).get();
+    FAIL() << "expected unauthorized";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::unauthorized) << e.what();
+  }
+}
+
+TEST(OffloadEndToEnd, KilledUcxServerFailsWithinTimeout) {
+  if (!ucx_available()) GTEST_SKIP() << "built without UCX";
+  auto s = test::start_server(std::size_t{64} << 20, 0, "", "ucx");
+  ClientOptions co;
+  co.servers = {test::addr(*s)};
+  co.token = test::kToken;
+  co.transport = "ucx";
+  co.timeout = std::chrono::milliseconds(1500);
+  Client c(co);
+  std::vector<float> k(2 * 32, 0.5f), q(4 * 32, 0.1f), o(q.size()), lse(4);
+  c.open({1, 1, 2, 32, DType::f32}).get();
+  c.append(1, 0, k.data(), k.data(), 1).get();
+  std::vector<DecodeQuery> qs{{1, 1}};
+  c.attend(0, 4, 32, qs, q.data(), o.data(), lse.data()).get();
+  s->kill();
+  s->wait();
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_THROW(c.attend(0, 4, 32, qs, q.data(), o.data(), lse.data()).get(), Error);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1700));
 }
 
 TEST(OffloadEndToEnd, OutOfCapacityWhileOthersServed) {

@@ -82,7 +82,7 @@ inline void reference_decode(const DenseKv& kv, const std::vector<std::int64_t>&
 }
 
 inline std::unique_ptr<Server> start_server(std::size_t memory_limit = std::size_t{256} << 20, std::size_t per_client = 0,
-                                            const std::string& metrics = "") {
+                                            const std::string& metrics = "", const std::string& transport = "tcp") {
   ServerOptions o;
   o.listen = "127.0.0.1:0";
   o.token = kToken;
@@ -91,6 +91,7 @@ inline std::unique_ptr<Server> start_server(std::size_t memory_limit = std::size
   o.memory_limit = memory_limit;
   o.per_client_limit = per_client;
   o.metrics_listen = metrics;
+  o.transport = transport;
   auto s = std::make_unique<Server>(o);
   s->start();
   return s;

@@ -1,0 +1,73 @@
+// The seam between the offload protocol and the byte transports (TCP via Boost.Asio, UCX where
+// built). A server transport reads whole frames and hands them to a FrameService (the server's
+// request logic, written once); a client drives a ByteStream. Both move the same frames.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "offload/protocol.hpp"
+
+namespace longattn::offload {
+
+// What the server knows about one connection.
+struct Session {
+  bool authed = false;
+  std::uint64_t client = 0;
+  std::string peer;
+};
+
+// Sends one reply frame, then closes the connection when `close`. Thread-safe (attends answer from
+// the compute thread); a transport drops replies to connections already gone.
+using Respond = std::function<void(std::vector<std::byte> frame, bool close)>;
+
+class FrameService {
+ public:
+  virtual ~FrameService() = default;
+  virtual const Limits& limits() const = 0;
+  // A complete request frame whose header passed decode_header.
+  virtual void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte> payload, Respond respond) = 0;
+  // The error frame to send before closing a connection whose header was refused.
+  virtual std::vector<std::byte> on_bad_header(Session& s, const Error& e) = 0;
+  virtual void on_bytes(std::size_t in, std::size_t out) = 0;
+  virtual void on_connection(bool opened) = 0;
+  virtual bool draining() const = 0;
+};
+
+// Client side: an ordered byte stream; every handler runs on the client's I/O thread.
+class ByteStream {
+ public:
+  using Handler = std::function<void(const std::string& error, std::size_t bytes)>;  // error empty = success
+  virtual ~ByteStream() = default;
+  virtual void connect(const std::string& host, const std::string& port, Handler done) = 0;
+  virtual void write(const void* data, std::size_t bytes, Handler done) = 0;  // data valid until done
+  virtual void read(void* data, std::size_t bytes, Handler done) = 0;         // exactly `bytes`
+  virtual void close() = 0;  // pending handlers may still run (with an error)
+};
+
+// UCX (stream API over whatever UCX picks: TCP, shared memory, RDMA). Available only where longattn
+// was built with UCX; elsewhere the factories throw Error(unsupported).
+bool ucx_available() noexcept;
+
+class UcxServerTransport {
+ public:
+  virtual ~UcxServerTransport() = default;
+  virtual int port() const = 0;
+  virtual void stop(bool abrupt) = 0;  // closes the listener and every connection
+  virtual void join() = 0;
+};
+std::unique_ptr<UcxServerTransport> make_ucx_server(const std::string& host, int port, FrameService& service);
+
+// One UCX worker thread per client; streams post their completions to `post` (the client's I/O thread).
+class UcxClientEngine {
+ public:
+  virtual ~UcxClientEngine() = default;
+  virtual std::unique_ptr<ByteStream> stream() = 0;
+};
+std::unique_ptr<UcxClientEngine> make_ucx_client(std::function<void(std::function<void()>)> post);
+
+}  // namespace longattn::offload
