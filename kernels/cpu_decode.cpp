@@ -143,22 +143,32 @@ struct Problem {
   std::int64_t total_q = 0;
 };
 
+// Query rows per item at most: bounds the per-thread scratch and the partials whatever a request
+// asks for (a GQA group of many heads times several query tokens is cut into blocks of rows).
+constexpr int kItemRows = 64;
+
 struct Item {
   int seq, head;
+  int r0, rn;           // rows [r0, r0 + rn) of the (sequence, kv head) group; row r = qi * G + gh
   std::int64_t t0, t1;  // stored tokens [t0, t1)
-  std::size_t part;     // index of its partial
+  std::size_t off;      // first row of its partials
 };
 
-// Per-thread scratch, sized for the largest group.
+// The items that cover the same rows (one per KV chunk), merged together at the end.
+struct Group {
+  int seq, head, r0, rn;
+  std::size_t first, last;  // items [first, last)
+};
+
+// Per-thread scratch, sized for kItemRows rows.
 struct Scratch {
-  std::vector<float> qs, s, p, kf, vf;
+  std::vector<float> qs, s, p, kf;
   std::vector<std::int64_t> vis;
 };
 
-// Partial results of an item: acc [R][D] (unnormalized), m [R], l [R].
+// Partial results of the items, rows one after another: acc [rows][D] (unnormalized), m, l [rows].
 struct Partials {
   std::vector<float> acc, m, l;
-  std::size_t rows = 0;  // R of the largest item (stride)
 };
 
 // Row tiles with the row count as a template argument, so accumulators live in registers.
@@ -324,35 +334,34 @@ template <int W, class T>
   using F = typename Vec<W>::f;
   const auto& sq = pb.seqs[it.seq];
   const int D = pb.lay.head_dim, G = pb.group, P = pb.lay.page_tokens, Hkv = pb.lay.kv_heads;
-  const int R = sq.q_count * G;
+  const int R = it.rn;
   const int NS = D / W;  // vector slices per row
-  float* acc = &parts.acc[it.part * parts.rows * D];
-  float* m = &parts.m[it.part * parts.rows];
-  float* l = &parts.l[it.part * parts.rows];
+  float* acc = &parts.acc[it.off * D];
+  float* m = &parts.m[it.off];
+  float* l = &parts.l[it.off];
 
   const bool pair = std::is_same_v<T, std::uint16_t> && W > 1 && D % (2 * W) == 0;
-  // Scaled query rows r = qi * G + gh and the number of stored tokens each may see.
+  // Scaled query rows (row r of the item = group row it.r0 + r = qi * G + gh) and the number of
+  // stored tokens each may see.
   std::int64_t vis_max = 0;
-  for (int qi = 0; qi < sq.q_count; ++qi) {
+  for (int r = 0; r < R; ++r) {
+    const int qi = (it.r0 + r) / G, gh = (it.r0 + r) % G;
     const std::int64_t row = sq.q_begin + qi;
     std::int64_t vis = sq.length;
     if (pb.pos) vis = std::clamp<std::int64_t>(pb.pos[row] - sq.kv_start + 1, 0, sq.length);
-    for (int gh = 0; gh < G; ++gh) {
-      const int r = qi * G + gh;
-      sc.vis[r] = vis;
-      const float* src = pb.q + (static_cast<std::size_t>(row) * pb.lay.q_heads + it.head * G + gh) * D;
-      float* dst = &sc.qs[static_cast<std::size_t>(r) * D];
-      if (pair) {
-        for (int c = 0; c < D; c += 2 * W)
-          for (int ln = 0; ln < W; ++ln) {
-            dst[c + ln] = src[c + 2 * ln] * pb.scale;
-            dst[c + W + ln] = src[c + 2 * ln + 1] * pb.scale;
-          }
-      } else {
-        for (int d = 0; d < D; ++d) dst[d] = src[d] * pb.scale;
-      }
-    }
+    sc.vis[r] = vis;
     vis_max = std::max(vis_max, vis);
+    const float* src = pb.q + (static_cast<std::size_t>(row) * pb.lay.q_heads + it.head * G + gh) * D;
+    float* dst = &sc.qs[static_cast<std::size_t>(r) * D];
+    if (pair) {
+      for (int c = 0; c < D; c += 2 * W)
+        for (int ln = 0; ln < W; ++ln) {
+          dst[c + ln] = src[c + 2 * ln] * pb.scale;
+          dst[c + W + ln] = src[c + 2 * ln + 1] * pb.scale;
+        }
+    } else {
+      for (int d = 0; d < D; ++d) dst[d] = src[d] * pb.scale;
+    }
   }
   for (int r = 0; r < R; ++r) {
     m[r] = kNegInf;
@@ -547,35 +556,41 @@ void cpu_decode(const DecodeArgs& a, DecodeIsa isa) {
   // Chunk size: enough items to keep every thread busy (x4 for dynamic balance), but chunks long
   // enough (>= 256 tokens) that the per-item setup and the merge stay small next to the streaming.
   std::int64_t total = 0;
-  int max_q = 0;
-  for (int b = 0; b < a.num_seqs; ++b) {
-    if (a.seqs[b].q_count == 0) continue;
-    total += a.seqs[b].length * L.kv_heads;
-    max_q = std::max(max_q, a.seqs[b].q_count);
-  }
+  for (int b = 0; b < a.num_seqs; ++b)
+    if (a.seqs[b].q_count > 0) total += a.seqs[b].length * L.kv_heads;
   std::int64_t chunk = a.chunk_tokens;
   if (chunk == 0) {
     chunk = std::max<std::int64_t>(256, (total / std::max(1, 4 * threads) + BT - 1) / BT * BT);
   }
 
   std::vector<Item> items;
-  std::vector<std::size_t> first_item(static_cast<std::size_t>(a.num_seqs) * L.kv_heads + 1, 0);
+  std::vector<Group> groups;
+  std::size_t rows = 0;
   for (int b = 0; b < a.num_seqs; ++b) {
+    const std::int64_t len = a.seqs[b].length;
+    const int R = a.seqs[b].q_count * G;
     for (int h = 0; h < L.kv_heads; ++h) {
-      first_item[static_cast<std::size_t>(b) * L.kv_heads + h] = items.size();
-      if (a.seqs[b].q_count == 0) continue;
-      const std::int64_t len = a.seqs[b].length;
-      if (len == 0) items.push_back({b, h, 0, 0, items.size()});
-      for (std::int64_t t0 = 0; t0 < len; t0 += chunk) items.push_back({b, h, t0, std::min(len, t0 + chunk), items.size()});
+      for (int r0 = 0; r0 < R; r0 += kItemRows) {
+        const int rn = std::min(kItemRows, R - r0);
+        Group g{b, h, r0, rn, items.size(), 0};
+        if (len == 0) {
+          items.push_back({b, h, r0, rn, 0, 0, rows});
+          rows += static_cast<std::size_t>(rn);
+        }
+        for (std::int64_t t0 = 0; t0 < len; t0 += chunk) {
+          items.push_back({b, h, r0, rn, t0, std::min(len, t0 + chunk), rows});
+          rows += static_cast<std::size_t>(rn);
+        }
+        g.last = items.size();
+        groups.push_back(g);
+      }
     }
   }
-  first_item.back() = items.size();
 
   Partials parts;
-  parts.rows = static_cast<std::size_t>(max_q) * G;
-  parts.acc.resize(items.size() * parts.rows * D);
-  parts.m.resize(items.size() * parts.rows);
-  parts.l.resize(items.size() * parts.rows);
+  parts.acc.resize(rows * D);
+  parts.m.resize(rows);
+  parts.l.resize(rows);
 
   ItemFn fn = item_scalar;
   if (isa == DecodeIsa::avx512 && D % 16 == 0) {
@@ -589,53 +604,48 @@ void cpu_decode(const DecodeArgs& a, DecodeIsa isa) {
 #pragma omp parallel num_threads(threads)
     {
       Scratch sc;
-      sc.qs.resize(parts.rows * D);
-      sc.s.resize(parts.rows * BT);
-      sc.p.resize(parts.rows * BT);
+      sc.qs.resize(static_cast<std::size_t>(kItemRows) * D);
+      sc.s.resize(static_cast<std::size_t>(kItemRows) * BT);
+      sc.p.resize(static_cast<std::size_t>(kItemRows) * BT);
       sc.kf.resize(static_cast<std::size_t>(BT) * D);
-      sc.vf.resize(static_cast<std::size_t>(BT) * D);
-      sc.vis.resize(parts.rows);
+      sc.vis.resize(kItemRows);
 #pragma omp for schedule(dynamic, 1)
       for (std::size_t i = 0; i < items.size(); ++i) fn(pb, items[i], sc, parts);
     }
   }
 
-  // LSE merge of the chunk partials of each (sequence, kv head) into o and lse.
-  const std::int64_t groups = static_cast<std::int64_t>(a.num_seqs) * L.kv_heads;
+  // LSE merge of the chunk partials of each group of rows into o and lse.
+  const std::int64_t ngroups = static_cast<std::int64_t>(groups.size());
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::int64_t gi = 0; gi < groups; ++gi) {
-    const int b = static_cast<int>(gi / L.kv_heads), h = static_cast<int>(gi % L.kv_heads);
-    const auto& sq = a.seqs[b];
-    const std::size_t i0 = first_item[gi], i1 = first_item[gi + 1];
-    for (int qi = 0; qi < sq.q_count; ++qi) {
-      for (int gh = 0; gh < G; ++gh) {
-        const std::size_t r = static_cast<std::size_t>(qi) * G + gh;
-        const std::int64_t row = sq.q_begin + qi;
-        const int head = h * G + gh;
-        float M = kNegInf;
-        for (std::size_t i = i0; i < i1; ++i) M = std::max(M, parts.m[i * parts.rows + r]);
-        float* out = a.o + (static_cast<std::size_t>(row) * L.q_heads + head) * D;
-        float& lse = a.lse[static_cast<std::size_t>(head) * a.total_q + row];
-        if (M == kNegInf) {
-          std::fill(out, out + D, 0.0f);
-          lse = kNegInf;
-          continue;
-        }
-        float Lsum = 0;
-        for (std::size_t i = i0; i < i1; ++i) {
-          const float mi = parts.m[i * parts.rows + r];
-          if (mi != kNegInf) Lsum += parts.l[i * parts.rows + r] * std::exp(mi - M);
-        }
-        std::fill(out, out + D, 0.0f);
-        for (std::size_t i = i0; i < i1; ++i) {
-          const float mi = parts.m[i * parts.rows + r];
-          if (mi == kNegInf) continue;
-          const float w = std::exp(mi - M) / Lsum;
-          const float* acc = &parts.acc[(i * parts.rows + r) * D];
-          for (int d = 0; d < D; ++d) out[d] += w * acc[d];
-        }
-        lse = M + std::log(Lsum);
+  for (std::int64_t gi = 0; gi < ngroups; ++gi) {
+    const Group& g = groups[static_cast<std::size_t>(gi)];
+    const auto& sq = a.seqs[g.seq];
+    for (int r = 0; r < g.rn; ++r) {
+      const int qi = (g.r0 + r) / G, gh = (g.r0 + r) % G;
+      const std::int64_t row = sq.q_begin + qi;
+      const int head = g.head * G + gh;
+      float M = kNegInf;
+      for (std::size_t i = g.first; i < g.last; ++i) M = std::max(M, parts.m[items[i].off + r]);
+      float* out = a.o + (static_cast<std::size_t>(row) * L.q_heads + head) * D;
+      float& lse = a.lse[static_cast<std::size_t>(head) * a.total_q + row];
+      std::fill(out, out + D, 0.0f);
+      if (M == kNegInf) {
+        lse = kNegInf;
+        continue;
       }
+      float Lsum = 0;
+      for (std::size_t i = g.first; i < g.last; ++i) {
+        const float mi = parts.m[items[i].off + r];
+        if (mi != kNegInf) Lsum += parts.l[items[i].off + r] * std::exp(mi - M);
+      }
+      for (std::size_t i = g.first; i < g.last; ++i) {
+        const float mi = parts.m[items[i].off + r];
+        if (mi == kNegInf) continue;
+        const float w = std::exp(mi - M) / Lsum;
+        const float* acc = &parts.acc[(items[i].off + r) * D];
+        for (int d = 0; d < D; ++d) out[d] += w * acc[d];
+      }
+      lse = M + std::log(Lsum);
     }
   }
 }

@@ -156,6 +156,7 @@ TEST(DecodeKernel, MatchesReferenceAllPaths) {
       {5, 97, 6, 2, 40, 3, DType::bf16, true, 48},     // head dim 40 (no full vector), 3 tokens, causal
       {4, 130, 16, 4, 128, 2, DType::f16, true, 0},    // two decode tokens, causal, shifted shards
       {3, 64, 2, 1, 8, 1, DType::f32, true, 16},       // small everything
+      {3, 90, 64, 1, 32, 3, DType::bf16, true, 32},    // 192 rows per kv head: several row blocks per item
   };
   for (auto isa : isas())
     for (const auto& c : cases) run_case(c, isa);
