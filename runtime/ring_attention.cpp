@@ -211,6 +211,7 @@ struct RingAttention::Impl {
     backend->fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
 
     TensorView cur_k = k, cur_v = v;
+    bool first = true;
     for (int step = 0; step < world; ++step) {
       const int src = (rank - step + world) % world;
       std::vector<P2POp> ops;
@@ -219,8 +220,13 @@ struct RingAttention::Impl {
       const auto tc = Clock::now();
       if (has_work(src)) {
         const auto a = step_args(q, cur_k, cur_v, src);
-        backend->forward(a, {opart, lpart});
-        backend->merge_into(oacc, lse, opart, lpart, opt.stream);
+        if (first) {  // nothing to merge with yet: write the accumulator directly
+          backend->forward(a, {oacc, lse});
+          first = false;
+        } else {
+          backend->forward(a, {opart, lpart});
+          backend->merge_into(oacc, lse, opart, lpart, opt.stream);
+        }
       } else {
         ++stats.skipped_steps;
       }
