@@ -223,7 +223,13 @@ int run(int argc, char** argv) {
   std::int64_t reporter = setup_error.empty() ? nranks : rank;
   world->allreduce(&reporter, 1, ReduceType::i64, ReduceOp::min);
   if (reporter < nranks) {
-    if (reporter == rank) throw Error(ErrorCode::invalid_argument, setup_error);
+    // Print before anyone exits: mpirun kills the job at the first non-zero exit, which could
+    // otherwise swallow the reporter's line.
+    if (reporter == rank) {
+      std::fprintf(stderr, "ring_attention: error: %s\n", setup_error.c_str());
+      std::fflush(stderr);
+    }
+    world->barrier();
     return 2;
   }
   try {
