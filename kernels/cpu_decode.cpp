@@ -557,7 +557,12 @@ template <int W>
 // One item per call: the target attribute must sit on the function that holds the inlined body
 // (OpenMP outlines parallel regions into functions of their own, which need not inherit it).
 using ItemFn = void (*)(const Problem&, const Item&, Scratch&, Partials&);
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"))) void item_avx512(const Problem& pb, const Item& it,
+#if defined(__clang__)
+#define LONGATTN_DECODE_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"
+#else  // GCC tunes for 256-bit vectors on these CPUs unless told; the explicit 512-bit code wants 512
+#define LONGATTN_DECODE_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512"
+#endif
+__attribute__((target(LONGATTN_DECODE_AVX512_TARGET))) void item_avx512(const Problem& pb, const Item& it,
                                                                                       Scratch& sc, Partials& parts) {
   run_typed<16>(pb, it, sc, parts);
 }
