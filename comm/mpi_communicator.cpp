@@ -1,6 +1,8 @@
 // The MPI communicator: host buffers (or CUDA-aware MPI), nonblocking point to point with
 // deadlines, collectives. Messages over 1 GiB are split, because MPI counts are ints.
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdlib>
 #include <thread>
 #include <vector>
@@ -24,10 +26,63 @@ namespace {
 
 constexpr std::size_t kMaxChunk = std::size_t{1} << 30;
 
+// Open MPI moves a large message only while some thread is inside the library ("OMPI progress:
+// no"), so a transfer posted before a long kernel would otherwise wait for MPI_Wait. While
+// requests are outstanding, this thread pokes the progress engine (MPI_Iprobe) every few tens of
+// microseconds, so the next ring shard really is in flight during the compute. Needs
+// MPI_THREAD_MULTIPLE; LONGATTN_MPI_PROGRESS=0 turns it off.
+class ProgressThread {
+ public:
+  explicit ProgressThread(MPI_Comm comm) : comm_(comm) {}
+  ~ProgressThread() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  void begin() {
+    std::lock_guard lock(mu_);
+    if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+    ++active_;
+    cv_.notify_all();
+  }
+  void end() {
+    std::lock_guard lock(mu_);
+    --active_;
+  }
+
+ private:
+  void loop() {
+    std::unique_lock lock(mu_);
+    while (!stop_) {
+      cv_.wait(lock, [&] { return stop_ || active_ > 0; });
+      while (!stop_ && active_ > 0) {
+        lock.unlock();
+        int flag = 0;
+        MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm_, &flag, MPI_STATUS_IGNORE);
+        std::this_thread::sleep_for(std::chrono::microseconds(30));
+        lock.lock();
+      }
+    }
+  }
+  MPI_Comm comm_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread thread_;
+  int active_ = 0;
+  bool stop_ = false;
+};
+
 class MpiRequest final : public CommRequest {
  public:
-  MpiRequest(std::vector<MPI_Request> reqs, std::string what) : reqs_(std::move(reqs)), what_(std::move(what)) {}
+  MpiRequest(std::vector<MPI_Request> reqs, std::string what, ProgressThread* progress)
+      : reqs_(std::move(reqs)), what_(std::move(what)), progress_(progress) {
+    if (progress_) progress_->begin();
+  }
   ~MpiRequest() override {
+    release();
     // A request dropped unfinished (an exception unwound past it) must not leave MPI writing into
     // freed memory: cancel what can be cancelled.
     for (auto& r : reqs_) {
@@ -40,6 +95,7 @@ class MpiRequest final : public CommRequest {
   bool test() override {
     int done = 0;
     MPI_CHECK(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &done, MPI_STATUSES_IGNORE));
+    if (done) release();
     return done != 0;
   }
   void wait() override {
@@ -56,8 +112,13 @@ class MpiRequest final : public CommRequest {
   }
 
  private:
+  void release() {
+    if (progress_) progress_->end();
+    progress_ = nullptr;
+  }
   std::vector<MPI_Request> reqs_;
   std::string what_;
+  ProgressThread* progress_;
 };
 
 MPI_Datatype mpi_type(ReduceType t) {
@@ -84,8 +145,12 @@ class MpiCommunicator final : public Communicator {
     MPI_CHECK(MPI_Comm_size(comm_, &size_));
     MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     topo_ = discover_topology(comm_);
+    int level = 0;
+    MPI_Query_thread(&level);
+    if (level == MPI_THREAD_MULTIPLE && env_int("LONGATTN_MPI_PROGRESS") != 0) progress_ = std::make_unique<ProgressThread>(comm_);
   }
   ~MpiCommunicator() override {
+    progress_.reset();
     if (owned_) MPI_Comm_free(&comm_);
   }
   int rank() const override { return rank_; }
@@ -103,7 +168,7 @@ class MpiCommunicator final : public Communicator {
       MPI_CHECK(MPI_Isend(p + off, n, MPI_BYTE, peer, tag, comm_, &reqs.back()));
       if (bytes == 0) break;
     }
-    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("send of {} bytes to rank {}", bytes, peer));
+    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("send of {} bytes to rank {}", bytes, peer), progress_.get());
   }
 
   Request irecv(void* buf, std::size_t bytes, int peer, int tag, void*) override {
@@ -116,7 +181,7 @@ class MpiCommunicator final : public Communicator {
       MPI_CHECK(MPI_Irecv(p + off, n, MPI_BYTE, peer, tag, comm_, &reqs.back()));
       if (bytes == 0) break;
     }
-    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("receive of {} bytes from rank {}", bytes, peer));
+    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("receive of {} bytes from rank {}", bytes, peer), progress_.get());
   }
 
   void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes, const std::vector<std::size_t>& send_offsets,
@@ -166,6 +231,7 @@ class MpiCommunicator final : public Communicator {
   bool owned_;
   int rank_ = 0, size_ = 1;
   Topology topo_;
+  std::unique_ptr<ProgressThread> progress_;
 };
 
 }  // namespace

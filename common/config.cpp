@@ -17,6 +17,7 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_DETERMINISTIC", "0", "1 = GPU backward without atomics (bit-identical run to run; 'cuda' backend)"},
       {"LONGATTN_NUM_THREADS", "0", "CPU kernel threads per process; 0 = cores / processes on this node"},
       {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
+      {"LONGATTN_MPI_PROGRESS", "1", "1 = a thread drives MPI progress while transfers are pending (overlap on CPUs)"},
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
   };
   return table;
