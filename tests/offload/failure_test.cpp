@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -228,6 +229,82 @@ TEST(OffloadFailures, KilledServerFailsWithinTimeout) {
   // The surviving server still answers for its sequence.
   std::vector<DecodeQuery> one{{0, 1}};
   c.attend(0, 8, 32, one, q.data(), o.data(), lse.data()).get();
+}
+
+// A TCP proxy whose first connection dies just before the reply to the 4th request (the attend)
+// reaches the client: the server did the work, the client saw nothing, and must retry the attend
+// (idempotent) on a new connection.
+TEST(OffloadFailures, IdempotentAttendIsRetriedAfterALostConnection) {
+  auto s = test::start_server();
+  static asio::io_context io;  // outlives the detached pump threads
+  tcp::acceptor acc(io, {asio::ip::make_address("127.0.0.1"), 0});
+  const int upstream = s->port();
+  std::atomic<bool> stop{false};
+  std::thread proxy([&] {
+    for (int conn = 0; !stop; ++conn) {
+      boost::system::error_code ec;
+      auto down = std::make_shared<tcp::socket>(io);
+      acc.accept(*down, ec);
+      if (ec) return;
+      auto up = std::make_shared<tcp::socket>(io);
+      up->connect({asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(upstream)}, ec);
+      std::thread([down, up] {  // client -> server
+        std::array<char, 65536> b;
+        boost::system::error_code e;
+        for (;;) {
+          const auto n = down->read_some(asio::buffer(b), e);
+          if (e) break;
+          asio::write(*up, asio::buffer(b.data(), n), e);
+          if (e) break;
+        }
+        up->shutdown(tcp::socket::shutdown_both, e);
+      }).detach();
+      std::thread([down, up, first = conn == 0] {  // server -> client; the first connection stops after 96 bytes
+        std::array<char, 65536> b;
+        boost::system::error_code e;
+        std::size_t passed = 0;
+        for (;;) {
+          const auto n = up->read_some(asio::buffer(b), e);
+          if (e) break;
+          if (first && passed + n > 96) {  // hello (40) + open (24) + append (32) replies went through
+            down->shutdown(tcp::socket::shutdown_both, e);  // FIN now (close alone waits for the other thread's read)
+            up->shutdown(tcp::socket::shutdown_both, e);
+            return;
+          }
+          passed += n;
+          asio::write(*down, asio::buffer(b.data(), n), e);
+          if (e) break;
+        }
+        down->shutdown(tcp::socket::shutdown_both, e);
+      }).detach();
+    }
+  });
+  ClientOptions co;
+  co.servers = {"127.0.0.1:" + std::to_string(acc.local_endpoint().port())};
+  co.token = test::kToken;
+  co.timeout = 5s;
+  {
+    Client c(co);
+    std::vector<float> k(16, 0.5f), q(16, 1.0f), o(16, 0.0f), lse(1);
+    try {
+      c.open({1, 1, 1, 16, DType::f32}).get();
+      c.append(1, 0, k.data(), k.data(), 1).get();
+      std::vector<DecodeQuery> qs{{1, 1}};
+      c.attend(0, 1, 16, qs, q.data(), o.data(), lse.data()).get();
+      EXPECT_FLOAT_EQ(o[3], 0.5f);
+      EXPECT_GE(c.stats().retries, 1u);
+    } catch (const Error& e) {
+      ADD_FAILURE() << e.what();
+    }
+  }
+  stop = true;
+  {  // wake the proxy's blocking accept so it sees `stop`
+    asio::io_context io2;
+    tcp::socket poke(io2);
+    boost::system::error_code ec;
+    poke.connect(acc.local_endpoint(), ec);
+  }
+  proxy.join();
 }
 
 TEST(OffloadFailures, HungServerTimesOut) {
