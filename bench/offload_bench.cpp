@@ -44,6 +44,7 @@ struct Options {
   double seconds = 60;
   std::int64_t load_context = 4096;
   std::string memory = "16G";
+  std::string transport = "tcp";
   bool skip_latency = false, skip_load = false;
 };
 
@@ -67,12 +68,13 @@ Options parse(int argc, char** argv) {
     else if (f == "--seconds") o.seconds = std::stod(value());
     else if (f == "--load-context") o.load_context = std::stoll(value());
     else if (f == "--memory-limit") o.memory = value();
+    else if (f == "--transport") o.transport = value();
     else if (f == "--no-latency") o.skip_latency = true;
     else if (f == "--no-load") o.skip_load = true;
     else if (f == "--help") {
       std::printf("longattn-bench offload [--batch 32] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16]\n"
                   "  [--reps 10] [--threads cores] [--clients 64] [--seconds 60] [--load-context 4096] [--memory-limit 16G]\n"
-                  "  [--no-latency] [--no-load]\n");
+                  "  [--no-latency] [--no-load] [--transport tcp|ucx]\n");
       std::exit(0);
     } else {
       throw Error(ErrorCode::invalid_argument, "unknown flag " + f + " (see --help)");
@@ -108,7 +110,7 @@ struct Daemon {
       ::dup2(fds[1], 1);
       ::close(fds[0]);
       ::execl(exe.c_str(), exe.c_str(), "--listen", "127.0.0.1:0", "--token-file", tf.c_str(), "--threads", threads.c_str(),
-              "--memory-limit", o.memory.c_str(), "--io-threads", "2", static_cast<char*>(nullptr));
+              "--memory-limit", o.memory.c_str(), "--io-threads", "2", "--transport", o.transport.c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }
     ::close(fds[1]);
@@ -178,13 +180,14 @@ int run_offload(int argc, char** argv) {
   const std::string where = "127.0.0.1:" + std::to_string(d.port);
   std::mt19937_64 rng(3);
   std::uniform_real_distribution<float> val(-1, 1);
-  std::string json = fmt::format("{{\"bench\":\"offload\",\"threads\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"dtype\":\"{}\"", o.threads,
+  std::string json = fmt::format("{{\"bench\":\"offload\",\"transport\":\"{}\",\"threads\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"dtype\":\"{}\"", o.transport, o.threads,
                                  o.q_heads, o.kv_heads, o.head_dim, to_string(o.dtype));
 
   if (!o.skip_latency) {
     offload::ClientOptions co;
     co.servers = {where};
     co.token = d.token;
+    co.transport = o.transport;
     co.timeout = std::chrono::seconds(120);
     offload::Client c(co);
     const auto tf = Clock::now();
@@ -231,6 +234,7 @@ int run_offload(int argc, char** argv) {
           offload::ClientOptions co;
           co.servers = {where};
           co.token = d.token;
+          co.transport = o.transport;
           co.timeout = std::chrono::seconds(30);
           offload::Client c(co);
           std::mt19937_64 r(static_cast<std::uint64_t>(i) + 100);
