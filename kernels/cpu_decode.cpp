@@ -43,9 +43,6 @@ struct Vec {
   typedef std::int32_t i __attribute__((vector_size(4 * W)));
   typedef std::uint32_t u __attribute__((vector_size(4 * W)));
   typedef std::uint16_t h __attribute__((vector_size(2 * W)));
-#if defined(__FLT16_MAX__)
-  typedef _Float16 f16 __attribute__((vector_size(2 * W)));
-#endif
 };
 
 template <int W>
@@ -76,14 +73,23 @@ template <int W, class T>
     std::memcpy(&x, p, sizeof(x));
     typename V::u w = __builtin_convertvector(x, typename V::u) << 16;
     std::memcpy(&out, &w, sizeof(out));
-  } else {  // T = Half (f16)
-#if defined(__FLT16_MAX__)
-    typename V::f16 x;
+  } else {  // T = f16 (stored as 16-bit integers): widen with integer ops, which every compiler
+            // vectorizes (a _Float16 conversion is scalarized by some). Exponent and mantissa
+            // shifted into f32 position and scaled by 2^112 give normals and subnormals exactly;
+            // infinities and NaNs (exponent 31) are patched; the sign goes back last.
+    typename V::h x;
     std::memcpy(&x, p, sizeof(x));
-    out = __builtin_convertvector(x, typename V::f);
-#else
-    for (int l = 0; l < W; ++l) out[l] = f16_to_f32(reinterpret_cast<const std::uint16_t*>(p)[l]);
-#endif
+    const typename V::u h = __builtin_convertvector(x, typename V::u);
+    const typename V::u em = (h & 0x7fffu) << 13;
+    typename V::f mag;
+    std::memcpy(&mag, &em, sizeof(mag));
+    mag = mag * 5.192296858534828e33f;  // 2^112
+    typename V::u bits;
+    std::memcpy(&bits, &mag, sizeof(bits));
+    const typename V::u special = (typename V::u)((h & 0x7c00u) == 0x7c00u);  // all ones where exponent is 31
+    bits = (bits & ~special) | ((em | 0x7f800000u) & special);
+    bits |= (h & 0x8000u) << 16;
+    std::memcpy(&out, &bits, sizeof(out));
   }
   return out;
 }
@@ -577,11 +583,7 @@ template <int W>
   switch (pb.lay.kv_dtype) {
     case DType::f32: run_item<W, float>(pb, it, sc, parts); break;
     case DType::bf16: run_item<W, std::uint16_t>(pb, it, sc, parts); break;
-#if defined(__FLT16_MAX__)
-    case DType::f16: run_item<W, _Float16>(pb, it, sc, parts); break;
-#else
-    case DType::f16: run_item<W, std::int16_t>(pb, it, sc, parts); break;
-#endif
+    case DType::f16: run_item<W, std::int16_t>(pb, it, sc, parts); break;  // f16 bits
   }
 }
 

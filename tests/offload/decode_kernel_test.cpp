@@ -181,6 +181,39 @@ TEST(DecodeKernel, EmptyAndQueryless) {
   for (float x : lse) EXPECT_EQ(x, -std::numeric_limits<float>::infinity());
 }
 
+TEST(DecodeKernel, Fp16SpecialValuesWidenExactly) {
+  // q = 0: every key weighs the same, so o is the plain mean of the V rows, exactly representable
+  // here; V holds zeros, a subnormal, the largest half and negative values.
+  const float vals[4] = {0.0f, 5.9604645e-8f /* smallest subnormal */, 65504.0f, -2.5f};
+  kernels::DecodeLayout lay{1, 1, 16, DType::f16, 16};
+  std::vector<std::uint16_t> page(lay.page_bytes() / 2, 0);
+  for (int t = 0; t < 4; ++t)
+    for (int x = 0; x < 16; ++x) {
+      page[static_cast<std::size_t>(t) * 16 + x] = f32_to_f16(0.0f);                                // K
+      page[(16 + static_cast<std::size_t>(t)) * 16 + x] = f32_to_f16(x % 2 ? vals[t] : -vals[t]);  // V
+    }
+  const std::byte* pages[1] = {reinterpret_cast<const std::byte*>(page.data())};
+  kernels::DecodeSequence sq;
+  sq.pages = pages;
+  sq.length = 4;
+  sq.q_count = 1;
+  std::vector<float> q(16, 0.0f), o(16), lse(1);
+  kernels::DecodeArgs a;
+  a.layout = lay;
+  a.seqs = &sq;
+  a.num_seqs = 1;
+  a.total_q = 1;
+  a.q = q.data();
+  a.o = o.data();
+  a.lse = lse.data();
+  for (auto isa : {DecodeIsa::generic, DecodeIsa::avx2, DecodeIsa::avx512}) {
+    kernels::cpu_decode(a, isa);
+    const double mean = (0.0 + 5.9604645e-8 + 65504.0 - 2.5) / 4;
+    for (int x = 0; x < 16; ++x) EXPECT_NEAR(o[x], x % 2 ? mean : -mean, 1e-3) << kernels::to_string(isa) << " " << x;
+    EXPECT_NEAR(lse[0], std::log(4.0), 1e-6);
+  }
+}
+
 TEST(DecodeKernel, RefusesBadArguments) {
   kernels::DecodeLayout lay{6, 4, 64, DType::bf16, 32};  // 6 % 4 != 0
   kernels::DecodeArgs a;
