@@ -128,6 +128,7 @@ struct Server::Impl : FrameService {
   // ---- FrameService: the request logic, the same for every transport ----
   const Limits& limits() const override { return opt.limits; }
   bool draining() const override { return draining_; }
+  double hello_timeout_s() const override { return opt.hello_timeout_s; }
   void on_bytes(std::size_t in, std::size_t out) override {
     c.bytes_in += in;
     c.bytes_out += out;
@@ -388,9 +389,18 @@ struct Server::Impl : FrameService {
     tcp::socket sock;
     asio::streambuf buf{8192};
     std::string out;
-    HttpConn(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)) {}
+    asio::steady_timer timer;
+    HttpConn(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)), timer(sock.get_executor()) {}
     void start() {
+      // A scraper that does not finish its request within 5 s is dropped.
+      timer.expires_after(std::chrono::seconds(5));
+      timer.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+        if (ec) return;
+        boost::system::error_code e;
+        self->sock.close(e);
+      });
       asio::async_read_until(sock, buf, "\r\n\r\n", [self = shared_from_this()](boost::system::error_code ec, std::size_t) {
+        self->timer.cancel();
         if (ec) return;
         std::istream is(&self->buf);
         std::string method, path;

@@ -36,6 +36,7 @@ class FrameService {
   virtual void on_bytes(std::size_t in, std::size_t out) = 0;
   virtual void on_connection(bool opened) = 0;
   virtual bool draining() const = 0;
+  virtual double hello_timeout_s() const = 0;  // a connection must authenticate within this
 };
 
 // Client side: an ordered byte stream; every handler runs on the client's I/O thread.

@@ -11,6 +11,7 @@
 #include <ucp/api/ucp.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -82,6 +83,7 @@ class WorkerThread {
 
  protected:
   virtual void on_exit() {}  // on the worker thread, before it leaves: close what is open
+  virtual void on_tick() {}  // on the worker thread, at least every 100 ms
   bool quit_ = false;
 
  private:
@@ -98,6 +100,7 @@ class WorkerThread {
       while (ucp_worker_progress(worker_) != 0) {
       }
       drain();
+      on_tick();
       if (quit_) break;
       if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
       epoll_event evs[2];
@@ -195,6 +198,7 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     bool in_header = true;
     bool closed = false;
     int outstanding = 0;
+    std::chrono::steady_clock::time_point opened = std::chrono::steady_clock::now();
   };
   struct SendCtx {
     UcxServer* srv;
@@ -371,6 +375,23 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     if (c && c->closed && c->outstanding == 0) conns_.erase(id);
   }
 
+  // Connections that have not authenticated within the hello timeout are closed, as on TCP.
+  void on_tick() override {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_tick_ < std::chrono::milliseconds(100)) return;
+    last_tick_ = now;
+    const auto limit = std::chrono::duration<double>(svc_.hello_timeout_s());
+    std::vector<std::uint64_t> late;
+    for (auto& [id, c] : conns_)
+      if (!c->closed && !c->session.authed && now - c->opened > limit) late.push_back(id);
+    for (auto id : late)
+      if (Conn* c = find(id)) {
+        logger(Subsystem::offload).warn("connection {}: no hello within {} s; closing", c->session.peer, svc_.hello_timeout_s());
+        close(*c, true);
+        reap(id);
+      }
+  }
+
   void on_exit() override {
     if (listener_) ucp_listener_destroy(listener_);
     listener_ = nullptr;
@@ -400,6 +421,7 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
   std::map<std::uint64_t, std::unique_ptr<Conn>> conns_;
   std::map<std::uint64_t, std::pair<UcxServer*, std::uint64_t>> keys_;  // stable addresses for UCX callbacks
   std::vector<void*> closing_;
+  std::chrono::steady_clock::time_point last_tick_ = std::chrono::steady_clock::now();
 };
 
 // ------------------------------------------------------------------ client

@@ -146,6 +146,29 @@ TEST(OffloadEndToEnd, KilledUcxServerFailsWithinTimeout) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1700));
 }
 
+TEST(OffloadEndToEnd, UcxServerDropsSilentConnections) {
+  if (!ucx_available()) GTEST_SKIP() << "built without UCX";
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.token = test::kToken;
+  o.transport = "ucx";
+  o.hello_timeout_s = 0.3;
+  Server s(o);
+  s.start();
+  auto eng = make_ucx_client([](std::function<void()> fn) { fn(); });
+  auto st = eng->stream();
+  std::promise<std::string> connected, got;
+  st->connect("127.0.0.1", std::to_string(s.port()), [&](const std::string& e, std::size_t) { connected.set_value(e); });
+  ASSERT_EQ(connected.get_future().get(), "");
+  std::array<std::byte, kHeaderBytes> buf{};
+  st->read(buf.data(), buf.size(), [&](const std::string& e, std::size_t) { got.set_value(e); });
+  auto f = got.get_future();
+  ASSERT_EQ(f.wait_for(std::chrono::seconds(5)), std::future_status::ready) << "a silent UCX peer was not dropped";
+  EXPECT_FALSE(f.get().empty());
+  st.reset();
+  eng.reset();
+}
+
 TEST(OffloadEndToEnd, OutOfCapacityWhileOthersServed) {
   // 1 MiB of KV per client: client A overflows and gets a clear error; client B is unaffected.
   auto s = test::start_server(std::size_t{8} << 20, std::size_t{1} << 20);
