@@ -1,7 +1,8 @@
 // Fused attention backward, deterministic and atomic-free, in two kernels:
-//  - dK/dV: one block per (128-key tile, kv head, sequence); each warp owns 16 keys and keeps their
-//    dK and dV in registers while it walks every query tile of every query head of its GQA group,
-//    recomputing P^T = exp(K Q^T - lse) and dS^T = P^T (V dO^T - delta) in transposed form;
+//  - dK/dV: one block per (128-key tile, kv head, sequence); each warp owns 32 keys x D/2 columns
+//    of dK and dV in registers while the block walks every query tile of every query head of its
+//    GQA group, recomputing P^T = exp(K Q^T - lse) and dS^T = P^T (V dO^T - delta) in transposed
+//    form and exchanging them between warps through shared memory (see BwdKVTile);
 //  - dQ: one block per (128-query tile, head, sequence), the forward's walk over key tiles,
 //    recomputing P and dS and accumulating dQ = dS K.
 // Recomputing the scores twice costs 7 instead of 5 tile products, but no gradient is ever summed
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(BwdQTile<D>::kThreads, 1) flash_bwd_dq_kernel(
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool vis = in && !(partial && kp > qpos[r]);
-          const float pr = vis ? exp2f(s[t][2 * r + c] * scale_log2 - lse2[r]) : 0.0f;
+          const float pr = vis ? fast_exp2(s[t][2 * r + c] * scale_log2 - lse2[r]) : 0.0f;
           s[t][2 * r + c] = pr * (dp[t][2 * r + c] - delta[r]) * p.scale;  // dS
         }
       }
@@ -200,21 +201,37 @@ __global__ void __launch_bounds__(BwdQTile<D>::kThreads, 1) flash_bwd_dq_kernel(
 
 // ---------------------------------------------------------------------------------------------
 // dK, dV
+// One block owns 128 keys; 8 warps. Every step (one 64-query tile of one head of the group):
+//  1. S^T = K Q^T and dP^T = V dO^T: warp (wk = warp % 4, wq = warp / 4) computes keys
+//     [32 wk, 32 wk + 32) x queries [32 wq, 32 wq + 32); P^T and dS^T go to shared memory (bf16/fp16,
+//     [keys][queries], swizzled, conflict-free 32-bit stores);
+//  2. atomic mode: dQ (64 x D) += dS K, warp (warp % 2, warp / 2) takes 32 queries x D/4 columns;
+//  3. dV += P^T dO, dK += dS^T Q: warp (wk, wd = warp / 4) owns keys [32 wk, +32) x columns
+//     [D/2 wd, +D/2) of dK and dV in registers for the whole walk.
+// Each warp works on 32-row operands in every product (the old layout had 16 keys per warp and
+// re-read each Q/dO fragment for every 2 mma), so shared-memory reads per mma drop by ~40%.
 template <class T, int D, bool kHasPos, bool kAtomicDQ>
 __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kernel(const FlashParams p) {
   using Tile = BwdKVTile<D>;
   constexpr int kBN = Tile::kBN, kBM = Tile::kBMq, kNT = Tile::kThreads;
+  static_assert(kBN == 128 && (kBM == 64 || kBM == 128) && Tile::kWarps == 8, "warp roles below assume 128 keys, 8 warps");
+  constexpr int kSQ = kBM / 2;   // queries per warp in the score products
+  constexpr int kQW = kBM / 32;  // dQ: warps along the queries (32 each); the rest split D
+  constexpr int kDD = D / 2;  // dK/dV columns per warp
+  constexpr int kQD = D * kQW / 8;  // dQ columns per warp
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * D;
-  T* sQ = sV + kBN * D;      // two buffers of kBM x D
+  T* sQ = sV + kBN * D;       // two buffers of kBM x D
   T* sdO = sQ + 2 * kBM * D;  // two buffers
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * kBM * D);  // [2][kBM], log2 domain
-  float* sDelta = sLse + 2 * kBM;                               // [2][kBM]
-  int* sQpos = reinterpret_cast<int*>(sDelta + 2 * kBM);        // [2][kBM]
-  T* sdS = reinterpret_cast<T*>(sQpos + 2 * kBM);               // [kBM][kBN] dS of the step (atomic dQ)
+  T* sP = sdO + 2 * kBM * D;  // [kBN][kBM] P^T of the step, swizzled
+  T* sdS = sP + kBN * kBM;    // [kBN][kBM] dS^T of the step
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // [2][kBM], log2 domain
+  float* sDelta = sLse + 2 * kBM;                           // [2][kBM]
+  int* sQpos = reinterpret_cast<int*>(sDelta + 2 * kBM);    // [2][kBM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wk = warp % 4, wh = warp / 4;
   const int hk = blockIdx.y, b = blockIdx.z;
   const int group = p.hq / p.hkv;
   std::int64_t q_start, k_start;
@@ -234,13 +251,15 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
     kmin = n0;
     kmax = n0 + rows_k - 1;
   }
-  const int r_loc0 = warp * 16 + lane / 4;  // this thread's keys: r_loc0 and r_loc0 + 8
-  int kpos[2];
+  // This thread's keys (block-local): wk * 32 + mt * 16 + lane / 4 + 8 r.
+  int kpos[2][2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = n0 + r_loc0 + 8 * i;
-    kpos[i] = (kHasPos && p.pos_k) ? (r < len_k ? p.pos_k[k_start + r] : 0x7fffffff) : r;
-  }
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = n0 + wk * 32 + mt * 16 + lane / 4 + 8 * r;
+      kpos[mt][r] = (kHasPos && p.pos_k) ? (key < len_k ? p.pos_k[k_start + key] : 0x7fffffff) : key;
+    }
 
   TileWalk tiles{kHasPos ? p.pos_q : nullptr, q_start, len_q, kBM, (len_q + kBM - 1) / kBM, p.causal, true, kmin, kmax};
   int t_begin = 0;
@@ -277,17 +296,19 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
   if (g < group) load_item(g, t, 0);
   cp_async_commit();
 
-  float dk[D / 8][4], dv[D / 8][4];
+  float dk[2][kDD / 8][4], dv[2][kDD / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) dk[i][j] = dv[i][j] = 0.0f;
+    for (int i = 0; i < kDD / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dk[mt][i][j] = dv[mt][i][j] = 0.0f;
   const float scale_log2 = p.scale * kLog2e;
 
   int buf = 0;
   while (g < group) {
     cp_async_wait<0>();
-    __syncthreads();  // item (g, t) is in buffer `buf`; every warp is done with the other one
+    __syncthreads();  // item (g, t) is in buffer `buf`; every warp is done with the other one and with sP/sdS
     int g2, t2;
     next_item(g, t + 1, g2, t2);
     if (g2 < group) load_item(g2, t2, buf ^ 1);
@@ -298,118 +319,144 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
     const float* cD = sDelta + buf * kBM;
     const int* cP = sQpos + buf * kBM;
 
-    float s[kBM / 8][4], dp[kBM / 8][4];
+    {
+      float s[2][kSQ / 8][4], dp[2][kSQ / 8][4];  // [key m-tile][query n-tile][fragment]
 #pragma unroll
-    for (int i = 0; i < kBM / 8; ++i)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) s[i][j] = dp[i][j] = 0.0f;
+        for (int i = 0; i < kSQ / 8; ++i)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      std::uint32_t ak[4], av[4];
-      const int aoff = SwizzledTile<D>::offset(warp * 16 + lane % 16, 2 * kk + lane / 16);
-      ldmatrix_x4(ak, smem_addr(sK + aoff));
-      ldmatrix_x4(av, smem_addr(sV + aoff));
+          for (int j = 0; j < 4; ++j) s[mt][i][j] = dp[mt][i][j] = 0.0f;
+#pragma unroll 2
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::uint32_t ak[2][4];
 #pragma unroll
-      for (int j = 0; j < kBM / 16; ++j) {
-        std::uint32_t bq[4], bo[4];
-        const int off = SwizzledTile<D>::offset(j * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2);
-        ldmatrix_x4(bq, smem_addr(cQ + off));
-        ldmatrix_x4(bo, smem_addr(cdO + off));
-        mma16816<T>(s[2 * j], ak, bq);
-        mma16816<T>(s[2 * j + 1], ak, bq + 2);
-        mma16816<T>(dp[2 * j], av, bo);
-        mma16816<T>(dp[2 * j + 1], av, bo + 2);
-      }
-    }
-
-    const bool partial = tiles.mask(t, lane) == TileMask::partial;
-    // s <- P^T, dp <- dS^T
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4(ak[mt], smem_addr(sK + SwizzledTile<D>::offset(wk * 32 + mt * 16 + lane % 16, 2 * kk + lane / 16)));
 #pragma unroll
-    for (int j = 0; j < kBM / 8; ++j) {
+        for (int j = 0; j < kSQ / 16; ++j) {
+          std::uint32_t bq[4];
+          ldmatrix_x4(bq, smem_addr(cQ + SwizzledTile<D>::offset(wh * kSQ + j * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2)));
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = j * 8 + (lane % 4) * 2 + c;
-        const float l2 = cL[col], dl = cD[col];
-        const int qp = cP[col];
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(s[mt][2 * j], ak[mt], bq);
+            mma16816<T>(s[mt][2 * j + 1], ak[mt], bq + 2);
+          }
+        }
+        std::uint32_t av[2][4];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const bool vis = !(partial && kpos[r] > qp);
-          const float pr = vis ? exp2f(s[j][2 * r + c] * scale_log2 - l2) : 0.0f;
-          s[j][2 * r + c] = pr;
-          dp[j][2 * r + c] = pr * (dp[j][2 * r + c] - dl) * p.scale;
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4(av[mt], smem_addr(sV + SwizzledTile<D>::offset(wk * 32 + mt * 16 + lane % 16, 2 * kk + lane / 16)));
+#pragma unroll
+        for (int j = 0; j < kSQ / 16; ++j) {
+          std::uint32_t bo[4];
+          ldmatrix_x4(bo, smem_addr(cdO + SwizzledTile<D>::offset(wh * kSQ + j * 16 + (lane / 16) * 8 + lane % 8, 2 * kk + (lane / 8) % 2)));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(dp[mt][2 * j], av[mt], bo);
+            mma16816<T>(dp[mt][2 * j + 1], av[mt], bo + 2);
+          }
         }
       }
-    }
 
-    if constexpr (kAtomicDQ) {
-      // Stage dS (queries x keys) for dQ += dS K; element (q, key) of a swizzled kBM x kBN tile.
+      const bool partial = tiles.mask(t, lane) == TileMask::partial;
+      // P^T and dS^T, straight to shared memory.
 #pragma unroll
-      for (int j = 0; j < kBM / 8; ++j)
+      for (int nt = 0; nt < kSQ / 8; ++nt) {
+        float pr[2][2][2], ds[2][2][2];  // [mt][r][c]
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int key = warp * 16 + lane / 4 + (i >= 2 ? 8 : 0);
-          const int q = j * 8 + (lane % 4) * 2 + (i & 1);
-          sdS[SwizzledTile<kBN>::offset(q, key / 8) + key % 8] = Pack<T>::from_float(dp[j][i]);
+        for (int c = 0; c < 2; ++c) {
+          const int col = wh * kSQ + nt * 8 + (lane % 4) * 2 + c;
+          const float l2 = cL[col], dl = cD[col];
+          const int qp = cP[col];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const bool vis = !(partial && kpos[mt][r] > qp);
+              const float x = s[mt][nt][2 * r + c] * scale_log2 - l2;
+              const float e = vis ? fast_exp2(x) : 0.0f;
+              pr[mt][r][c] = e;
+              ds[mt][r][c] = e * (dp[mt][nt][2 * r + c] - dl) * p.scale;
+            }
         }
-    }
-
 #pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      std::uint32_t ap[4], ads[4];
-      ap[0] = Pack<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      ap[1] = Pack<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      ap[2] = Pack<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      ap[3] = Pack<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      ads[0] = Pack<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
-      ads[1] = Pack<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
-      ads[2] = Pack<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-      ads[3] = Pack<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int j = 0; j < D / 16; ++j) {
-        std::uint32_t bo[4], bq[4];
-        const int off = SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * j + lane / 16);
-        ldmatrix_x4_trans(bo, smem_addr(cdO + off));
-        ldmatrix_x4_trans(bq, smem_addr(cQ + off));
-        mma16816<T>(dv[2 * j], ap, bo);
-        mma16816<T>(dv[2 * j + 1], ap, bo + 2);
-        mma16816<T>(dk[2 * j], ads, bq);
-        mma16816<T>(dk[2 * j + 1], ads, bq + 2);
+          for (int r = 0; r < 2; ++r) {
+            const int key = wk * 32 + mt * 16 + lane / 4 + 8 * r;
+            const int off = SwizzledTile<kBM>::offset(key, wh * (kSQ / 8) + nt) + (lane % 4) * 2;
+            *reinterpret_cast<std::uint32_t*>(sP + off) = Pack<T>::pack(pr[mt][r][0], pr[mt][r][1]);
+            *reinterpret_cast<std::uint32_t*>(sdS + off) = Pack<T>::pack(ds[mt][r][0], ds[mt][r][1]);
+          }
       }
     }
+    __syncthreads();  // P^T and dS^T of the whole 128 x 64 tile are staged
+
     if constexpr (kAtomicDQ) {
-      // dQ (kBM x D) += dS (kBM x kBN) K (kBN x D): warp w takes m-tile w % kMTiles and 4 n-tiles.
-      constexpr int kMTiles = kBM / 16;
-      static_assert(kMTiles * (D / 32) == Tile::kWarps, "dQ work split assumes one m-tile x 32 columns per warp");
-      __syncthreads();  // dS of every warp is staged
-      const int mt = warp % kMTiles, ng = warp / kMTiles;
-      float acc[4][4];
+      // dQ (kBM x D) += dS (kBM x kBN) K (kBN x D); dS read transposed from the [keys][queries] tile.
+      const int wq2 = warp % kQW, wn = warp / kQW;
+      float acc[2][kQD / 8][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+        for (int i = 0; i < kQD / 8; ++i)
 #pragma unroll
+          for (int j = 0; j < 4; ++j) acc[mt][i][j] = 0.0f;
+#pragma unroll Tile::kDqUnroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        std::uint32_t a[4];
-        ldmatrix_x4(a, smem_addr(sdS + SwizzledTile<kBN>::offset(mt * 16 + lane % 16, 2 * kk + lane / 16)));
+        std::uint32_t a[2][4];
 #pragma unroll
-        for (int jp = 0; jp < 2; ++jp) {
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4_trans(a[mt], smem_addr(sdS + SwizzledTile<kBM>::offset(kk * 16 + (lane / 16) * 8 + lane % 8, 4 * wq2 + 2 * mt + (lane / 8) % 2)));
+#pragma unroll
+        for (int j = 0; j < kQD / 16; ++j) {
           std::uint32_t bf[4];
-          ldmatrix_x4_trans(bf, smem_addr(sK + SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 4 * ng + 2 * jp + lane / 16)));
-          mma16816<T>(acc[2 * jp], a, bf);
-          mma16816<T>(acc[2 * jp + 1], a, bf + 2);
+          ldmatrix_x4_trans(bf, smem_addr(sK + SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, wn * (kQD / 8) + 2 * j + lane / 16)));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(acc[mt][2 * j], a[mt], bf);
+            mma16816<T>(acc[mt][2 * j + 1], a[mt], bf + 2);
+          }
         }
       }
       const int h = hk * group + g;
       const int m0 = t * kBM;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = m0 + mt * 16 + lane / 4 + 8 * r;
-        if (row >= len_q) continue;
-        float* dst = p.dq_accum + (q_start + row) * q_stride + static_cast<std::int64_t>(h) * D + ng * 32 + (lane % 4) * 2;
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          atomicAdd(dst + nt * 8, acc[nt][2 * r]);
-          atomicAdd(dst + nt * 8 + 1, acc[nt][2 * r + 1]);
+        for (int r = 0; r < 2; ++r) {
+          const int row = m0 + wq2 * 32 + mt * 16 + lane / 4 + 8 * r;
+          if (row >= len_q) continue;
+          float* dst = p.dq_accum + (q_start + row) * q_stride + static_cast<std::int64_t>(h) * D + wn * kQD + (lane % 4) * 2;
+#pragma unroll
+          for (int nt = 0; nt < kQD / 8; ++nt)
+            atomicAdd(reinterpret_cast<float2*>(dst + nt * 8), make_float2(acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]));
+        }
+    }
+
+    // dV += P^T dO, dK += dS^T Q over this warp's keys x D/2 columns.
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      std::uint32_t ap[2][4], ads[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int off = SwizzledTile<kBM>::offset(wk * 32 + mt * 16 + lane % 16, 2 * kk + lane / 16);
+        ldmatrix_x4(ap[mt], smem_addr(sP + off));
+        ldmatrix_x4(ads[mt], smem_addr(sdS + off));
+      }
+#pragma unroll
+      for (int j = 0; j < kDD / 16; ++j) {
+        std::uint32_t bo[4], bq[4];
+        const int off = SwizzledTile<D>::offset(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, wh * (kDD / 8) + 2 * j + lane / 16);
+        ldmatrix_x4_trans(bo, smem_addr(cdO + off));
+        ldmatrix_x4_trans(bq, smem_addr(cQ + off));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T>(dv[mt][2 * j], ap[mt], bo);
+          mma16816<T>(dv[mt][2 * j + 1], ap[mt], bo + 2);
+          mma16816<T>(dk[mt][2 * j], ads[mt], bq);
+          mma16816<T>(dk[mt][2 * j + 1], ads[mt], bq + 2);
         }
       }
     }
@@ -420,16 +467,18 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = n0 + r_loc0 + 8 * r;
-    if (row >= len_k) continue;
-    const std::int64_t base = (k_start + row) * kv_stride + static_cast<std::int64_t>(hk) * D + (lane % 4) * 2;
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      store_grad(p.dk, p.grad_dtype_k, p.dtype, p.accumulate, base + dt * 8, dk[dt][2 * r], dk[dt][2 * r + 1]);
-      store_grad(p.dv, p.grad_dtype_v, p.dtype, p.accumulate, base + dt * 8, dv[dt][2 * r], dv[dt][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int row = n0 + wk * 32 + mt * 16 + lane / 4 + 8 * r;
+      if (row >= len_k) continue;
+      const std::int64_t base = (k_start + row) * kv_stride + static_cast<std::int64_t>(hk) * D + wh * kDD + (lane % 4) * 2;
+#pragma unroll
+      for (int dt = 0; dt < kDD / 8; ++dt) {
+        store_grad(p.dk, p.grad_dtype_k, p.dtype, p.accumulate, base + dt * 8, dk[mt][dt][2 * r], dk[mt][dt][2 * r + 1]);
+        store_grad(p.dv, p.grad_dtype_v, p.dtype, p.accumulate, base + dt * 8, dv[mt][dt][2 * r], dv[mt][dt][2 * r + 1]);
+      }
     }
-  }
 }
 
 template <class T, int D>
@@ -438,7 +487,7 @@ void launch_bwd(const FlashParams& p, cudaStream_t stream) {
   {
     using Tile = BwdKVTile<D>;
     const int smem = (2 * Tile::kBN + 4 * Tile::kBMq) * D * static_cast<int>(sizeof(T)) + 6 * Tile::kBMq * 4 +
-                     (p.deterministic ? 0 : Tile::kBMq * Tile::kBN * static_cast<int>(sizeof(T)));
+                     2 * Tile::kBMq * Tile::kBN * static_cast<int>(sizeof(T));  // + P^T and dS^T of the step
     dim3 grid((p.max_len_k + Tile::kBN - 1) / Tile::kBN, p.hkv, p.batch);
     if (grid.x > 0) {
       auto kernel = p.deterministic ? (pos ? flash_bwd_dkdv_kernel<T, D, true, false> : flash_bwd_dkdv_kernel<T, D, false, false>)

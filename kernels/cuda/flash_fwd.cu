@@ -127,6 +127,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
       }
     }
 
+    float alphas[kMT][2];
     // Online softmax; rows are shared by the 4 lanes of a quad. row_max holds the raw (unscaled)
     // maximum; exponents are scale*log2(e)*(s - max), one FFMA per score.
 #pragma unroll
@@ -149,12 +150,24 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
           sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
         }
         row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          acc_o[mt][dt][2 * r] *= alpha;
-          acc_o[mt][dt][2 * r + 1] *= alpha;
-        }
+        alphas[mt][r] = alpha;
       }
+    // Rescale the output only when some row of the warp saw a new maximum (alpha is exactly 1
+    // otherwise, so skipping is bit-identical); long rows rarely do after their first tiles.
+    bool any = false;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) any |= (alphas[mt][0] != 1.0f) | (alphas[mt][1] != 1.0f);
+    if (__any_sync(0xffffffffu, any)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int dt = 0; dt < D / 8; ++dt) {
+            acc_o[mt][dt][2 * r] *= alphas[mt][r];
+            acc_o[mt][dt][2 * r + 1] *= alphas[mt][r];
+          }
+    }
 
     const int nxt = tiles.next(n + 1, lane);
     cp_async_wait<0>();
