@@ -34,6 +34,9 @@ struct ShardMeta {
   std::unique_ptr<DeviceBuffer> cu_seqlens;  // int32 [batch + 1] on the backend's device
   std::vector<std::int32_t> min_pos, max_pos;  // per sequence; empty sequence => min > max
   int max_len = 1;  // longest local piece of a sequence: the kernels' grid hint (avoids a readback)
+  // Positions are just the index inside each sequence (one rank, or a contiguous first shard):
+  // then the kernels get no position arrays and take their plain causal path.
+  bool identity_positions = false;
 };
 
 TensorView view_of(DeviceBuffer& buf, DType t, std::initializer_list<std::int64_t> dims, Device dev) {
@@ -83,6 +86,13 @@ struct RingAttention::Impl {
         m.max_pos.push_back(lo < hi ? s.positions[hi - 1] : -1);
         m.max_len = std::max(m.max_len, hi - lo);
       }
+      m.identity_positions = true;
+      for (int seq = 0; seq < plan.batch() && m.identity_positions; ++seq)
+        for (auto i = s.cu_seqlens[seq]; i < s.cu_seqlens[seq + 1]; ++i)
+          if (s.positions[static_cast<std::size_t>(i)] != i - s.cu_seqlens[seq]) {
+            m.identity_positions = false;
+            break;
+          }
     }
   }
 
@@ -147,12 +157,17 @@ struct RingAttention::Impl {
     a.k = k;
     a.v = v;
     a.batch = plan.batch();
-    a.cu_seqlens_q = static_cast<const std::int32_t*>(of(rank).cu_seqlens->data());
-    a.cu_seqlens_k = static_cast<const std::int32_t*>(of(src).cu_seqlens->data());
+    if (a.batch > 1) {  // one sequence needs no boundaries
+      a.cu_seqlens_q = static_cast<const std::int32_t*>(of(rank).cu_seqlens->data());
+      a.cu_seqlens_k = static_cast<const std::int32_t*>(of(src).cu_seqlens->data());
+    }
     a.max_seqlen_q = of(rank).max_len;
     a.max_seqlen_k = of(src).max_len;
-    a.q_positions = static_cast<const std::int32_t*>(of(rank).positions->data());
-    a.k_positions = static_cast<const std::int32_t*>(of(src).positions->data());
+    // Identity positions on both sides are the kernels' default; anything else is passed along.
+    if (!(of(rank).identity_positions && of(src).identity_positions)) {
+      a.q_positions = static_cast<const std::int32_t*>(of(rank).positions->data());
+      a.k_positions = static_cast<const std::int32_t*>(of(src).positions->data());
+    }
     a.causal = opt.causal;
     a.scale = opt.scale;
     a.stream = opt.stream;
