@@ -9,12 +9,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "../examples/common/flags.hpp"
 #include "bench_registry.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/dtype_convert.hpp"
@@ -39,32 +41,25 @@ struct Options {
 };
 
 Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw std::runtime_error("flag " + flag + " needs a value");
-      return argv[++i];
-    };
-    if (flag == "--seq-len") o.seq_len = std::stoi(value());
-    else if (flag == "--heads") o.heads = std::stoi(value());
-    else if (flag == "--head-dim") o.head_dim = std::stoi(value());
-    else if (flag == "--dtype") o.dtype = value();
-    else if (flag == "--causal") o.causal = value();
-    else if (flag == "--iters") o.iters = std::stoi(value());
-    else if (flag == "--threads") o.threads = std::stoi(value());
-    else if (flag == "--help" || flag == "-h") {
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
       std::printf(
           "longattn-bench kernels [--seq-len 8192] [--heads 4] [--head-dim 128] [--dtype fp32|bf16|fp16]\n"
           "                       [--causal 0|1|both] [--iters 3] [--threads N (default: OpenMP's)]\n");
       std::exit(0);
-    } else {
-      throw std::runtime_error("unknown flag " + flag + " (try --help)");
     }
-  }
-  if (o.seq_len < 1 || o.heads < 1 || o.head_dim < 1 || o.iters < 1) throw std::runtime_error("sizes and --iters must be positive");
+  const examples::Flags f(argc, argv, {"seq-len", "heads", "head-dim", "dtype", "causal", "iters", "threads"}, {});
+  constexpr int kMax = std::numeric_limits<int>::max();
+  Options o;
+  o.seq_len = static_cast<int>(f.integer("seq-len", o.seq_len, 1, kMax));
+  o.heads = static_cast<int>(f.integer("heads", o.heads, 1, kMax));
+  o.head_dim = static_cast<int>(f.integer("head-dim", o.head_dim, 1, kMax));
+  o.iters = static_cast<int>(f.integer("iters", o.iters, 1, kMax));
+  o.threads = static_cast<int>(f.integer("threads", o.threads, std::numeric_limits<int>::min(), kMax));  // <= 0: OpenMP's
+  o.dtype = f.str("dtype", o.dtype);
+  o.causal = f.str("causal", o.causal);
   if (o.causal != "0" && o.causal != "1" && o.causal != "both" && o.causal != "true" && o.causal != "false")
-    throw std::runtime_error("--causal takes 0, 1 or both");
+    throw std::runtime_error("--causal takes 0, 1 or both, got '" + o.causal + "'");
   return o;
 }
 

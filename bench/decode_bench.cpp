@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -18,6 +19,7 @@
 
 #include <fmt/format.h>
 
+#include "../examples/common/flags.hpp"
 #include "bench_registry.hpp"
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
@@ -35,31 +37,26 @@ struct Options {
 };
 
 Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string f = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw Error(ErrorCode::invalid_argument, "flag " + f + " needs a value");
-      return argv[++i];
-    };
-    if (f == "--batch") o.batch = std::stoi(value());
-    else if (f == "--context") o.context = std::stoll(value());
-    else if (f == "--heads") o.q_heads = std::stoi(value());
-    else if (f == "--kv-heads") o.kv_heads = std::stoi(value());
-    else if (f == "--head-dim") o.head_dim = std::stoi(value());
-    else if (f == "--threads") o.threads = std::stoi(value());
-    else if (f == "--reps") o.reps = std::stoi(value());
-    else if (f == "--q-per-seq") o.q_per_seq = std::stoi(value());
-    else if (f == "--dtype") o.dtype = parse_dtype(value());
-    else if (f == "--stream-mib") o.stream_bytes = std::stoull(value()) << 20;
-    else if (f == "--help") {
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help")) {
       std::printf("longattn-bench decode [--batch 4] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128]\n"
                   "  [--dtype bf16|fp16|fp32] [--threads cores] [--reps 10] [--q-per-seq 1] [--stream-mib N]\n");
       std::exit(0);
-    } else {
-      throw Error(ErrorCode::invalid_argument, "unknown flag " + f + " (see --help)");
     }
-  }
+  const examples::Flags f(argc, argv,
+                          {"batch", "context", "heads", "kv-heads", "head-dim", "threads", "reps", "q-per-seq", "dtype", "stream-mib"}, {});
+  constexpr int kMax = std::numeric_limits<int>::max();
+  Options o;
+  o.batch = static_cast<int>(f.integer("batch", o.batch, 1, kMax));
+  o.context = f.integer("context", o.context, 1, std::numeric_limits<std::int64_t>::max());
+  o.q_heads = static_cast<int>(f.integer("heads", o.q_heads, 1, kMax));
+  o.kv_heads = static_cast<int>(f.integer("kv-heads", o.kv_heads, 1, kMax));
+  o.head_dim = static_cast<int>(f.integer("head-dim", o.head_dim, 1, kMax));
+  o.threads = static_cast<int>(f.integer("threads", o.threads, std::numeric_limits<int>::min(), kMax));  // <= 0: all cores
+  o.reps = static_cast<int>(f.integer("reps", o.reps, 1, kMax));
+  o.q_per_seq = static_cast<int>(f.integer("q-per-seq", o.q_per_seq, 1, kMax));
+  if (f.has("dtype")) o.dtype = parse_dtype(f.str("dtype", ""));
+  o.stream_bytes = static_cast<std::size_t>(f.integer("stream-mib", 0, 0, 1LL << 30)) << 20;  // 0: as large as the KV
   if (o.threads <= 0) o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return o;
 }

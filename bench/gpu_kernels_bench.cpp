@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
@@ -15,6 +17,7 @@
 
 #include <fmt/format.h>
 
+#include "../examples/common/flags.hpp"
 #include "bench_registry.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/dtype_convert.hpp"
@@ -36,12 +39,6 @@ struct Options {
   std::string causal = "both";
 };
 
-std::vector<int> ints(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  for (std::string x; std::getline(ss, x, ',');) out.push_back(std::stoi(x));
-  return out;
-}
 std::vector<std::string> words(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);
@@ -50,27 +47,29 @@ std::vector<std::string> words(const std::string& s) {
 }
 
 Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string f = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw Error(ErrorCode::invalid_argument, "flag " + f + " needs a value");
-      return argv[++i];
-    };
-    if (f == "--seqs") o.seqs = ints(value());
-    else if (f == "--dims") o.dims = ints(value());
-    else if (f == "--backends") o.backends = words(value());
-    else if (f == "--heads") o.heads = std::stoi(value());
-    else if (f == "--reps") o.reps = std::stoi(value());
-    else if (f == "--causal") o.causal = value();
-    else if (f == "--decode-kv") o.decode_kv = std::stoi(value());
-    else {
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
       std::printf(
           "longattn-bench gpu-kernels [--seqs 8192,32768,131072] [--dims 64,128] [--backends cuda,cudnn]\n"
           "                           [--heads 32] [--reps 5] [--causal 0|1|both] [--decode-kv 1048576]\n");
-      std::exit(f == "--help" || f == "-h" ? 0 : 2);
+      std::exit(0);
     }
-  }
+  const examples::Flags f(argc, argv, {"seqs", "dims", "backends", "heads", "reps", "causal", "decode-kv"}, {});
+  constexpr int kMax = std::numeric_limits<int>::max();
+  auto int_list = [&](const char* name, const std::vector<int>& fallback) {
+    const auto v = f.integers(name, std::vector<long long>(fallback.begin(), fallback.end()), 1, kMax);
+    return std::vector<int>(v.begin(), v.end());
+  };
+  Options o;
+  o.seqs = int_list("seqs", o.seqs);
+  o.dims = int_list("dims", o.dims);
+  if (f.has("backends")) o.backends = words(f.str("backends", ""));
+  o.heads = static_cast<int>(f.integer("heads", o.heads, 1, kMax));
+  o.reps = static_cast<int>(f.integer("reps", o.reps, 1, kMax));
+  o.causal = f.str("causal", o.causal);
+  if (o.causal != "0" && o.causal != "1" && o.causal != "both")
+    throw Error(ErrorCode::invalid_argument, "--causal takes 0, 1 or both, got '" + o.causal + "'");
+  o.decode_kv = static_cast<int>(f.integer("decode-kv", o.decode_kv, 1, kMax));
   return o;
 }
 

@@ -14,9 +14,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -26,6 +30,7 @@
 
 #include <fmt/format.h>
 
+#include "../examples/common/flags.hpp"
 #include "bench_registry.hpp"
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
@@ -49,37 +54,41 @@ struct Options {
 };
 
 Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string f = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) throw Error(ErrorCode::invalid_argument, "flag " + f + " needs a value");
-      return argv[++i];
-    };
-    if (f == "--batch") o.batch = std::stoi(value());
-    else if (f == "--context") o.context = std::stoll(value());
-    else if (f == "--heads") o.q_heads = std::stoi(value());
-    else if (f == "--kv-heads") o.kv_heads = std::stoi(value());
-    else if (f == "--head-dim") o.head_dim = std::stoi(value());
-    else if (f == "--dtype") o.dtype = parse_dtype(value());
-    else if (f == "--reps") o.reps = std::stoi(value());
-    else if (f == "--threads") o.threads = std::stoi(value());
-    else if (f == "--clients") o.clients = std::stoi(value());
-    else if (f == "--seconds") o.seconds = std::stod(value());
-    else if (f == "--load-context") o.load_context = std::stoll(value());
-    else if (f == "--memory-limit") o.memory = value();
-    else if (f == "--transport") o.transport = value();
-    else if (f == "--no-latency") o.skip_latency = true;
-    else if (f == "--no-load") o.skip_load = true;
-    else if (f == "--help") {
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help")) {
       std::printf("longattn-bench offload [--batch 32] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16]\n"
                   "  [--reps 10] [--threads cores] [--clients 64] [--seconds 60] [--load-context 4096] [--memory-limit 16G]\n"
                   "  [--no-latency] [--no-load] [--transport tcp|ucx]\n");
       std::exit(0);
-    } else {
-      throw Error(ErrorCode::invalid_argument, "unknown flag " + f + " (see --help)");
     }
+  const examples::Flags f(argc, argv,
+                          {"batch", "context", "heads", "kv-heads", "head-dim", "dtype", "reps", "threads", "clients", "seconds",
+                           "load-context", "memory-limit", "transport"},
+                          {"no-latency", "no-load"});
+  constexpr int kMax = std::numeric_limits<int>::max();
+  constexpr std::int64_t kMax64 = std::numeric_limits<std::int64_t>::max();
+  Options o;
+  o.batch = static_cast<int>(f.integer("batch", o.batch, 1, kMax));
+  o.context = f.integer("context", o.context, 1, kMax64);
+  o.q_heads = static_cast<int>(f.integer("heads", o.q_heads, 1, kMax));
+  o.kv_heads = static_cast<int>(f.integer("kv-heads", o.kv_heads, 1, kMax));
+  o.head_dim = static_cast<int>(f.integer("head-dim", o.head_dim, 1, kMax));
+  if (f.has("dtype")) o.dtype = parse_dtype(f.str("dtype", ""));
+  o.reps = static_cast<int>(f.integer("reps", o.reps, 1, kMax));
+  o.threads = static_cast<int>(f.integer("threads", o.threads, std::numeric_limits<int>::min(), kMax));  // <= 0: all cores
+  o.clients = static_cast<int>(f.integer("clients", o.clients, 1, kMax));
+  if (f.has("seconds")) {
+    const std::string s = f.str("seconds", "");
+    char* end = nullptr;
+    o.seconds = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end != '\0' || !std::isfinite(o.seconds) || o.seconds < 0)
+      throw Error(ErrorCode::invalid_argument, "--seconds needs a number of seconds >= 0, got '" + s + "'");
   }
+  o.load_context = f.integer("load-context", o.load_context, 1, kMax64);
+  o.memory = f.str("memory-limit", o.memory);
+  o.transport = f.str("transport", o.transport);
+  o.skip_latency = f.flag("no-latency");
+  o.skip_load = f.flag("no-load");
   if (o.threads <= 0) o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return o;
 }

@@ -2,6 +2,7 @@
 // Unknown flags and bad values are errors that name the flag.
 #pragma once
 
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <set>
@@ -51,17 +52,38 @@ class Flags {
   long long integer(const std::string& name, long long fallback, long long min, long long max) const {
     auto it = values_.find(name);
     if (it == values_.end()) return fallback;
-    char* end = nullptr;
-    const long long v = std::strtoll(it->second.c_str(), &end, 10);
-    if (it->second.empty() || *end != '\0') throw std::invalid_argument("--" + name + " needs an integer, got '" + it->second + "'");
-    if (v < min || v > max)
-      throw std::invalid_argument("--" + name + "=" + it->second + " is outside [" + std::to_string(min) + ", " + std::to_string(max) + "]");
-    return v;
+    return parse_integer(name, it->second, it->second, min, max);
+  }
+  // A comma-separated list of integers ("8192,32768"), each in [min, max]; empty items are errors.
+  std::vector<long long> integers(const std::string& name, std::vector<long long> fallback, long long min, long long max) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) return fallback;
+    std::vector<long long> out;
+    for (std::size_t start = 0;;) {
+      const std::size_t comma = it->second.find(',', start);
+      out.push_back(parse_integer(name, it->second.substr(start, comma - start), it->second, min, max));
+      if (comma == std::string::npos) return out;
+      start = comma + 1;
+    }
   }
   // All flags as given, normalized: what every rank must agree on.
   const std::string& canonical() const { return canonical_; }
 
  private:
+  // `item` is one integer of `whole`, the flag's value (they differ for lists).
+  static long long parse_integer(const std::string& name, const std::string& item, const std::string& whole, long long min,
+                                 long long max) {
+    const std::string given = item == whole ? "'" + whole + "'" : "'" + item + "' in '" + whole + "'";
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0') throw std::invalid_argument("--" + name + " needs an integer, got " + given);
+    if (errno == ERANGE || v < min || v > max)
+      throw std::invalid_argument((item == whole ? "--" + name + "=" + whole : "--" + name + ": " + given) + " is outside [" +
+                                  std::to_string(min) + ", " + std::to_string(max) + "]");
+    return v;
+  }
+
   std::map<std::string, std::string> values_;
   std::string canonical_;
 };
