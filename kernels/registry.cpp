@@ -4,6 +4,7 @@
 
 #include "common/check.hpp"
 #include "kernels/cpu_backend.hpp"
+#include "kernels/fallback_backend.hpp"
 #include "longattn/config.hpp"
 #include "longattn/log.hpp"
 
@@ -58,12 +59,17 @@ std::unique_ptr<AttentionBackend> make_backend(const std::string& requested, Dev
   std::string name = requested;
   if (name.empty() || name == "auto") name = env_string("LONGATTN_BACKEND");
   if (name == "auto") {
+    // GPUs: every available GPU backend, each call going to the first that supports it (cuDNN
+    // where it can, the own kernels elsewhere). CPU: the fast kernels (the reference is an oracle).
+    std::vector<std::unique_ptr<AttentionBackend>> candidates;
     for (const auto& e : entries())
-      if (e.kind == kind && e.available()) {
-        logger(Subsystem::kernels).debug("backend auto -> {}", e.name);
-        return e.make();
-      }
-    throw Error(ErrorCode::unsupported, fmt::format("no attention backend is available for device {}", to_string(kind)));
+      if (e.kind == kind && e.available() && std::string(e.name) != "reference") candidates.push_back(e.make());
+    if (candidates.empty())
+      throw Error(ErrorCode::unsupported, fmt::format("no attention backend is available for device {}", to_string(kind)));
+    if (candidates.size() == 1) return std::move(candidates.front());
+    auto backend = kernels::make_fallback_backend(std::move(candidates));
+    logger(Subsystem::kernels).debug("backend auto -> {}", backend->name());
+    return backend;
   }
   for (const auto& e : entries()) {
     if (name != e.name) continue;

@@ -17,9 +17,18 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 date -u +%Y-%m-%dT%H:%MZ >> "$OUT/device.txt"
 cat "$OUT/device.txt"
 
+# The cudnn backend against the same cuDNN PyTorch's peer uses (its wheel's 9.19; the system has
+# 9.14): build and run with that library. The frontend headers come with the tree (.deps, carried).
+TORCH_CUDNN=${TORCH_CUDNN:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn}
+CUDNN_ARGS=()
+if [ -f "$TORCH_CUDNN/include/cudnn.h" ]; then
+  CUDNN_ARGS=(-DLONGATTN_CUDNN_ROOT="$TORCH_CUDNN")
+  export LD_LIBRARY_PATH="$TORCH_CUDNN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+[ -f "$SRC/.deps/cudnn-frontend/include/cudnn_frontend.h" ] || echo "no .deps/cudnn-frontend: the cudnn backend is left out (carry .deps)"
 configure() {
   cmake -S "$1" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLONGATTN_CUDA=ON -DLONGATTN_CUDA_ARCHS=90a \
-    -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" > "$OUT/configure.log" 2>&1
+    "${CUDNN_ARGS[@]}" -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" > "$OUT/configure.log" 2>&1
 }
 if ! configure "$SRC"; then
   # Another part's half-finished folder must not stop the GPU run: retry on a copy without it.
@@ -28,6 +37,7 @@ if ! configure "$SRC"; then
   tar --exclude='./build*' --exclude='./offload' --exclude='./tests/offload' -cf - . | (cd /tmp/longattn-src && tar xf -)
   configure /tmp/longattn-src || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
+grep -E "cuDNN|CUDA parts" "$OUT/configure.log"
 start=$(date +%s)
 if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench ring_attention > "$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -30
@@ -42,9 +52,9 @@ grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu.
 echo "test_gpu exit code: $test_rc"
 # The distributed job end to end on this one GPU (NCCL ring of one rank, cuda backend).
 if [ -x "$BUILD/bin/ring_attention" ]; then
-  mpirun --allow-run-as-root -np 1 "$BUILD/bin/ring_attention" --device cuda --backend cuda --seq-len 4096 --heads 8 \
+  mpirun --allow-run-as-root -np 1 "$BUILD/bin/ring_attention" --device cuda --backend auto --seq-len 4096 --heads 8 \
     --kv-heads 2 --head-dim 128 --causal --backward --check > "$OUT/ring_attention.log" 2>&1
-  echo "ring_attention --device cuda (1 rank) exit code: $?"; grep -E "RESULT|error|check" "$OUT/ring_attention.log" | tail -3 | cut -c1-400
+  echo "ring_attention --device cuda --backend auto (1 rank) exit code: $?"; grep -E "RESULT|error|check" "$OUT/ring_attention.log" | tail -3 | cut -c1-400
 fi
 [ "$MODE" = test ] && exit $test_rc
 

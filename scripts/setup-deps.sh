@@ -7,7 +7,13 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+fetch_frontend() {
+  # Header-only cudnn-frontend for the cudnn backend; only worth fetching where CUDA code builds.
+  if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+    bash "$(dirname "$0")/fetch-cudnn-frontend.sh" || echo "setup-deps: continuing without the cudnn backend" >&2
+  fi
+}
+if [ ${#missing[@]} -eq 0 ]; then fetch_frontend; exit 0; fi
 if ! command -v apt-get >/dev/null; then
   echo "setup-deps: missing packages (${missing[*]}) and no apt-get here; install them by hand" >&2
   exit 1
@@ -16,3 +22,4 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 echo "setup-deps: installing ${missing[*]}"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fetch_frontend

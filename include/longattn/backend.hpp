@@ -49,7 +49,8 @@ class AttentionBackend {
 };
 
 // Names: "reference" (double precision oracle), "cpu" (fast CPU), and where built "cuda",
-// "cudnn". "auto" picks the fastest available for the device kind; LONGATTN_BACKEND overrides it.
+// "cudnn". "auto": on CPUs the fast kernels; on GPUs every available GPU backend, each call going to
+// the first that supports it (cudnn, then cuda). LONGATTN_BACKEND overrides the choice.
 std::unique_ptr<AttentionBackend> make_backend(const std::string& name, DeviceKind kind = DeviceKind::cpu);
 std::vector<std::string> available_backends();
 

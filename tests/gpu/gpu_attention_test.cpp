@@ -87,7 +87,7 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   const auto& [backend_name, c] = GetParam();
   const bool det = backend_name == "cuda-deterministic";
   const auto available = available_backends();
-  if (!det && std::find(available.begin(), available.end(), backend_name) == available.end())
+  if (!det && backend_name != "auto" && std::find(available.begin(), available.end(), backend_name) == available.end())
     GTEST_SKIP() << "backend " << backend_name << " is not available in this build/machine";
   const auto seed = test::fresh_seed();
   SCOPED_TRACE(fmt::format("seed {}", seed));
@@ -198,11 +198,13 @@ std::vector<Case> cases() {
   out.push_back({3, 290, 4, 2, 128, true, DType::bf16, Pos::offset, 450});  // bottom-right causal via positions
   out.push_back({4, 150, 4, 4, 64, false, DType::f16, Pos::shifted});       // positions without causal
   out.push_back({2, 700, 2, 1, 128, true, DType::bf16, Pos::none});          // many tiles
+  out.push_back({4, 333, 8, 2, 128, true, DType::bf16, Pos::none});          // varlen causal by index (cuDNN ragged)
+  out.push_back({3, 257, 4, 4, 64, false, DType::f16, Pos::none, 190});      // varlen, keys and queries differ
   return out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cudnn"), ::testing::ValuesIn(cases())),
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) { return (std::get<0>(tp.param) == "cuda-deterministic" ? std::string("cuda_det") : std::get<0>(tp.param)) + "_" + name(std::get<1>(tp.param)); });
 
 TEST(GpuBackend, RefusesHostTensorsAndOtherHeadDims) {
