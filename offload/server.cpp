@@ -70,7 +70,7 @@ struct Counters {
 
 }  // namespace
 
-struct Server::Impl : FrameService {
+struct Server::Impl : FrameService, ConnectionPolicy {
   ServerOptions opt;
   const Server* owner = nullptr;
   KvStore store;
@@ -95,6 +95,7 @@ struct Server::Impl : FrameService {
   struct Connection;
   std::mutex conn_mu;
   std::set<std::shared_ptr<Connection>> conns;
+  std::atomic<int> refused_open{0};  // TCP connections refused for the limit, waiting for their first frame
 
   explicit Impl(ServerOptions o)
       : opt(std::move(o)), store(KvStoreOptions{opt.memory_limit, opt.per_client_limit, opt.page_tokens}) {}
@@ -140,6 +141,20 @@ struct Server::Impl : FrameService {
     } else {
       c.connections_open--;
     }
+  }
+
+  // ---- ConnectionPolicy ----
+  double frame_timeout_s() const override { return opt.frame_timeout_s; }
+  bool admit_connection(const std::string& peer) override {
+    if (c.connections_open.load() < static_cast<std::uint64_t>(opt.max_connections)) return true;
+    log().warn("refusing connection {}: {} connections open is the limit (--max-connections)", peer, opt.max_connections);
+    return false;
+  }
+  std::vector<std::byte> refuse_connection(const Session& s, std::uint64_t request_id) override {
+    return error_frame(request_id, Error(ErrorCode::out_of_capacity,
+                                         fmt::format("out of capacity: the server has {} connections open, its limit "
+                                                     "(--max-connections); close idle clients, use another server, or raise the limit",
+                                                     opt.max_connections)));
   }
 
   std::vector<std::byte> error_frame(std::uint64_t id, const Error& e) {
@@ -257,6 +272,7 @@ struct Server::Impl : FrameService {
     std::vector<std::byte> out;
     Session session;
     bool closed = false;
+    bool refused = false;  // over --max-connections: its first request gets the refusal, then it closes
 
     Connection(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)), timer(sock.get_executor()) {
       boost::system::error_code ec;
@@ -265,11 +281,11 @@ struct Server::Impl : FrameService {
       sock.set_option(tcp::no_delay(true), ec);
     }
 
-    void arm(double seconds) {
+    void arm(double seconds, const char* waiting_for) {
       timer.expires_after(std::chrono::milliseconds(static_cast<long>(seconds * 1000)));
-      timer.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+      timer.async_wait([self = shared_from_this(), seconds, waiting_for](boost::system::error_code ec) {
         if (ec) return;
-        self->srv->log().warn("connection {}: timed out waiting for a frame; closing", self->session.peer);
+        self->srv->log().warn("connection {}: no {} within {} s; closing", self->session.peer, waiting_for, seconds);
         self->srv->count_error(ErrorCode::timeout);
         self->close();
       });
@@ -282,28 +298,48 @@ struct Server::Impl : FrameService {
       timer.cancel();
       sock.shutdown(tcp::socket::shutdown_both, ec);
       sock.close(ec);
-      srv->on_connection(false);
+      if (refused) {
+        srv->refused_open--;
+      } else {
+        srv->on_connection(false);
+      }
       std::lock_guard lock(srv->conn_mu);
       srv->conns.erase(shared_from_this());
     }
 
+    // Between frames an authenticated client may idle as long as it likes; once a frame has
+    // started (its first byte), all of it must arrive within the frame timeout. Before hello, the
+    // hello timeout bounds everything.
     void read_header() {
       if (closed) return;
       if (!session.authed) {
-        arm(srv->opt.hello_timeout_s);
+        arm(srv->opt.hello_timeout_s, "hello");
       } else {
         timer.cancel();
       }
-      asio::async_read(sock, asio::buffer(hbuf), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
-        if (ec) {
-          if (ec != asio::error::eof && ec != asio::error::operation_aborted)
-            self->srv->log().debug("connection {}: {}", self->session.peer, ec.message());
-          self->close();
+      sock.async_read_some(asio::buffer(hbuf), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+        if (self->read_failed(ec, "")) return;
+        self->srv->on_bytes(n, 0);
+        if (n == self->hbuf.size()) {
+          self->on_header();
           return;
         }
-        self->srv->on_bytes(n, 0);
-        self->on_header();
+        if (self->session.authed) self->arm(self->srv->opt.frame_timeout_s, "complete frame header");
+        asio::async_read(self->sock, asio::buffer(self->hbuf.data() + n, self->hbuf.size() - n),
+                         [self](boost::system::error_code ec2, std::size_t n2) {
+                           if (self->read_failed(ec2, "header cut short: ")) return;
+                           self->srv->on_bytes(n2, 0);
+                           self->on_header();
+                         });
       });
+    }
+
+    bool read_failed(const boost::system::error_code& ec, const char* what) {
+      if (!ec) return false;
+      if (ec != asio::error::eof && ec != asio::error::operation_aborted)
+        srv->log().debug("connection {}: {}{}", session.peer, what, ec.message());
+      close();
+      return true;
     }
 
     void on_header() {
@@ -318,7 +354,7 @@ struct Server::Impl : FrameService {
         on_frame();
         return;
       }
-      arm(srv->opt.frame_timeout_s);
+      if (session.authed) arm(srv->opt.frame_timeout_s, "complete frame");
       asio::async_read(sock, asio::buffer(payload), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
         if (ec) {
           self->srv->log().debug("connection {}: frame cut short: {}", self->session.peer, ec.message());
@@ -344,6 +380,10 @@ struct Server::Impl : FrameService {
     }
 
     void on_frame() {
+      if (refused) {
+        send(srv->refuse_connection(session, h.request_id), true);
+        return;
+      }
       if (session.authed) timer.cancel();
       std::weak_ptr<Connection> weak = shared_from_this();
       srv->on_frame(session, h, std::move(payload), [weak](std::vector<std::byte> f, bool then_close) {
@@ -367,19 +407,26 @@ struct Server::Impl : FrameService {
         return;
       }
       if (draining_) return;
-      if (c.connections_open.load() >= static_cast<std::uint64_t>(opt.max_connections)) {
-        log().warn("refusing a connection: {} open is the limit", opt.max_connections);
-        boost::system::error_code e2;
-        s.close(e2);
+      // accept() runs one at a time, so the check and the count below cannot interleave.
+      auto conn = std::make_shared<Connection>(this, std::move(s));
+      if (!admit_connection(conn->session.peer)) {
+        if (refused_open.load() >= kMaxRefusedOpen) {
+          count_error(ErrorCode::out_of_capacity);
+          boost::system::error_code e2;
+          conn->sock.close(e2);
+          accept();
+          return;
+        }
+        conn->refused = true;
+        refused_open++;
       } else {
         on_connection(true);
-        auto conn = std::make_shared<Connection>(this, std::move(s));
-        {
-          std::lock_guard lock(conn_mu);
-          conns.insert(conn);
-        }
-        asio::post(conn->sock.get_executor(), [conn] { conn->read_header(); });
       }
+      {
+        std::lock_guard lock(conn_mu);
+        conns.insert(conn);
+      }
+      asio::post(conn->sock.get_executor(), [conn] { conn->read_header(); });
       accept();
     });
   }

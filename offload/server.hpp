@@ -8,9 +8,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "offload/kv_store.hpp"
 #include "offload/protocol.hpp"
+#include "offload/transport.hpp"
 
 namespace longattn::offload {
 
@@ -24,11 +26,30 @@ struct ServerOptions {
   int page_tokens = 64;
   std::string metrics_listen;  // HOST:PORT for GET /metrics; empty = off
   std::string transport = "tcp";
-  int max_connections = 1024;
+  int max_connections = 1024;     // open connections; more get an out_of_capacity error and are closed
   double hello_timeout_s = 10;    // a connection must authenticate within this
-  double frame_timeout_s = 60;    // a started frame must arrive completely within this
+  double frame_timeout_s = 60;    // a started frame (header or payload) must arrive completely within this
   Limits limits;
 };
+
+// What a server transport enforces per connection besides FrameService (transport.hpp): the
+// frame timeout and the connection limit. The server's service implements both interfaces; a
+// transport finds this one with dynamic_cast, so FrameService stays the minimal request seam.
+class ConnectionPolicy {
+ public:
+  virtual ~ConnectionPolicy() = default;
+  virtual double frame_timeout_s() const = 0;
+  // A new connection from `peer`: true when it fits under --max-connections (the transport then
+  // calls on_connection(true)); false after logging why it is refused.
+  virtual bool admit_connection(const std::string& peer) = 0;
+  // The reply to the first request of a refused connection, which is closed after it:
+  // out_of_capacity under the request's id, so that a client reports it instead of retrying.
+  virtual std::vector<std::byte> refuse_connection(const Session& s, std::uint64_t request_id) = 0;
+};
+
+// Refused connections are answered (above) rather than dropped, but only this many at once: past
+// it, new connections are closed at once so that a flood cannot hold sockets beyond the limit.
+constexpr int kMaxRefusedOpen = 64;
 
 // Parses HOST:PORT ("[::1]:80" for IPv6); throws Error(invalid_argument).
 std::pair<std::string, int> parse_host_port(const std::string& text);

@@ -36,13 +36,16 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
   --metrics-listen HOST:PORT  serve Prometheus text on GET /metrics (default: off)
   --transport tcp|ucx       (ucx only where built with UCX)
   --max-frame SIZE          largest accepted frame payload (default 256M)
-  --max-connections N       (default 1024)
+  --max-connections N       open connections served at once; more get an out_of_capacity error (default 1024)
+  --frame-timeout S         a started frame must arrive completely within S seconds (default 60)
+  --hello-timeout S         a new connection must authenticate within S seconds (default 10)
   --page-tokens N           tokens per KV page, a multiple of 16 (default 64)
   --config FILE             key=value lines with the same keys (flags given on the command line win)
 )";
 
 const std::set<std::string> kKeys = {"listen",      "token-file", "threads",   "io-threads", "memory-limit", "per-client-limit",
-                                     "metrics-listen", "transport", "max-frame", "max-connections", "page-tokens", "config"};
+                                     "metrics-listen", "transport", "max-frame", "max-connections", "page-tokens", "config",
+                                     "frame-timeout", "hello-timeout"};
 
 std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r\n");
@@ -91,6 +94,16 @@ long to_int(const std::map<std::string, std::string>& kv, const std::string& k, 
   const long v = std::strtol(it->second.c_str(), &end, 10);
   LONGATTN_INVALID(!it->second.empty() && *end == '\0' && v >= lo && v <= hi, "--{}={}: expected an integer in [{}, {}]", k,
                    it->second, lo, hi);
+  return v;
+}
+
+double to_seconds(const std::map<std::string, std::string>& kv, const std::string& k, double dflt) {
+  auto it = kv.find(k);
+  if (it == kv.end()) return dflt;
+  char* end = nullptr;
+  const double v = std::strtod(it->second.c_str(), &end);
+  LONGATTN_INVALID(!it->second.empty() && *end == '\0' && v >= 0.01 && v <= 86400, "--{}={}: expected seconds in [0.01, 86400]", k,
+                   it->second);
   return v;
 }
 
@@ -149,6 +162,8 @@ int main(int argc, char** argv) {
     }
     opt.max_connections = static_cast<int>(to_int(kv, "max-connections", 1024, 1, 1 << 20));
     opt.page_tokens = static_cast<int>(to_int(kv, "page-tokens", 64, 16, 1 << 16));
+    opt.frame_timeout_s = to_seconds(kv, "frame-timeout", 60);
+    opt.hello_timeout_s = to_seconds(kv, "hello-timeout", 10);
 
     // Signals go to this thread only (blocked before any other thread exists), taken by sigwait.
     sigset_t set;

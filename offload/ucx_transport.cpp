@@ -22,6 +22,7 @@
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
+#include "offload/server.hpp"
 #include "offload/transport.hpp"
 
 namespace longattn::offload {
@@ -158,7 +159,7 @@ std::string addr_text(const sockaddr_storage& ss) {
 // ------------------------------------------------------------------ server
 class UcxServer final : public UcxServerTransport, public WorkerThread {
  public:
-  UcxServer(const std::string& host, int port, FrameService& svc) : svc_(svc) {
+  UcxServer(const std::string& host, int port, FrameService& svc) : svc_(svc), policy_(dynamic_cast<ConnectionPolicy*>(&svc)) {
     socklen_t len = 0;
     auto ss = resolve(host, port, len);
     ucp_listener_params_t lp{};
@@ -195,10 +196,16 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     std::array<std::byte, kHeaderBytes> hbuf{};
     FrameHeader h;
     std::vector<std::byte> payload;
+    std::size_t header_got = 0;  // bytes of the header received so far
     bool in_header = true;
     bool closed = false;
+    bool counted = false;  // admitted: on_connection(true) was called
+    bool refused = false;  // over --max-connections: its first request gets the refusal, then it closes
+    bool lingering = false;  // refused before hello: replied, waits for the peer's close (see send)
     int outstanding = 0;
     std::chrono::steady_clock::time_point opened = std::chrono::steady_clock::now();
+    // When the frame being received must be complete (time_point::max() between frames).
+    std::chrono::steady_clock::time_point frame_deadline = std::chrono::steady_clock::time_point::max();
   };
   struct SendCtx {
     UcxServer* srv;
@@ -212,12 +219,12 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     auto* key = static_cast<std::pair<UcxServer*, std::uint64_t>*>(arg);
     key->first->lost(key->second, st);
   }
-  static void on_recv(void* req, ucs_status_t st, std::size_t, void* ud) {
+  static void on_recv(void* req, ucs_status_t st, std::size_t length, void* ud) {
     auto* key = static_cast<std::pair<UcxServer*, std::uint64_t>*>(ud);
     ucp_request_free(req);
     if (Conn* c = key->first->find(key->second)) {
       c->outstanding--;
-      key->first->recv_done(*c, st);
+      key->first->recv_done(*c, st, length);
     }
   }
   static void on_send(void* req, ucs_status_t st, void* ud) {
@@ -245,6 +252,15 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     ucp_conn_request_attr_t ra{};
     ra.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
     c->session.peer = ucp_conn_request_query(req, &ra) == UCS_OK ? "ucx:" + addr_text(ra.client_address) : "ucx:?";
+    // Over the connection limit: answer the first request with the refusal (a client then reports
+    // it rather than retrying), unless too many refused ones are open already.
+    if (policy_ && !policy_->admit_connection(c->session.peer)) {
+      if (refused_open_ >= kMaxRefusedOpen) {
+        ucp_listener_reject(listener_, req);
+        return;
+      }
+      c->refused = true;
+    }
     keys_[c->id] = {this, c->id};
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -258,22 +274,28 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       keys_.erase(c->id);
       return;
     }
-    svc_.on_connection(true);
+    if (c->refused) {
+      refused_open_++;
+    } else {
+      c->counted = true;
+      svc_.on_connection(true);
+    }
     Conn& ref = *c;
     conns_[c->id] = std::move(c);
     read_header(ref);
   }
 
-  void post_recv(Conn& c, void* buf, std::size_t n) {
+  // wait_all = false completes on the first bytes, which tells a started frame from an idle link.
+  void post_recv(Conn& c, void* buf, std::size_t n, bool wait_all) {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     p.cb.recv_stream = &UcxServer::on_recv;
     p.user_data = &keys_[c.id];
-    p.flags = UCP_STREAM_RECV_FLAG_WAITALL;
+    p.flags = wait_all ? UCP_STREAM_RECV_FLAG_WAITALL : 0;
     std::size_t len = 0;
     void* r = ucp_stream_recv_nbx(c.ep, buf, n, &len, &p);
     if (r == nullptr) {
-      recv_done(c, UCS_OK);
+      recv_done(c, UCS_OK, len);
     } else if (UCS_PTR_IS_ERR(r)) {
       close(c, true);
     } else {
@@ -281,13 +303,26 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     }
   }
 
+  // Between frames an authenticated client may idle as long as it likes; once a frame has started
+  // (its first byte), all of it must arrive within the frame timeout, as on TCP. Before hello, the
+  // hello timeout (on_tick) bounds everything.
+  void start_frame_clock(Conn& c) {
+    if (c.session.authed && c.frame_deadline == std::chrono::steady_clock::time_point::max())
+      c.frame_deadline = std::chrono::steady_clock::now() +
+                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(frame_timeout_s()));
+  }
+
+  double frame_timeout_s() const { return policy_ ? policy_->frame_timeout_s() : 60.0; }
+
   void read_header(Conn& c) {
     if (c.closed) return;
     c.in_header = true;
-    post_recv(c, c.hbuf.data(), c.hbuf.size());
+    c.header_got = 0;
+    c.frame_deadline = std::chrono::steady_clock::time_point::max();
+    post_recv(c, c.hbuf.data(), c.hbuf.size(), false);
   }
 
-  void recv_done(Conn& c, ucs_status_t st) {
+  void recv_done(Conn& c, ucs_status_t st, std::size_t length) {
     if (c.closed) {
       reap(c.id);
       return;
@@ -298,7 +333,13 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       return;
     }
     if (c.in_header) {
-      svc_.on_bytes(kHeaderBytes, 0);
+      svc_.on_bytes(length, 0);
+      c.header_got += length;
+      if (c.header_got < c.hbuf.size()) {
+        start_frame_clock(c);
+        post_recv(c, c.hbuf.data() + c.header_got, c.hbuf.size() - c.header_got, true);
+        return;
+      }
       try {
         c.h = decode_header(c.hbuf, svc_.limits());
       } catch (const Error& e) {
@@ -308,13 +349,19 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       c.payload.resize(c.h.payload_bytes);
       if (c.h.payload_bytes > 0) {
         c.in_header = false;
-        post_recv(c, c.payload.data(), c.payload.size());
+        start_frame_clock(c);
+        post_recv(c, c.payload.data(), c.payload.size(), true);
         return;
       }
     } else {
       svc_.on_bytes(c.payload.size(), 0);
     }
+    c.frame_deadline = std::chrono::steady_clock::time_point::max();
     const std::uint64_t id = c.id;
+    if (c.refused) {
+      send(id, policy_->refuse_connection(c.session, c.h.request_id), true);
+      return;
+    }
     svc_.on_frame(c.session, c.h, std::move(c.payload), [this, id](std::vector<std::byte> f, bool close_after) {
       auto shared = std::make_shared<std::vector<std::byte>>(std::move(f));
       run([this, id, shared, close_after] { send(id, std::move(*shared), close_after); });
@@ -325,6 +372,14 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
   void send(std::uint64_t id, std::vector<std::byte> bytes, bool close_after) {
     Conn* c = find(id);
     if (!c || c->closed) return;
+    // A connection refused before it authenticated (wrong token, over the connection limit) is not
+    // closed right after its error reply: the peer's UCX endpoint drops data it has not read yet
+    // once it learns of the close, so the reply could be lost. Nothing more is read from it; the
+    // peer closes it, or the hello timeout does (on_tick).
+    if (close_after && !c->session.authed) {
+      close_after = false;
+      c->lingering = true;
+    }
     auto sc = std::make_unique<SendCtx>(SendCtx{this, id, std::move(bytes), close_after});
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -347,7 +402,7 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       sc.release();  // freed by on_send
       if (close_after) return;
     }
-    read_header(*c);
+    if (!c->lingering) read_header(*c);
   }
 
   void lost(std::uint64_t id, ucs_status_t st) {
@@ -361,7 +416,8 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
   void close(Conn& c, bool force) {
     if (c.closed) return;
     c.closed = true;
-    svc_.on_connection(false);
+    if (c.counted) svc_.on_connection(false);
+    if (c.refused) refused_open_--;
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
@@ -375,18 +431,29 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     if (c && c->closed && c->outstanding == 0) conns_.erase(id);
   }
 
-  // Connections that have not authenticated within the hello timeout are closed, as on TCP.
+  // Connections that have not authenticated within the hello timeout, or stall in the middle of a
+  // frame past the frame timeout, are closed, as on TCP.
   void on_tick() override {
     const auto now = std::chrono::steady_clock::now();
     if (now - last_tick_ < std::chrono::milliseconds(100)) return;
     last_tick_ = now;
     const auto limit = std::chrono::duration<double>(svc_.hello_timeout_s());
-    std::vector<std::uint64_t> late;
-    for (auto& [id, c] : conns_)
-      if (!c->closed && !c->session.authed && now - c->opened > limit) late.push_back(id);
-    for (auto id : late)
+    std::vector<std::pair<std::uint64_t, bool>> late;  // id, whether it is the hello that is late
+    for (auto& [id, c] : conns_) {
+      if (c->closed) continue;
+      if (!c->session.authed && now - c->opened > limit) {
+        late.emplace_back(id, true);
+      } else if (now > c->frame_deadline) {
+        late.emplace_back(id, false);
+      }
+    }
+    for (auto [id, hello] : late)
       if (Conn* c = find(id)) {
-        logger(Subsystem::offload).warn("connection {}: no hello within {} s; closing", c->session.peer, svc_.hello_timeout_s());
+        if (hello) {
+          logger(Subsystem::offload).warn("connection {}: no hello within {} s; closing", c->session.peer, svc_.hello_timeout_s());
+        } else {
+          logger(Subsystem::offload).warn("connection {}: no complete frame within {} s; closing", c->session.peer, frame_timeout_s());
+        }
         close(*c, true);
         reap(id);
       }
@@ -413,6 +480,8 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
   }
 
   FrameService& svc_;
+  ConnectionPolicy* policy_;  // null for a service without one: no connection limit, 60 s frames
+  int refused_open_ = 0;
   ucp_listener_h listener_ = nullptr;
   int port_ = 0;
   std::atomic<bool> stopping_{false};
