@@ -115,6 +115,17 @@ struct RingAttention::Impl {
     return false;
   }
 
+  // True when every key of rank src precedes (or equals) every query of this rank, sequence by
+  // sequence: the causal mask hides nothing.
+  bool fully_visible(int src) const {
+    for (int b = 0; b < plan.batch(); ++b) {
+      const auto ub = static_cast<std::size_t>(b);
+      const bool empty = of(src).min_pos[ub] > of(src).max_pos[ub] || of(rank).min_pos[ub] > of(rank).max_pos[ub];
+      if (!empty && of(src).max_pos[ub] > of(rank).min_pos[ub]) return false;
+    }
+    return true;
+  }
+
   void ensure_workspaces(const Shape& s, bool for_backward) {
     const auto n_max = static_cast<std::size_t>(plan.max_local_tokens());
     const auto n = static_cast<std::size_t>(local());
@@ -163,12 +174,18 @@ struct RingAttention::Impl {
     }
     a.max_seqlen_q = of(rank).max_len;
     a.max_seqlen_k = of(src).max_len;
-    // Identity positions on both sides are the kernels' default; anything else is passed along.
-    if (!(of(rank).identity_positions && of(src).identity_positions)) {
+    a.causal = opt.causal;
+    // Explicit positions cost the kernels their plain path (and cuDNN cannot take them), so they
+    // are passed only where the mask needs them. Not needed: identity positions on both sides; the
+    // diagonal step (queries and keys are the same shard, positions increase inside each sequence,
+    // so "key position <= query position" is "key index <= query index"); and a shard whose keys
+    // all precede every query of the same sequence (no mask at all: contiguous layouts).
+    if (a.causal && fully_visible(src)) a.causal = false;
+    const bool same_shard = src == rank;
+    if (a.causal && !same_shard && !(of(rank).identity_positions && of(src).identity_positions)) {
       a.q_positions = static_cast<const std::int32_t*>(of(rank).positions->data());
       a.k_positions = static_cast<const std::int32_t*>(of(src).positions->data());
     }
-    a.causal = opt.causal;
     a.scale = opt.scale;
     a.stream = opt.stream;
     return a;

@@ -6,6 +6,9 @@
 
 #include "longattn/communicator.hpp"
 #include "longattn/error.hpp"
+#include "longattn/backend.hpp"
+#include "longattn/layout.hpp"
+#include "longattn/ring.hpp"
 #include "support/ring_check.hpp"
 #include "support/test_util.hpp"
 
@@ -89,6 +92,73 @@ INSTANTIATE_TEST_SUITE_P(All, LocalRing,
                            return std::string(to_string(std::get<1>(param_info.param))) + "_P" +
                                   std::to_string(std::get<0>(param_info.param));
                          });
+
+}  // namespace
+}  // namespace longattn
+
+namespace longattn {
+namespace {
+
+// Wraps the CPU backend and records, per forward call, whether it was causal and had positions.
+class Recording final : public AttentionBackend {
+ public:
+  struct Call { bool causal, positions; };
+  std::vector<Call> calls;
+  std::string name() const override { return "recording"; }
+  Device device() const override { return inner_->device(); }
+  std::string unsupported_reason(const AttentionArgs& a) const override { return inner_->unsupported_reason(a); }
+  void forward(const AttentionArgs& a, const ForwardOutputs& o) override {
+    calls.push_back({a.causal, a.q_positions != nullptr});
+    inner_->forward(a, o);
+  }
+  void backward(const AttentionArgs& a, const BackwardArgs& g) override { inner_->backward(a, g); }
+  void merge_into(TensorView oa, TensorView la, TensorView op, TensorView lp, void* s) override { inner_->merge_into(oa, la, op, lp, s); }
+  void compute_delta(TensorView o, TensorView d_o, TensorView d, void* s) override { inner_->compute_delta(o, d_o, d, s); }
+  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override { return inner_->allocate(n); }
+  void fill(TensorView d, float v, void* s) override { inner_->fill(d, v, s); }
+  void add_into(TensorView d, TensorView src, void* s) override { inner_->add_into(d, src, s); }
+  void convert(TensorView d, TensorView src, void* s) override { inner_->convert(d, src, s); }
+  void copy_bytes(void* d, const void* src, std::size_t n, void* s) override { inner_->copy_bytes(d, src, n, s); }
+  void synchronize(void* s) override { inner_->synchronize(s); }
+
+ private:
+  std::unique_ptr<AttentionBackend> inner_ = make_backend("cpu");
+};
+
+// Positions reach the kernels only where the causal mask needs them: never in a contiguous layout
+// (keys of earlier shards are all visible, the diagonal is causal by index), and never on the
+// diagonal step of zigzag/striped; the off-diagonal zigzag steps keep them.
+TEST(LocalRing, PassesPositionsOnlyWhereTheMaskNeedsThem) {
+  for (Layout layout : {Layout::contiguous, Layout::zigzag}) {
+    const int ranks = 3;
+    const auto plan = ShardPlan::single_sequence(301, layout, ranks);
+    std::vector<std::vector<Recording::Call>> calls(ranks);
+    on_ranks(ranks, [&](Communicator& c) {
+      std::mt19937_64 rng(test::fresh_seed() + c.rank());
+      const auto n = plan.local_tokens(c.rank());
+      auto q = test::random_tensor(rng, DType::f32, {n, 2, 16});
+      auto k = test::random_tensor(rng, DType::f32, {n, 1, 16});
+      auto v = test::random_tensor(rng, DType::f32, {n, 1, 16});
+      test::HostTensor o(DType::f32, {n, 2, 16}), lse(DType::f32, {2, n});
+      auto backend = std::make_unique<Recording>();
+      auto* rec = backend.get();
+      RingOptions opt;
+      opt.causal = true;
+      RingAttention ring(c, plan, opt, std::move(backend));
+      ring.forward(q.view, k.view, v.view, o.view, lse.view);
+      calls[c.rank()] = rec->calls;
+    });
+    for (int r = 0; r < ranks; ++r) {
+      int with_positions = 0, causal = 0;
+      for (const auto& call : calls[r]) {
+        with_positions += call.positions;
+        causal += call.causal;
+      }
+      EXPECT_EQ(causal, layout == Layout::contiguous ? 1 : ranks) << to_string(layout) << " rank " << r;
+      EXPECT_EQ(with_positions, layout == Layout::contiguous ? 0 : ranks - 1) << to_string(layout) << " rank " << r;
+    }
+  }
+}
 
 }  // namespace
 }  // namespace longattn
