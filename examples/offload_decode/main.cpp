@@ -1,6 +1,8 @@
-// offload_decode: the decode loop of a small synthetic multi-layer model that runs on this host
-// (the stand-in for the GPU side: projections, residual, norm) while the attention over the KV
-// cache is offloaded to longattn-offload-server daemons.
+// offload_decode: the decode loop of a small synthetic multi-layer model whose attention over the
+// KV cache is offloaded to longattn-offload-server daemons. The model runs on this host's CPU
+// (--device cpu, the default) or on the GPU (--device cuda); with --device cuda
+// --local-attention the same model keeps its KV in GPU memory and attends there instead, the
+// all-on-GPU baseline that offloading is measured against (tokens/s, GPU memory).
 //
 //   build/bin/longattn-offload-server --listen 127.0.0.1:7070 --token-file tok &
 //   build/bin/offload_decode --servers 127.0.0.1:7070,127.0.0.1:7071 --token-file tok
@@ -23,6 +25,7 @@
 #include <fmt/format.h>
 
 #include "../common/flags.hpp"
+#include "decode_common.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
@@ -31,9 +34,13 @@
 namespace {
 
 using namespace longattn;
+using offload_decode::Config;
 using Clock = std::chrono::steady_clock;
 
 constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOST:PORT...] --token-file FILE [flags]
+       offload_decode --device cuda --local-attention [flags]
+  --device D        where the model runs: cpu (default) or cuda (where built with CUDA)
+  --local-attention with --device cuda: KV in GPU memory, attention on the GPU (no servers)
   --layers L        model layers (default 4)
   --batch B         sequences decoded together (default 4)
   --context N       prefill tokens per sequence (default 4096)
@@ -46,7 +53,8 @@ constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOS
   --timeout-ms MS   per request, retries included (default 10000)
   --transport T     tcp or ucx (ucx where built with UCX; the servers must use the same)
   --seed S          (default 1)
-  --check           compare every attention with the local cpu backend
+  --check           compare every attention with the local cpu backend (keeps an f32 copy of the KV on
+                    this host: use small sizes)
 )";
 
 std::string read_token(const std::string& path) {
@@ -80,37 +88,17 @@ void matmul(const std::vector<float>& x, const std::vector<float>& w, std::vecto
     }
 }
 
-int run(int argc, char** argv) {
-  examples::Flags f(argc, argv,
-                    {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
-                     "shard-tokens", "timeout-ms", "seed", "transport"},
-                    {"check", "help"});
-  if (f.flag("help")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  if (!f.has("servers") || !f.has("token-file")) throw Error(ErrorCode::invalid_argument, "--servers and --token-file are required (see --help)");
-  const int L = static_cast<int>(f.integer("layers", 4, 1, 1024));
-  const int B = static_cast<int>(f.integer("batch", 4, 1, 4096));
-  const std::int64_t ctx = f.integer("context", 4096, 0, std::int64_t{1} << 30);
-  const int steps = static_cast<int>(f.integer("steps", 16, 1, 1 << 20));
-  const int H = static_cast<int>(f.integer("heads", 8, 1, 1024));
-  const int K = static_cast<int>(f.integer("kv-heads", 2, 1, 1024));
-  const int D = static_cast<int>(f.integer("head-dim", 64, 1, 512));
-  const DType dt = parse_dtype(f.str("dtype", "bf16"));
-  const bool check = f.flag("check");
-  if (H % K) throw Error(ErrorCode::invalid_argument, "--heads must be a multiple of --kv-heads");
-  const int hidden = H * D;
-
-  offload::ClientOptions co;
-  co.servers = split(f.str("servers", ""));
-  co.token = read_token(f.str("token-file", ""));
-  co.timeout = std::chrono::milliseconds(f.integer("timeout-ms", 10000, 1, 3600000));
-  co.shard_tokens = f.integer("shard-tokens", 0, 0, std::int64_t{1} << 40);
-  co.transport = f.str("transport", "tcp");
+// The decode loop with the model on this host's CPU (the original mode of this example).
+int run_cpu(const Config& cfg) {
+  const int L = cfg.layers, B = cfg.batch, steps = cfg.steps, H = cfg.heads, K = cfg.kv_heads, D = cfg.head_dim;
+  const std::int64_t ctx = cfg.context;
+  const DType dt = cfg.dtype;
+  const bool check = cfg.check;
+  const int hidden = cfg.hidden();
+  const offload::ClientOptions& co = cfg.client;
   offload::Client client(co);
 
-  std::mt19937_64 rng(static_cast<std::uint64_t>(f.integer("seed", 1, 0, 1LL << 62)));
+  std::mt19937_64 rng(cfg.seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   auto randn = [&](std::size_t n, float scale) {
     std::vector<float> v(n);
@@ -189,29 +177,13 @@ int run(int argc, char** argv) {
 
       if (check) {
         // Local attention over the same KV with the cpu backend (f32 copies of the KV values).
-        std::vector<float> kd, vd, ro(o.size()), rl(lse.size());
-        std::vector<std::int32_t> cu_q{0}, cu_k{0};
         for (int b = 0; b < B; ++b) {
           auto& kc = kcache[l][b];
           auto& vc = vcache[l][b];
           kc.insert(kc.end(), kk.begin() + static_cast<std::ptrdiff_t>(b * row), kk.begin() + static_cast<std::ptrdiff_t>((b + 1) * row));
           vc.insert(vc.end(), vv.begin() + static_cast<std::ptrdiff_t>(b * row), vv.begin() + static_cast<std::ptrdiff_t>((b + 1) * row));
-          kd.insert(kd.end(), kc.begin(), kc.end());
-          vd.insert(vd.end(), vc.begin(), vc.end());
-          cu_q.push_back(b + 1);
-          cu_k.push_back(static_cast<std::int32_t>(kd.size() / row));
         }
-        AttentionArgs a;
-        const std::int64_t tk = static_cast<std::int64_t>(kd.size() / row);
-        a.q = TensorView(q.data(), DType::f32, {B, H, D});
-        a.k = TensorView(kd.data(), DType::f32, {tk, K, D});
-        a.v = TensorView(vd.data(), DType::f32, {tk, K, D});
-        a.cu_seqlens_q = cu_q.data();
-        a.cu_seqlens_k = cu_k.data();
-        a.batch = B;
-        local->forward(a, {TensorView(ro.data(), DType::f32, {B, H, D}), TensorView(rl.data(), DType::f32, {H, B})});
-        for (std::size_t i = 0; i < o.size(); ++i) max_err = std::max(max_err, static_cast<double>(std::abs(o[i] - ro[i])));
-        for (std::size_t i = 0; i < lse.size(); ++i) max_err = std::max(max_err, static_cast<double>(std::abs(lse[i] - rl[i])));
+        max_err = std::max(max_err, offload_decode::check_against_local(*local, cfg, kcache[l], vcache[l], q.data(), o.data(), lse.data(), false));
       }
       matmul(o, W.wo, y, B, H * D, hidden);
       for (int b = 0; b < B; ++b) {
@@ -228,6 +200,7 @@ int run(int argc, char** argv) {
   }
   const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
   const auto s1 = client.stats();
+  const double server_kv = offload_decode::servers_kv_bytes(client, co.servers.size());
   for (int b = 0; b < B; ++b) client.drop(static_cast<std::uint64_t>(b)).get();
 
   const double tokens_per_s = static_cast<double>(B) * steps / decode_s;
@@ -238,20 +211,66 @@ int run(int argc, char** argv) {
   std::printf("  per step: %.1f KiB sent, %.1f KiB received%s\n", static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps / 1024,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps / 1024,
               check ? fmt::format("; max |error| vs local attention {:.3g}", max_err).c_str() : "");
+  std::printf("  KV held by the servers: %.3f GiB\n", server_kv / (1 << 30));
   std::printf("RESULT {\"program\":\"offload_decode\",\"transport\":\"%s\",\"servers\":%zu,\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,"
               "\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\",\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"tokens_per_s\":%.3f,"
               "\"attention_ms_per_step\":%.4f,\"bytes_sent_per_step\":%.1f,\"bytes_received_per_step\":%.1f,\"retries\":%llu,"
-              "\"checked\":%s,\"max_error\":%.6g}\n",
+              "\"checked\":%s,\"max_error\":%.6g,\"device\":\"cpu\",\"attention\":\"offloaded\",\"kv_bytes_servers\":%.0f}\n",
               co.transport.c_str(), co.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D, to_string(dt),
               static_cast<long long>(co.shard_tokens), prefill_s,
               tokens_per_s, attn_s * 1e3 / steps, static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps, static_cast<unsigned long long>(s1.retries - s0.retries),
-              check ? "true" : "false", check ? max_err : 0.0);
+              check ? "true" : "false", check ? max_err : 0.0, server_kv);
   if (check && !(max_err < 1e-3)) {
     std::fprintf(stderr, "offload_decode: error: offloaded attention differs from local attention by %.3g\n", max_err);
     return 1;
   }
   return 0;
+}
+
+int run(int argc, char** argv) {
+  examples::Flags f(argc, argv,
+                    {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
+                     "shard-tokens", "timeout-ms", "seed", "transport", "device"},
+                    {"check", "help", "local-attention"});
+  if (f.flag("help")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  Config c;
+  const std::string device = f.str("device", "cpu");
+  if (device != "cpu" && device != "cuda") throw Error(ErrorCode::invalid_argument, "--device must be cpu or cuda, got '" + device + "'");
+  c.local_attention = f.flag("local-attention");
+  if (c.local_attention && device != "cuda")
+    throw Error(ErrorCode::invalid_argument, "--local-attention is the all-on-GPU baseline: use it with --device cuda");
+  if (c.local_attention && (f.has("servers") || f.has("token-file") || f.has("shard-tokens") || f.has("transport")))
+    throw Error(ErrorCode::invalid_argument, "--local-attention runs without servers: drop --servers/--token-file/--shard-tokens/--transport");
+  if (!c.local_attention && (!f.has("servers") || !f.has("token-file")))
+    throw Error(ErrorCode::invalid_argument, "--servers and --token-file are required (see --help)");
+  c.layers = static_cast<int>(f.integer("layers", 4, 1, 1024));
+  c.batch = static_cast<int>(f.integer("batch", 4, 1, 4096));
+  c.context = f.integer("context", 4096, 0, std::int64_t{1} << 30);
+  c.steps = static_cast<int>(f.integer("steps", 16, 1, 1 << 20));
+  c.heads = static_cast<int>(f.integer("heads", 8, 1, 1024));
+  c.kv_heads = static_cast<int>(f.integer("kv-heads", 2, 1, 1024));
+  c.head_dim = static_cast<int>(f.integer("head-dim", 64, 1, 512));
+  c.dtype = parse_dtype(f.str("dtype", "bf16"));
+  c.check = f.flag("check");
+  c.seed = static_cast<std::uint64_t>(f.integer("seed", 1, 0, 1LL << 62));
+  if (c.heads % c.kv_heads) throw Error(ErrorCode::invalid_argument, "--heads must be a multiple of --kv-heads");
+  if (!c.local_attention) {
+    c.client.servers = split(f.str("servers", ""));
+    c.client.token = read_token(f.str("token-file", ""));
+    c.client.timeout = std::chrono::milliseconds(f.integer("timeout-ms", 10000, 1, 3600000));
+    c.client.shard_tokens = f.integer("shard-tokens", 0, 0, std::int64_t{1} << 40);
+    c.client.transport = f.str("transport", "tcp");
+  }
+  if (device == "cpu") return run_cpu(c);
+#if defined(LONGATTN_HAVE_CUDA)
+  return offload_decode::run_gpu(c);
+#else
+  throw Error(ErrorCode::unsupported, "--device cuda: this build has no CUDA (configure with -DLONGATTN_CUDA=ON where nvcc exists); use --device cpu");
+#endif
 }
 
 }  // namespace
