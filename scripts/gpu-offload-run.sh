@@ -162,6 +162,8 @@ if off or loc:
     print(f"| KV held by the servers, GiB | {g(off, 'kv_bytes_servers', gib)} | - |")
     print(f"| prefill s | {g(off, 'prefill_s')} | {g(loc, 'prefill_s')} |")
     print(f"| check: max abs error vs CPU attention | {g(co, 'max_error', fmt='{:.2g}')} | {g(cl, 'max_error', fmt='{:.2g}')} |")
+    print(f"| final hidden-state fingerprint (same model: close) | {g(off, 'hidden_fingerprint', fmt='{:.5g}')} | "
+          f"{g(loc, 'hidden_fingerprint', fmt='{:.5g}')} |")
     if off and loc and off.get("gpu_memory_used_bytes") is not None:
         freed = (loc["gpu_memory_used_bytes"] - off["gpu_memory_used_bytes"]) / gib
         print(f"\nGPU memory freed by offloading: {freed:.2f} GiB (KV the servers hold: {off['kv_bytes_servers'] / gib:.2f} GiB); "
