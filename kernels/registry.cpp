@@ -40,6 +40,12 @@ const std::vector<Entry>& entries() {
 
 }  // namespace
 
+void AttentionBackend::copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                               std::size_t width, std::size_t rows, void* stream) {
+  for (std::size_t r = 0; r < rows; ++r)
+    copy_bytes(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width, stream);
+}
+
 std::size_t gpu_memory_used_bytes() {
 #ifdef LONGATTN_HAVE_CUDA
   std::size_t free_bytes = 0, total = 0;

@@ -14,9 +14,12 @@
 #include <limits>
 #include <vector>
 
+#include <optional>
+
 #include "common/check.hpp"
 #include "longattn/log.hpp"
 #include "longattn/ring.hpp"
+#include "partition/step_blocks.hpp"
 
 namespace longattn {
 namespace {
@@ -38,6 +41,13 @@ struct ShardMeta {
   // then the kernels get no position arrays and take their plain causal path.
   bool identity_positions = false;
 };
+
+// Rows [begin, begin + count) of a [tokens, heads, dim] tensor.
+TensorView rows_of(const TensorView& t, std::int64_t begin, std::int64_t count) {
+  const auto row_bytes = static_cast<std::size_t>(t.dim(1) * t.dim(2)) * dtype_size(t.dtype);
+  return TensorView(static_cast<char*>(t.data) + static_cast<std::size_t>(begin) * row_bytes, t.dtype,
+                    {count, t.dim(1), t.dim(2)}, t.device);
+}
 
 TensorView view_of(DeviceBuffer& buf, DType t, std::initializer_list<std::int64_t> dims, Device dev) {
   TensorView v(buf.data(), t, dims, dev);
@@ -65,6 +75,10 @@ struct RingAttention::Impl {
   std::unique_ptr<DeviceBuffer> kv_buf[2];     // [k | v] of an incoming shard, input dtype
   std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;  // f32
   std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in;  // f32
+  std::unique_ptr<DeviceBuffer> lse_rows, delta_rows;  // f32 [H, rows] copies for row-range blocks
+  // Causal single-sequence plans: each step as plain blocks (partition/step_blocks.hpp), by source
+  // rank; nullopt where the positions need passing.
+  std::vector<std::optional<std::vector<partition::StepBlock>>> blocks;
 
   Impl(Communicator& c, ShardPlan p, RingOptions o, std::unique_ptr<AttentionBackend> b)
       : comm(c), plan(std::move(p)), opt(std::move(o)), backend(std::move(b)), rank(c.rank()), world(c.size()) {
@@ -74,8 +88,12 @@ struct RingAttention::Impl {
                               fmt::format("{} {} {} {} {}", to_string(plan.layout()), plan.world(), plan.batch(),
                                           plan.total_tokens(), opt.causal));
     meta.resize(static_cast<std::size_t>(world));
+    blocks.resize(static_cast<std::size_t>(world));
+    const RankShard mine = plan.shard(rank);
     for (int r = 0; r < world; ++r) {
       const RankShard s = plan.shard(r);
+      if (opt.causal && plan.batch() == 1)
+        blocks[static_cast<std::size_t>(r)] = partition::causal_step_blocks(mine.positions, s.positions);
       auto& m = meta[static_cast<std::size_t>(r)];
       m.tokens = s.tokens();
       m.positions = upload(s.positions.data(), s.positions.size() * 4);
@@ -108,6 +126,7 @@ struct RingAttention::Impl {
   // True when some query of this rank may see some key of rank src (always without a causal mask).
   bool has_work(int src) const {
     if (!opt.causal) return true;
+    if (const auto& b = blocks[static_cast<std::size_t>(src)]) return !b->empty();
     for (int b = 0; b < plan.batch(); ++b) {
       const auto ub = static_cast<std::size_t>(b);
       if (of(src).min_pos[ub] <= of(rank).max_pos[ub]) return true;
@@ -139,7 +158,9 @@ struct RingAttention::Impl {
     need(o_acc, q_elems * 4);
     need(o_part, q_elems * 4);
     need(lse_part, n * static_cast<std::size_t>(s.hq) * 4);
+    need(lse_rows, n * static_cast<std::size_t>(s.hq) * 4);
     if (for_backward) {
+      need(delta_rows, n * static_cast<std::size_t>(s.hq) * 4);
       need(delta, n * static_cast<std::size_t>(s.hq) * 4);
       need(dq_acc, q_elems * 4);
       for (auto& b : grad_buf) need(b, 2 * kv_elems * 4);
@@ -189,6 +210,28 @@ struct RingAttention::Impl {
     a.scale = opt.scale;
     a.stream = opt.stream;
     return a;
+  }
+
+  // One plain block of a step: rows of the queries against rows of the keys, no positions.
+  AttentionArgs block_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const partition::StepBlock& b) const {
+    AttentionArgs a;
+    a.q = rows_of(q, b.q_begin, b.q_count);
+    a.k = rows_of(k, b.k_begin, b.k_count);
+    a.v = rows_of(v, b.k_begin, b.k_count);
+    a.max_seqlen_q = static_cast<int>(b.q_count);
+    a.max_seqlen_k = static_cast<int>(b.k_count);
+    a.causal = b.causal;
+    a.scale = opt.scale;
+    a.stream = opt.stream;
+    return a;
+  }
+
+  // Copies tokens [begin, begin + count) of every head of an [H, n] f32 tensor to or from a
+  // packed [H, count] one.
+  void copy_token_range(float* dst, std::size_t dst_cols, const float* src, std::size_t src_cols, std::size_t count,
+                        int heads) {
+    backend->copy_2d(dst, dst_cols * 4, src, src_cols * 4, count * 4, static_cast<std::size_t>(heads), opt.stream);
   }
 
   // Views of the key/value halves of a travelling buffer holding rank src's shard.
@@ -250,7 +293,9 @@ struct RingAttention::Impl {
       if (step + 1 < world) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
       Request pending = post(ops);
       const auto tc = Clock::now();
-      if (has_work(src)) {
+      if (const auto& plain = blocks[static_cast<std::size_t>(src)]; plain && !plain->empty()) {
+        for (const auto& b : *plain) forward_block(q, cur_k, cur_v, b, oacc, lse, first);
+      } else if (has_work(src)) {
         const auto a = step_args(q, cur_k, cur_v, src);
         if (first) {  // nothing to merge with yet: write the accumulator directly
           backend->forward(a, {oacc, lse});
@@ -275,6 +320,60 @@ struct RingAttention::Impl {
     backend->convert(o, oacc, opt.stream);
     finish();
     stats.wall_ms = ms_since(t0);
+  }
+
+  // Forward of one block into the accumulator: written directly when it is the first result and
+  // covers every query, else computed aside and merged into its rows (whose lse entries are
+  // strided in [H, n], hence the copies).
+  void forward_block(const TensorView& q, const TensorView& k, const TensorView& v, const partition::StepBlock& b,
+                     const TensorView& oacc, const TensorView& lse, bool& first) {
+    const auto n = local();
+    const Device dev = backend->device();
+    const auto a = block_args(q, k, v, b);
+    if (first && b.q_count == n) {
+      backend->forward(a, {oacc, lse});
+      first = false;
+      return;
+    }
+    first = false;
+    TensorView opart = view_of(*o_part, DType::f32, {b.q_count, shape.hq, shape.d}, dev);
+    TensorView lpart = view_of(*lse_part, DType::f32, {shape.hq, b.q_count}, dev);
+    backend->forward(a, {opart, lpart});
+    if (b.q_count == n) {
+      backend->merge_into(oacc, lse, opart, lpart, opt.stream);
+      return;
+    }
+    TensorView lrows = view_of(*lse_rows, DType::f32, {shape.hq, b.q_count}, dev);
+    const auto cols = static_cast<std::size_t>(n), count = static_cast<std::size_t>(b.q_count);
+    float* lse_at = lse.as<float>() + b.q_begin;
+    copy_token_range(lrows.as<float>(), count, lse_at, cols, count, shape.hq);
+    backend->merge_into(rows_of(oacc, b.q_begin, b.q_count), lrows, opart, lpart, opt.stream);
+    copy_token_range(lse_at, cols, lrows.as<float>(), count, count, shape.hq);
+  }
+
+  // Backward of one block: gradients of its query rows (dq) and key rows (dk, dv) accumulate.
+  void backward_block(const TensorView& q, const TensorView& k, const TensorView& v, const partition::StepBlock& b,
+                      const BackwardArgs& whole) {
+    const auto n = local();
+    const Device dev = backend->device();
+    BackwardArgs g;
+    g.o = rows_of(whole.o, b.q_begin, b.q_count);
+    g.d_o = rows_of(whole.d_o, b.q_begin, b.q_count);
+    g.dq = rows_of(whole.dq, b.q_begin, b.q_count);
+    g.dk = rows_of(whole.dk, b.k_begin, b.k_count);
+    g.dv = rows_of(whole.dv, b.k_begin, b.k_count);
+    g.accumulate = true;
+    if (b.q_count == n) {
+      g.lse = whole.lse;
+      g.delta = whole.delta;
+    } else {
+      const auto cols = static_cast<std::size_t>(n), count = static_cast<std::size_t>(b.q_count);
+      g.lse = view_of(*lse_rows, DType::f32, {shape.hq, b.q_count}, dev);
+      g.delta = view_of(*delta_rows, DType::f32, {shape.hq, b.q_count}, dev);
+      copy_token_range(g.lse.as<float>(), count, whole.lse.as<const float>() + b.q_begin, cols, count, shape.hq);
+      copy_token_range(g.delta.as<float>(), count, whole.delta.as<const float>() + b.q_begin, cols, count, shape.hq);
+    }
+    backend->backward(block_args(q, k, v, b), g);
   }
 
   // Waits for the device and the communicator, turning a stuck peer into an error.
@@ -343,6 +442,7 @@ struct RingAttention::Impl {
       backend->fill(gv, 0.0f, opt.stream);
       const auto tc = Clock::now();
       if (has_work(src)) {
+        const auto& plain = blocks[static_cast<std::size_t>(src)];
         BackwardArgs g;
         g.o = o;
         g.lse = lse;
@@ -352,7 +452,11 @@ struct RingAttention::Impl {
         g.dk = gk;
         g.dv = gv;
         g.accumulate = true;
-        backend->backward(step_args(q, cur_k, cur_v, src), g);
+        if (plain) {
+          for (const auto& b : *plain) backward_block(q, cur_k, cur_v, b, g);
+        } else {
+          backend->backward(step_args(q, cur_k, cur_v, src), g);
+        }
       } else {
         ++stats.skipped_steps;
       }

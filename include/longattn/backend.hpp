@@ -45,6 +45,10 @@ class AttentionBackend {
   virtual void add_into(TensorView dst_f32, TensorView src, void* stream) = 0;  // dst += src
   virtual void convert(TensorView dst, TensorView src, void* stream) = 0;       // dtype cast / copy
   virtual void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) = 0;
+  // `rows` rows of `width` bytes from src (rows src_pitch bytes apart) to dst (dst_pitch apart):
+  // e.g. a range of tokens out of every head's row of an [H, T] lse. Default: copy_bytes per row.
+  virtual void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+                       std::size_t rows, void* stream);
   virtual void synchronize(void* stream) = 0;
 };
 

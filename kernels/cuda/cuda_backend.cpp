@@ -198,6 +198,12 @@ class CudaBackend final : public AttentionBackend {
     if (bytes == 0) return;
     LONGATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)));
   }
+  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+               std::size_t rows, void* stream) override {
+    if (width == 0 || rows == 0) return;
+    LONGATTN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDefault,
+                                          static_cast<cudaStream_t>(stream)));
+  }
   void synchronize(void* stream) override { LONGATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
 
  private:

@@ -301,6 +301,10 @@ class CudnnBackend final : public AttentionBackend {
   void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) override {
     helpers_->copy_bytes(dst, src, bytes, stream);
   }
+  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+               std::size_t rows, void* stream) override {
+    helpers_->copy_2d(dst, dst_pitch, src, src_pitch, width, rows, stream);
+  }
   void synchronize(void* stream) override { helpers_->synchronize(stream); }
 
  private:

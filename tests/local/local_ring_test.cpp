@@ -125,11 +125,11 @@ class Recording final : public AttentionBackend {
   std::unique_ptr<AttentionBackend> inner_ = make_backend("cpu");
 };
 
-// Positions reach the kernels only where the causal mask needs them: never in a contiguous layout
-// (keys of earlier shards are all visible, the diagonal is causal by index), and never on the
-// diagonal step of zigzag/striped; the off-diagonal zigzag steps keep them.
-TEST(LocalRing, PassesPositionsOnlyWhereTheMaskNeedsThem) {
-  for (Layout layout : {Layout::contiguous, Layout::zigzag}) {
+// Single-sequence causal rings never pass positions: every step is cut into plain blocks
+// (partition/step_blocks). Contiguous and zigzag keep one causal call per rank (the diagonal; every
+// other step is fully visible blocks), striped steps are all causal by index.
+TEST(LocalRing, SingleSequenceStepsReachKernelsWithoutPositions) {
+  for (Layout layout : {Layout::contiguous, Layout::zigzag, Layout::striped}) {
     const int ranks = 3;
     const auto plan = ShardPlan::single_sequence(301, layout, ranks);
     std::vector<std::vector<Recording::Call>> calls(ranks);
@@ -154,8 +154,8 @@ TEST(LocalRing, PassesPositionsOnlyWhereTheMaskNeedsThem) {
         with_positions += call.positions;
         causal += call.causal;
       }
-      EXPECT_EQ(causal, layout == Layout::contiguous ? 1 : ranks) << to_string(layout) << " rank " << r;
-      EXPECT_EQ(with_positions, layout == Layout::contiguous ? 0 : ranks - 1) << to_string(layout) << " rank " << r;
+      EXPECT_EQ(causal, layout == Layout::striped ? ranks : 1) << to_string(layout) << " rank " << r;
+      EXPECT_EQ(with_positions, 0) << to_string(layout) << " rank " << r;
     }
   }
 }
