@@ -393,13 +393,15 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
     std::printf("%-10s %10.1f %10.4f %12.1f %12.1f %10d\n", "forward", times[0], tflops, fwd_stats.compute_ms, fwd_stats.wait_ms, fwd_stats.skipped_steps);
     if (opt.backward)
       std::printf("%-10s %10.1f %10.4f %12.1f %12.1f %10d\n", "backward", times[1], bwd_tflops, bwd_stats.compute_ms, bwd_stats.wait_ms, bwd_stats.skipped_steps);
+    // The backend(s) that ran (for "auto" on a GPU: "cudnn", "cuda" or "cudnn+cuda").
+    const std::string used_backend = be.name();
     std::printf(
         "RESULT {\"program\":\"ring_attention\",\"ranks\":%d,\"seq_len\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
         "\"layout\":\"%s\",\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"device\":\"%s\",\"peak_gpu_mem_gib\":%.3f,\"fwd_ms\":%.3f,\"bwd_ms\":%s,"
         "\"tflops\":%.5f,\"bwd_tflops\":%s,\"fwd_compute_ms\":%.3f,\"fwd_wait_ms\":%.3f,\"check\":\"%s\",\"check_oracle\":\"%s\","
         "\"max_abs_err\":%s,\"rel_err\":%s}\n",
         nranks, static_cast<long long>(opt.seq_len), opt.heads, opt.kv_heads, opt.head_dim, to_string(opt.layout),
-        opt.causal ? "true" : "false", to_string(opt.dtype), backend_name.c_str(), to_string(opt.device), times[2] / (1 << 30), times[0],
+        opt.causal ? "true" : "false", to_string(opt.dtype), used_backend.c_str(), to_string(opt.device), times[2] / (1 << 30), times[0],
         opt.backward ? fmt::format("{:.3f}", times[1]).c_str() : "null", tflops,
         opt.backward ? fmt::format("{:.5f}", bwd_tflops).c_str() : "null", fwd_stats.compute_ms, fwd_stats.wait_ms,
         check.c_str(), oracle.c_str(), opt.check ? fmt::format("{:.3e}", err.max_abs).c_str() : "null",
