@@ -38,6 +38,10 @@ TEST_P(GpuLocalRing, MatchesReference) {
                                          DeviceKind::cuda, stream);
       test::check_ring_against_reference(*comm, {layout, false, {0, 333}, 2, 1, dim, DType::f16}, seed + 1, "cuda",
                                          DeviceKind::cuda, stream);
+      // One causal sequence under "auto": every step cut into plain blocks (row ranges, lse
+      // copies with copy_2d), which cuDNN takes where built.
+      test::check_ring_against_reference(*comm, {layout, true, {0, 701}, 4, 2, dim, DType::bf16}, seed + 2, "auto",
+                                         DeviceKind::cuda, stream);
       cudaStreamDestroy(stream);
     });
   }
