@@ -35,28 +35,23 @@ __global__ void varlen_descriptors_kernel(const std::int32_t* cu_q, const std::i
   }
 }
 
-__global__ void scatter_stats_kernel(const float* padded, int max_s, const std::int32_t* cu_q, const std::int32_t* cu_k,
-                                     int batch, int heads, std::int64_t tq, float* lse) {
+// Moves stats between the packed [H, T] lse and cuDNN's padded [B, H, S]: to_packed writes lse
+// (-inf for queries of sequences without keys), otherwise padded.
+template <bool to_packed>
+__global__ void move_stats_kernel(float* padded, int max_s, const std::int32_t* cu_q, const std::int32_t* cu_k,
+                                  int batch, int heads, std::int64_t tq, float* lse) {
   const std::int64_t n = tq * heads;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t t = i % tq;
     const int h = static_cast<int>(i / tq);
     const int b = sequence_of(cu_q, batch, t);
-    const bool has_keys = cu_k[b + 1] > cu_k[b];
-    lse[i] = has_keys ? padded[(static_cast<std::int64_t>(b) * heads + h) * max_s + (t - cu_q[b])] : -INFINITY;
-  }
-}
-
-__global__ void gather_stats_kernel(const float* lse, const std::int32_t* cu_q, int batch, int heads, std::int64_t tq,
-                                    int max_s, float* padded) {
-  const std::int64_t n = tq * heads;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t t = i % tq;
-    const int h = static_cast<int>(i / tq);
-    const int b = sequence_of(cu_q, batch, t);
-    padded[(static_cast<std::int64_t>(b) * heads + h) * max_s + (t - cu_q[b])] = lse[i];
+    float& slot = padded[(static_cast<std::int64_t>(b) * heads + h) * max_s + (t - cu_q[b])];
+    if constexpr (to_packed) {
+      lse[i] = cu_k[b + 1] > cu_k[b] ? slot : -INFINITY;
+    } else {
+      slot = lse[i];
+    }
   }
 }
 
@@ -83,14 +78,16 @@ void launch_varlen_descriptors(const std::int32_t* cu_q, const std::int32_t* cu_
 void launch_scatter_stats(const float* padded, int max_s, const std::int32_t* cu_q, const std::int32_t* cu_k, int batch,
                           int heads, std::int64_t tq, float* lse, cudaStream_t stream) {
   if (tq == 0) return;
-  scatter_stats_kernel<<<grid_for(tq * heads, 256), 256, 0, stream>>>(padded, max_s, cu_q, cu_k, batch, heads, tq, lse);
+  move_stats_kernel<true><<<grid_for(tq * heads, 256), 256, 0, stream>>>(const_cast<float*>(padded), max_s, cu_q, cu_k,
+                                                                          batch, heads, tq, lse);
   LONGATTN_CUDA_CHECK_LAUNCH();
 }
 
 void launch_gather_stats(const float* lse, const std::int32_t* cu_q, int batch, int heads, std::int64_t tq, int max_s,
                          float* padded, cudaStream_t stream) {
   if (tq == 0) return;
-  gather_stats_kernel<<<grid_for(tq * heads, 256), 256, 0, stream>>>(lse, cu_q, batch, heads, tq, max_s, padded);
+  move_stats_kernel<false><<<grid_for(tq * heads, 256), 256, 0, stream>>>(padded, max_s, cu_q, nullptr, batch, heads, tq,
+                                                                           const_cast<float*>(lse));
   LONGATTN_CUDA_CHECK_LAUNCH();
 }
 

@@ -13,6 +13,7 @@
 #include "kernels/fallback_backend.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/error.hpp"
+#include "support/delegating_backend.hpp"
 #include "support/test_util.hpp"
 
 namespace longattn {
@@ -22,13 +23,13 @@ using test::HostTensor;
 
 // A CPU backend under another name that refuses causal calls up front (like cuDNN with explicit
 // positions) or throws `thrown` when it runs (like cuDNN finding no engine), and counts its runs.
-class Picky final : public AttentionBackend {
+class Picky final : public test::DelegatingBackend {
  public:
   Picky(std::string name, bool refuse_causal, std::optional<ErrorCode> thrown = std::nullopt)
-      : name_(std::move(name)), refuse_causal_(refuse_causal), thrown_(thrown), inner_(kernels::make_cpu_fast_backend()) {}
+      : DelegatingBackend(kernels::make_cpu_fast_backend()), name_(std::move(name)), refuse_causal_(refuse_causal),
+        thrown_(thrown) {}
   int runs = 0;
   std::string name() const override { return name_; }
-  Device device() const override { return inner_->device(); }
   std::string unsupported_reason(const AttentionArgs& a) const override {
     return refuse_causal_ && a.causal ? "no causal here" : inner_->unsupported_reason(a);
   }
@@ -42,20 +43,11 @@ class Picky final : public AttentionBackend {
     ++runs;
     inner_->backward(a, g);
   }
-  void merge_into(TensorView oa, TensorView la, TensorView op, TensorView lp, void* s) override { inner_->merge_into(oa, la, op, lp, s); }
-  void compute_delta(TensorView o, TensorView d_o, TensorView delta, void* s) override { inner_->compute_delta(o, d_o, delta, s); }
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t bytes) override { return inner_->allocate(bytes); }
-  void fill(TensorView dst, float v, void* s) override { inner_->fill(dst, v, s); }
-  void add_into(TensorView dst, TensorView src, void* s) override { inner_->add_into(dst, src, s); }
-  void convert(TensorView dst, TensorView src, void* s) override { inner_->convert(dst, src, s); }
-  void copy_bytes(void* dst, const void* src, std::size_t n, void* s) override { inner_->copy_bytes(dst, src, n, s); }
-  void synchronize(void* s) override { inner_->synchronize(s); }
 
  private:
   std::string name_;
   bool refuse_causal_;
   std::optional<ErrorCode> thrown_;
-  std::unique_ptr<AttentionBackend> inner_;
 };
 
 struct Problem {

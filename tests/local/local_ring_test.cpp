@@ -9,6 +9,7 @@
 #include "longattn/backend.hpp"
 #include "longattn/layout.hpp"
 #include "longattn/ring.hpp"
+#include "support/delegating_backend.hpp"
 #include "support/ring_check.hpp"
 #include "support/test_util.hpp"
 
@@ -100,29 +101,15 @@ namespace longattn {
 namespace {
 
 // Wraps the CPU backend and records, per forward call, whether it was causal and had positions.
-class Recording final : public AttentionBackend {
+class Recording final : public test::DelegatingBackend {
  public:
+  Recording() : DelegatingBackend(make_backend("cpu")) {}
   struct Call { bool causal, positions; };
   std::vector<Call> calls;
-  std::string name() const override { return "recording"; }
-  Device device() const override { return inner_->device(); }
-  std::string unsupported_reason(const AttentionArgs& a) const override { return inner_->unsupported_reason(a); }
   void forward(const AttentionArgs& a, const ForwardOutputs& o) override {
     calls.push_back({a.causal, a.q_positions != nullptr});
     inner_->forward(a, o);
   }
-  void backward(const AttentionArgs& a, const BackwardArgs& g) override { inner_->backward(a, g); }
-  void merge_into(TensorView oa, TensorView la, TensorView op, TensorView lp, void* s) override { inner_->merge_into(oa, la, op, lp, s); }
-  void compute_delta(TensorView o, TensorView d_o, TensorView d, void* s) override { inner_->compute_delta(o, d_o, d, s); }
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override { return inner_->allocate(n); }
-  void fill(TensorView d, float v, void* s) override { inner_->fill(d, v, s); }
-  void add_into(TensorView d, TensorView src, void* s) override { inner_->add_into(d, src, s); }
-  void convert(TensorView d, TensorView src, void* s) override { inner_->convert(d, src, s); }
-  void copy_bytes(void* d, const void* src, std::size_t n, void* s) override { inner_->copy_bytes(d, src, n, s); }
-  void synchronize(void* s) override { inner_->synchronize(s); }
-
- private:
-  std::unique_ptr<AttentionBackend> inner_ = make_backend("cpu");
 };
 
 // Single-sequence causal rings never pass positions: every step is cut into plain blocks
