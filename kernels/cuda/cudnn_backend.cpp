@@ -212,13 +212,15 @@ class CudnnBackend final : public AttentionBackend {
     return {};
   }
 
-  void forward(const AttentionArgs& a, const ForwardOutputs& out) override {
-    const auto s = validate_inputs(a);
-    validate_forward(a, out, s);
-    require(a);
-    auto st = static_cast<cudaStream_t>(a.stream);
+  void forward(const AttentionArgs& user, const ForwardOutputs& out) override {
+    const auto s = validate_inputs(user);
+    validate_forward(user, out, s);
+    require(user);
+    auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
-    const GraphKey key = make_key(a, s, false);
+    const Call call = plan_call(user, s, false, scratch);
+    const AttentionArgs& a = call.args;
+    const GraphKey& key = call.key;
     const Graph& graph = get_graph(key, a.effective_scale());
     std::unordered_map<std::int64_t, void*> pack{{kQ, a.q.data}, {kK, a.k.data}, {kV, a.v.data}};
     void* o16 = out.o.dtype == a.q.dtype ? out.o.data : scratch.get(s.tq * s.hq * s.d * dtype_size(a.q.dtype));
@@ -236,13 +238,15 @@ class CudnnBackend final : public AttentionBackend {
     if (o16 != out.o.data) launch_convert(out.o.data, out.o.dtype, o16, a.q.dtype, out.o.numel(), st);
   }
 
-  void backward(const AttentionArgs& a, const BackwardArgs& g) override {
-    const auto s = validate_inputs(a);
-    validate_backward(a, g, s);
-    require(a);
-    auto st = static_cast<cudaStream_t>(a.stream);
+  void backward(const AttentionArgs& user, const BackwardArgs& g) override {
+    const auto s = validate_inputs(user);
+    validate_backward(user, g, s);
+    require(user);
+    auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
-    const GraphKey key = make_key(a, s, true);
+    const Call call = plan_call(user, s, true, scratch);
+    const AttentionArgs& a = call.args;
+    const GraphKey& key = call.key;
     const Graph& graph = get_graph(key, a.effective_scale());
     const DType io = a.q.dtype;
     // cuDNN reads o and dO in the input dtype (it derives delta from them itself, so a given
@@ -313,7 +317,39 @@ class CudnnBackend final : public AttentionBackend {
     LONGATTN_REQUIRE(why.empty(), ErrorCode::unsupported, "cudnn backend: {}", why);
   }
 
-  GraphKey make_key(const AttentionArgs& a, const ProblemShape& s, bool backward) const {
+  // The arguments and graph of one call. A single sequence whose exact shape has no graph yet,
+  // once kExactShapes exact graphs exist, runs as a ragged batch of one (its own [0, T]
+  // boundaries) through the graph of its length bucket: callers whose lengths keep changing
+  // (prefill of many prompts) then reuse graphs instead of paying a build (~1 s) per length.
+  struct Call {
+    AttentionArgs args;
+    GraphKey key;
+  };
+  static constexpr std::size_t kExactShapes = 8;
+
+  Call plan_call(const AttentionArgs& user, const ProblemShape& s, bool backward, Scratch& scratch) {
+    Call c{user, make_key(user, s, backward, false)};
+    if (c.key.ragged || user.q.numel() > INT32_MAX || user.k.numel() > INT32_MAX || !bucket_instead(c.key)) return c;
+    auto* cu = scratch.get<std::int32_t>(4 * sizeof(std::int32_t));
+    launch_whole_sequence_bounds(cu, s.tq, s.tk, static_cast<cudaStream_t>(user.stream));
+    c.args.batch = 1;
+    c.args.cu_seqlens_q = cu;
+    c.args.cu_seqlens_k = cu + 2;
+    c.args.max_seqlen_q = static_cast<int>(s.tq);
+    c.args.max_seqlen_k = static_cast<int>(s.tk);
+    c.key = make_key(c.args, s, backward, true);
+    return c;
+  }
+
+  bool bucket_instead(const GraphKey& exact) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cache_.count(exact)) return false;
+    std::size_t exact_graphs = 0;
+    for (const auto& [k, g] : cache_) exact_graphs += !k.ragged;
+    return exact_graphs >= kExactShapes;
+  }
+
+  GraphKey make_key(const AttentionArgs& a, const ProblemShape& s, bool backward, bool force_ragged) const {
     GraphKey k;
     k.backward = backward;
     k.dtype = a.q.dtype;
@@ -323,7 +359,7 @@ class CudnnBackend final : public AttentionBackend {
     k.causal = a.causal;
     k.deterministic = backward && deterministic_;
     k.scale_bits = std::bit_cast<std::uint32_t>(a.effective_scale());
-    k.ragged = a.cu_seqlens_q && a.batch > 1;
+    k.ragged = a.cu_seqlens_q && (a.batch > 1 || force_ragged);
     if (k.ragged) {
       int mq = 0, mk = 0;
       sequence_maxima(a, s, mq, mk);

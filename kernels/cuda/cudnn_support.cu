@@ -66,7 +66,19 @@ __global__ void zero_rows_kernel(char* x, std::int64_t tokens, std::int64_t row_
   }
 }
 
+__global__ void whole_sequence_bounds_kernel(std::int32_t* cu, std::int32_t tq, std::int32_t tk) {
+  cu[0] = 0;
+  cu[1] = tq;
+  cu[2] = 0;
+  cu[3] = tk;
+}
+
 }  // namespace
+
+void launch_whole_sequence_bounds(std::int32_t* cu, std::int64_t tq, std::int64_t tk, cudaStream_t stream) {
+  whole_sequence_bounds_kernel<<<1, 1, 0, stream>>>(cu, static_cast<std::int32_t>(tq), static_cast<std::int32_t>(tk));
+  LONGATTN_CUDA_CHECK_LAUNCH();
+}
 
 void launch_varlen_descriptors(const std::int32_t* cu_q, const std::int32_t* cu_k, int batch, std::int64_t q_row,
                                std::int64_t k_row, std::int32_t* seq_q, std::int32_t* seq_k, std::int32_t* off_q,

@@ -19,6 +19,9 @@ void launch_varlen_descriptors(const std::int32_t* cu_q, const std::int32_t* cu_
                                std::int64_t k_row, std::int32_t* seq_q, std::int32_t* seq_k, std::int32_t* off_q,
                                std::int32_t* off_k, cudaStream_t stream);
 
+// cu[0..3] = {0, tq, 0, tk}: the boundaries of one whole sequence of queries and of keys.
+void launch_whole_sequence_bounds(std::int32_t* cu, std::int64_t tq, std::int64_t tk, cudaStream_t stream);
+
 // lse[h, t] = padded[b, h, t - cu_q[b]] for the query tokens t of sequence b, or -inf where the
 // sequence has no keys (cuDNN leaves such rows undefined).
 void launch_scatter_stats(const float* padded, int max_s, const std::int32_t* cu_q, const std::int32_t* cu_k, int batch,
