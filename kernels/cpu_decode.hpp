@@ -1,8 +1,9 @@
 // The CPU decode kernel: a batch of decode queries (one or a few tokens per sequence) over paged
 // KV caches in host memory. Memory-bound by nature, so the whole design is about reading each KV
 // byte once: all query heads of a kv head (GQA group) and all query tokens of a sequence share one
-// pass over that head's keys and values; sequences x kv heads x KV chunks are spread over threads
-// and the chunk partials are joined with the LSE merge of DESIGN.md.
+// pass over that head's keys and values; sequences x KV chunks (x blocks of kv heads where the
+// groups are large) are spread over threads, the AVX-512 path reading each chunk's pages front to
+// back, and the chunk partials are joined with the LSE merge of DESIGN.md.
 #pragma once
 
 #include <cstddef>
@@ -52,7 +53,9 @@ struct DecodeArgs {
   float* lse = nullptr;                      // [q_heads, total_q] f32, natural log; -inf (and o = 0) for no key
 };
 
-enum class DecodeIsa { generic, avx2, avx512 };
+// Ordered: each level may run every path below it. avx512_bf16 = AVX-512 plus AVX512_BF16 (bf16 K
+// scored with vdpbf16ps); avx512 forces the plain AVX-512 path on such CPUs.
+enum class DecodeIsa { generic, avx2, avx512, avx512_bf16 };
 const char* to_string(DecodeIsa isa) noexcept;
 
 // The best instruction set this CPU supports (checked at run time with __builtin_cpu_supports).
