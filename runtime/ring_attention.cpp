@@ -73,7 +73,10 @@ struct RingAttention::Impl {
     bool operator==(const Shape&) const = default;
   } shape;
   std::unique_ptr<DeviceBuffer> kv_buf[2];     // [k | v] of an incoming shard, input dtype
-  std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;  // f32
+  // o_acc and the lse buffers f32; o_part (one step's partial output) in the input dtype: the
+  // kernels compute it in f32 and round once, the merge widens it again, and 16-bit partials halve
+  // the largest forward workspace (and cuDNN writes 16-bit outputs anyway).
+  std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;
   std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in;  // f32
   std::unique_ptr<DeviceBuffer> lse_rows, delta_rows;  // f32 [H, rows] copies for row-range blocks
   // Causal single-sequence plans: each step as plain blocks (partition/step_blocks.hpp), by source
@@ -156,7 +159,7 @@ struct RingAttention::Impl {
     };
     for (auto& b : kv_buf) need(b, 2 * kv_elems * dtype_size(s.dtype));
     need(o_acc, q_elems * 4);
-    need(o_part, q_elems * 4);
+    need(o_part, q_elems * dtype_size(s.dtype));
     need(lse_part, n * static_cast<std::size_t>(s.hq) * 4);
     need(lse_rows, n * static_cast<std::size_t>(s.hq) * 4);
     if (for_backward) {
@@ -280,7 +283,7 @@ struct RingAttention::Impl {
     LONGATTN_INVALID(lse.dtype == DType::f32 && lse.ndim == 2 && lse.dim(0) == s.hq && lse.dim(1) == n,
                      "lse must be fp32 [{}, {}], got {}", s.hq, n, lse.describe());
     TensorView oacc = view_of(*o_acc, DType::f32, {n, s.hq, s.d}, dev);
-    TensorView opart = view_of(*o_part, DType::f32, {n, s.hq, s.d}, dev);
+    TensorView opart = view_of(*o_part, s.dtype, {n, s.hq, s.d}, dev);
     TensorView lpart = view_of(*lse_part, DType::f32, {s.hq, n}, dev);
     backend->fill(oacc, 0.0f, opt.stream);
     backend->fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
@@ -336,7 +339,7 @@ struct RingAttention::Impl {
       return;
     }
     first = false;
-    TensorView opart = view_of(*o_part, DType::f32, {b.q_count, shape.hq, shape.d}, dev);
+    TensorView opart = view_of(*o_part, shape.dtype, {b.q_count, shape.hq, shape.d}, dev);
     TensorView lpart = view_of(*lse_part, DType::f32, {shape.hq, b.q_count}, dev);
     backend->forward(a, {opart, lpart});
     if (b.q_count == n) {
