@@ -13,8 +13,8 @@ const std::vector<EnvVarInfo>& environment_variables() {
   static const std::vector<EnvVarInfo> table = {
       {"LONGATTN_LOG", "info", "log level: trace, debug, info, warn, error, off"},
       {"LONGATTN_LOG_SUBSYS", "all", "comma list of subsystems to log: kernels,partition,comm,ring,offload,app"},
-      {"LONGATTN_BACKEND", "auto", "local attention backend: auto, reference, cpu, cuda, cudnn"},
-      {"LONGATTN_DETERMINISTIC", "0", "1 = GPU backward without atomics (bit-identical run to run; 'cuda' backend)"},
+      {"LONGATTN_BACKEND", "auto", "local attention backend: auto (GPU: cudnn where it can, else cuda; CPU: cpu), reference, cpu, cuda, cudnn"},
+      {"LONGATTN_DETERMINISTIC", "0", "1 = deterministic GPU backward (bit-identical run to run): cuda without atomics, cudnn's deterministic algorithm"},
       {"LONGATTN_NUM_THREADS", "0", "CPU kernel threads per process; 0 = cores / processes on this node"},
       {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
       {"LONGATTN_MPI_PROGRESS", "1", "1 = a thread drives MPI progress while transfers are pending (overlap on CPUs)"},
