@@ -167,7 +167,7 @@ struct Server::Impl : FrameService, ConnectionPolicy {
     return error_frame(0, e);
   }
 
-  void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte> payload, Respond respond) override {
+  void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte>& payload, Respond respond) override {
     const auto ti = static_cast<std::size_t>(h.type);
     if (ti < c.requests.size()) c.requests[ti]++;
     const Limits& lim = opt.limits;
@@ -386,7 +386,7 @@ struct Server::Impl : FrameService, ConnectionPolicy {
       }
       if (session.authed) timer.cancel();
       std::weak_ptr<Connection> weak = shared_from_this();
-      srv->on_frame(session, h, std::move(payload), [weak](std::vector<std::byte> f, bool then_close) {
+      srv->on_frame(session, h, payload, [weak](std::vector<std::byte> f, bool then_close) {
         auto self = weak.lock();
         if (!self) return;
         asio::post(self->sock.get_executor(), [self, f = std::move(f), then_close]() mutable {

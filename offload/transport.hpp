@@ -29,8 +29,10 @@ class FrameService {
  public:
   virtual ~FrameService() = default;
   virtual const Limits& limits() const = 0;
-  // A complete request frame whose header passed decode_header.
-  virtual void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte> payload, Respond respond) = 0;
+  // A complete request frame whose header passed decode_header. The service may take the payload
+  // (move from it) when it answers later; otherwise the transport reuses the buffer for the next
+  // frame, so bulk appends do not allocate (and page-fault) a fresh buffer per frame.
+  virtual void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte>& payload, Respond respond) = 0;
   // The error frame to send before closing a connection whose header was refused.
   virtual std::vector<std::byte> on_bad_header(Session& s, const Error& e) = 0;
   virtual void on_bytes(std::size_t in, std::size_t out) = 0;

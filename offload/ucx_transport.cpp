@@ -362,7 +362,7 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       send(id, policy_->refuse_connection(c.session, c.h.request_id), true);
       return;
     }
-    svc_.on_frame(c.session, c.h, std::move(c.payload), [this, id](std::vector<std::byte> f, bool close_after) {
+    svc_.on_frame(c.session, c.h, c.payload, [this, id](std::vector<std::byte> f, bool close_after) {
       auto shared = std::make_shared<std::vector<std::byte>>(std::move(f));
       run([this, id, shared, close_after] { send(id, std::move(*shared), close_after); });
     });
