@@ -28,6 +28,7 @@ using examples::DeviceTensor;
 struct Measure {
   double fwd_ms = 0, fwdbwd_ms = 0, fwd_compute_ms = 0, bwd_compute_ms = 0, bwd_ms = 0;
   double mem_gib = 0;
+  std::string backend;  // what ran ("cudnn", "cuda", "cudnn+cuda" under auto)
 };
 
 double median(std::vector<double> v) {
@@ -93,7 +94,7 @@ Measure measure(Communicator& comm, Communicator& host, std::int64_t seq, int he
   // The slowest rank defines the times.
   double t[7] = {m.fwd_ms, m.fwdbwd_ms, m.bwd_ms, m.fwd_compute_ms, m.bwd_compute_ms, m.mem_gib, 0};
   host.allreduce(t, 7, ReduceType::f64, ReduceOp::max);
-  return {t[0], t[1], t[3], t[4], t[2], t[5]};
+  return {t[0], t[1], t[3], t[4], t[2], t[5], be.name()};
 }
 
 std::vector<std::int64_t> parse_list(const std::string& s) {
@@ -143,7 +144,7 @@ int run_ring(int argc, char** argv) {
   if (world->rank() == 0)
     std::printf("%-9s %5s %10s %10s %12s %12s %9s %9s %10s %9s %8s\n", "seq", "gpus", "fwd ms", "fwd+bwd ms", "fwd TF/gpu",
                 "f+b TF/gpu", "ovl fwd", "ovl bwd", "1-rank ms", "scaling", "mem GiB");
-  std::string rows;
+  std::string rows, used_backend = backend;
   for (const auto seq : seqs) {
     const Measure m = measure(ring_comm, *world, seq, heads, kv_heads, dim, layout, causal, dtype, dev, backend, iters, backward);
     Measure solo;
@@ -153,6 +154,7 @@ int run_ring(int argc, char** argv) {
       world->barrier();
     }
     if (world->rank() != 0) continue;
+    if (!m.backend.empty()) used_backend = m.backend;
     const double fwd_flops = 4.0 * static_cast<double>(seq) * static_cast<double>(seq) * heads * dim * (causal ? 0.5 : 1.0);
     const double tf_fwd = fwd_flops / P / (m.fwd_ms * 1e-3) / 1e12;
     const double tf_fb = backward ? 3.5 * fwd_flops / P / (m.fwdbwd_ms * 1e-3) / 1e12 : 0;
@@ -172,7 +174,7 @@ int run_ring(int argc, char** argv) {
     std::printf("RESULT {\"bench\":\"ring\",\"ranks\":%d,\"device\":\"%s\",\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"layout\":\"%s\","
                 "\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"rows\":[%s]}\n",
                 P, to_string(dev), heads, kv_heads, dim, to_string(layout), causal ? "true" : "false", to_string(dtype),
-                backend.c_str(), rows.c_str());
+                used_backend.c_str(), rows.c_str());
   return 0;
 }
 
