@@ -215,13 +215,12 @@ class CudnnBackend final : public AttentionBackend {
   void forward(const AttentionArgs& user, const ForwardOutputs& out) override {
     const auto s = validate_inputs(user);
     validate_forward(user, out, s);
-    require(user);
     auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
     const Call call = plan_call(user, s, false, scratch);
     const AttentionArgs& a = call.args;
     const GraphKey& key = call.key;
-    const Graph& graph = get_graph(key, a.effective_scale());
+    const Graph& graph = *call.graph;
     std::unordered_map<std::int64_t, void*> pack{{kQ, a.q.data}, {kK, a.k.data}, {kV, a.v.data}};
     void* o16 = out.o.dtype == a.q.dtype ? out.o.data : scratch.get(s.tq * s.hq * s.d * dtype_size(a.q.dtype));
     pack[kO] = o16;
@@ -241,13 +240,12 @@ class CudnnBackend final : public AttentionBackend {
   void backward(const AttentionArgs& user, const BackwardArgs& g) override {
     const auto s = validate_inputs(user);
     validate_backward(user, g, s);
-    require(user);
     auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
     const Call call = plan_call(user, s, true, scratch);
     const AttentionArgs& a = call.args;
     const GraphKey& key = call.key;
-    const Graph& graph = get_graph(key, a.effective_scale());
+    const Graph& graph = *call.graph;
     const DType io = a.q.dtype;
     // cuDNN reads o and dO in the input dtype (it derives delta from them itself, so a given
     // delta is not needed) and writes 16-bit gradients.
@@ -324,12 +322,17 @@ class CudnnBackend final : public AttentionBackend {
   struct Call {
     AttentionArgs args;
     GraphKey key;
+    const Graph* graph = nullptr;
   };
   static constexpr std::size_t kExactShapes = 8;
 
   Call plan_call(const AttentionArgs& user, const ProblemShape& s, bool backward, Scratch& scratch) {
+    require(user);
     Call c{user, make_key(user, s, backward, false)};
-    if (c.key.ragged || user.q.numel() > INT32_MAX || user.k.numel() > INT32_MAX || !bucket_instead(c.key)) return c;
+    if (c.key.ragged || user.q.numel() > INT32_MAX || user.k.numel() > INT32_MAX || !bucket_instead(c.key)) {
+      c.graph = &get_graph(c.key, user.effective_scale());
+      return c;
+    }
     auto* cu = scratch.get<std::int32_t>(4 * sizeof(std::int32_t));
     launch_whole_sequence_bounds(cu, s.tq, s.tk, static_cast<cudaStream_t>(user.stream));
     c.args.batch = 1;
@@ -338,6 +341,7 @@ class CudnnBackend final : public AttentionBackend {
     c.args.max_seqlen_q = static_cast<int>(s.tq);
     c.args.max_seqlen_k = static_cast<int>(s.tk);
     c.key = make_key(c.args, s, backward, true);
+    c.graph = &get_graph(c.key, user.effective_scale());
     return c;
   }
 
