@@ -83,6 +83,10 @@ TEST_P(LocalRing, MatchesReference) {
   on_ranks(ranks, [&](Communicator& c) {
     test::check_ring_against_reference(c, {layout, true, {0, 0, 1, 77, 190}, 4, 2, 32, DType::f32}, seed);
     test::check_ring_against_reference(c, {layout, false, {0, 101}, 2, 1, 64, DType::bf16}, seed + 1);
+    // One causal sequence (steps cut into plain blocks): uneven chunks, and one so short that
+    // some ranks hold nothing.
+    test::check_ring_against_reference(c, {layout, true, {0, 131}, 2, 1, 32, DType::bf16}, seed + 2);
+    test::check_ring_against_reference(c, {layout, true, {0, 3}, 2, 2, 16, DType::f32}, seed + 3);
   });
 }
 
