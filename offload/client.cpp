@@ -431,10 +431,15 @@ struct Client::Impl {
 
   // Sends one request to server `s`; `done` runs on the I/O thread.
   void send(int s, MsgType t, std::span<const std::byte> payload, bool idempotent, Done done) {
+    send_frame(s, t, [&](std::uint64_t id) { return frame(t, 0, id, payload); }, idempotent, std::move(done));
+  }
+  // The same with the frame built by `build(request id)` (bulk appends write theirs in one pass).
+  template <class Build>
+  void send_frame(int s, MsgType t, Build&& build, bool idempotent, Done done) {
     auto r = std::make_shared<Request>();
     r->id = next_id++;
     r->type = t;
-    r->frame = frame(t, 0, r->id, payload);
+    r->frame = build(r->id);
     r->idempotent = idempotent;
     r->attempts_left = opt.retries;
     r->deadline = Clock::now() + opt.timeout;
@@ -545,7 +550,8 @@ std::future<void> Client::append(std::uint64_t seq, int layer, const void* k, co
     m.v = std::span(static_cast<const std::byte*>(v) + static_cast<std::size_t>(done) * row, static_cast<std::size_t>(n) * row);
     join->left++;
     Impl* ip = &I;
-    I.send(I.server_of(st, shard), MsgType::append, encode(m), false, [ip, join, seq](const Error* e, std::vector<std::byte>&) {
+    I.send_frame(I.server_of(st, shard), MsgType::append, [&m](std::uint64_t id) { return append_frame(id, m); }, false,
+                 [ip, join, seq](const Error* e, std::vector<std::byte>&) {
       if (e) {
         ip->mark_broken(seq);
         join->fail(*e);

@@ -1,6 +1,7 @@
 // Encoding and hostile-input decoding of the offload frames (see protocol.hpp).
 #include "offload/protocol.hpp"
 
+#include <array>
 #include <cstring>
 
 #include "common/check.hpp"
@@ -216,9 +217,8 @@ std::vector<std::byte> encode(const Open& m) {
   w.i64(m.kv_start);
   return w.take();
 }
-std::vector<std::byte> encode(const Append& m) {
-  Writer w;
-  w.reserve(48 + m.k.size() + m.v.size());
+namespace {
+void write_append(Writer& w, const Append& m) {
   w.u64(m.seq);
   w.u32(m.layer);
   w.u32(m.tokens);
@@ -228,7 +228,32 @@ std::vector<std::byte> encode(const Append& m) {
   w.u8(static_cast<std::uint8_t>(m.dtype));
   w.bytes(m.k.data(), m.k.size());
   w.bytes(m.v.data(), m.v.size());
+}
+}  // namespace
+std::vector<std::byte> encode(const Append& m) {
+  Writer w;
+  w.reserve(48 + m.k.size() + m.v.size());
+  write_append(w, m);
   return w.take();
+}
+std::vector<std::byte> append_frame(std::uint64_t request_id, const Append& m) {
+  Writer w;
+  w.reserve(kHeaderBytes + 48 + m.k.size() + m.v.size());
+  const std::array<std::byte, kHeaderBytes> placeholder{};
+  w.bytes(placeholder.data(), placeholder.size());
+  write_append(w, m);
+  auto out = w.take();
+  const std::size_t payload = out.size() - kHeaderBytes;
+  LONGATTN_REQUIRE(payload <= 0xffffffffu, ErrorCode::invalid_argument,
+                   "an append message of {} bytes does not fit one frame; send it in parts", payload);
+  FrameHeader h;
+  h.type = MsgType::append;
+  h.flags = 0;
+  h.request_id = request_id;
+  h.payload_bytes = static_cast<std::uint32_t>(payload);
+  const auto hb = encode_header(h);
+  std::memcpy(out.data(), hb.data(), kHeaderBytes);
+  return out;
 }
 std::vector<std::byte> encode(const AppendReply& m) {
   Writer w;

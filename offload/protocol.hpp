@@ -119,6 +119,9 @@ std::vector<std::byte> encode(const Hello& m);
 std::vector<std::byte> encode(const HelloReply& m);
 std::vector<std::byte> encode(const Open& m);
 std::vector<std::byte> encode(const Append& m);
+// The whole request frame of an append (header + payload, equal to frame(append, 0, id,
+// encode(m))) written in one pass: a bulk prefill copies its KV once on the way out, not twice.
+std::vector<std::byte> append_frame(std::uint64_t request_id, const Append& m);
 std::vector<std::byte> encode(const AppendReply& m);
 std::vector<std::byte> encode(const Attend& m);
 // The reply's header fields, then o and lse copied from the caller's floats.

@@ -2,7 +2,9 @@
 // (truncation, oversize, wrong version, bad ids and dtypes, lengths that overflow).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <random>
 
 #include "offload/kv_store.hpp"
 #include "offload/protocol.hpp"
@@ -132,6 +134,37 @@ TEST(Protocol, MessagesRoundTrip) {
     EXPECT_EQ(m.message, "full");
   }
   EXPECT_EQ(decode_drop(encode(Drop{11}), lim).seq, 11u);
+}
+
+// The one-pass append frame the client sends is byte for byte the generic frame of the encoded
+// message, and decodes back to the same KV.
+TEST(Protocol, AppendFrameEqualsFramedMessage) {
+  std::mt19937_64 rng(std::random_device{}());
+  for (int trial = 0; trial < 20; ++trial) {
+    const int tokens = 1 + static_cast<int>(rng() % 50), heads = 1 + static_cast<int>(rng() % 4), dim = 8 * (1 + static_cast<int>(rng() % 8));
+    std::vector<std::byte> k(static_cast<std::size_t>(tokens) * heads * dim * 2), v(k.size());
+    for (auto& b : k) b = static_cast<std::byte>(rng());
+    for (auto& b : v) b = static_cast<std::byte>(rng());
+    Append a;
+    a.seq = rng();
+    a.layer = static_cast<std::uint32_t>(rng() % 64);
+    a.tokens = static_cast<std::uint32_t>(tokens);
+    a.start = static_cast<std::int64_t>(rng() % 100000);
+    a.kv_heads = static_cast<std::uint32_t>(heads);
+    a.head_dim = static_cast<std::uint32_t>(dim);
+    a.dtype = (rng() & 1) ? DType::bf16 : DType::f16;
+    a.k = k;
+    a.v = v;
+    const std::uint64_t id = rng();
+    const auto one_pass = append_frame(id, a);
+    EXPECT_EQ(one_pass, frame(MsgType::append, 0, id, encode(a)));
+    const auto h = decode_header(std::span(one_pass).first<kHeaderBytes>(), Limits{});
+    EXPECT_EQ(h.type, MsgType::append);
+    EXPECT_EQ(h.request_id, id);
+    const auto m = decode_append(std::span(one_pass).subspan(kHeaderBytes), Limits{});
+    EXPECT_EQ(m.seq, a.seq);
+    EXPECT_TRUE(std::equal(m.v.begin(), m.v.end(), v.begin(), v.end()));
+  }
 }
 
 TEST(Protocol, PayloadDefectsRefused) {
