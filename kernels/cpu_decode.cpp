@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/check.hpp"
+#include "longattn/config.hpp"
 #include "longattn/dtype_convert.hpp"
 
 // The vector types never cross a call boundary (everything below is inlined into the wrappers that
@@ -1153,7 +1154,20 @@ std::size_t decode_kv_bytes(const DecodeArgs& a) noexcept {
   return tokens * 2 * a.layout.kv_heads * a.layout.head_dim * dtype_size(a.layout.kv_dtype);
 }
 
-void cpu_decode(const DecodeArgs& a) { cpu_decode(a, best_decode_isa()); }
+// LONGATTN_DECODE_ISA caps the instruction set (to compare paths on one machine); read once.
+DecodeIsa configured_decode_isa() {
+  static const DecodeIsa isa = [] {
+    const std::string want = env_string("LONGATTN_DECODE_ISA");
+    if (want.empty() || want == "auto") return best_decode_isa();
+    for (DecodeIsa c : {DecodeIsa::generic, DecodeIsa::avx2, DecodeIsa::avx512, DecodeIsa::avx512_bf16})
+      if (want == to_string(c)) return std::min(c, best_decode_isa());
+    throw Error(ErrorCode::invalid_argument,
+                fmt::format("LONGATTN_DECODE_ISA={} is not one of auto, generic, avx2, avx512, avx512_bf16", want));
+  }();
+  return isa;
+}
+
+void cpu_decode(const DecodeArgs& a) { cpu_decode(a, configured_decode_isa()); }
 
 void cpu_decode(const DecodeArgs& a, DecodeIsa isa) {
   validate(a);
