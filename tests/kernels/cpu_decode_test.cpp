@@ -177,6 +177,15 @@ TEST(CpuDecode, HeadDimsWithATrailingSlice) {
   }
 }
 
+TEST(CpuDecode, HeadDimsOddMultiplesOfEight) {
+  // The AVX2 path's 8-element trailing slice (head dims 24, 40, 56), GQA 1/3/8, causal and not.
+  for (DType t : {DType::bf16, DType::f16, DType::f32}) {
+    check({64, 6, 2, 24, t, {1, 65, 130}, 1, false, 0});
+    check({32, 8, 8, 40, t, {17, 90}, 2, true, 0});
+    check({64, 8, 1, 56, t, {63, 200}, 1, true, 32});
+  }
+}
+
 TEST(CpuDecode, LargeGroupsSplitIntoRowBlocks) {
   // 80 and 3 x 40 rows per kv head: more than one item's rows, so one head per item and row blocks.
   check({32, 80, 1, 128, DType::bf16, {1, 45, 100}, 1, false, 0});
