@@ -43,7 +43,8 @@ constexpr int BT = kDecodeBlockTokens;
 // How far ahead to prefetch: 4 blocks of 16 tokens = 16 KiB of K+V at head_dim 128 bf16, about
 // the bytes in flight one core needs to cover DRAM latency (~100 ns x ~10 GB/s x 2 for safety).
 constexpr int kPrefetchBlocks = 4;
-// Query rows per register tile: 8 accumulators + a K/V slice + temporaries fit AVX2's 16 registers.
+// Query rows per register tile of the generic (SSE and scalar) path: 8 accumulators + a K/V slice +
+// temporaries fit 16 vector registers.
 constexpr int RB = 8;
 
 template <int W>
