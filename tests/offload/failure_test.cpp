@@ -74,6 +74,14 @@ std::vector<std::byte> raw_header(std::uint32_t magic, std::uint16_t version, st
   return {b.begin(), b.end()};
 }
 
+// Closing an acceptor does not wake a thread blocked in accept() on Linux; a connection does.
+void wake_blocked_accept(const tcp::acceptor& acc) {
+  asio::io_context io;
+  tcp::socket poke(io);
+  boost::system::error_code ec;
+  poke.connect(acc.local_endpoint(), ec);
+}
+
 void expect_error_then_close(Raw& r, ErrorCode want, const char* what) {
   SCOPED_TRACE(what);
   const auto [h, p] = r.read_frame();
@@ -236,19 +244,22 @@ TEST(OffloadFailures, KilledServerFailsWithinTimeout) {
 // (idempotent) on a new connection.
 TEST(OffloadFailures, IdempotentAttendIsRetriedAfterALostConnection) {
   auto s = test::start_server();
-  static asio::io_context io;  // outlives the detached pump threads
+  asio::io_context io;
   tcp::acceptor acc(io, {asio::ip::make_address("127.0.0.1"), 0});
   const int upstream = s->port();
   std::atomic<bool> stop{false};
+  // The pump threads are joined before the test ends: a detached thread still holding a socket
+  // when the io_context dies frees it twice at exit.
+  std::vector<std::thread> pumps;
   std::thread proxy([&] {
-    for (int conn = 0; !stop; ++conn) {
+    for (int conn = 0;; ++conn) {
       boost::system::error_code ec;
       auto down = std::make_shared<tcp::socket>(io);
       acc.accept(*down, ec);
-      if (ec) return;
+      if (ec || stop) return;
       auto up = std::make_shared<tcp::socket>(io);
       up->connect({asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(upstream)}, ec);
-      std::thread([down, up] {  // client -> server
+      pumps.emplace_back([down, up] {  // client -> server
         std::array<char, 65536> b;
         boost::system::error_code e;
         for (;;) {
@@ -258,8 +269,8 @@ TEST(OffloadFailures, IdempotentAttendIsRetriedAfterALostConnection) {
           if (e) break;
         }
         up->shutdown(tcp::socket::shutdown_both, e);
-      }).detach();
-      std::thread([down, up, first = conn == 0] {  // server -> client; the first connection stops after 96 bytes
+      });
+      pumps.emplace_back([down, up, first = conn == 0] {  // server -> client; the first connection stops after 96 bytes
         std::array<char, 65536> b;
         boost::system::error_code e;
         std::size_t passed = 0;
@@ -276,7 +287,7 @@ TEST(OffloadFailures, IdempotentAttendIsRetriedAfterALostConnection) {
           if (e) break;
         }
         down->shutdown(tcp::socket::shutdown_both, e);
-      }).detach();
+      });
     }
   });
   ClientOptions co;
@@ -298,13 +309,9 @@ TEST(OffloadFailures, IdempotentAttendIsRetriedAfterALostConnection) {
     }
   }
   stop = true;
-  {  // wake the proxy's blocking accept so it sees `stop`
-    asio::io_context io2;
-    tcp::socket poke(io2);
-    boost::system::error_code ec;
-    poke.connect(acc.local_endpoint(), ec);
-  }
+  wake_blocked_accept(acc);  // so the proxy sees `stop`
   proxy.join();
+  for (auto& t : pumps) t.join();  // the client is gone, so every pump sees EOF and ends
 }
 
 TEST(OffloadFailures, HungServerTimesOut) {
@@ -312,8 +319,9 @@ TEST(OffloadFailures, HungServerTimesOut) {
   asio::io_context io;
   tcp::acceptor acc(io, {asio::ip::make_address("127.0.0.1"), 0});
   std::vector<tcp::socket> held;
+  std::atomic<bool> stop{false};
   std::thread t([&] {
-    for (int i = 0; i < 4; ++i) {
+    while (!stop) {
       boost::system::error_code ec;
       tcp::socket s(io);
       acc.accept(s, ec);
@@ -336,9 +344,9 @@ TEST(OffloadFailures, HungServerTimesOut) {
     }
   }
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 1500ms);
-  boost::system::error_code ec;
-  acc.close(ec);
-  t.detach();  // it may still sit in accept(); the acceptor is closed
+  stop = true;
+  wake_blocked_accept(acc);
+  t.join();
 }
 
 TEST(OffloadFailures, NoServerAtAll) {
