@@ -10,6 +10,7 @@
 #include "kernels/cuda/decode.hpp"
 #include "kernels/cuda/flash_params.hpp"
 #include "kernels/validate.hpp"
+#include "longattn/config.hpp"
 
 namespace longattn::kernels {
 namespace cuda {
@@ -24,6 +25,15 @@ CudaDeviceBuffer::CudaDeviceBuffer(std::size_t bytes) : bytes_(bytes) {
 }
 CudaDeviceBuffer::~CudaDeviceBuffer() {
   if (ptr_) cudaFree(ptr_);
+}
+
+// LONGATTN_CUDA_FWD_KERNEL: which forward kernel runs the shapes the wgmma kernel takes. Read per
+// call (a getenv), so a test or a benchmark can compare both in one process.
+bool wgmma_forward_requested() {
+  const std::string want = env_string("LONGATTN_CUDA_FWD_KERNEL");
+  if (want.empty() || want == "mma") return false;
+  if (want == "wgmma") return true;
+  throw Error(ErrorCode::invalid_argument, fmt::format("LONGATTN_CUDA_FWD_KERNEL={} is not one of mma, wgmma", want));
 }
 
 std::string device_tensor_reason(const AttentionArgs& a) {
@@ -114,7 +124,11 @@ class CudaBackend final : public AttentionBackend {
     p.o = out.o.data;
     p.o_dtype = out.o.dtype;
     p.lse = out.lse.as<float>();
-    flash_forward(p, static_cast<cudaStream_t>(a.stream));
+    if (wgmma_forward_requested() && flash_forward_wgmma_supports(p)) {
+      flash_forward_wgmma(p, static_cast<cudaStream_t>(a.stream));
+    } else {
+      flash_forward(p, static_cast<cudaStream_t>(a.stream));
+    }
   }
 
   void backward(const AttentionArgs& a, const BackwardArgs& g) override {

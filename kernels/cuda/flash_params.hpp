@@ -41,6 +41,9 @@ struct FlashParams {
 };
 
 void flash_forward(const FlashParams& p, cudaStream_t stream);
+// The Hopper wgmma forward (flash_fwd_wgmma.cu): head dim 128, bf16/fp16, no explicit positions.
+bool flash_forward_wgmma_supports(const FlashParams& p);
+void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream);
 // dK/dV: one kernel owns each key block (summing the GQA group in order, no atomics). dQ: see
 // FlashParams::deterministic.
 void flash_backward(const FlashParams& p, cudaStream_t stream);

@@ -2,7 +2,10 @@
 // forward and backward, odd and varlen sizes (empty and one-token sequences), head dims 64/128,
 // GQA/MQA, causal by explicit positions (ring-step views), bf16/fp16; outputs poisoned with NaN
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
-// bit-identical across runs.
+// bit-identical across runs. "cuda-wgmma" is the cuda backend with LONGATTN_CUDA_FWD_KERNEL=wgmma
+// (the Hopper warpgroup forward on the head-dim-128 shapes without positions).
+#include <stdlib.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -82,10 +85,35 @@ double max_abs_tol(DType t) { return t == DType::bf16 ? 2.5e-2 : 6e-3; }
 
 class GpuVsReference : public ::testing::TestWithParam<std::tuple<std::string, Case>> {};
 
+// Sets an environment variable for one scope (unset = nullptr), restoring what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = getenv(name)) old_ = old;
+    had_ = getenv(name) != nullptr;
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_, old_.c_str(), 1);
+    else unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::string old_;
+  bool had_ = false;
+};
+
 TEST_P(GpuVsReference, ForwardAndBackward) {
   LONGATTN_SKIP_WITHOUT_GPU();
-  const auto& [backend_name, c] = GetParam();
-  const bool det = backend_name == "cuda-deterministic";
+  const auto& [param_name, c] = GetParam();
+  const bool det = param_name == "cuda-deterministic";
+  const bool wgmma = param_name == "cuda-wgmma";
+  const std::string backend_name = wgmma ? std::string("cuda") : param_name;
+  ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma ? "wgmma" : "mma");
   const auto available = available_backends();
   if (!det && backend_name != "auto" && std::find(available.begin(), available.end(), backend_name) == available.end())
     GTEST_SKIP() << "backend " << backend_name << " is not available in this build/machine";
@@ -200,12 +228,17 @@ std::vector<Case> cases() {
   out.push_back({2, 700, 2, 1, 128, true, DType::bf16, Pos::none});          // many tiles
   out.push_back({4, 333, 8, 2, 128, true, DType::bf16, Pos::none});          // varlen causal by index (cuDNN ragged)
   out.push_back({3, 257, 4, 4, 64, false, DType::f16, Pos::none, 190});      // varlen, keys and queries differ
+  out.push_back({3, 257, 4, 2, 128, true, DType::f16, Pos::none, 390});      // varlen causal, more keys than queries
   return out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cudnn", "auto"), ::testing::ValuesIn(cases())),
-                         [](const auto& tp) { return (std::get<0>(tp.param) == "cuda-deterministic" ? std::string("cuda_det") : std::get<0>(tp.param)) + "_" + name(std::get<1>(tp.param)); });
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cudnn", "auto"), ::testing::ValuesIn(cases())),
+                         [](const auto& tp) {
+                           std::string b = std::get<0>(tp.param);
+                           std::replace(b.begin(), b.end(), '-', '_');
+                           return b + "_" + name(std::get<1>(tp.param));
+                         });
 
 // Past its first few exact shapes the cudnn backend runs new single-sequence lengths through
 // bucketed ragged graphs; every length must still match the reference, forward and backward.
@@ -268,6 +301,25 @@ TEST(GpuBackend, RefusesHostTensorsAndOtherHeadDims) {
   DeviceTensor d(test::random_tensor(rng, DType::bf16, {8, 2, 40}));
   a.q = a.k = a.v = d.view;
   EXPECT_NE(backend->unsupported_reason(a).find("head_dim"), std::string::npos);
+}
+
+TEST(GpuBackend, UnknownForwardKernelNameIsRefusedWithTheChoices) {
+  LONGATTN_SKIP_WITHOUT_GPU();
+  ScopedEnv bad("LONGATTN_CUDA_FWD_KERNEL", "wgmma2");
+  auto backend = make_backend("cuda", DeviceKind::cuda);
+  std::mt19937_64 rng(test::fresh_seed());
+  DeviceTensor x(test::random_tensor(rng, DType::bf16, {64, 2, 128}));
+  auto o = DeviceTensor::poisoned(DType::bf16, {64, 2, 128});
+  auto lse = DeviceTensor::poisoned(DType::f32, {2, 64});
+  AttentionArgs a;
+  a.q = a.k = a.v = x.view;
+  try {
+    backend->forward(a, {o.view, lse.view});
+    FAIL() << "an unknown kernel name was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("mma, wgmma"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -1,0 +1,254 @@
+// Fused attention forward on Hopper's warpgroup matrix instructions (wgmma), head dim 128, no
+// explicit positions (causal by index inside each sequence, or no mask): the shapes of long
+// single-sequence prefill and of causal ring steps cut into plain blocks. Other calls take the
+// mma.sync kernel (flash_fwd.cu).
+//
+// One block of 2 warpgroups (256 threads) per (128-query tile, head, sequence); each warpgroup owns
+// 64 query rows. Per 128-key tile: S = Q K^T as 8 wgmma m64n128k16 with both operands in shared
+// memory, the online softmax on the 64 fp32 scores each thread holds, then O += P V as 8 wgmma with
+// P straight from registers (the accumulator layout of S is the A-fragment layout of the product)
+// and V transposed by the instruction. K and V tiles are double-buffered with cp.async two tiles
+// ahead. Every tile is stored with the 128-byte swizzle wgmma reads: the 128 columns as two blocks
+// of 64 (128 bytes a row), 16-byte chunk c of row r at chunk c ^ (r % 8), blocks 1024-byte aligned.
+//
+// Status: built here; selected only by LONGATTN_CUDA_FWD_KERNEL=wgmma until it has been checked and
+// timed on a GPU (the GPU tests run it when asked).
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_wgmma.cuh"
+
+namespace longattn::kernels::cuda {
+namespace {
+
+constexpr int kD = 128;        // head dim
+constexpr int kBM = 128;       // query rows per block (2 warpgroups x 64)
+constexpr int kBN = 128;       // keys per tile
+constexpr int kThreads = 256;
+constexpr int kTileBytes = kBN * kD * 2;                        // one K or V tile (16-bit elements)
+constexpr int kSmemBytes = kBM * kD * 2 + 4 * kTileBytes + 1024;  // Q, 2 x K, 2 x V, alignment slack
+
+// Element offset of (row, 16-byte chunk) in a swizzled tile of ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ int sw128_offset(int row, int chunk) {
+  const int block = chunk / 8, c = chunk % 8;
+  return block * ROWS * 64 + row * 64 + ((c ^ (row & 7)) * 8);
+}
+
+// Rows [0, ROWS) of one head of a THD tensor into a swizzled tile; rows at or past rows_valid are
+// zero-filled (so the products see zeros, never stale data or NaN).
+template <int ROWS, class T>
+__device__ __forceinline__ void load_sw128(T* smem, const T* base, std::int64_t row_stride, int rows_valid, int tid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kTotal = ROWS * kChunks;
+  static_assert(kTotal % kThreads == 0, "whole passes of the block");
+#pragma unroll
+  for (int i = 0; i < kTotal / kThreads; ++i) {
+    const int idx = i * kThreads + tid;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = r < rows_valid;
+    const T* src = base + (valid ? static_cast<std::int64_t>(r) * row_stride : 0) + c * 8;
+    cp_async16(smem_addr(smem + sw128_offset<ROWS>(r, c)), src, valid);
+  }
+}
+
+template <class T, bool kCausal>
+__global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const FlashParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const std::uint32_t raw_addr = smem_addr(smem_raw);
+  unsigned char* aligned = smem_raw + ((1024u - raw_addr % 1024u) % 1024u);  // the swizzle needs 1024-byte blocks
+  T* sQ = reinterpret_cast<T*>(aligned);
+  T* sK0 = sQ + kBM * kD;
+  T* sV0 = sK0 + 2 * kBN * kD;  // buffers: sK0 + buf * kBN * kD, sV0 + buf * kBN * kD
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first
+  std::int64_t q_start, k_start;
+  int len_q, len_k;
+  seq_bounds(p.cu_q, b, p.tq, q_start, len_q);
+  seq_bounds(p.cu_k, b, p.tk, k_start, len_k);
+  const int m0 = m_block * kBM;
+  if (m0 >= len_q) return;
+  const int rows_q = min(kBM, len_q - m0);
+  const int hk = h / (p.hq / p.hkv);
+  const std::int64_t q_stride = static_cast<std::int64_t>(p.hq) * kD, kv_stride = static_cast<std::int64_t>(p.hkv) * kD;
+  const T* qg = static_cast<const T*>(p.q) + (q_start + m0) * q_stride + static_cast<std::int64_t>(h) * kD;
+  const T* kg = static_cast<const T*>(p.k) + k_start * kv_stride + static_cast<std::int64_t>(hk) * kD;
+  const T* vg = static_cast<const T*>(p.v) + k_start * kv_stride + static_cast<std::int64_t>(hk) * kD;
+
+  // Key tiles to visit: all, or (causal) those starting at or before the block's last row.
+  int n_end = (len_k + kBN - 1) / kBN;
+  if (kCausal) n_end = min(n_end, (m0 + rows_q - 1) / kBN + 1);
+
+  auto load_kv = [&](int n) {
+    const int buf = n & 1;
+    const std::int64_t off = static_cast<std::int64_t>(n) * kBN * kv_stride;
+    load_sw128<kBN>(sK0 + buf * kBN * kD, kg + off, kv_stride, len_k - n * kBN, tid);
+    load_sw128<kBN>(sV0 + buf * kBN * kD, vg + off, kv_stride, len_k - n * kBN, tid);
+  };
+  // Groups in flight at the top of iteration n: tile n's and tile n+1's (possibly empty), so
+  // waiting until one group is left means tile n has landed.
+  load_sw128<kBM>(sQ, qg, q_stride, rows_q, tid);
+  if (n_end > 0) load_kv(0);
+  cp_async_commit();
+  if (n_end > 1) load_kv(1);
+  cp_async_commit();
+
+  // This thread's rows (accumulator layout of m64nN): r_loc + 8 * half, r_loc = 16 warp + lane / 4
+  // inside its warpgroup's 64; its columns in each 8-column group: 2 * (lane % 4) + {0, 1}.
+  const int r_loc = wg * 64 + warp * 16 + lane / 4;
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const float scale_log2 = p.scale * kLog2e;
+
+  const std::uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128;  // this warpgroup's 64 rows, column block 0
+  for (int n = 0; n < n_end; ++n) {
+    const int buf = n & 1;
+    cp_async_wait<1>();
+    wgmma::fence_proxy_async();
+    __syncthreads();  // tile n (and Q) visible to every warpgroup
+    const std::uint32_t k_addr = smem_addr(sK0 + buf * kBN * kD), v_addr = smem_addr(sV0 + buf * kBN * kD);
+
+    // S = Q K^T: 8 steps of 16 along the head dim; step kk reads column block kk / 4 at byte
+    // offset 32 (kk % 4) inside the 128-byte swizzle rows (the hardware applies the XOR).
+    float s[64];
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const std::uint64_t da = wgmma::desc_sw128(q_addr + (kk / 4) * kBM * 128 + (kk % 4) * 32, 16, 1024);
+      const std::uint64_t db = wgmma::desc_sw128(k_addr + (kk / 4) * kBN * 128 + (kk % 4) * 32, 16, 1024);
+      wgmma::Mma64x128<T>::ss(s, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_registers(s);
+
+    // Mask keys past the sequence (tail tile) and, on tiles that reach past this thread's first
+    // row, keys after the row (causal by index).
+    const int kn0 = n * kBN;
+    if (kn0 + kBN > len_k || (kCausal && kn0 + kBN - 1 > m0 + r_loc)) {
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int key = kn0 + 8 * i + 2 * (lane % 4) + c;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row = m0 + r_loc + 8 * half;
+            if (key >= len_k || (kCausal && key > row)) s[4 * i + 2 * half + c] = -INFINITY;
+          }
+        }
+    }
+
+    // Online softmax per row (a row's 128 scores sit in the 4 lanes of a quad). row_max holds the
+    // raw maximum; exponents are scale * log2(e) * (s - max), one FFMA per score.
+    float alpha[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = row_max[half];
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
+      alpha[half] = fast_exp2(row_max[half] * scale_log2 - m_scaled);
+      row_max[half] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) {
+        s[4 * i + 2 * half] = fast_exp2(fmaf(s[4 * i + 2 * half], scale_log2, -m_scaled));
+        s[4 * i + 2 * half + 1] = fast_exp2(fmaf(s[4 * i + 2 * half + 1], scale_log2, -m_scaled));
+        sum += s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
+      }
+      row_sum[half] = row_sum[half] * alpha[half] + sum;
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      o[4 * i] *= alpha[0];
+      o[4 * i + 1] *= alpha[0];
+      o[4 * i + 2] *= alpha[1];
+      o[4 * i + 3] *= alpha[1];
+    }
+
+    // P as A fragments: keys 16 kk .. 16 kk + 15 are the score groups 2 kk and 2 kk + 1.
+    std::uint32_t pa[kBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      pa[kk][0] = Pack<T>::pack(s[8 * kk], s[8 * kk + 1]);
+      pa[kk][1] = Pack<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = Pack<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = Pack<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+
+    // O += P V: step kk takes keys 16 kk..16 kk + 15, i.e. two 8-row groups (stride 1024 bytes);
+    // the 128 output columns are the two column blocks of V (leading offset kBN * 128 bytes).
+    wgmma::fence_registers(o);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const std::uint64_t db = wgmma::desc_sw128(v_addr + kk * 16 * 128, kBN * 128, 1024);
+      wgmma::Mma64x128<T>::rs(o, pa[kk], db);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_registers(o);
+
+    __syncthreads();  // both warpgroups are done with buffer `buf`
+    if (n + 2 < n_end) load_kv(n + 2);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: finish the row sums across the quad, normalize, write o and lse.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = row_sum[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const int row = m0 + r_loc + 8 * half;
+    if (row >= len_q) continue;
+    const std::int64_t tok = q_start + row;
+    const std::int64_t obase = tok * q_stride + static_cast<std::int64_t>(h) * kD + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      store_pair<T>(p.o, p.o_dtype, obase + 8 * i, o[4 * i + 2 * half] * inv, o[4 * i + 2 * half + 1] * inv);
+    if (lane % 4 == 0)
+      p.lse[static_cast<std::int64_t>(h) * p.tq + tok] = sum > 0.0f ? row_max[half] * p.scale + log2f(sum) * kLn2 : -INFINITY;
+  }
+#endif
+}
+
+template <class T>
+void launch(const FlashParams& p, cudaStream_t stream) {
+  dim3 grid((p.max_len_q + kBM - 1) / kBM, p.hq, p.batch);
+  if (grid.x == 0) return;
+  auto kernel = p.causal ? flash_fwd_wgmma_kernel<T, true> : flash_fwd_wgmma_kernel<T, false>;
+  LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  LONGATTN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+bool flash_forward_wgmma_supports(const FlashParams& p) {
+  return p.d == kD && !p.pos_q && !p.pos_k && (p.dtype == DType::bf16 || p.dtype == DType::f16);
+}
+
+void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream) {
+  if (!flash_forward_wgmma_supports(p))
+    throw_unsupported("cuda wgmma forward: only head dim 128, bf16/fp16, without explicit positions");
+  if (p.dtype == DType::bf16) {
+    launch<__nv_bfloat16>(p, stream);
+  } else {
+    launch<__half>(p, stream);
+  }
+}
+
+}  // namespace longattn::kernels::cuda
