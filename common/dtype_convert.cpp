@@ -51,7 +51,9 @@ std::uint16_t f32_to_f16(float f) noexcept {
 
 void convert_to_f32(const void* src, DType t, float* dst, std::size_t n) noexcept {
   switch (t) {
-    case DType::f32: std::memcpy(dst, src, n * 4); break;
+    case DType::f32:
+      if (n) std::memcpy(dst, src, n * 4);  // n = 0 may come with null pointers
+      break;
     case DType::bf16: {
       auto s = static_cast<const std::uint16_t*>(src);
       for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
@@ -67,7 +69,9 @@ void convert_to_f32(const void* src, DType t, float* dst, std::size_t n) noexcep
 
 void convert_from_f32(const float* src, void* dst, DType t, std::size_t n) noexcept {
   switch (t) {
-    case DType::f32: std::memcpy(dst, src, n * 4); break;
+    case DType::f32:
+      if (n) std::memcpy(dst, src, n * 4);  // n = 0 may come with null pointers
+      break;
     case DType::bf16: {
       auto d = static_cast<std::uint16_t*>(dst);
       for (std::size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);

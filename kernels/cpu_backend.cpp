@@ -64,6 +64,7 @@ class CpuBackend final : public AttentionBackend {
   void convert(TensorView dst, TensorView src, void*) override {
     LONGATTN_INVALID(dst.numel() == src.numel(), "convert: {} and {} differ in size", dst.describe(), src.describe());
     const auto n = static_cast<std::size_t>(dst.numel());
+    if (n == 0) return;  // empty views may hold null pointers
     if (dst.dtype == src.dtype) {
       std::memcpy(dst.data, src.data, dst.bytes());
     } else if (src.dtype == DType::f32) {
@@ -74,7 +75,9 @@ class CpuBackend final : public AttentionBackend {
       for (std::size_t i = 0; i < n; ++i) store_from_f32(dst.data, dst.dtype, i, load_as_f32(src.data, src.dtype, i));
     }
   }
-  void copy_bytes(void* dst, const void* src, std::size_t bytes, void*) override { std::memcpy(dst, src, bytes); }
+  void copy_bytes(void* dst, const void* src, std::size_t bytes, void*) override {
+    if (bytes > 0) std::memcpy(dst, src, bytes);  // an empty shard may pass null (memcpy must not see it)
+  }
   void synchronize(void*) override {}
 
  private:
