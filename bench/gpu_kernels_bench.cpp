@@ -245,8 +245,12 @@ int run(int argc, char** argv) {
     }
   }
 
-  std::string json = fmt::format("{{\"bench\":\"gpu-kernels\",\"device\":\"{}\",\"heads\":{},\"dtype\":\"bf16\",\"copy_gbs\":{:.1f},\"attention\":[",
-                                 prop.name, o.heads, copy_gbs);
+  // Which forward kernel the cuda backend ran (LONGATTN_CUDA_FWD_KERNEL; the backend refuses bad values).
+  const char* fwd_kernel = std::getenv("LONGATTN_CUDA_FWD_KERNEL");
+  std::string json = fmt::format(
+      "{{\"bench\":\"gpu-kernels\",\"device\":\"{}\",\"heads\":{},\"dtype\":\"bf16\",\"cuda_fwd_kernel\":\"{}\",\"copy_gbs\":{:.1f},"
+      "\"attention\":[",
+      prop.name, o.heads, fwd_kernel && *fwd_kernel ? fwd_kernel : "mma", copy_gbs);
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
     json += fmt::format("{}{{\"backend\":\"{}\",\"seq\":{},\"d\":{},\"causal\":{},\"fwd_ms\":{:.3f},\"bwd_ms\":{:.3f},"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine: configure and build the GPU targets, run the GPU tests, then the GPU kernel
 # benchmark and PyTorch's SDPA peer back to back; full logs under $OUT; a short side-by-side table
-# last. Usage: scripts/gpu-run.sh [quick|full|test|build]   (quick: seq 8k/32k only; test: no
-# benchmarks; build: build only). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
+# last. Usage: scripts/gpu-run.sh [quick|full|test|build|wgmma]   (quick: seq 8k/32k only; test: no
+# benchmarks; build: build only; wgmma: only the experimental wgmma forward's tests and its timing
+# against the mma.sync forward at 8k/32k, head dim 128, for quick iterations on that kernel). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
 # kernels/cuda/flash_tiles.hpp) beside the default one.
 set -uo pipefail
 MODE=${1:-full}
@@ -45,6 +46,33 @@ if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench ring_atte
 fi
 echo "build: $(( $(date +%s) - start )) s"
 [ "$MODE" = build ] && exit 0
+
+if [ "$MODE" = wgmma ]; then
+  "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*cuda_wgmma*:GpuBackend.Unknown*' > "$OUT/test_gpu_wgmma.log" 2>&1
+  wgmma_rc=$?
+  grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -30
+  for k in mma wgmma; do
+    LONGATTN_CUDA_FWD_KERNEL=$k "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda \
+      > "$OUT/bench_fwd_$k.log" 2>&1
+  done
+  python3 - "$OUT/bench_fwd_mma.log" "$OUT/bench_fwd_wgmma.log" <<'PY' | tee "$OUT/table_wgmma.md"
+import json, sys
+def rows(path):
+    for line in open(path, errors="replace"):
+        if line.startswith("RESULT "):
+            return {(r["seq"], r["causal"]): r.get("fwd_tflops") for r in json.loads(line[7:])["attention"]}
+    return {}
+mma, wg = rows(sys.argv[1]), rows(sys.argv[2])
+print("forward TFLOP/s, d128 bf16 32 heads: mma.sync vs wgmma")
+print("| seq | causal | mma | wgmma |")
+print("|---|---|---|---|")
+for key in sorted(set(mma) | set(wg)):
+    f = lambda x: f"{x:.0f}" if x else "-"
+    print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {f(mma.get(key))} | {f(wg.get(key))} |")
+PY
+  echo "test_gpu (cuda_wgmma) exit code: $wgmma_rc"
+  exit $wgmma_rc
+fi
 
 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='-*cuda_wgmma*' > "$OUT/test_gpu.log" 2>&1
 test_rc=$?
