@@ -48,11 +48,11 @@ echo "build: $(( $(date +%s) - start )) s"
 [ "$MODE" = build ] && exit 0
 
 if [ "$MODE" = wgmma ]; then
-  "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*cuda_wgmma*:GpuBackend.Unknown*' > "$OUT/test_gpu_wgmma.log" 2>&1
+  timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*cuda_wgmma*:GpuBackend.Unknown*' > "$OUT/test_gpu_wgmma.log" 2>&1
   wgmma_rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -30
   for k in mma wgmma; do
-    LONGATTN_CUDA_FWD_KERNEL=$k "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda \
+    LONGATTN_CUDA_FWD_KERNEL=$k timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda \
       > "$OUT/bench_fwd_$k.log" 2>&1
   done
   python3 - "$OUT/bench_fwd_mma.log" "$OUT/bench_fwd_wgmma.log" <<'PY' | tee "$OUT/table_wgmma.md"
@@ -78,9 +78,9 @@ fi
 test_rc=$?
 grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
 echo "test_gpu exit code: $test_rc"
-# The experimental wgmma forward in a process of its own: a fault there must not poison the
-# CUDA context of the other tests.
-"$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*cuda_wgmma*' > "$OUT/test_gpu_wgmma.log" 2>&1
+# The experimental wgmma forward in a process of its own, under a time limit: a fault there must
+# not poison the CUDA context of the other tests, nor a hang eat the device time.
+timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*cuda_wgmma*' > "$OUT/test_gpu_wgmma.log" 2>&1
 wgmma_rc=$?
 grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -20
 echo "test_gpu (cuda_wgmma, experimental) exit code: $wgmma_rc"
@@ -96,7 +96,7 @@ SEQS=8192,32768,131072
 [ "$MODE" = quick ] && SEQS=8192,32768
 "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS > "$OUT/bench_gpu_kernels.log" 2>&1
 # The experimental Hopper wgmma forward (head dim 128) in its own column; backward is the mma one.
-LONGATTN_CUDA_FWD_KERNEL=wgmma "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS --dims 128 --backends cuda \
+LONGATTN_CUDA_FWD_KERNEL=wgmma timeout 300 "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS --dims 128 --backends cuda \
   > "$OUT/bench_gpu_kernels_wgmma.log" 2>&1
 PYTHONUNBUFFERED=1 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs $SEQS > "$OUT/bench_torch_sdpa.log" 2>&1
 
