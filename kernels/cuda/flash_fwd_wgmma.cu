@@ -54,13 +54,69 @@ __device__ __forceinline__ void load_sw128(T* smem, const T* base, std::int64_t 
   }
 }
 
+// Accumulator element i of a thread (m64nN layout, fp32): row inside its warpgroup's 64 rows and
+// column; the same numbers say where each score sits for the mask and each output for the store.
+__device__ __forceinline__ int acc_row(int i, int warp, int lane) { return warp * 16 + lane / 4 + 8 * ((i / 2) % 2); }
+__device__ __forceinline__ int acc_col(int i, int lane) { return 8 * (i / 4) + 2 * (lane % 4) + (i % 2); }
+
+// s = Q K^T for this warpgroup's 64 query rows (q_addr: their first row in column block 0 of the
+// Q tile of kBM rows) against the kBN keys at k_addr: 8 steps of 16 along the head dim; step kk
+// reads column block kk / 4 at byte offset 32 (kk % 4) inside the 128-byte swizzle rows (the
+// hardware applies the XOR).
+template <class T>
+__device__ __forceinline__ void qk_product(float (&s)[64], std::uint32_t q_addr, std::uint32_t k_addr) {
+  wgmma::fence();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const std::uint64_t da = wgmma::desc_sw128(q_addr + (kk / 4) * kBM * 128 + (kk % 4) * 32, 16, 1024);
+    const std::uint64_t db = wgmma::desc_sw128(k_addr + (kk / 4) * kBN * 128 + (kk % 4) * 32, 16, 1024);
+    wgmma::Mma64x128<T>::ss(s, da, db, kk > 0 ? 1 : 0);
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::fence_registers(s);
+}
+
+// Probabilities (in the accumulator layout) as the A fragments of the second product: keys
+// 16 kk .. 16 kk + 15 are the 8-column groups 2 kk and 2 kk + 1.
+template <class T>
+__device__ __forceinline__ void pack_probabilities(const float (&s)[64], std::uint32_t (&pa)[kBN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    pa[kk][0] = Pack<T>::pack(s[8 * kk], s[8 * kk + 1]);
+    pa[kk][1] = Pack<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = Pack<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = Pack<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// o += P V with V at v_addr (kBN keys x kD): step kk takes keys 16 kk..16 kk + 15, two 8-row
+// groups (stride 1024 bytes); the 128 output columns are V's two column blocks (leading offset
+// kBN * 128 bytes), read transposed by the instruction.
+template <class T>
+__device__ __forceinline__ void pv_product(float (&o)[64], const std::uint32_t (&pa)[kBN / 16][4], std::uint32_t v_addr) {
+  wgmma::fence_registers(o);
+  wgmma::fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    const std::uint64_t db = wgmma::desc_sw128(v_addr + kk * 16 * 128, kBN * 128, 1024);
+    wgmma::Mma64x128<T>::rs(o, pa[kk], db);
+  }
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::fence_registers(o);
+}
+
+// Start of the dynamic shared memory rounded up to 1024 bytes (the swizzle works in 1024-byte blocks).
+__device__ __forceinline__ unsigned char* smem_aligned_1024(unsigned char* raw) {
+  return raw + ((1024u - smem_addr(raw) % 1024u) % 1024u);
+}
+
 template <class T, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const std::uint32_t raw_addr = smem_addr(smem_raw);
-  unsigned char* aligned = smem_raw + ((1024u - raw_addr % 1024u) % 1024u);  // the swizzle needs 1024-byte blocks
-  T* sQ = reinterpret_cast<T*>(aligned);
+  T* sQ = reinterpret_cast<T*>(smem_aligned_1024(smem_raw));
   T* sK0 = sQ + kBM * kD;
   T* sV0 = sK0 + 2 * kBN * kD;  // buffers: sK0 + buf * kBN * kD, sV0 + buf * kBN * kD
 
@@ -115,19 +171,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
     __syncthreads();  // tile n (and Q) visible to every warpgroup
     const std::uint32_t k_addr = smem_addr(sK0 + buf * kBN * kD), v_addr = smem_addr(sV0 + buf * kBN * kD);
 
-    // S = Q K^T: 8 steps of 16 along the head dim; step kk reads column block kk / 4 at byte
-    // offset 32 (kk % 4) inside the 128-byte swizzle rows (the hardware applies the XOR).
     float s[64];
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const std::uint64_t da = wgmma::desc_sw128(q_addr + (kk / 4) * kBM * 128 + (kk % 4) * 32, 16, 1024);
-      const std::uint64_t db = wgmma::desc_sw128(k_addr + (kk / 4) * kBN * 128 + (kk % 4) * 32, 16, 1024);
-      wgmma::Mma64x128<T>::ss(s, da, db, kk > 0 ? 1 : 0);
-    }
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_registers(s);
+    qk_product<T>(s, q_addr, k_addr);
 
     // Mask keys past the sequence (tail tile) and, on tiles that reach past this thread's first
     // row, keys after the row (causal by index).
@@ -176,28 +221,9 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
       o[4 * i + 3] *= alpha[1];
     }
 
-    // P as A fragments: keys 16 kk .. 16 kk + 15 are the score groups 2 kk and 2 kk + 1.
     std::uint32_t pa[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pa[kk][0] = Pack<T>::pack(s[8 * kk], s[8 * kk + 1]);
-      pa[kk][1] = Pack<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = Pack<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = Pack<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-
-    // O += P V: step kk takes keys 16 kk..16 kk + 15, i.e. two 8-row groups (stride 1024 bytes);
-    // the 128 output columns are the two column blocks of V (leading offset kBN * 128 bytes).
-    wgmma::fence_registers(o);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const std::uint64_t db = wgmma::desc_sw128(v_addr + kk * 16 * 128, kBN * 128, 1024);
-      wgmma::Mma64x128<T>::rs(o, pa[kk], db);
-    }
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_registers(o);
+    pack_probabilities<T>(s, pa);
+    pv_product<T>(o, pa, v_addr);
 
     __syncthreads();  // both warpgroups are done with buffer `buf`
     if (n + 2 < n_end) load_kv(n + 2);
@@ -225,6 +251,40 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
 #endif
 }
 
+// The two products of one tile on their own, for the GPU tests: q [kBM][kD], k and v [kBN][kD]
+// (row-major) go through the kernel's loads, descriptors and fragment layouts; s = q k^T and
+// o = bf16/fp16(s) v come back [kBM][kBN] and [kBM][kD] in fp32. When the attention test fails,
+// this tells whether the first product, the second, or the softmax around them is wrong.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_tile_products_kernel(const T* q, const T* k, const T* v, float* s_out, float* o_out) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_aligned_1024(smem_raw));
+  T* sK = sQ + kBM * kD;
+  T* sV = sK + kBN * kD;
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  load_sw128<kBM>(sQ, q, kD, kBM, tid);
+  load_sw128<kBN>(sK, k, kD, kBN, tid);
+  load_sw128<kBN>(sV, v, kD, kBN, tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  wgmma::fence_proxy_async();
+  __syncthreads();
+  float s[64];
+  qk_product<T>(s, smem_addr(sQ) + wg * 64 * 128, smem_addr(sK));
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s_out[(wg * 64 + acc_row(i, warp, lane)) * kBN + acc_col(i, lane)] = s[i];
+  std::uint32_t pa[kBN / 16][4];
+  pack_probabilities<T>(s, pa);
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  pv_product<T>(o, pa, smem_addr(sV));
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o_out[(wg * 64 + acc_row(i, warp, lane)) * kD + acc_col(i, lane)] = o[i];
+#endif
+}
+
 template <class T>
 void launch(const FlashParams& p, cudaStream_t stream) {
   dim3 grid((p.max_len_q + kBM - 1) / kBM, p.hq, p.batch);
@@ -239,6 +299,22 @@ void launch(const FlashParams& p, cudaStream_t stream) {
 
 bool flash_forward_wgmma_supports(const FlashParams& p) {
   return p.d == kD && !p.pos_q && !p.pos_k && (p.dtype == DType::bf16 || p.dtype == DType::f16);
+}
+
+void wgmma_tile_products(const void* q, const void* k, const void* v, float* s, float* o, DType dtype, cudaStream_t stream) {
+  constexpr int smem = (kBM + 2 * kBN) * kD * 2 + 1024;
+  if (dtype == DType::bf16) {
+    LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_tile_products_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    wgmma_tile_products_kernel<__nv_bfloat16><<<1, kThreads, smem, stream>>>(static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
+                                                                             static_cast<const __nv_bfloat16*>(v), s, o);
+  } else if (dtype == DType::f16) {
+    LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_tile_products_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    wgmma_tile_products_kernel<__half><<<1, kThreads, smem, stream>>>(static_cast<const __half*>(q), static_cast<const __half*>(k),
+                                                                      static_cast<const __half*>(v), s, o);
+  } else {
+    throw_unsupported("wgmma_tile_products: bf16 or fp16 only");
+  }
+  LONGATTN_CUDA_CHECK_LAUNCH();
 }
 
 void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream) {

@@ -44,6 +44,10 @@ void flash_forward(const FlashParams& p, cudaStream_t stream);
 // The Hopper wgmma forward (flash_fwd_wgmma.cu): head dim 128, bf16/fp16, no explicit positions.
 bool flash_forward_wgmma_supports(const FlashParams& p);
 void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream);
+// Diagnostics for the tests: one 128-query x 128-key tile through the wgmma kernel's two products
+// (q [128][128], k, v [128][128] row-major device arrays; s = q k^T [128][128] and o = s v [128][128]
+// fp32, with s rounded to the input type before the second product).
+void wgmma_tile_products(const void* q, const void* k, const void* v, float* s, float* o, DType dtype, cudaStream_t stream);
 // dK/dV: one kernel owns each key block (summing the GQA group in order, no atomics). dQ: see
 // FlashParams::deterministic.
 void flash_backward(const FlashParams& p, cudaStream_t stream);
