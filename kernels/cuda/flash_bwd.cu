@@ -48,20 +48,13 @@ __global__ void __launch_bounds__(BwdQTile<D>::kThreads, 1) flash_bwd_dq_kernel(
   T* sV = sK + 2 * kBN * D;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  std::int64_t q_start, k_start;
-  int len_q, len_k;
-  seq_bounds(p.cu_q, b, p.tq, q_start, len_q);
-  seq_bounds(p.cu_k, b, p.tk, k_start, len_k);
-  const int m0 = m_block * kBM;
-  if (m0 >= len_q) return;
-  const int rows_q = min(kBM, len_q - m0);
-  const int hk = h / (p.hq / p.hkv);
-  const std::int64_t q_stride = static_cast<std::int64_t>(p.hq) * D, kv_stride = static_cast<std::int64_t>(p.hkv) * D;
-  const std::int64_t q_off = (q_start + m0) * q_stride + static_cast<std::int64_t>(h) * D;
-  const T* kg = static_cast<const T*>(p.k) + k_start * kv_stride + static_cast<std::int64_t>(hk) * D;
-  const T* vg = static_cast<const T*>(p.v) + k_start * kv_stride + static_cast<std::int64_t>(hk) * D;
+  const QueryTile qt = query_tile<kBM, D>(p);
+  if (qt.empty()) return;
+  const std::int64_t q_start = qt.q_start, k_start = qt.k_start, q_stride = qt.q_stride, kv_stride = qt.kv_stride;
+  const int len_q = qt.len_q, len_k = qt.len_k, m0 = qt.m0, rows_q = qt.rows_q, h = qt.h;
+  const std::int64_t q_off = qt.q_offset;
+  const T* kg = static_cast<const T*>(p.k) + qt.kv_offset;
+  const T* vg = static_cast<const T*>(p.v) + qt.kv_offset;
 
   int qmin, qmax;
   if (kHasPos && p.pos_q) {

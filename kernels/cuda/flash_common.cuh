@@ -204,6 +204,34 @@ __device__ __forceinline__ void seq_bounds(const std::int32_t* cu, int b, std::i
   }
 }
 
+// The query tile of one block of a kernel that owns query rows (forward, dQ): block (x, head,
+// sequence), x counted from the end so the longest causal rows start first; the sequence bounds,
+// the tile's first row and row count, the kv head of the head's GQA group, and the element offsets
+// of the tile's Q rows and of the kv head's K/V rows. empty(): the tile starts past the sequence.
+struct QueryTile {
+  std::int64_t q_start, k_start;
+  int len_q, len_k, m0, rows_q, h, hk;
+  std::int64_t q_stride, kv_stride;  // elements between tokens
+  std::int64_t q_offset, kv_offset;  // first Q row of the tile / first K or V row of the kv head
+  __device__ __forceinline__ bool empty() const { return m0 >= len_q; }
+};
+template <int BM, int D>
+__device__ __forceinline__ QueryTile query_tile(const FlashParams& p) {
+  QueryTile t;
+  t.h = blockIdx.y;
+  const int b = blockIdx.z, m_block = gridDim.x - 1 - blockIdx.x;
+  seq_bounds(p.cu_q, b, p.tq, t.q_start, t.len_q);
+  seq_bounds(p.cu_k, b, p.tk, t.k_start, t.len_k);
+  t.m0 = m_block * BM;
+  t.rows_q = min(BM, t.len_q - t.m0);
+  t.hk = t.h / (p.hq / p.hkv);
+  t.q_stride = static_cast<std::int64_t>(p.hq) * D;
+  t.kv_stride = static_cast<std::int64_t>(p.hkv) * D;
+  t.q_offset = (t.q_start + t.m0) * t.q_stride + static_cast<std::int64_t>(t.h) * D;
+  t.kv_offset = t.k_start * t.kv_stride + static_cast<std::int64_t>(t.hk) * D;
+  return t;
+}
+
 template <class T>
 __device__ __forceinline__ void store_pair(void* base, DType t, std::int64_t idx, float a, float b) {
   if (t == DType::f32) {

@@ -121,20 +121,13 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
   T* sV0 = sK0 + 2 * kBN * kD;  // buffers: sK0 + buf * kBN * kD, sV0 + buf * kBN * kD
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first
-  std::int64_t q_start, k_start;
-  int len_q, len_k;
-  seq_bounds(p.cu_q, b, p.tq, q_start, len_q);
-  seq_bounds(p.cu_k, b, p.tk, k_start, len_k);
-  const int m0 = m_block * kBM;
-  if (m0 >= len_q) return;
-  const int rows_q = min(kBM, len_q - m0);
-  const int hk = h / (p.hq / p.hkv);
-  const std::int64_t q_stride = static_cast<std::int64_t>(p.hq) * kD, kv_stride = static_cast<std::int64_t>(p.hkv) * kD;
-  const T* qg = static_cast<const T*>(p.q) + (q_start + m0) * q_stride + static_cast<std::int64_t>(h) * kD;
-  const T* kg = static_cast<const T*>(p.k) + k_start * kv_stride + static_cast<std::int64_t>(hk) * kD;
-  const T* vg = static_cast<const T*>(p.v) + k_start * kv_stride + static_cast<std::int64_t>(hk) * kD;
+  const QueryTile qt = query_tile<kBM, kD>(p);  // longest causal rows first
+  if (qt.empty()) return;
+  const std::int64_t q_start = qt.q_start, q_stride = qt.q_stride, kv_stride = qt.kv_stride;
+  const int len_q = qt.len_q, len_k = qt.len_k, m0 = qt.m0, rows_q = qt.rows_q, h = qt.h;
+  const T* qg = static_cast<const T*>(p.q) + qt.q_offset;
+  const T* kg = static_cast<const T*>(p.k) + qt.kv_offset;
+  const T* vg = static_cast<const T*>(p.v) + qt.kv_offset;
 
   // Key tiles to visit: all, or (causal) those starting at or before the block's last row.
   int n_end = (len_k + kBN - 1) / kBN;
