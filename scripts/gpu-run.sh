@@ -8,43 +8,8 @@
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-/tmp/longattn-gpu-out}
-mkdir -p "$OUT"
-SRC=$(pwd)
-BUILD=${BUILD:-$SRC/build-gpu}
-JOBS=${JOBS:-16}
-export NCCL_NVLS_ENABLE=0
-
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/device.txt" 2>&1
-date -u +%Y-%m-%dT%H:%MZ >> "$OUT/device.txt"
-cat "$OUT/device.txt"
-
-# The cudnn backend against the same cuDNN PyTorch's peer uses (its wheel's 9.19; the system has
-# 9.14): build and run with that library. The frontend headers come with the tree (.deps, carried).
-TORCH_CUDNN=${TORCH_CUDNN:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn}
-CUDNN_ARGS=()
-if [ -f "$TORCH_CUDNN/include/cudnn.h" ]; then
-  CUDNN_ARGS=(-DLONGATTN_CUDNN_ROOT="$TORCH_CUDNN")
-  export LD_LIBRARY_PATH="$TORCH_CUDNN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
-[ -f "$SRC/.deps/cudnn-frontend/include/cudnn_frontend.h" ] || echo "no .deps/cudnn-frontend: the cudnn backend is left out (carry .deps)"
-configure() {
-  cmake -S "$1" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLONGATTN_CUDA=ON -DLONGATTN_CUDA_ARCHS=90a \
-    "${CUDNN_ARGS[@]}" -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" > "$OUT/configure.log" 2>&1
-}
-if ! configure "$SRC"; then
-  # Another part's half-finished folder must not stop the GPU run: retry on a copy without it.
-  echo "configure failed in place (see configure.log); retrying without offload/" | tee -a "$OUT/configure.log"
-  rm -rf /tmp/longattn-src "$BUILD"/CMakeCache.txt && mkdir -p /tmp/longattn-src
-  tar --exclude='./build*' --exclude='./offload' --exclude='./tests/offload' -cf - . | (cd /tmp/longattn-src && tar xf -)
-  configure /tmp/longattn-src || { tail -30 "$OUT/configure.log"; exit 1; }
-fi
-grep -E "cuDNN|CUDA parts" "$OUT/configure.log"
-start=$(date +%s)
-if ! cmake --build "$BUILD" -j"$JOBS" --target test_gpu longattn-bench ring_attention > "$OUT/build.log" 2>&1; then
-  grep -E "error|Error" "$OUT/build.log" | head -30
-  exit 1
-fi
-echo "build: $(( $(date +%s) - start )) s"
+source "$(dirname "$0")/gpu-build-common.sh"
+gpu_build test_gpu longattn-bench ring_attention
 [ "$MODE" = build ] && exit 0
 
 if [ "$MODE" = wgmma ]; then
