@@ -43,12 +43,13 @@ if has check; then
   for layout in contiguous zigzag striped; do
     for d in 64 128; do
       args="--device cuda --seq-len 1999 --heads 4 --kv-heads 2 --head-dim $d --layout $layout --causal --backward"
-      mkdir -p "$OUT/np$NP-$layout-$d" "$OUT/np1-$layout-$d"
-      timeout 90 $MPIRUN -np "$NP" "$BUILD/bin/ring_attention" $args --check --check-oracle reference --dump "$OUT/np$NP-$layout-$d" \
+      dumps=/tmp/longattn-ring-dumps  # outside $OUT: the device tool brings back a limited number of files
+      mkdir -p "$dumps/np$NP-$layout-$d" "$dumps/np1-$layout-$d"
+      timeout 90 $MPIRUN -np "$NP" "$BUILD/bin/ring_attention" $args --check --check-oracle reference --dump "$dumps/np$NP-$layout-$d" \
         > "$OUT/check-np$NP-$layout-$d.log" 2>&1 || status=1
-      timeout 60 $MPIRUN -np 1 "$BUILD/bin/ring_attention" $args --dump "$OUT/np1-$layout-$d" > "$OUT/check-np1-$layout-$d.log" 2>&1 || status=1
+      timeout 60 $MPIRUN -np 1 "$BUILD/bin/ring_attention" $args --dump "$dumps/np1-$layout-$d" > "$OUT/check-np1-$layout-$d.log" 2>&1 || status=1
       verdict=$(grep -h RESULT "$OUT/check-np$NP-$layout-$d.log" | grep -o '"check":"[a-z]*"\|"max_abs_err":[^,]*' | tr '\n' ' ')
-      diff=$(python3 - "$OUT/np$NP-$layout-$d" "$OUT/np1-$layout-$d" <<'PY'
+      diff=$(python3 - "$dumps/np$NP-$layout-$d" "$dumps/np1-$layout-$d" <<'PY'
 import sys, numpy as np
 a, b = sys.argv[1], sys.argv[2]
 try:
@@ -70,6 +71,7 @@ if has 1m; then
   timeout 180 $MPIRUN -np "$NP" "$BUILD/bin/ring_attention" --device cuda --seq-len 1048576 --heads 32 --head-dim 128 --causal --backward \
     > "$OUT/ring_1m.log" 2>&1 || status=1
   note "1M tokens: $(grep -h RESULT "$OUT/ring_1m.log" | cut -c1-700)"
+  grep -h "GPU memory" "$OUT/ring_1m.log"
   grep -E "error" "$OUT/ring_1m.log" | head -3
 fi
 

@@ -5,8 +5,11 @@
 // that two ranks sending to each other cannot deadlock. Completion is an event: wait() makes the
 // caller's stream wait for it (no host block), so compute and transfers overlap on the GPU.
 // Host-side collectives (agreement checks, small reductions) go through the MPI bootstrap.
-// Failures: synchronize() polls the stream and ncclCommGetAsyncError with a deadline and aborts
-// the communicator on error or timeout, so a dead or mismatched peer becomes an Error, not a hang.
+// Failures: the communicator is non-blocking (NCCL's config.blocking = 0), so no NCCL call can
+// block the host for ever: initialization, every group of sends/receives (whose first use of a peer
+// connects to it, which needs the peer) and synchronize() poll ncclCommGetAsyncError and the stream
+// against a deadline (LONGATTN_COMM_TIMEOUT_S) and abort the communicator on error or timeout, so a
+// dead, stuck or mismatched peer becomes an Error that says so, not a hang.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -66,14 +69,22 @@ class NcclCommunicator final : public Communicator {
     ncclUniqueId id{};
     if (host_.rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));
     host_.broadcast(&id, sizeof id, 0);
-    NCCL_CHECK(ncclCommInitRank(&comm_, host_.size(), id, host_.rank()));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    NCCL_CHECK(ncclCommInitRankConfig(&comm_, host_.size(), id, host_.rank(), &config));
+    wait_ready("initializing the NCCL communicator");
     LA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     LA_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
     logger(Subsystem::comm).debug("NCCL communicator: rank {}/{} on GPU {}", host_.rank(), host_.size(), device_);
   }
   ~NcclCommunicator() override {
-    if (stream_) cudaStreamSynchronize(stream_);
-    if (comm_) (aborted_ ? ncclCommAbort(comm_) : ncclCommDestroy(comm_));
+    // Never hang in a destructor: transfers still queued get the usual deadline, then the
+    // communicator is aborted (which also ends its kernels) instead of finalized.
+    if (comm_) {
+      bool clean = !stream_ || drained(stream_, deadline());
+      if (clean && ncclCommFinalize(comm_) == ncclInProgress) clean = settled(deadline());
+      clean ? ncclCommDestroy(comm_) : ncclCommAbort(comm_);
+    }
     if (ready_) cudaEventDestroy(ready_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -102,6 +113,9 @@ class NcclCommunicator final : public Communicator {
       else NCCL_CHECK(ncclRecv(op.buffer, op.bytes, ncclUint8, op.peer, comm_, stream_));
     }
     NCCL_CHECK(ncclGroupEnd());
+    // Non-blocking: the group is enqueued on the stream only once NCCL says so (the first use of a
+    // peer connects to it first, which needs that peer to post too).
+    wait_ready("posting sends/receives (is every peer posting the matching operations?)");
     cudaEvent_t done;
     LA_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
     LA_CUDA_CHECK(cudaEventRecord(done, stream_));
@@ -134,8 +148,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void synchronize(void* stream) override {
-    const auto timeout = std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S"));
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const auto limit = deadline();
     for (;;) {
       const cudaError_t q = cudaStreamQuery(as_stream(stream));
       const cudaError_t qc = cudaStreamQuery(stream_);
@@ -143,18 +156,53 @@ class NcclCommunicator final : public Communicator {
       if (q != cudaErrorNotReady && q != cudaSuccess) LA_CUDA_CHECK(q);
       if (qc != cudaErrorNotReady && qc != cudaSuccess) LA_CUDA_CHECK(qc);
       check_alive();
-      if (std::chrono::steady_clock::now() > deadline) {
-        aborted_ = true;
-        ncclCommAbort(comm_);
-        comm_ = nullptr;
-        throw Error(ErrorCode::timeout, fmt::format("NCCL communication did not finish within {} s (LONGATTN_COMM_TIMEOUT_S); "
-                                                    "a peer is dead, stuck, or running with different arguments", timeout.count()));
-      }
+      if (std::chrono::steady_clock::now() > limit) fail_timeout("waiting for transfers to finish");
       std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
   }
 
  private:
+  static std::chrono::steady_clock::time_point deadline() {
+    return std::chrono::steady_clock::now() + std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S"));
+  }
+  static bool drained(cudaStream_t s, std::chrono::steady_clock::time_point limit) {
+    while (cudaStreamQuery(s) == cudaErrorNotReady) {
+      if (std::chrono::steady_clock::now() > limit) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    return true;
+  }
+  // Polls a non-blocking operation of the communicator until it settles; false on error or timeout.
+  bool settled(std::chrono::steady_clock::time_point limit) {
+    for (;;) {
+      ncclResult_t st = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &st) != ncclSuccess) return false;
+      if (st == ncclSuccess) return true;
+      if (st != ncclInProgress || std::chrono::steady_clock::now() > limit) return false;
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+  // Waits for the communicator's last operation with the deadline; an error or timeout aborts it.
+  void wait_ready(const char* what) {
+    const auto limit = deadline();
+    for (;;) {
+      check_alive();  // throws on an asynchronous error
+      ncclResult_t st = ncclSuccess;
+      NCCL_CHECK(ncclCommGetAsyncError(comm_, &st));
+      if (st == ncclSuccess) return;
+      if (std::chrono::steady_clock::now() > limit) fail_timeout(what);
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+  [[noreturn]] void fail_timeout(const char* what) {
+    aborted_ = true;
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+    throw Error(ErrorCode::timeout, fmt::format("NCCL: {} did not finish within {} s (LONGATTN_COMM_TIMEOUT_S); a peer is dead, stuck, "
+                                                "or running with different arguments",
+                                                what, env_int("LONGATTN_COMM_TIMEOUT_S")));
+  }
+
   void check_alive() {
     LONGATTN_REQUIRE(comm_, ErrorCode::communication, "the NCCL communicator was aborted after an earlier failure");
     ncclResult_t async = ncclSuccess;

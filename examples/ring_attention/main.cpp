@@ -281,6 +281,12 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
              opt.seq_len, n, H, K, D, to_string(opt.layout), to_string(opt.dtype), opt.causal ? ", causal" : "",
              backend_name);
 
+  // Device memory in use on this rank's GPU (whole device: context, libraries, pools included).
+  auto log_memory = [&](const char* when) {
+    if (opt.device == DeviceKind::cuda && rank == 0)
+      log.info("GPU memory in use {}: {:.2f} GiB", when, static_cast<double>(gpu_memory_used_bytes()) / (1 << 30));
+  };
+  log_memory("after setup");
   std::vector<double> fwd_ms, bwd_ms;
   RingStats fwd_stats, bwd_stats;
   for (int it = 0; it < opt.iters; ++it) {
@@ -290,6 +296,7 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
     fwd_ms.push_back(fwd_stats.wall_ms);
   }
   std::size_t mem_peak = gpu_memory_used_bytes();
+  log_memory("after forward");
   std::optional<DeviceTensor> d_o, dq, dk, dv;
   if (opt.backward) {
     d_o.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, H, D});
@@ -304,6 +311,7 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
       bwd_ms.push_back(bwd_stats.wall_ms);
     }
     mem_peak = std::max(mem_peak, gpu_memory_used_bytes());
+    log_memory("after backward");
   }
   // The slowest rank defines the step time; peak device memory is the largest over ranks.
   double times[3] = {median(fwd_ms), median(bwd_ms), static_cast<double>(mem_peak)};
