@@ -103,12 +103,15 @@ class NcclCommunicator final : public Communicator {
 
   Request post(const std::vector<P2POp>& ops, void* stream) override {
     check_alive();
+    // Validated before the group opens: a throw inside ncclGroupStart/End would leave this thread's
+    // group open, and every later NCCL call on it would fail.
+    for (const auto& op : ops)
+      LONGATTN_INVALID(op.peer >= 0 && op.peer < size(), "peer rank {} is outside [0, {})", op.peer, size());
     // The transfers start once the caller's stream has produced the data.
     LA_CUDA_CHECK(cudaEventRecord(ready_, as_stream(stream)));
     LA_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
     NCCL_CHECK(ncclGroupStart());
     for (const auto& op : ops) {
-      LONGATTN_INVALID(op.peer >= 0 && op.peer < size(), "peer rank {} is outside [0, {})", op.peer, size());
       if (op.kind == P2POp::Kind::send) NCCL_CHECK(ncclSend(op.buffer, op.bytes, ncclUint8, op.peer, comm_, stream_));
       else NCCL_CHECK(ncclRecv(op.buffer, op.bytes, ncclUint8, op.peer, comm_, stream_));
     }

@@ -419,6 +419,7 @@ class CudnnBackend final : public AttentionBackend {
       workspace_ = nullptr;
       LONGATTN_CUDA_CHECK(cudaMalloc(&workspace_, graph.workspace_bytes));
       workspace_bytes_ = graph.workspace_bytes;
+      logger(Subsystem::kernels).debug("cuDNN workspace grows to {:.1f} MiB", static_cast<double>(workspace_bytes_) / (1 << 20));
     }
     auto e = graph.graph->execute(handle_, pack, workspace_);
     LONGATTN_REQUIRE(e.is_good(), ErrorCode::internal, "cuDNN SDPA execution failed: {}", e.get_message());
