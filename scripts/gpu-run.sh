@@ -20,20 +20,30 @@ if [ "$MODE" = wgmma ]; then
     LONGATTN_CUDA_FWD_KERNEL=$k timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda \
       > "$OUT/bench_fwd_$k.log" 2>&1
   done
-  python3 - "$OUT/bench_fwd_mma.log" "$OUT/bench_fwd_wgmma.log" <<'PY' | tee "$OUT/table_wgmma.md"
+  # PyTorch's flash backend on the same shapes in the same call (the own kernels' peer).
+  PYTHONUNBUFFERED=1 timeout 150 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs 8192,32768 --dims 128 \
+    > "$OUT/bench_torch_sdpa.log" 2>&1
+  python3 - "$OUT/bench_fwd_mma.log" "$OUT/bench_fwd_wgmma.log" "$OUT/bench_torch_sdpa.log" <<'PY' | tee "$OUT/table_wgmma.md"
 import json, sys
 def rows(path):
     for line in open(path, errors="replace"):
         if line.startswith("RESULT "):
             return {(r["seq"], r["causal"]): r.get("fwd_tflops") for r in json.loads(line[7:])["attention"]}
     return {}
+def peer(path, backend):
+    for line in open(path, errors="replace"):
+        if line.startswith("RESULT "):
+            return {(r["seq"], r["causal"]): r.get("fwd_tflops") for r in json.loads(line[7:])["attention"]
+                    if r["backend"] == backend and r["d"] == 128}
+    return {}
 mma, wg = rows(sys.argv[1]), rows(sys.argv[2])
-print("forward TFLOP/s, d128 bf16 32 heads: mma.sync vs wgmma")
-print("| seq | causal | mma | wgmma |")
-print("|---|---|---|---|")
+flash, cudnn = peer(sys.argv[3], "flash"), peer(sys.argv[3], "cudnn")
+print("forward TFLOP/s, d128 bf16 32 heads: own mma.sync vs own wgmma vs PyTorch flash / cuDNN")
+print("| seq | causal | mma | wgmma | torch flash | torch cudnn |")
+print("|---|---|---|---|---|---|")
 for key in sorted(set(mma) | set(wg)):
     f = lambda x: f"{x:.0f}" if x else "-"
-    print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {f(mma.get(key))} | {f(wg.get(key))} |")
+    print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {f(mma.get(key))} | {f(wg.get(key))} | {f(flash.get(key))} | {f(cudnn.get(key))} |")
 PY
   echo "test_gpu (cuda_wgmma) exit code: $wgmma_rc"
   exit $wgmma_rc
