@@ -250,7 +250,7 @@ int run(int argc, char** argv) {
   std::string json = fmt::format(
       "{{\"bench\":\"gpu-kernels\",\"device\":\"{}\",\"heads\":{},\"dtype\":\"bf16\",\"cuda_fwd_kernel\":\"{}\",\"copy_gbs\":{:.1f},"
       "\"attention\":[",
-      prop.name, o.heads, fwd_kernel && *fwd_kernel ? fwd_kernel : "mma", copy_gbs);
+      prop.name, o.heads, fwd_kernel && *fwd_kernel ? fwd_kernel : "auto", copy_gbs);
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
     json += fmt::format("{}{{\"backend\":\"{}\",\"seq\":{},\"d\":{},\"causal\":{},\"fwd_ms\":{:.3f},\"bwd_ms\":{:.3f},"

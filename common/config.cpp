@@ -19,7 +19,7 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
       {"LONGATTN_MPI_PROGRESS", "1", "1 = a thread drives MPI progress while transfers are pending (overlap on CPUs)"},
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
-      {"LONGATTN_CUDA_FWD_KERNEL", "mma", "forward kernel of the cuda backend: mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions, others fall back to mma; experimental: not yet checked on a GPU)"},
+      {"LONGATTN_CUDA_FWD_KERNEL", "auto", "forward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions; other shapes fall back to mma)"},
       {"LONGATTN_DECODE_ISA", "auto", "highest instruction set of the CPU decode kernel: auto, generic, avx2, avx512, avx512_bf16 (for comparisons; auto = the best the CPU has)"},
   };
   return table;

@@ -318,7 +318,7 @@ TEST(GpuBackend, UnknownForwardKernelNameIsRefusedWithTheChoices) {
     FAIL() << "an unknown kernel name was accepted";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
-    EXPECT_NE(std::string(e.what()).find("mma, wgmma"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("auto, mma, wgmma"), std::string::npos) << e.what();
   }
 }
 
