@@ -13,49 +13,55 @@ gpu_build test_gpu longattn-bench ring_attention
 [ "$MODE" = build ] && exit 0
 
 if [ "$MODE" = wgmma ]; then
-  timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaTile*:*cuda_wgmma*:GpuBackend.Unknown*' > "$OUT/test_gpu_wgmma.log" 2>&1
+  # The wgmma forward's tests, then the (experimental) wgmma backward's in a process of its own: a
+  # fault there must not take the forward's results with it.
+  timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaTile*:*cuda_wgmma*:GpuBackend.Unknown*-*cuda_wgmma_bwd*' \
+    > "$OUT/test_gpu_wgmma.log" 2>&1
   wgmma_rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -30
+  timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaBwdTile*:*cuda_wgmma_bwd*' > "$OUT/test_gpu_wgmma_bwd.log" 2>&1
+  wgmma_bwd_rc=$?
+  grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma_bwd.log" | head -30
   for k in mma wgmma; do
-    LONGATTN_CUDA_FWD_KERNEL=$k timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda \
-      > "$OUT/bench_fwd_$k.log" 2>&1
+    LONGATTN_CUDA_FWD_KERNEL=$k LONGATTN_CUDA_BWD_KERNEL=$k timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 \
+      --dims 128 --backends cuda > "$OUT/bench_fwd_$k.log" 2>&1
   done
-  # PyTorch's flash backend on the same shapes in the same call (the own kernels' peer).
+  # PyTorch's flash and cuDNN backends on the same shapes in the same call (the own kernels' peers).
   PYTHONUNBUFFERED=1 timeout 150 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs 8192,32768 --dims 128 \
     > "$OUT/bench_torch_sdpa.log" 2>&1
   python3 - "$OUT/bench_fwd_mma.log" "$OUT/bench_fwd_wgmma.log" "$OUT/bench_torch_sdpa.log" <<'PY' | tee "$OUT/table_wgmma.md"
 import json, sys
-def rows(path):
-    for line in open(path, errors="replace"):
-        if line.startswith("RESULT "):
-            return {(r["seq"], r["causal"]): r.get("fwd_tflops") for r in json.loads(line[7:])["attention"]}
-    return {}
-def peer(path, backend):
-    for line in open(path, errors="replace"):
-        if line.startswith("RESULT "):
-            return {(r["seq"], r["causal"]): r.get("fwd_tflops") for r in json.loads(line[7:])["attention"]
-                    if r["backend"] == backend and r["d"] == 128}
+def rows(path, backend=None):
+    try:
+        for line in open(path, errors="replace"):
+            if line.startswith("RESULT "):
+                return {(r["seq"], r["causal"]): (r.get("fwd_tflops"), r.get("bwd_tflops")) for r in json.loads(line[7:])["attention"]
+                        if backend is None or (r["backend"] == backend and r["d"] == 128)}
+    except OSError:
+        pass
     return {}
 mma, wg = rows(sys.argv[1]), rows(sys.argv[2])
-flash, cudnn = peer(sys.argv[3], "flash"), peer(sys.argv[3], "cudnn")
-print("forward TFLOP/s, d128 bf16 32 heads: own mma.sync vs own wgmma vs PyTorch flash / cuDNN")
+flash, cudnn = rows(sys.argv[3], "flash"), rows(sys.argv[3], "cudnn")
+print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync vs own wgmma vs PyTorch flash / cuDNN")
 print("| seq | causal | mma | wgmma | torch flash | torch cudnn |")
 print("|---|---|---|---|---|---|")
+def f(pair):
+    g = lambda x: f"{x:.0f}" if x else "-"
+    return f"{g(pair[0])} / {g(pair[1])}" if pair else "-"
 for key in sorted(set(mma) | set(wg)):
-    f = lambda x: f"{x:.0f}" if x else "-"
     print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {f(mma.get(key))} | {f(wg.get(key))} | {f(flash.get(key))} | {f(cudnn.get(key))} |")
 PY
-  echo "test_gpu (cuda_wgmma) exit code: $wgmma_rc"
-  exit $wgmma_rc
+  echo "test_gpu (cuda_wgmma forward) exit code: $wgmma_rc; (cuda_wgmma_bwd, experimental) exit code: $wgmma_bwd_rc"
+  exit $(( wgmma_rc || wgmma_bwd_rc ))
 fi
 
-"$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='-*cuda_wgmma*:*WgmmaTile*' > "$OUT/test_gpu.log" 2>&1
+"$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='-*cuda_wgmma*:*WgmmaTile*:*WgmmaBwdTile*' > "$OUT/test_gpu.log" 2>&1
 test_rc=$?
 grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
 echo "test_gpu exit code: $test_rc"
 # The experimental wgmma forward in a process of its own, under a time limit: a fault there must
 # not poison the CUDA context of the other tests, nor a hang eat the device time.
-timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaTile*:*cuda_wgmma*' > "$OUT/test_gpu_wgmma.log" 2>&1
+timeout 240 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaTile*:*WgmmaBwdTile*:*cuda_wgmma*' > "$OUT/test_gpu_wgmma.log" 2>&1
 wgmma_rc=$?
 grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -20
 echo "test_gpu (cuda_wgmma, experimental) exit code: $wgmma_rc"

@@ -27,24 +27,25 @@ CudaDeviceBuffer::~CudaDeviceBuffer() {
   if (ptr_) cudaFree(ptr_);
 }
 
-// LONGATTN_CUDA_FWD_KERNEL: which forward kernel runs the shapes the wgmma kernel takes (head dim
-// 128, no explicit positions). auto: the wgmma kernel on Hopper (measured 445 vs 329 TFLOP/s at 32k
-// causal on an H100), mma.sync elsewhere. Read per call (a getenv), so a test or a benchmark can
-// compare both in one process.
+// LONGATTN_CUDA_FWD_KERNEL / LONGATTN_CUDA_BWD_KERNEL: which kernel runs the shapes the wgmma
+// kernels take (head dim 128, no explicit positions; the backward also needs atomic dQ). auto: the
+// wgmma kernel on Hopper, mma.sync elsewhere. The forward defaults to auto (measured 445 vs 329
+// TFLOP/s at 32k causal on an H100), the backward to mma until its wgmma kernel has run on a GPU.
+// Read per call (a getenv), so a test or a benchmark can compare both in one process.
 bool hopper_device() {
   int dev = 0, major = 0;
   return cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
          major == 9;
 }
-bool wgmma_forward_requested() {
-  const std::string want = env_string("LONGATTN_CUDA_FWD_KERNEL");
+bool wgmma_requested(const char* variable) {
+  const std::string want = env_string(variable);
   if (want == "auto" || want.empty()) {
     static const bool hopper = hopper_device();
     return hopper;
   }
   if (want == "mma") return false;
   if (want == "wgmma") return true;
-  throw Error(ErrorCode::invalid_argument, fmt::format("LONGATTN_CUDA_FWD_KERNEL={} is not one of auto, mma, wgmma", want));
+  throw Error(ErrorCode::invalid_argument, fmt::format("{}={} is not one of auto, mma, wgmma", variable, want));
 }
 
 std::string device_tensor_reason(const AttentionArgs& a) {
@@ -135,7 +136,7 @@ class CudaBackend final : public AttentionBackend {
     p.o = out.o.data;
     p.o_dtype = out.o.dtype;
     p.lse = out.lse.as<float>();
-    if (wgmma_forward_requested() && flash_forward_wgmma_supports(p)) {
+    if (wgmma_requested("LONGATTN_CUDA_FWD_KERNEL") && flash_forward_wgmma_supports(p)) {
       flash_forward_wgmma(p, static_cast<cudaStream_t>(a.stream));
     } else {
       flash_forward(p, static_cast<cudaStream_t>(a.stream));
@@ -180,7 +181,11 @@ class CudaBackend final : public AttentionBackend {
     } else {
       p.delta = g.delta.as<const float>();
     }
-    flash_backward(p, st);
+    if (wgmma_requested("LONGATTN_CUDA_BWD_KERNEL") && flash_backward_wgmma_supports(p)) {
+      flash_backward_wgmma(p, st);
+    } else {
+      flash_backward(p, st);
+    }
     if (dq_tmp) {
       launch_convert(g.dq.data, g.dq.dtype, dq_tmp, DType::f32, g.dq.numel(), st);
       LONGATTN_CUDA_CHECK(cudaFreeAsync(dq_tmp, st));

@@ -19,22 +19,6 @@
 namespace longattn::kernels::cuda {
 namespace {
 
-__device__ __forceinline__ void store_grad(void* base, DType t, DType in_t, bool acc, std::int64_t idx, float a, float b) {
-  if (t == DType::f32) {
-    float2* p = reinterpret_cast<float2*>(static_cast<float*>(base) + idx);
-    if (acc) {
-      const float2 old = *p;
-      a += old.x;
-      b += old.y;
-    }
-    *p = make_float2(a, b);
-  } else if (t == DType::bf16) {
-    *reinterpret_cast<std::uint32_t*>(static_cast<__nv_bfloat16*>(base) + idx) = Pack<__nv_bfloat16>::pack(a, b);
-  } else {
-    *reinterpret_cast<std::uint32_t*>(static_cast<__half*>(base) + idx) = Pack<__half>::pack(a, b);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // dQ
 template <class T, int D, bool kHasPos>
@@ -188,7 +172,7 @@ __global__ void __launch_bounds__(BwdQTile<D>::kThreads, 1) flash_bwd_dq_kernel(
     const std::int64_t base = (q_start + row) * q_stride + static_cast<std::int64_t>(h) * D + (lane % 4) * 2;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      store_grad(p.dq, p.grad_dtype_q, p.dtype, p.accumulate, base + dt * 8, acc[dt][2 * r], acc[dt][2 * r + 1]);
+      store_grad_pair(p.dq, p.grad_dtype_q, p.accumulate, base + dt * 8, acc[dt][2 * r], acc[dt][2 * r + 1]);
   }
 }
 
@@ -225,17 +209,11 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wk = warp % 4, wh = warp / 4;
-  const int hk = blockIdx.y, b = blockIdx.z;
-  const int group = p.hq / p.hkv;
-  std::int64_t q_start, k_start;
-  int len_q, len_k;
-  seq_bounds(p.cu_q, b, p.tq, q_start, len_q);
-  seq_bounds(p.cu_k, b, p.tk, k_start, len_k);
-  const int n0 = blockIdx.x * kBN;
-  if (n0 >= len_k) return;
-  const int rows_k = min(kBN, len_k - n0);
-  const std::int64_t q_stride = static_cast<std::int64_t>(p.hq) * D, kv_stride = static_cast<std::int64_t>(p.hkv) * D;
-  const std::int64_t kv_off = (k_start + n0) * kv_stride + static_cast<std::int64_t>(hk) * D;
+  const KeyTile kt = key_tile<kBN, D>(p);
+  if (kt.empty()) return;
+  const std::int64_t q_start = kt.q_start, k_start = kt.k_start, q_stride = kt.q_stride, kv_stride = kt.kv_stride;
+  const int len_q = kt.len_q, len_k = kt.len_k, n0 = kt.n0, rows_k = kt.rows_k, hk = kt.hk, group = kt.group;
+  const std::int64_t kv_off = kt.kv_offset;
 
   int kmin, kmax;
   if (kHasPos && p.pos_k) {
@@ -468,8 +446,8 @@ __global__ void __launch_bounds__(BwdKVTile<D>::kThreads, 1) flash_bwd_dkdv_kern
       const std::int64_t base = (k_start + row) * kv_stride + static_cast<std::int64_t>(hk) * D + wh * kDD + (lane % 4) * 2;
 #pragma unroll
       for (int dt = 0; dt < kDD / 8; ++dt) {
-        store_grad(p.dk, p.grad_dtype_k, p.dtype, p.accumulate, base + dt * 8, dk[mt][dt][2 * r], dk[mt][dt][2 * r + 1]);
-        store_grad(p.dv, p.grad_dtype_v, p.dtype, p.accumulate, base + dt * 8, dv[mt][dt][2 * r], dv[mt][dt][2 * r + 1]);
+        store_grad_pair(p.dk, p.grad_dtype_k, p.accumulate, base + dt * 8, dk[mt][dt][2 * r], dk[mt][dt][2 * r + 1]);
+        store_grad_pair(p.dv, p.grad_dtype_v, p.accumulate, base + dt * 8, dv[mt][dt][2 * r], dv[mt][dt][2 * r + 1]);
       }
     }
 }

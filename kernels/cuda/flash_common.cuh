@@ -232,6 +232,50 @@ __device__ __forceinline__ QueryTile query_tile(const FlashParams& p) {
   return t;
 }
 
+// The key tile of one block of a kernel that owns key rows (the dK/dV kernels): block (x, kv head,
+// sequence); the sequence bounds, the tile's first key and key count, the GQA group size, and the
+// element offset of the tile's K/V rows. empty(): the tile starts past the sequence.
+struct KeyTile {
+  std::int64_t q_start, k_start;
+  int len_q, len_k, n0, rows_k, hk, group;
+  std::int64_t q_stride, kv_stride;  // elements between tokens
+  std::int64_t kv_offset;            // first K or V row of the tile
+  __device__ __forceinline__ bool empty() const { return n0 >= len_k; }
+};
+template <int BN, int D>
+__device__ __forceinline__ KeyTile key_tile(const FlashParams& p) {
+  KeyTile t;
+  t.hk = blockIdx.y;
+  const int b = blockIdx.z;
+  t.group = p.hq / p.hkv;
+  seq_bounds(p.cu_q, b, p.tq, t.q_start, t.len_q);
+  seq_bounds(p.cu_k, b, p.tk, t.k_start, t.len_k);
+  t.n0 = blockIdx.x * BN;
+  t.rows_k = min(BN, t.len_k - t.n0);
+  t.q_stride = static_cast<std::int64_t>(p.hq) * D;
+  t.kv_stride = static_cast<std::int64_t>(p.hkv) * D;
+  t.kv_offset = (t.k_start + t.n0) * t.kv_stride + static_cast<std::int64_t>(t.hk) * D;
+  return t;
+}
+
+// Two adjacent gradient values into a tensor of dtype t: fp32 (added to what is there when
+// accumulating) or 16-bit (written).
+__device__ __forceinline__ void store_grad_pair(void* base, DType t, bool acc, std::int64_t idx, float a, float b) {
+  if (t == DType::f32) {
+    float2* p = reinterpret_cast<float2*>(static_cast<float*>(base) + idx);
+    if (acc) {
+      const float2 old = *p;
+      a += old.x;
+      b += old.y;
+    }
+    *p = make_float2(a, b);
+  } else if (t == DType::bf16) {
+    *reinterpret_cast<std::uint32_t*>(static_cast<__nv_bfloat16*>(base) + idx) = Pack<__nv_bfloat16>::pack(a, b);
+  } else {
+    *reinterpret_cast<std::uint32_t*>(static_cast<__half*>(base) + idx) = Pack<__half>::pack(a, b);
+  }
+}
+
 template <class T>
 __device__ __forceinline__ void store_pair(void* base, DType t, std::int64_t idx, float a, float b) {
   if (t == DType::f32) {

@@ -51,6 +51,15 @@ void wgmma_tile_products(const void* q, const void* k, const void* v, float* s, 
 // dK/dV: one kernel owns each key block (summing the GQA group in order, no atomics). dQ: see
 // FlashParams::deterministic.
 void flash_backward(const FlashParams& p, cudaStream_t stream);
+// The Hopper wgmma backward (flash_bwd_wgmma.cu): head dim 128, bf16/fp16, no explicit positions,
+// atomic dQ (needs dq_accum; not the deterministic mode). Others: flash_backward.
+bool flash_backward_wgmma_supports(const FlashParams& p);
+void flash_backward_wgmma(const FlashParams& p, cudaStream_t stream);
+// Diagnostic for the GPU tests: the wgmma backward's three product forms on one tile (k [128][128],
+// q [64][128], ds_t [128][64] row-major): st = k q^T [128][64], dv = dtype(st) q [128][128],
+// dq = ds_t^T k [64][128], fp32 out.
+void wgmma_bwd_tile_products(const void* k, const void* q, const void* ds_t, float* st, float* dv, float* dq, DType dtype,
+                             cudaStream_t stream);
 
 // Element-wise helpers (elementwise.cu).
 void launch_merge_into(float* o_acc, float* lse_acc, const void* o_part, DType part_dtype, const float* lse_part,

@@ -1,8 +1,10 @@
-// Hopper warpgroup matrix multiply (wgmma.mma_async) for the forward kernel of
-// flash_fwd_wgmma.cu: shared-memory matrix descriptors for 128-byte-swizzled tiles, the fences and
-// group waits, and m64n128k16 products with fp32 accumulators (64 registers per thread), A from
-// shared memory (SS) or from registers (RS). sm_90a only (wgmma is an architecture-specific
-// feature); the operand lists are long because every accumulator register is an operand.
+// Hopper warpgroup matrix multiply (wgmma.mma_async) for the kernels of flash_fwd_wgmma.cu and
+// flash_bwd_wgmma.cu: 128-byte-swizzled shared-memory tiles (layout, cp.async loads, descriptors),
+// the fences and group waits, the accumulator layout, and the products with fp32 accumulators:
+// m64n128k16 (64 registers per thread) with A from shared memory (SS) or from registers (RS), and
+// m64n64k16 (32 registers) from shared memory, plain or with both operands transposed. sm_90a only
+// (wgmma is an architecture-specific feature); the operand lists are long because every
+// accumulator register is an operand.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,7 +12,62 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/flash_common.cuh"
+
 namespace longattn::kernels::cuda::wgmma {
+
+// Tiles of 16-bit elements, kD = 128 columns, stored the way wgmma reads them with the 128-byte
+// swizzle: the 128 columns as two blocks of 64 (128 bytes a row), 16-byte chunk c of row r at
+// chunk c ^ (r % 8), blocks 1024-byte aligned. A tile of 64-column rows (e.g. [keys][64 queries])
+// is one such block.
+constexpr int kD = 128;
+
+// Element offset of (row, 16-byte chunk) in a swizzled tile of ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ int sw128_offset(int row, int chunk) {
+  const int block = chunk / 8, c = chunk % 8;
+  return block * ROWS * 64 + row * 64 + ((c ^ (row & 7)) * 8);
+}
+
+// Rows [0, ROWS) of one head of a THD tensor into a swizzled tile, by THREADS threads; rows at or
+// past rows_valid are zero-filled (so the products see zeros, never stale data or NaN).
+template <int ROWS, int THREADS, class T>
+__device__ __forceinline__ void load_sw128(T* smem, const T* base, std::int64_t row_stride, int rows_valid, int tid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kTotal = ROWS * kChunks;
+  static_assert(kTotal % THREADS == 0, "whole passes of the block");
+#pragma unroll
+  for (int i = 0; i < kTotal / THREADS; ++i) {
+    const int idx = i * THREADS + tid;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = r < rows_valid;
+    const T* src = base + (valid ? static_cast<std::int64_t>(r) * row_stride : 0) + c * 8;
+    cp_async16(smem_addr(smem + sw128_offset<ROWS>(r, c)), src, valid);
+  }
+}
+
+// Start of the dynamic shared memory rounded up to 1024 bytes (the swizzle works in 1024-byte blocks).
+__device__ __forceinline__ unsigned char* smem_aligned_1024(unsigned char* raw) {
+  return raw + ((1024u - smem_addr(raw) % 1024u) % 1024u);
+}
+
+// Accumulator element i of a thread (m64nN layout, fp32): row inside its warpgroup's 64 rows and
+// column; the same numbers say where each score sits for the mask and each output for the store.
+__device__ __forceinline__ int acc_row(int i, int warp, int lane) { return warp * 16 + lane / 4 + 8 * ((i / 2) % 2); }
+__device__ __forceinline__ int acc_col(int i, int lane) { return 8 * (i / 4) + 2 * (lane % 4) + (i % 2); }
+
+// An accumulator of N columns (N / 2 floats) as the A fragments of a product whose K runs over
+// those columns: columns 16 kk .. 16 kk + 15 are the 8-column groups 2 kk and 2 kk + 1.
+template <class T, int N>
+__device__ __forceinline__ void pack_a_fragments(const float (&acc)[N / 2], std::uint32_t (&a)[N / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = Pack<T>::pack(acc[8 * kk], acc[8 * kk + 1]);
+    a[kk][1] = Pack<T>::pack(acc[8 * kk + 2], acc[8 * kk + 3]);
+    a[kk][2] = Pack<T>::pack(acc[8 * kk + 4], acc[8 * kk + 5]);
+    a[kk][3] = Pack<T>::pack(acc[8 * kk + 6], acc[8 * kk + 7]);
+  }
+}
 
 // Descriptor of a tile in shared memory with the 128-byte swizzle: start address, leading and
 // stride byte offsets (see the PTX ISA, "matrix descriptor"); all three in units of 16 bytes.
@@ -76,5 +133,28 @@ struct Mma64x128;
 LONGATTN_WGMMA_M64N128K16(__nv_bfloat16, "bf16")
 LONGATTN_WGMMA_M64N128K16(__half, "f16")
 #undef LONGATTN_WGMMA_M64N128K16
+
+template <class T>
+struct Mma64x64;
+
+// d (+)= A * B^T with A (64 x 16) and B (64 x 16) in shared memory: TRANS 0 both K-major, TRANS 1
+// both MN-major (A stored [K][M], B stored [K][N]; transposed by the instruction).
+#define LONGATTN_WGMMA_M64N64K16(T, PTX_TYPE)                                                                      \
+  template <>                                                                                                     \
+  struct Mma64x64<T> {                                                                                            \
+    template <int TRANS>                                                                                          \
+    static __device__ __forceinline__ void ss(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) { \
+      asm volatile(                                                                                               \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                            \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " "                                   \
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %35;\n}\n" \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+          : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS));                                               \
+    }                                                                                                             \
+  };
+
+LONGATTN_WGMMA_M64N64K16(__nv_bfloat16, "bf16")
+LONGATTN_WGMMA_M64N64K16(__half, "f16")
+#undef LONGATTN_WGMMA_M64N64K16
 
 }  // namespace longattn::kernels::cuda::wgmma

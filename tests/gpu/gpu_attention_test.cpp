@@ -2,8 +2,10 @@
 // forward and backward, odd and varlen sizes (empty and one-token sequences), head dims 64/128,
 // GQA/MQA, causal by explicit positions (ring-step views), bf16/fp16; outputs poisoned with NaN
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
-// bit-identical across runs. "cuda-wgmma" is the cuda backend with LONGATTN_CUDA_FWD_KERNEL=wgmma
-// (the Hopper warpgroup forward on the head-dim-128 shapes without positions).
+// bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
+// with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma) and "cuda-wgmma-bwd" with the
+// warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
+// positions (others fall back to mma.sync).
 #include <stdlib.h>
 
 #include <algorithm>
@@ -111,9 +113,10 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   LONGATTN_SKIP_WITHOUT_GPU();
   const auto& [param_name, c] = GetParam();
   const bool det = param_name == "cuda-deterministic";
-  const bool wgmma = param_name == "cuda-wgmma";
-  const std::string backend_name = wgmma ? std::string("cuda") : param_name;
-  ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma ? "wgmma" : "mma");
+  const bool wgmma_fwd = param_name == "cuda-wgmma", wgmma_bwd = param_name == "cuda-wgmma-bwd";
+  const std::string backend_name = wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
+  ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma_fwd ? "wgmma" : "mma");
+  ScopedEnv bwd_kernel("LONGATTN_CUDA_BWD_KERNEL", wgmma_bwd ? "wgmma" : "mma");
   const auto available = available_backends();
   if (!det && backend_name != "auto" && std::find(available.begin(), available.end(), backend_name) == available.end())
     GTEST_SKIP() << "backend " << backend_name << " is not available in this build/machine";
@@ -233,7 +236,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cudnn", "auto"), ::testing::ValuesIn(cases())),
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) {
                            std::string b = std::get<0>(tp.param);
                            std::replace(b.begin(), b.end(), '-', '_');
