@@ -99,7 +99,6 @@ struct RingAttention::Impl {
         blocks[static_cast<std::size_t>(r)] = partition::causal_step_blocks(mine.positions, s.positions);
       auto& m = meta[static_cast<std::size_t>(r)];
       m.tokens = s.tokens();
-      m.positions = upload(s.positions.data(), s.positions.size() * 4);
       m.cu_seqlens = upload(s.cu_seqlens.data(), s.cu_seqlens.size() * 4);
       for (int seq = 0; seq < plan.batch(); ++seq) {
         const auto lo = s.cu_seqlens[seq], hi = s.cu_seqlens[seq + 1];
@@ -115,6 +114,26 @@ struct RingAttention::Impl {
             break;
           }
     }
+    // Position arrays go to the device only for the steps that pass them to the kernels (causal
+    // steps not cut into plain blocks, see step_args): a single-sequence ring holds none, so no
+    // buffer grows with the whole sequence.
+    bool any = false;
+    for (int r = 0; r < world; ++r)
+      if (passes_positions(r)) {
+        const RankShard s = plan.shard(r);
+        meta[static_cast<std::size_t>(r)].positions = upload(s.positions.data(), s.positions.size() * 4);
+        any = true;
+      }
+    if (any && !meta[static_cast<std::size_t>(rank)].positions)
+      meta[static_cast<std::size_t>(rank)].positions = upload(mine.positions.data(), mine.positions.size() * 4);
+  }
+
+  // Whether the step that computes against rank src's shard hands positions to the kernels.
+  bool passes_positions(int src) const {
+    const auto& a = meta[static_cast<std::size_t>(rank)];
+    const auto& b = meta[static_cast<std::size_t>(src)];
+    const auto& plain = blocks[static_cast<std::size_t>(src)];
+    return opt.causal && src != rank && !(plain && !plain->empty()) && !(a.identity_positions && b.identity_positions);
   }
 
   std::unique_ptr<DeviceBuffer> upload(const void* src, std::size_t bytes) {

@@ -153,3 +153,81 @@ TEST(LocalRing, SingleSequenceStepsReachKernelsWithoutPositions) {
 
 }  // namespace
 }  // namespace longattn
+
+namespace longattn {
+namespace {
+
+// Counts what the ring runtime allocates through its backend (its workspaces): live bytes and
+// the peak. Kernel-internal scratch is the backend's own business and not counted.
+class CountingBackend final : public test::DelegatingBackend {
+ public:
+  CountingBackend() : DelegatingBackend(make_backend("cpu")) {}
+  std::size_t live = 0, peak = 0;
+  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override {
+    live += n;
+    peak = std::max(peak, live);
+    return std::make_unique<Counted>(inner_->allocate(n), *this);
+  }
+
+ private:
+  struct Counted final : DeviceBuffer {
+    Counted(std::unique_ptr<DeviceBuffer> b, CountingBackend& o) : inner(std::move(b)), owner(o) {}
+    ~Counted() override { owner.live -= inner->bytes(); }
+    void* data() override { return inner->data(); }
+    std::size_t bytes() const override { return inner->bytes(); }
+    std::unique_ptr<DeviceBuffer> inner;
+    CountingBackend& owner;
+  };
+};
+
+// A rank holds its own shard plus what is in flight, never anything of the full sequence's size:
+// with the same tokens per rank, the ring's workspaces are the same on 2 and 4 ranks (so the same
+// on a million tokens over many GPUs), within the budget the README documents (two KV shards in
+// flight, fp32 output and dQ accumulators, partial outputs, three fp32 [dK|dV] buffers of the
+// travelling shards, per-row statistics), and calling it again allocates nothing new.
+TEST(LocalRing, WorkspacesDependOnTheShardNotTheSequence) {
+  constexpr std::int64_t n = 96, hq = 4, hkv = 2, d = 16;  // tokens per rank
+  std::vector<std::size_t> peaks;
+  for (int ranks : {2, 4}) {
+    const auto plan = ShardPlan::single_sequence(n * ranks, Layout::zigzag, ranks);
+    std::vector<std::size_t> peak(static_cast<std::size_t>(ranks)), again(peak.size());
+    on_ranks(ranks, [&](Communicator& c) {
+      std::mt19937_64 rng(test::fresh_seed() + c.rank());
+      ASSERT_EQ(plan.local_tokens(c.rank()), n);
+      auto q = test::random_tensor(rng, DType::f32, {n, hq, d}), d_o = test::random_tensor(rng, DType::f32, {n, hq, d});
+      auto k = test::random_tensor(rng, DType::f32, {n, hkv, d}), v = test::random_tensor(rng, DType::f32, {n, hkv, d});
+      test::HostTensor o(DType::f32, {n, hq, d}), lse(DType::f32, {hq, n}), dq(DType::f32, {n, hq, d}),
+          dk(DType::f32, {n, hkv, d}), dv(DType::f32, {n, hkv, d});
+      auto backend = std::make_unique<CountingBackend>();
+      auto* counter = backend.get();
+      RingOptions opt;
+      opt.causal = true;
+      RingAttention ring(c, plan, opt, std::move(backend));
+      ring.forward(q.view, k.view, v.view, o.view, lse.view);
+      ring.backward(q.view, k.view, v.view, o.view, lse.view, d_o.view, dq.view, dk.view, dv.view);
+      peak[static_cast<std::size_t>(c.rank())] = counter->peak;
+      const std::size_t live = counter->live;
+      ring.forward(q.view, k.view, v.view, o.view, lse.view);
+      ring.backward(q.view, k.view, v.view, o.view, lse.view, d_o.view, dq.view, dk.view, dv.view);
+      again[static_cast<std::size_t>(c.rank())] = counter->live - live;
+    });
+    for (int r = 0; r < ranks; ++r) {
+      EXPECT_EQ(again[static_cast<std::size_t>(r)], 0u) << "a second call allocated more, rank " << r;
+      EXPECT_EQ(peak[static_cast<std::size_t>(r)], peak[0]) << ranks << " ranks, rank " << r;
+    }
+    peaks.push_back(peak[0]);
+  }
+  // Per-rank metadata (sequence offsets: a few bytes per rank) may differ; nothing per token may.
+  EXPECT_LE(peaks[1] - std::min(peaks[1], peaks[0]), 2 * 64u) << "workspaces grew with the sequence: " << peaks[0] << " -> " << peaks[1];
+  const std::size_t q_f32 = n * hq * d * 4, kv_f32 = n * hkv * d * 4, rows = n * hq * 4;
+  const std::size_t budget = 2 * (2 * kv_f32)  // two [k|v] shards in flight (fp32 inputs here)
+                             + 2 * q_f32       // fp32 output accumulator, partial output
+                             + q_f32           // fp32 dQ accumulator
+                             + 3 * (2 * kv_f32)  // [dK|dV] buffers: two outgoing, one incoming
+                             + 5 * rows          // lse / delta per row: partial, row copies, delta
+                             + 4096;             // positions, sequence offsets, rounding
+  EXPECT_LE(peaks[0], budget) << "the ring holds more than its shard plus the two in flight";
+}
+
+}  // namespace
+}  // namespace longattn
