@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/decode.hpp"
 #include "kernels/cuda/flash_params.hpp"
 
@@ -207,9 +208,7 @@ template <class T, int D, int R>
 void launch_split(const DecodeParams& p, cudaStream_t stream) {
   const int smem = (kWarps * R * D + 2 * kWarps * R) * static_cast<int>(sizeof(float));
   auto kernel = decode_split_kernel<T, D, R>;
-  LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<dim3(p.splits, p.hkv), kWarps * 32, smem, stream>>>(p);
-  LONGATTN_CUDA_CHECK_LAUNCH();
+  launch_with_smem(kernel, dim3(p.splits, p.hkv), kWarps * 32, smem, stream, p);
 }
 
 template <class T, int D>

@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_tiles.hpp"
 
@@ -463,9 +464,7 @@ void launch_bwd(const FlashParams& p, cudaStream_t stream) {
     if (grid.x > 0) {
       auto kernel = p.deterministic ? (pos ? flash_bwd_dkdv_kernel<T, D, true, false> : flash_bwd_dkdv_kernel<T, D, false, false>)
                                     : (pos ? flash_bwd_dkdv_kernel<T, D, true, true> : flash_bwd_dkdv_kernel<T, D, false, true>);
-      LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
-      LONGATTN_CUDA_CHECK_LAUNCH();
+      launch_with_smem(kernel, grid, Tile::kThreads, smem, stream, p);
     }
   }
   {
@@ -474,9 +473,7 @@ void launch_bwd(const FlashParams& p, cudaStream_t stream) {
     dim3 grid((p.max_len_q + Tile::kBM - 1) / Tile::kBM, p.hq, p.batch);
     if (grid.x > 0 && p.deterministic) {
       auto kernel = pos ? flash_bwd_dq_kernel<T, D, true> : flash_bwd_dq_kernel<T, D, false>;
-      LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
-      LONGATTN_CUDA_CHECK_LAUNCH();
+      launch_with_smem(kernel, grid, Tile::kThreads, smem, stream, p);
     }
   }
 }

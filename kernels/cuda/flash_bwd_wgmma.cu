@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_wgmma.cuh"
 
@@ -302,9 +303,7 @@ void launch(const FlashParams& p, cudaStream_t stream) {
   dim3 grid((p.max_len_k + kBN - 1) / kBN, p.hkv, p.batch);
   if (grid.x == 0) return;
   auto kernel = p.causal ? flash_bwd_wgmma_kernel<T, true> : flash_bwd_wgmma_kernel<T, false>;
-  LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  LONGATTN_CUDA_CHECK_LAUNCH();
+  launch_with_smem(kernel, grid, kThreads, kSmemBytes, stream, p);
 }
 
 }  // namespace
@@ -319,10 +318,8 @@ void wgmma_bwd_tile_products(const void* k, const void* q, const void* ds_t, flo
   constexpr int smem = (kBN + kBM) * kD * 2 + kBN * kBM * 2 + 1024;
   auto run = [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_bwd_tile_products_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    wgmma_bwd_tile_products_kernel<T><<<1, kThreads, smem, stream>>>(static_cast<const T*>(k), static_cast<const T*>(q),
-                                                                     static_cast<const T*>(ds_t), st, dv, dq);
-    LONGATTN_CUDA_CHECK_LAUNCH();
+    launch_with_smem(wgmma_bwd_tile_products_kernel<T>, dim3(1), kThreads, smem, stream, static_cast<const T*>(k),
+                     static_cast<const T*>(q), static_cast<const T*>(ds_t), st, dv, dq);
   };
   if (dtype == DType::bf16) run(static_cast<__nv_bfloat16*>(nullptr));
   else if (dtype == DType::f16) run(static_cast<__half*>(nullptr));

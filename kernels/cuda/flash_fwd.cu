@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_tiles.hpp"
 
@@ -222,9 +223,7 @@ void launch_fwd(const FlashParams& p, cudaStream_t stream) {
   dim3 grid((p.max_len_q + Tile::kBM - 1) / Tile::kBM, p.hq, p.batch);
   if (grid.x == 0) return;
   auto kernel = (p.pos_q || p.pos_k) ? flash_fwd_kernel<T, D, true> : flash_fwd_kernel<T, D, false>;
-  LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
-  LONGATTN_CUDA_CHECK_LAUNCH();
+  launch_with_smem(kernel, grid, Tile::kThreads, smem, stream, p);
 }
 
 }  // namespace

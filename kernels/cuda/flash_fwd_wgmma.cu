@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_wgmma.cuh"
 
@@ -250,9 +251,7 @@ void launch(const FlashParams& p, cudaStream_t stream) {
   dim3 grid((p.max_len_q + kBM - 1) / kBM, p.hq, p.batch);
   if (grid.x == 0) return;
   auto kernel = p.causal ? flash_fwd_wgmma_kernel<T, true> : flash_fwd_wgmma_kernel<T, false>;
-  LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
-  LONGATTN_CUDA_CHECK_LAUNCH();
+  launch_with_smem(kernel, grid, kThreads, kSmemBytes, stream, p);
 }
 
 }  // namespace
@@ -264,17 +263,14 @@ bool flash_forward_wgmma_supports(const FlashParams& p) {
 void wgmma_tile_products(const void* q, const void* k, const void* v, float* s, float* o, DType dtype, cudaStream_t stream) {
   constexpr int smem = (kBM + 2 * kBN) * kD * 2 + 1024;
   if (dtype == DType::bf16) {
-    LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_tile_products_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    wgmma_tile_products_kernel<__nv_bfloat16><<<1, kThreads, smem, stream>>>(static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k),
-                                                                             static_cast<const __nv_bfloat16*>(v), s, o);
+    launch_with_smem(wgmma_tile_products_kernel<__nv_bfloat16>, dim3(1), kThreads, smem, stream, static_cast<const __nv_bfloat16*>(q),
+                     static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v), s, o);
   } else if (dtype == DType::f16) {
-    LONGATTN_CUDA_CHECK(cudaFuncSetAttribute(wgmma_tile_products_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    wgmma_tile_products_kernel<__half><<<1, kThreads, smem, stream>>>(static_cast<const __half*>(q), static_cast<const __half*>(k),
-                                                                      static_cast<const __half*>(v), s, o);
+    launch_with_smem(wgmma_tile_products_kernel<__half>, dim3(1), kThreads, smem, stream, static_cast<const __half*>(q),
+                     static_cast<const __half*>(k), static_cast<const __half*>(v), s, o);
   } else {
     throw_unsupported("wgmma_tile_products: bf16 or fp16 only");
   }
-  LONGATTN_CUDA_CHECK_LAUNCH();
 }
 
 void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream) {
