@@ -20,7 +20,7 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_MPI_PROGRESS", "1", "1 = a thread drives MPI progress while transfers are pending (overlap on CPUs)"},
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
       {"LONGATTN_CUDA_FWD_KERNEL", "auto", "forward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions; other shapes fall back to mma)"},
-      {"LONGATTN_CUDA_BWD_KERNEL", "mma", "backward kernel of the cuda backend: mma (mma.sync, every shape), wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions, atomic dQ; others fall back to mma; experimental: not yet run on a GPU) or auto (wgmma on Hopper)"},
+      {"LONGATTN_CUDA_BWD_KERNEL", "auto", "backward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions, atomic dQ; other calls, deterministic mode included, fall back to mma)"},
       {"LONGATTN_DECODE_ISA", "auto", "highest instruction set of the CPU decode kernel: auto, generic, avx2, avx512, avx512_bf16 (for comparisons; auto = the best the CPU has)"},
   };
   return table;

@@ -2,8 +2,8 @@
 # On a GPU machine: configure and build the GPU targets, run the GPU tests, then the GPU kernel
 # benchmark and PyTorch's SDPA peer back to back; full logs under $OUT; a short side-by-side table
 # last. Usage: scripts/gpu-run.sh [quick|full|test|build|wgmma]   (quick: seq 8k/32k only; test: no
-# benchmarks; build: build only; wgmma: only the experimental wgmma forward's tests and its timing
-# against the mma.sync forward at 8k/32k, head dim 128, for quick iterations on that kernel). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
+# benchmarks; build: build only; wgmma: only the Hopper wgmma kernels' tests and their timing
+# against the mma.sync kernels at 8k/32k, head dim 128, for quick iterations on those kernels). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
 # kernels/cuda/flash_tiles.hpp) beside the default one.
 set -uo pipefail
 MODE=${1:-full}
@@ -13,8 +13,8 @@ gpu_build test_gpu longattn-bench ring_attention
 [ "$MODE" = build ] && exit 0
 
 if [ "$MODE" = wgmma ]; then
-  # The wgmma forward's tests, then the (experimental) wgmma backward's in a process of its own: a
-  # fault there must not take the forward's results with it.
+  # The wgmma forward's tests, then the wgmma backward's in a process of its own: a fault there
+  # must not take the forward's results with it.
   timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaTile*:*cuda_wgmma*:GpuBackend.Unknown*-*cuda_wgmma_bwd*' \
     > "$OUT/test_gpu_wgmma.log" 2>&1
   wgmma_rc=$?
@@ -51,7 +51,7 @@ def f(pair):
 for key in sorted(set(mma) | set(wg)):
     print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {f(mma.get(key))} | {f(wg.get(key))} | {f(flash.get(key))} | {f(cudnn.get(key))} |")
 PY
-  echo "test_gpu (cuda_wgmma forward) exit code: $wgmma_rc; (cuda_wgmma_bwd, experimental) exit code: $wgmma_bwd_rc"
+  echo "test_gpu (cuda_wgmma forward) exit code: $wgmma_rc; (cuda_wgmma_bwd) exit code: $wgmma_bwd_rc"
   exit $(( wgmma_rc || wgmma_bwd_rc ))
 fi
 
@@ -59,26 +59,33 @@ fi
 test_rc=$?
 grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu.log" | head -40
 echo "test_gpu exit code: $test_rc"
-# The experimental wgmma forward in a process of its own, under a time limit: a fault there must
+# The wgmma kernels' cases in a process of their own, under a time limit: a fault there must
 # not poison the CUDA context of the other tests, nor a hang eat the device time.
 timeout 240 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaTile*:*WgmmaBwdTile*:*cuda_wgmma*' > "$OUT/test_gpu_wgmma.log" 2>&1
 wgmma_rc=$?
 grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -20
-echo "test_gpu (cuda_wgmma, experimental) exit code: $wgmma_rc"
-# The distributed job end to end on this one GPU (NCCL ring of one rank, cuda backend).
+echo "test_gpu (cuda_wgmma) exit code: $wgmma_rc"
+test_rc=$(( test_rc || wgmma_rc ))
+# The distributed job end to end on this one GPU (NCCL ring of one rank).
+# Both the auto backend (cuDNN here) and the own kernels (on Hopper: the wgmma forward and backward).
 if [ -x "$BUILD/bin/ring_attention" ]; then
-  mpirun --allow-run-as-root -np 1 "$BUILD/bin/ring_attention" --device cuda --backend auto --seq-len 4096 --heads 8 \
-    --kv-heads 2 --head-dim 128 --causal --backward --check > "$OUT/ring_attention.log" 2>&1
-  echo "ring_attention --device cuda --backend auto (1 rank) exit code: $?"; grep -E "RESULT|error|check" "$OUT/ring_attention.log" | tail -3 | cut -c1-400
+  for backend in auto cuda; do
+    mpirun --allow-run-as-root -np 1 "$BUILD/bin/ring_attention" --device cuda --backend $backend --seq-len 4096 --heads 8 \
+      --kv-heads 2 --head-dim 128 --causal --backward --check > "$OUT/ring_attention_$backend.log" 2>&1
+    ring_rc=$?
+    echo "ring_attention --device cuda --backend $backend (1 rank) exit code: $ring_rc"
+    grep -E "RESULT|error|check" "$OUT/ring_attention_$backend.log" | tail -3 | cut -c1-400
+    test_rc=$(( test_rc || ring_rc ))
+  done
 fi
 [ "$MODE" = test ] && exit $test_rc
 
 SEQS=8192,32768,131072
 [ "$MODE" = quick ] && SEQS=8192,32768
-# Column "ours cuda": the mma.sync forward (every shape); the wgmma forward gets its own column.
-LONGATTN_CUDA_FWD_KERNEL=mma "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS > "$OUT/bench_gpu_kernels.log" 2>&1
-# The Hopper wgmma forward (head dim 128; the default on Hopper) in its own column; backward is the mma one.
-LONGATTN_CUDA_FWD_KERNEL=wgmma timeout 300 "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS --dims 128 --backends cuda \
+# Column "ours cuda mma": the mma.sync kernels (every shape); the wgmma kernels get their own column.
+LONGATTN_CUDA_FWD_KERNEL=mma LONGATTN_CUDA_BWD_KERNEL=mma "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS > "$OUT/bench_gpu_kernels.log" 2>&1
+# The Hopper wgmma kernels (head dim 128; the default on Hopper) in their own column.
+LONGATTN_CUDA_FWD_KERNEL=wgmma LONGATTN_CUDA_BWD_KERNEL=wgmma timeout 300 "$BUILD/bin/longattn-bench" gpu-kernels --seqs $SEQS --dims 128 --backends cuda \
   > "$OUT/bench_gpu_kernels_wgmma.log" 2>&1
 PYTHONUNBUFFERED=1 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs $SEQS > "$OUT/bench_torch_sdpa.log" 2>&1
 
@@ -90,7 +97,7 @@ def result(path):
             return json.loads(line[7:])
     return {"attention": [], "decode": []}
 ours, torch, wgmma = result(sys.argv[1]), result(sys.argv[2]), result(sys.argv[3])
-cols = [("ours cuda mma fwd", ours, "cuda"), ("ours cuda wgmma fwd", wgmma, "cuda"), ("ours cudnn", ours, "cudnn"),
+cols = [("ours cuda mma", ours, "cuda"), ("ours cuda wgmma", wgmma, "cuda"), ("ours cudnn", ours, "cudnn"),
         ("torch flash", torch, "flash"), ("torch cudnn", torch, "cudnn")]
 def cell(res, be, seq, d, causal, key):
     for r in res["attention"]:

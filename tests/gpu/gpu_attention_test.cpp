@@ -306,22 +306,34 @@ TEST(GpuBackend, RefusesHostTensorsAndOtherHeadDims) {
   EXPECT_NE(backend->unsupported_reason(a).find("head_dim"), std::string::npos);
 }
 
-TEST(GpuBackend, UnknownForwardKernelNameIsRefusedWithTheChoices) {
+TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
   LONGATTN_SKIP_WITHOUT_GPU();
-  ScopedEnv bad("LONGATTN_CUDA_FWD_KERNEL", "wgmma2");
-  auto backend = make_backend("cuda", DeviceKind::cuda);
   std::mt19937_64 rng(test::fresh_seed());
   DeviceTensor x(test::random_tensor(rng, DType::bf16, {64, 2, 128}));
-  auto o = DeviceTensor::poisoned(DType::bf16, {64, 2, 128});
-  auto lse = DeviceTensor::poisoned(DType::f32, {2, 64});
+  DeviceTensor d_o(test::random_tensor(rng, DType::bf16, {64, 2, 128}));
   AttentionArgs a;
   a.q = a.k = a.v = x.view;
-  try {
-    backend->forward(a, {o.view, lse.view});
-    FAIL() << "an unknown kernel name was accepted";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
-    EXPECT_NE(std::string(e.what()).find("auto, mma, wgmma"), std::string::npos) << e.what();
+  for (const char* variable : {"LONGATTN_CUDA_FWD_KERNEL", "LONGATTN_CUDA_BWD_KERNEL"}) {
+    SCOPED_TRACE(variable);
+    ScopedEnv bad(variable, "wgmma2");
+    auto backend = make_backend("cuda", DeviceKind::cuda);
+    auto o = DeviceTensor::poisoned(DType::bf16, {64, 2, 128});
+    auto lse = DeviceTensor::poisoned(DType::f32, {2, 64});
+    auto dq = DeviceTensor::poisoned(DType::f32, {64, 2, 128});
+    auto dk = DeviceTensor::poisoned(DType::f32, {64, 2, 128});
+    auto dv = DeviceTensor::poisoned(DType::f32, {64, 2, 128});
+    try {
+      // The forward reads only its own variable; with the backward's set wrong it runs, and the
+      // backward is the call that must refuse.
+      backend->forward(a, {o.view, lse.view});
+      backend->backward(a, {o.view, lse.view, d_o.view, {}, dq.view, dk.view, dv.view, false});
+      GPU_OK(cudaDeviceSynchronize());
+      FAIL() << "an unknown kernel name was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(std::string(e.what()).find("auto, mma, wgmma"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(variable), std::string::npos) << e.what();
+    }
   }
 }
 
