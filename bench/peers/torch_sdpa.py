@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Peer for `longattn-bench gpu-kernels`: PyTorch's scaled_dot_product_attention with its flash and
 cuDNN backends on the same shapes (bf16, batch 1, 32 heads; seq 8k/32k/128k; causal and not; head
-dims 64/128), timed the same way (CUDA events after a warm-up, median), plus decode (1 query token,
+dims 64/128), timed the same way (CUDA events around ~20 ms of back-to-back calls after a warm-up,
+median over repeats of the time per call), plus decode (1 query token,
 32 q heads over 8 kv heads, 1M-token KV). Prints one line per shape and a final RESULT {json}."""
 import argparse
 import json
@@ -14,18 +15,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def median_ms(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def median_ms(fn, reps, batch_ms=20.0):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def per_call(calls):
         a.record()
-        fn()
+        for _ in range(calls):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        return a.elapsed_time(b) / calls
+
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    calls = min(1000, max(1, int(batch_ms / max(per_call(1), 1e-3))))
+    return statistics.median(per_call(calls) for _ in range(reps))
 
 
 def main():
