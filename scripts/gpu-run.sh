@@ -3,12 +3,48 @@
 # benchmark and PyTorch's SDPA peer back to back; full logs under $OUT; a short side-by-side table
 # last. Usage: scripts/gpu-run.sh [quick|full|test|build|wgmma]   (quick: seq 8k/32k only; test: no
 # benchmarks; build: build only; wgmma: only the Hopper wgmma kernels' tests and their timing
-# against the mma.sync kernels at 8k/32k, head dim 128, for quick iterations on those kernels). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
+# against the mma.sync kernels at 8k/32k, head dim 128, for quick iterations on those kernels;
+# cudnn-ab: the cudnn backend and PyTorch's cuDNN path alternately, ROUNDS times (default 4) at SEQS
+# (default 8192,32768), head dim 128, to tell a real gap from run-to-run spread). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
 # kernels/cuda/flash_tiles.hpp) beside the default one.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-/tmp/longattn-gpu-out}
 source "$(dirname "$0")/gpu-build-common.sh"
+if [ "$MODE" = cudnn-ab ]; then
+  gpu_build longattn-bench
+  AB_SEQS=${SEQS:-8192,32768}
+  for round in $(seq 1 "${ROUNDS:-4}"); do
+    "$BUILD/bin/longattn-bench" gpu-kernels --seqs "$AB_SEQS" --dims 128 --backends cudnn > "$OUT/ab_ours_$round.log" 2>&1
+    PYTHONUNBUFFERED=1 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs "$AB_SEQS" --dims 128 > "$OUT/ab_torch_$round.log" 2>&1
+  done
+  python3 - "$OUT" <<'PY' | tee "$OUT/table_cudnn_ab.md"
+import glob, json, statistics, sys
+def runs(pattern, backend):
+    out = {}
+    for path in sorted(glob.glob(f"{sys.argv[1]}/{pattern}")):
+        for line in open(path, errors="replace"):
+            if line.startswith("RESULT "):
+                for r in json.loads(line[7:])["attention"]:
+                    if r["backend"] == backend:
+                        for p in ("fwd", "bwd"):
+                            out.setdefault((r["seq"], r["causal"], p), []).append(r[f"{p}_tflops"])
+    return out
+ours, torch = runs("ab_ours_*.log", "cudnn"), runs("ab_torch_*.log", "cudnn")
+print("cudnn backend vs PyTorch cuDNN path, alternating runs, d128 bf16 32 heads: TFLOP/s median [min-max]")
+print("| seq | causal | pass | ours | torch cudnn | ratio of medians |")
+print("|---|---|---|---|---|---|")
+for key in sorted(ours):
+    a, b = ours[key], torch.get(key, [])
+    if not b:
+        continue
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {key[2]} | {ma:.0f} [{min(a):.0f}-{max(a):.0f}] | "
+          f"{mb:.0f} [{min(b):.0f}-{max(b):.0f}] | {ma / mb:.3f} |")
+PY
+  exit 0
+fi
+
 gpu_build test_gpu longattn-bench ring_attention
 [ "$MODE" = build ] && exit 0
 
