@@ -4,7 +4,7 @@
 # parallel; run the 1M-token forward+backward. Every step has a time limit (a hang costs minutes,
 # not the call); logs under $OUT, a short summary last.
 #   scripts/gpu-ring-run.sh [NP] [STAGE...]    stages: nccl check 1m wgmma bench peer (default: all but wgmma)
-# wgmma runs the experimental Hopper forward's GPU tests on GPU 0 (issue 3) while the machine is here.
+# wgmma runs the Hopper wgmma kernels' GPU tests on GPU 0 (issue 3) while the machine is here.
 set -uo pipefail
 NP=${1:-2}
 shift || true
@@ -39,7 +39,7 @@ if has wgmma; then
     > "$OUT/test_gpu_wgmma.log" 2>&1
   rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma.log" | head -30
-  note "test_gpu wgmma (experimental, GPU 0): exit $rc"
+  note "test_gpu wgmma (GPU 0): exit $rc"
 fi
 
 # Correctness: NP GPUs vs 1 GPU vs the CPU oracle, odd length, GQA, every layout, both head dims.

@@ -2,7 +2,7 @@
 // wgmma_tile_products): S = Q K^T through the swizzled loads, shared-memory descriptors and the
 // accumulator layout; O = P V through the register A fragments and the transposed V descriptor.
 // Against double-precision products of the same 16-bit inputs. When the cuda_wgmma attention cases
-// fail, these say which piece is wrong. WgmmaBwdTile does the same for the (experimental) wgmma
+// fail, these say which piece is wrong. WgmmaBwdTile does the same for the wgmma
 // backward's three product forms (wgmma_bwd_tile_products); it runs with the cuda_wgmma_bwd cases.
 #include <cmath>
 #include <vector>
