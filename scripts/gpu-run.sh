@@ -58,14 +58,16 @@ if [ "$MODE" = wgmma ]; then
   timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaBwdTile*:*cuda_wgmma_bwd*' > "$OUT/test_gpu_wgmma_bwd.log" 2>&1
   wgmma_bwd_rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma_bwd.log" | head -30
-  for k in mma wgmma; do
-    LONGATTN_CUDA_FWD_KERNEL=$k LONGATTN_CUDA_BWD_KERNEL=$k timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 \
-      --dims 128 --backends cuda > "$OUT/bench_fwd_$k.log" 2>&1
+  # mma.sync, then the wgmma kernels with each warpgroup schedule of the forward.
+  for k in mma wgmma-lockstep wgmma-pipeline wgmma-pingpong; do
+    schedule=lockstep; [ "$k" != mma ] && schedule=${k#wgmma-}
+    LONGATTN_CUDA_FWD_KERNEL=${k%%-*} LONGATTN_CUDA_BWD_KERNEL=${k%%-*} LONGATTN_CUDA_WGMMA_FWD_SCHEDULE=$schedule \
+      timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda > "$OUT/bench_$k.log" 2>&1
   done
   # PyTorch's flash and cuDNN backends on the same shapes in the same call (the own kernels' peers).
   PYTHONUNBUFFERED=1 timeout 150 python3 "$SRC/bench/peers/torch_sdpa.py" --seqs 8192,32768 --dims 128 \
     > "$OUT/bench_torch_sdpa.log" 2>&1
-  python3 - "$OUT/bench_fwd_mma.log" "$OUT/bench_fwd_wgmma.log" "$OUT/bench_torch_sdpa.log" <<'PY' | tee "$OUT/table_wgmma.md"
+  python3 - "$OUT" <<'PY' | tee "$OUT/table_wgmma.md"
 import json, sys
 def rows(path, backend=None):
     try:
@@ -76,16 +78,20 @@ def rows(path, backend=None):
     except OSError:
         pass
     return {}
-mma, wg = rows(sys.argv[1]), rows(sys.argv[2])
-flash, cudnn = rows(sys.argv[3], "flash"), rows(sys.argv[3], "cudnn")
-print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync vs own wgmma vs PyTorch flash / cuDNN")
-print("| seq | causal | mma | wgmma | torch flash | torch cudnn |")
-print("|---|---|---|---|---|---|")
+kinds = ["mma", "wgmma-lockstep", "wgmma-pipeline", "wgmma-pingpong"]
+ours = {k: rows(f"{sys.argv[1]}/bench_{k}.log") for k in kinds}
+torch = sys.argv[1] + "/bench_torch_sdpa.log"
+peers = {"torch flash": rows(torch, "flash"), "torch cudnn": rows(torch, "cudnn")}
+print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync, own wgmma (forward schedule: lockstep,")
+print("pipeline, pingpong; backward the same wgmma kernel) vs PyTorch flash / cuDNN")
+print("| seq | causal | " + " | ".join(kinds) + " | torch flash | torch cudnn |")
+print("|---|---|" + "---|" * (len(kinds) + 2))
 def f(pair):
     g = lambda x: f"{x:.0f}" if x else "-"
     return f"{g(pair[0])} / {g(pair[1])}" if pair else "-"
-for key in sorted(set(mma) | set(wg)):
-    print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | {f(mma.get(key))} | {f(wg.get(key))} | {f(flash.get(key))} | {f(cudnn.get(key))} |")
+for key in sorted(set().union(*[set(v) for v in ours.values()])):
+    cells = [f(ours[k].get(key)) for k in kinds] + [f(v.get(key)) for v in peers.values()]
+    print(f"| {key[0] // 1024}k | {'yes' if key[1] else 'no'} | " + " | ".join(cells) + " |")
 PY
   echo "test_gpu (cuda_wgmma forward) exit code: $wgmma_rc; (cuda_wgmma_bwd) exit code: $wgmma_bwd_rc"
   exit $(( wgmma_rc || wgmma_bwd_rc ))

@@ -48,6 +48,17 @@ bool wgmma_requested(const char* variable) {
   throw Error(ErrorCode::invalid_argument, fmt::format("{}={} is not one of auto, mma, wgmma", variable, want));
 }
 
+// LONGATTN_CUDA_WGMMA_FWD_SCHEDULE: how the wgmma forward's two warpgroups share the K/V stages
+// (flash_fwd_wgmma.cu says what each does).
+int wgmma_forward_schedule() {
+  const std::string want = env_string("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE");
+  if (want == "lockstep" || want.empty()) return 0;
+  if (want == "pipeline") return 1;
+  if (want == "pingpong") return 2;
+  throw Error(ErrorCode::invalid_argument,
+              fmt::format("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE={} is not one of lockstep, pipeline, pingpong", want));
+}
+
 std::string device_tensor_reason(const AttentionArgs& a) {
   for (const auto* t : {&a.q, &a.k, &a.v})
     if (t->device.kind != DeviceKind::cuda) return "tensors must be on a cuda device, got " + t->describe();
@@ -137,6 +148,7 @@ class CudaBackend final : public AttentionBackend {
     p.o_dtype = out.o.dtype;
     p.lse = out.lse.as<float>();
     if (wgmma_requested("LONGATTN_CUDA_FWD_KERNEL") && flash_forward_wgmma_supports(p)) {
+      p.wgmma_schedule = wgmma_forward_schedule();
       flash_forward_wgmma(p, static_cast<cudaStream_t>(a.stream));
     } else {
       flash_forward(p, static_cast<cudaStream_t>(a.stream));

@@ -27,8 +27,20 @@ using wgmma::kD;                // head dim 128
 constexpr int kBM = 128;       // query rows per block (2 warpgroups x 64)
 constexpr int kBN = 128;       // keys per tile
 constexpr int kThreads = 256;
-constexpr int kTileBytes = kBN * kD * 2;                        // one K or V tile (16-bit elements)
-constexpr int kSmemBytes = kBM * kD * 2 + 4 * kTileBytes + 1024;  // Q, 2 x K, 2 x V, alignment slack
+constexpr int kTileBytes = kBN * kD * 2;  // one K or V tile (16-bit elements)
+
+// How the two warpgroups share the K/V buffers (LONGATTN_CUDA_WGMMA_FWD_SCHEDULE):
+//   lockstep: two stages, a block-wide barrier per tile: both warpgroups run their softmax at the
+//             same time, and the tensor cores wait meanwhile;
+//   pipeline: three stages with full/empty mbarriers: a warpgroup waits only for the tile it needs
+//             and frees a stage on its own, so the two may drift up to a tile apart;
+//   pingpong: pipeline, and the warpgroups take turns on S = Q K^T (named barriers), so one's
+//             softmax runs while the other's product does.
+enum Schedule : int { kLockstep = 0, kPipeline = 1, kPingpong = 2 };
+constexpr int stages_of(int schedule) { return schedule == kLockstep ? 2 : 3; }
+constexpr int smem_bytes_of(int schedule) {  // Q, stages x (K, V), barriers, alignment slack
+  return kBM * kD * 2 + 2 * stages_of(schedule) * kTileBytes + 2 * stages_of(schedule) * 8 + 1024;
+}
 
 using wgmma::acc_col;
 using wgmma::acc_row;
@@ -80,13 +92,16 @@ __device__ __forceinline__ void pv_product(float (&o)[64], const std::uint32_t (
   wgmma::fence_registers(o);
 }
 
-template <class T, bool kCausal>
+template <class T, bool kCausal, int kSchedule>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = stages_of(kSchedule);
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_aligned_1024(smem_raw));
   T* sK0 = sQ + kBM * kD;
-  T* sV0 = sK0 + 2 * kBN * kD;  // buffers: sK0 + buf * kBN * kD, sV0 + buf * kBN * kD
+  T* sV0 = sK0 + kStages * kBN * kD;  // stages: sK0 + st * kBN * kD, sV0 + st * kBN * kD
+  // Pipelined schedules: full[st] at bars, empty[st] at bars + 8 kStages (bytes).
+  const std::uint32_t bars = smem_addr(sV0 + kStages * kBN * kD);
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const QueryTile qt = query_tile<kBM, kD>(p);  // longest causal rows first
@@ -102,18 +117,34 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
   if (kCausal) n_end = min(n_end, (m0 + rows_q - 1) / kBN + 1);
 
   auto load_kv = [&](int n) {
-    const int buf = n & 1;
+    const int st = n % kStages;
     const std::int64_t off = static_cast<std::int64_t>(n) * kBN * kv_stride;
-    load_sw128<kBN>(sK0 + buf * kBN * kD, kg + off, kv_stride, len_k - n * kBN, tid);
-    load_sw128<kBN>(sV0 + buf * kBN * kD, vg + off, kv_stride, len_k - n * kBN, tid);
+    load_sw128<kBN>(sK0 + st * kBN * kD, kg + off, kv_stride, len_k - n * kBN, tid);
+    load_sw128<kBN>(sV0 + st * kBN * kD, vg + off, kv_stride, len_k - n * kBN, tid);
   };
-  // Groups in flight at the top of iteration n: tile n's and tile n+1's (possibly empty), so
-  // waiting until one group is left means tile n has landed.
-  load_sw128<kBM>(sQ, qg, q_stride, rows_q, tid);
-  if (n_end > 0) load_kv(0);
-  cp_async_commit();
-  if (n_end > 1) load_kv(1);
-  cp_async_commit();
+  if constexpr (kSchedule == kLockstep) {
+    // Groups in flight at the top of iteration n: tile n's and tile n+1's (possibly empty), so
+    // waiting until one group is left means tile n has landed.
+    load_sw128<kBM>(sQ, qg, q_stride, rows_q, tid);
+    if (n_end > 0) load_kv(0);
+    cp_async_commit();
+    if (n_end > 1) load_kv(1);
+    cp_async_commit();
+  } else {
+    if (tid == 0) {
+      for (int st = 0; st < 2 * kStages; ++st) wgmma::mbarrier_init(bars + 8 * st, kThreads);
+      wgmma::mbarrier_init_fence();
+    }
+    __syncthreads();  // barriers initialized before anyone arrives
+    // Q's copies count toward tile 0's barrier (an arrive covers all of the thread's earlier copies).
+    load_sw128<kBM>(sQ, qg, q_stride, rows_q, tid);
+    for (int n = 0; n < min(n_end, 2); ++n) {
+      load_kv(n);
+      wgmma::cp_async_arrive(bars + 8 * n);
+    }
+    // Ping-pong: warpgroup 0 takes the first turn.
+    if (kSchedule == kPingpong && wg == 1 && n_end > 0) wgmma::named_barrier_arrive(1, kThreads);
+  }
 
   // This thread's rows (accumulator layout of m64nN): r_loc + 8 * half, r_loc = 16 warp + lane / 4
   // inside its warpgroup's 64; its columns in each 8-column group: 2 * (lane % 4) + {0, 1}.
@@ -126,14 +157,21 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
 
   const std::uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128;  // this warpgroup's 64 rows, column block 0
   for (int n = 0; n < n_end; ++n) {
-    const int buf = n & 1;
-    cp_async_wait<1>();
-    wgmma::fence_proxy_async();
-    __syncthreads();  // tile n (and Q) visible to every warpgroup
-    const std::uint32_t k_addr = smem_addr(sK0 + buf * kBN * kD), v_addr = smem_addr(sV0 + buf * kBN * kD);
+    const int stage = n % kStages;
+    if constexpr (kSchedule == kLockstep) {
+      cp_async_wait<1>();
+      wgmma::fence_proxy_async();
+      __syncthreads();  // tile n (and Q) visible to every warpgroup
+    } else {
+      wgmma::mbarrier_wait(bars + 8 * stage, (n / kStages) & 1);  // tile n (and Q) landed
+      wgmma::fence_proxy_async();
+    }
+    const std::uint32_t k_addr = smem_addr(sK0 + stage * kBN * kD), v_addr = smem_addr(sV0 + stage * kBN * kD);
 
     float s[64];
+    if constexpr (kSchedule == kPingpong) wgmma::named_barrier_sync(1 + wg, kThreads);  // my turn
     qk_product<T>(s, q_addr, k_addr);
+    if constexpr (kSchedule == kPingpong) wgmma::named_barrier_arrive(2 - wg, kThreads);  // the other's turn
 
     // Mask keys past the sequence (tail tile) and, on tiles that reach past this thread's first
     // row, keys after the row (causal by index).
@@ -186,11 +224,26 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
     pack_probabilities<T>(s, pa);
     pv_product<T>(o, pa, v_addr);
 
-    __syncthreads();  // both warpgroups are done with buffer `buf`
-    if (n + 2 < n_end) load_kv(n + 2);
-    cp_async_commit();
+    if constexpr (kSchedule == kLockstep) {
+      __syncthreads();  // both warpgroups are done with buffer `stage`
+      if (n + 2 < n_end) load_kv(n + 2);
+      cp_async_commit();
+    } else {
+      wgmma::mbarrier_arrive(bars + 8 * (kStages + stage));  // this thread is done with tile n
+      if (n + 2 < n_end) {
+        // Tile n + 2 goes where tile n - 1 was: wait until both warpgroups are done with it (the
+        // other may still be a tile behind), then copy and arrive on its full barrier.
+        const int st = (n + 2) % kStages;
+        if (n >= 1) wgmma::mbarrier_wait(bars + 8 * (kStages + st), ((n - 1) / kStages) & 1);
+        load_kv(n + 2);
+        wgmma::cp_async_arrive(bars + 8 * st);
+      }
+    }
   }
-  cp_async_wait<0>();
+  // Ping-pong: warpgroup 0 takes the last turn warpgroup 1 handed it, so no arrival is left over.
+  if (kSchedule == kPingpong && wg == 0 && n_end > 0) wgmma::named_barrier_sync(1, kThreads);
+  if constexpr (kSchedule == kLockstep) cp_async_wait<0>();
+  else asm volatile("cp.async.wait_all;\n" ::: "memory");
 
   // Epilogue: finish the row sums across the quad, normalize, write o and lse.
 #pragma unroll
@@ -246,12 +299,20 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_tile_products_kernel(const 
 #endif
 }
 
-template <class T>
+template <class T, int kSchedule>
 void launch(const FlashParams& p, cudaStream_t stream) {
   dim3 grid((p.max_len_q + kBM - 1) / kBM, p.hq, p.batch);
   if (grid.x == 0) return;
-  auto kernel = p.causal ? flash_fwd_wgmma_kernel<T, true> : flash_fwd_wgmma_kernel<T, false>;
-  launch_with_smem(kernel, grid, kThreads, kSmemBytes, stream, p);
+  auto kernel = p.causal ? flash_fwd_wgmma_kernel<T, true, kSchedule> : flash_fwd_wgmma_kernel<T, false, kSchedule>;
+  launch_with_smem(kernel, grid, kThreads, smem_bytes_of(kSchedule), stream, p);
+}
+template <class T>
+void launch(const FlashParams& p, cudaStream_t stream) {
+  switch (p.wgmma_schedule) {
+    case kPipeline: launch<T, kPipeline>(p, stream); break;
+    case kPingpong: launch<T, kPingpong>(p, stream); break;
+    default: launch<T, kLockstep>(p, stream); break;
+  }
 }
 
 }  // namespace

@@ -82,6 +82,38 @@ __device__ __forceinline__ std::uint64_t desc_sw128(std::uint32_t smem_address, 
 // Orders the generic-proxy writes to shared memory (cp.async, st.shared) before async-proxy reads
 // by wgmma; each thread runs it after its own writes, before the barrier that publishes them.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Shared-memory barriers (mbarrier) for pipelines in which the two warpgroups need not run in
+// lockstep: a stage is "full" once every thread's copies into it have landed (each thread's
+// cp.async arrive, count = block size) and "empty" once every thread is done reading it.
+__device__ __forceinline__ void mbarrier_init(std::uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed (no extra pending
+// count: the barrier's expected count includes this arrival).
+__device__ __forceinline__ void cp_async_arrive(std::uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(std::uint32_t bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void mbarrier_wait(std::uint32_t bar, std::uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @done bra DONE;\n bra WAIT;\n"
+      " DONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Named barriers between warpgroups: sync waits for `threads` arrivals (its own included), arrive
+// only counts in.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>

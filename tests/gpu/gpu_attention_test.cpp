@@ -3,7 +3,8 @@
 // GQA/MQA, causal by explicit positions (ring-step views), bf16/fp16; outputs poisoned with NaN
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
 // bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
-// with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma) and "cuda-wgmma-bwd" with the
+// with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma), "cuda-wgmma-pipeline" and
+// "cuda-wgmma-pingpong" the same with its other warpgroup schedules, and "cuda-wgmma-bwd" with the
 // warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
 // positions (others fall back to mma.sync).
 #include <stdlib.h>
@@ -113,7 +114,11 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   LONGATTN_SKIP_WITHOUT_GPU();
   const auto& [param_name, c] = GetParam();
   const bool det = param_name == "cuda-deterministic";
-  const bool wgmma_fwd = param_name == "cuda-wgmma", wgmma_bwd = param_name == "cuda-wgmma-bwd";
+  const bool wgmma_bwd = param_name == "cuda-wgmma-bwd";
+  const bool wgmma_fwd = !wgmma_bwd && param_name.rfind("cuda-wgmma", 0) == 0;
+  ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-pipeline"   ? "pipeline"
+                                                         : param_name == "cuda-wgmma-pingpong" ? "pingpong"
+                                                                                               : "lockstep");
   const std::string backend_name = wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
   ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma_fwd ? "wgmma" : "mma");
   ScopedEnv bwd_kernel("LONGATTN_CUDA_BWD_KERNEL", wgmma_bwd ? "wgmma" : "mma");
@@ -229,6 +234,7 @@ std::vector<Case> cases() {
   out.push_back({3, 290, 4, 2, 128, true, DType::bf16, Pos::offset, 450});  // bottom-right causal via positions
   out.push_back({4, 150, 4, 4, 64, false, DType::f16, Pos::shifted});       // positions without causal
   out.push_back({2, 700, 2, 1, 128, true, DType::bf16, Pos::none});          // many tiles
+  out.push_back({1, 1700, 2, 2, 128, false, DType::bf16, Pos::none});        // 14 key tiles: pipeline stages wrap twice
   out.push_back({4, 333, 8, 2, 128, true, DType::bf16, Pos::none});          // varlen causal by index (cuDNN ragged)
   out.push_back({3, 257, 4, 4, 64, false, DType::f16, Pos::none, 190});      // varlen, keys and queries differ
   out.push_back({3, 257, 4, 2, 128, true, DType::f16, Pos::none, 390});      // varlen causal, more keys than queries
@@ -236,7 +242,8 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-pipeline", "cuda-wgmma-pingpong",
+                                                              "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) {
                            std::string b = std::get<0>(tp.param);
                            std::replace(b.begin(), b.end(), '-', '_');
@@ -313,9 +320,21 @@ TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
   DeviceTensor d_o(test::random_tensor(rng, DType::bf16, {64, 2, 128}));
   AttentionArgs a;
   a.q = a.k = a.v = x.view;
-  for (const char* variable : {"LONGATTN_CUDA_FWD_KERNEL", "LONGATTN_CUDA_BWD_KERNEL"}) {
+  struct Knob {
+    const char* variable;
+    const char* choices;
+  };
+  for (const auto& [variable, choices] : {Knob{"LONGATTN_CUDA_FWD_KERNEL", "auto, mma, wgmma"}, Knob{"LONGATTN_CUDA_BWD_KERNEL", "auto, mma, wgmma"},
+                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "lockstep, pipeline, pingpong"}}) {
     SCOPED_TRACE(variable);
     ScopedEnv bad(variable, "wgmma2");
+    // The schedule is read when the wgmma forward runs: pin it (a non-Hopper GPU skips that case).
+    const bool schedule = std::string(variable) == "LONGATTN_CUDA_WGMMA_FWD_SCHEDULE";
+    ScopedEnv fwd("LONGATTN_CUDA_FWD_KERNEL", schedule ? "wgmma" : getenv("LONGATTN_CUDA_FWD_KERNEL"));
+    int device = 0, major = 0;
+    GPU_OK(cudaGetDevice(&device));
+    GPU_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (schedule && major != 9) continue;
     auto backend = make_backend("cuda", DeviceKind::cuda);
     auto o = DeviceTensor::poisoned(DType::bf16, {64, 2, 128});
     auto lse = DeviceTensor::poisoned(DType::f32, {2, 64});
@@ -331,7 +350,7 @@ TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
       FAIL() << "an unknown kernel name was accepted";
     } catch (const Error& e) {
       EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
-      EXPECT_NE(std::string(e.what()).find("auto, mma, wgmma"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(choices), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find(variable), std::string::npos) << e.what();
     }
   }
