@@ -3,8 +3,9 @@
 // GQA/MQA, causal by explicit positions (ring-step views), bf16/fp16; outputs poisoned with NaN
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
 // bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
-// with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma), "cuda-wgmma-pipeline" and
-// "cuda-wgmma-pingpong" the same with its other warpgroup schedules, and "cuda-wgmma-bwd" with the
+// with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma, its default pipeline schedule),
+// "cuda-wgmma-lockstep" and "cuda-wgmma-pingpong" the same with its other warpgroup schedules, and
+// "cuda-wgmma-bwd" with the
 // warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
 // positions (others fall back to mma.sync).
 #include <stdlib.h>
@@ -116,9 +117,9 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   const bool det = param_name == "cuda-deterministic";
   const bool wgmma_bwd = param_name == "cuda-wgmma-bwd";
   const bool wgmma_fwd = !wgmma_bwd && param_name.rfind("cuda-wgmma", 0) == 0;
-  ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-pipeline"   ? "pipeline"
+  ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-lockstep"   ? "lockstep"
                                                          : param_name == "cuda-wgmma-pingpong" ? "pingpong"
-                                                                                               : "lockstep");
+                                                                                               : "pipeline");
   const std::string backend_name = wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
   ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma_fwd ? "wgmma" : "mma");
   ScopedEnv bwd_kernel("LONGATTN_CUDA_BWD_KERNEL", wgmma_bwd ? "wgmma" : "mma");
@@ -242,7 +243,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-pipeline", "cuda-wgmma-pingpong",
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-lockstep", "cuda-wgmma-pingpong",
                                                               "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) {
                            std::string b = std::get<0>(tp.param);
