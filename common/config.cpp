@@ -22,7 +22,6 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_CUDA_FWD_KERNEL", "auto", "forward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions; other shapes fall back to mma)"},
       {"LONGATTN_CUDA_BWD_KERNEL", "auto", "backward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions, atomic dQ; other calls, deterministic mode included, fall back to mma)"},
       {"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "pipeline", "how the wgmma forward's two warpgroups share K/V tiles: pipeline (three stages with per-stage barriers, warpgroups drift apart; the fastest), lockstep (two stages, a block barrier per tile) or pingpong (pipeline, warpgroups take turns on the QK product)"},
-      {"LONGATTN_CUDA_WGMMA_BWD_SCHEDULE", "lockstep", "how the wgmma backward's two warpgroups share a query tile: lockstep (block barriers per tile; dQ column blocks over all keys) or pipeline (three Q/dO stages with per-stage barriers, each warpgroup adds the dQ of its own keys)"},
       {"LONGATTN_DECODE_ISA", "auto", "highest instruction set of the CPU decode kernel: auto, generic, avx2, avx512, avx512_bf16 (for comparisons; auto = the best the CPU has)"},
   };
   return table;

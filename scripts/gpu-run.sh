@@ -58,11 +58,10 @@ if [ "$MODE" = wgmma ]; then
   timeout 180 "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter='*WgmmaBwdTile*:*cuda_wgmma_bwd*' > "$OUT/test_gpu_wgmma_bwd.log" 2>&1
   wgmma_bwd_rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma_bwd.log" | head -30
-  # mma.sync, then the wgmma kernels, the backward with each of its warpgroup schedules (the
-  # forward's schedules: LONGATTN_CUDA_WGMMA_FWD_SCHEDULE, compared in bench/results/gpu_wgmma_*).
-  for k in mma wgmma wgmma-bwd-pipeline; do
-    bwd_schedule=lockstep; [ "$k" = wgmma-bwd-pipeline ] && bwd_schedule=pipeline
-    LONGATTN_CUDA_FWD_KERNEL=${k%%-*} LONGATTN_CUDA_BWD_KERNEL=${k%%-*} LONGATTN_CUDA_WGMMA_BWD_SCHEDULE=$bwd_schedule \
+  # mma.sync, then the wgmma kernels with each warpgroup schedule of the forward.
+  for k in mma wgmma-lockstep wgmma-pipeline wgmma-pingpong; do
+    schedule=lockstep; [ "$k" != mma ] && schedule=${k#wgmma-}
+    LONGATTN_CUDA_FWD_KERNEL=${k%%-*} LONGATTN_CUDA_BWD_KERNEL=${k%%-*} LONGATTN_CUDA_WGMMA_FWD_SCHEDULE=$schedule \
       timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda > "$OUT/bench_$k.log" 2>&1
   done
   # PyTorch's flash and cuDNN backends on the same shapes in the same call (the own kernels' peers).
@@ -79,12 +78,12 @@ def rows(path, backend=None):
     except OSError:
         pass
     return {}
-kinds = ["mma", "wgmma", "wgmma-bwd-pipeline"]
+kinds = ["mma", "wgmma-lockstep", "wgmma-pipeline", "wgmma-pingpong"]
 ours = {k: rows(f"{sys.argv[1]}/bench_{k}.log") for k in kinds}
 torch = sys.argv[1] + "/bench_torch_sdpa.log"
 peers = {"torch flash": rows(torch, "flash"), "torch cudnn": rows(torch, "cudnn")}
-print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync, own wgmma (backward schedule lockstep,")
-print("then pipeline) vs PyTorch flash / cuDNN")
+print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync, own wgmma (forward schedule: lockstep,")
+print("pipeline, pingpong; backward the same wgmma kernel) vs PyTorch flash / cuDNN")
 print("| seq | causal | " + " | ".join(kinds) + " | torch flash | torch cudnn |")
 print("|---|---|" + "---|" * (len(kinds) + 2))
 def f(pair):

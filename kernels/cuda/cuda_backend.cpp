@@ -60,15 +60,6 @@ int wgmma_forward_schedule() {
               fmt::format("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE={} is not one of lockstep, pipeline, pingpong", want));
 }
 
-// LONGATTN_CUDA_WGMMA_BWD_SCHEDULE: the same for the wgmma backward (flash_bwd_wgmma.cu).
-int wgmma_backward_schedule() {
-  const std::string want = env_string("LONGATTN_CUDA_WGMMA_BWD_SCHEDULE");
-  if (want == "lockstep" || want.empty()) return 0;
-  if (want == "pipeline") return 1;
-  throw Error(ErrorCode::invalid_argument,
-              fmt::format("LONGATTN_CUDA_WGMMA_BWD_SCHEDULE={} is not one of lockstep, pipeline", want));
-}
-
 std::string device_tensor_reason(const AttentionArgs& a) {
   for (const auto* t : {&a.q, &a.k, &a.v})
     if (t->device.kind != DeviceKind::cuda) return "tensors must be on a cuda device, got " + t->describe();
@@ -204,7 +195,6 @@ class CudaBackend final : public AttentionBackend {
       p.delta = g.delta.as<const float>();
     }
     if (wgmma_requested("LONGATTN_CUDA_BWD_KERNEL") && flash_backward_wgmma_supports(p)) {
-      p.wgmma_schedule = wgmma_backward_schedule();
       flash_backward_wgmma(p, st);
     } else {
       flash_backward(p, st);

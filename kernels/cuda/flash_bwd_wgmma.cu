@@ -14,7 +14,7 @@
 //   dS^T -> shared memory, then dQ (64 queries x 64 of the 128 columns, warpgroup w taking column
 //   block w) = dS K over all 128 keys    m64n64k16 with both operands transposed by the instruction,
 //   added into the fp32 dQ buffer with atomics.
-// Q and dO tiles arrive by cp.async ahead of use (schedules below). Tiles use the forward's
+// Q and dO tiles are double-buffered with cp.async one item ahead. Tiles use the forward's
 // 128-byte swizzle (flash_wgmma.cuh).
 //
 // The default backward on Hopper (LONGATTN_CUDA_BWD_KERNEL=auto). Checked against the reference by
@@ -39,6 +39,9 @@ using wgmma::sw128_offset;
 constexpr int kBN = 128;  // keys per block (2 warpgroups x 64)
 constexpr int kBM = 64;   // queries per step
 constexpr int kThreads = 256;
+// K, V (kBN x kD), Q and dO (2 buffers of kBM x kD), dS^T (kBN x kBM), lse and delta (2 x kBM
+// floats each), alignment slack.
+constexpr int kSmemBytes = 2 * kBN * kD * 2 + 4 * kBM * kD * 2 + kBN * kBM * 2 + 4 * kBM * 4 + 1024;
 
 template <int ROWS, class T>
 __device__ __forceinline__ void load_sw128(T* smem, const T* base, std::int64_t row_stride, int rows_valid, int tid) {
@@ -73,47 +76,26 @@ __device__ __forceinline__ void product_over_queries(float (&acc)[64], const std
 // swizzle block: rows of 64 queries), B = column block `cb` of the K tile [kBN keys][kD]; K runs
 // over the keys, both operands transposed by the instruction.
 template <class T>
-__device__ __forceinline__ void product_over_keys(float (&acc)[32], std::uint32_t ds_addr, std::uint32_t k_addr, int cb,
-                                                  int kk_begin = 0, int kk_end = kBN / 16) {
+__device__ __forceinline__ void product_over_keys(float (&acc)[32], std::uint32_t ds_addr, std::uint32_t k_addr, int cb) {
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) {
-    if (kk < kk_begin || kk >= kk_end) continue;
     const std::uint64_t da = wgmma::desc_sw128(ds_addr + kk * 16 * 128, kBN * 128, 1024);
     const std::uint64_t db = wgmma::desc_sw128(k_addr + cb * kBN * 128 + kk * 16 * 128, kBN * 128, 1024);
-    wgmma::Mma64x64<T>::template ss<1>(acc, da, db, kk > kk_begin ? 1 : 0);
+    wgmma::Mma64x64<T>::template ss<1>(acc, da, db, kk > 0 ? 1 : 0);
   }
 }
 
-// How the two warpgroups share the work of a query tile (LONGATTN_CUDA_WGMMA_BWD_SCHEDULE):
-//   lockstep: Q/dO double-buffered behind a block-wide barrier per tile, and a second one per tile
-//             so that each warpgroup's dQ block (64 of the 128 columns) sums over all 128 keys'
-//             dS^T: both warpgroups run their elementwise part at the same time;
-//   pipeline: three Q/dO stages behind full/empty mbarriers, and each warpgroup adds the dQ of its
-//             own 64 keys (all 128 columns, twice the atomics) from its own dS^T, so nothing ties
-//             the two together within a tile and one's elementwise part overlaps the other's
-//             products.
-template <bool kPipelined>
-struct BwdLayout {
-  static constexpr int kStages = kPipelined ? 3 : 2;
-  // K, V (kBN x kD), Q and dO (stages of kBM x kD), dS^T (kBN x kBM), lse and delta (stages x kBM
-  // floats each), barriers (full and empty per stage), alignment slack.
-  static constexpr int kBytes = 2 * kBN * kD * 2 + 2 * kStages * kBM * kD * 2 + kBN * kBM * 2 + 2 * kStages * kBM * 4 +
-                                2 * kStages * 8 + 1024;
-};
-
-template <class T, bool kCausal, bool kPipelined>
+template <class T, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1) flash_bwd_wgmma_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kStages = BwdLayout<kPipelined>::kStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(wgmma::smem_aligned_1024(smem_raw));
   T* sV = sK + kBN * kD;
-  T* sQ = sV + kBN * kD;               // stages of kBM x kD
-  T* sdO = sQ + kStages * kBM * kD;    // stages
-  T* sdS = sdO + kStages * kBM * kD;   // [kBN][kBM] dS^T of the step, one swizzle block
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // [stages][kBM]
-  float* sDelta = sLse + kStages * kBM;                     // [stages][kBM]
-  const std::uint32_t bars = smem_addr(sDelta + kStages * kBM);  // pipeline: full[st], then empty[st]
+  T* sQ = sV + kBN * kD;       // two buffers of kBM x kD
+  T* sdO = sQ + 2 * kBM * kD;  // two buffers
+  T* sdS = sdO + 2 * kBM * kD; // [kBN][kBM] dS^T of the step, one swizzle block
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // [2][kBM], log2 domain
+  float* sDelta = sLse + 2 * kBM;                           // [2][kBM]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const KeyTile kt = key_tile<kBN, kD>(p);
@@ -122,67 +104,33 @@ __global__ void __launch_bounds__(kThreads, 1) flash_bwd_wgmma_kernel(const Flas
   const int len_q = kt.len_q, len_k = kt.len_k, n0 = kt.n0, rows_k = kt.rows_k, hk = kt.hk, group = kt.group;
   const std::int64_t kv_off = kt.kv_offset;
 
-  // Items: (query head of the group, query tile), heads outer; query tiles all, or (causal) from
-  // the one holding query n0 on (earlier ones see none of these keys).
+  // Query tiles: all, or (causal) from the one holding query n0 on (earlier ones see none of these keys).
   const int t_end = (len_q + kBM - 1) / kBM;
   const int t_begin = kCausal ? min(t_end, n0 / kBM) : 0;
-  const int tiles = t_end - t_begin, items = group * tiles;
 
-  // Item cursors (head g of the group, query tile t), advanced in order; no divisions (registers).
-  struct Cursor {
-    int g, t;
-    __device__ void advance(int t_begin, int t_end) {
-      if (++t >= t_end) {
-        ++g;
-        t = t_begin;
-      }
-    }
-  };
-  auto load_item = [&](const Cursor& c, int st) {
-    const int g = c.g, t = c.t;
+  auto load_item = [&](int g, int t, int bf) {
     const int h = hk * group + g;
     const int m0 = t * kBM;
     const int rows = min(kBM, len_q - m0);
     const std::int64_t q_off = (q_start + m0) * q_stride + static_cast<std::int64_t>(h) * kD;
-    load_sw128<kBM>(sQ + st * kBM * kD, static_cast<const T*>(p.q) + q_off, q_stride, rows, tid);
-    load_sw128<kBM>(sdO + st * kBM * kD, static_cast<const T*>(p.d_o) + q_off, q_stride, rows, tid);
-    const std::int64_t li = static_cast<std::int64_t>(h) * p.tq + q_start + m0;
-    if constexpr (kPipelined) {
-      // Raw values by cp.async, so the stage's barrier covers them; padded rows read 0 (their Q
-      // and dO rows are zero, so they add nothing).
-      if (tid < kBM) cp_async4(smem_addr(sLse + st * kBM + tid), p.lse_in + li + (tid < rows ? tid : 0), tid < rows);
-      else if (tid < 2 * kBM)
-        cp_async4(smem_addr(sDelta + st * kBM + tid - kBM), p.delta + li + (tid - kBM < rows ? tid - kBM : 0), tid - kBM < rows);
-    } else if (tid < kBM) {
+    load_sw128<kBM>(sQ + bf * kBM * kD, static_cast<const T*>(p.q) + q_off, q_stride, rows, tid);
+    load_sw128<kBM>(sdO + bf * kBM * kD, static_cast<const T*>(p.d_o) + q_off, q_stride, rows, tid);
+    if (tid < kBM) {
       const bool in = tid < rows;
-      const float l = in ? p.lse_in[li + tid] : -INFINITY;
-      sLse[st * kBM + tid] = l == -INFINITY ? INFINITY : l * kLog2e;  // a row that saw nothing gets p = 0
-      sDelta[st * kBM + tid] = in ? p.delta[li + tid] : 0.0f;
+      const std::int64_t li = static_cast<std::int64_t>(h) * p.tq + q_start + m0 + tid;
+      const float l = in ? p.lse_in[li] : -INFINITY;
+      sLse[bf * kBM + tid] = l == -INFINITY ? INFINITY : l * kLog2e;  // a row that saw nothing gets p = 0
+      sDelta[bf * kBM + tid] = in ? p.delta[li] : 0.0f;
     }
   };
 
-  Cursor cur{0, t_begin}, next{0, t_begin};  // the item computed, the next one to load
-  if constexpr (kPipelined) {
-    if (tid == 0) {
-      for (int st = 0; st < 2 * kStages; ++st) wgmma::mbarrier_init(bars + 8 * st, kThreads);
-      wgmma::mbarrier_init_fence();
-    }
-    __syncthreads();  // barriers initialized before anyone arrives
-  }
   load_sw128<kBN>(sK, static_cast<const T*>(p.k) + kv_off, kv_stride, rows_k, tid);
   load_sw128<kBN>(sV, static_cast<const T*>(p.v) + kv_off, kv_stride, rows_k, tid);
-  if constexpr (kPipelined) {
-    // K and V count toward item 0's barrier (an arrive covers all of the thread's earlier copies).
-    for (int it = 0; it < min(items, 2); ++it) {
-      load_item(next, it);
-      next.advance(t_begin, t_end);
-      wgmma::cp_async_arrive(bars + 8 * it);
-    }
-  } else {
-    if (items > 0) load_item(next, 0);
-    next.advance(t_begin, t_end);
-    cp_async_commit();
-  }
+  // Items (query head of the group, query tile), heads outer.
+  int g = 0, t = t_begin;
+  if (t >= t_end) g = group;  // no query tile sees these keys
+  if (g < group) load_item(g, t, 0);
+  cp_async_commit();
 
   float dk[64], dv[64];
 #pragma unroll
@@ -191,24 +139,21 @@ __global__ void __launch_bounds__(kThreads, 1) flash_bwd_wgmma_kernel(const Flas
   const std::uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV), ds_addr = smem_addr(sdS);
   const std::uint32_t k_rows = k_addr + wg * 64 * 128, v_rows = v_addr + wg * 64 * 128;  // this warpgroup's 64 keys
 
-  for (int it = 0; it < items; ++it) {
-    const int stage = it % kStages;
-    if constexpr (kPipelined) {
-      wgmma::mbarrier_wait(bars + 8 * stage, (it / kStages) & 1);  // item it (and K, V) landed
-      wgmma::fence_proxy_async();
-    } else {
-      cp_async_wait<0>();
-      wgmma::fence_proxy_async();
-      __syncthreads();  // item it is in its buffer; every warpgroup is done with the other one and with sdS
-      if (it + 1 < items) load_item(next, (it + 1) % kStages);
-      next.advance(t_begin, t_end);
-      cp_async_commit();
+  int buf = 0;
+  while (g < group) {
+    cp_async_wait<0>();
+    wgmma::fence_proxy_async();
+    __syncthreads();  // item (g, t) is in buffer `buf`; every warpgroup is done with the other one and with sdS
+    int g2 = g, t2 = t + 1;
+    if (t2 >= t_end) {
+      ++g2;
+      t2 = t_begin;
     }
-    const int g = cur.g, t = cur.t;
-    cur.advance(t_begin, t_end);
-    const std::uint32_t q_addr = smem_addr(sQ + stage * kBM * kD), do_addr = smem_addr(sdO + stage * kBM * kD);
-    const float* cL = sLse + stage * kBM;
-    const float* cD = sDelta + stage * kBM;
+    if (g2 < group) load_item(g2, t2, buf ^ 1);
+    cp_async_commit();
+    const std::uint32_t q_addr = smem_addr(sQ + buf * kBM * kD), do_addr = smem_addr(sdO + buf * kBM * kD);
+    const float* cL = sLse + buf * kBM;
+    const float* cD = sDelta + buf * kBM;
     const int m0 = t * kBM;
 
     float s[32], dp[32];
@@ -227,9 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_bwd_wgmma_kernel(const Flas
       const int col = acc_col(i, lane);
       const int key = n0 + wg * 64 + acc_row(i, warp, lane);
       const bool visible = !(masked && key > m0 + col);
-      float lse2 = cL[col];
-      if constexpr (kPipelined) lse2 = lse2 == -INFINITY ? INFINITY : lse2 * kLog2e;  // a row that saw nothing gets p = 0
-      const float e = visible ? fast_exp2(fmaf(s[i], scale_log2, -lse2)) : 0.0f;
+      const float e = visible ? fast_exp2(fmaf(s[i], scale_log2, -cL[col])) : 0.0f;
       s[i] = e;
       dp[i] = e * (dp[i] - cD[col]) * p.scale;
     }
@@ -237,10 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_bwd_wgmma_kernel(const Flas
     wgmma::pack_a_fragments<T, kBM>(s, pa);
     wgmma::pack_a_fragments<T, kBM>(dp, dsa);
 
-    // This warpgroup's own 64 rows of dS^T to shared memory ([keys][queries], 32-bit stores of
-    // column pairs) for the dQ product. Pipelined: only this warpgroup reads them, and its
-    // previous item's dQ products are done once all its threads are here.
-    if constexpr (kPipelined) wgmma::named_barrier_sync(1 + wg, 128);
+    // dS^T to shared memory ([keys][queries], 32-bit stores of column pairs) for the dQ product.
 #pragma unroll
     for (int i = 0; i < 32; i += 2) {
       const int key = wg * 64 + acc_row(i, warp, lane), col = acc_col(i, lane);
@@ -255,54 +195,36 @@ __global__ void __launch_bounds__(kThreads, 1) flash_bwd_wgmma_kernel(const Flas
     wgmma::commit();
 
     wgmma::fence_proxy_async();
-    if constexpr (kPipelined) wgmma::named_barrier_sync(1 + wg, 128);  // this warpgroup's dS^T is staged
-    else __syncthreads();                                               // dS^T of all 128 keys is staged
-    const int h = hk * group + g;
-    // dQ: lockstep, column block wg over all 128 keys; pipeline, both column blocks over this
-    // warpgroup's 64 keys.
-    constexpr int kBlocks = kPipelined ? 2 : 1;
+    __syncthreads();  // dS^T of all 128 keys is staged
+    float dq[32];
+    wgmma::fence();
+    product_over_keys<T>(dq, ds_addr, k_addr, wg);
+    wgmma::commit();
+    wgmma::wait<0>();  // also retires the dV / dK group
+    wgmma::fence_registers(dq);
+    wgmma::fence_registers(dv);
+    wgmma::fence_registers(dk);
+    // The dV / dK products read pa / dsa from registers until the wait above: keep them alive
+    // (and their registers untouched, e.g. not reused for dq) until here.
 #pragma unroll
-    for (int b = 0; b < kBlocks; ++b) {
-      const int cb = kPipelined ? b : wg;
-      float dq[32];
-      wgmma::fence();
-      if constexpr (kPipelined) product_over_keys<T>(dq, ds_addr, k_addr, cb, 4 * wg, 4 * wg + 4);
-      else product_over_keys<T>(dq, ds_addr, k_addr, cb);
-      wgmma::commit();
-      wgmma::wait<0>();  // also retires the dV / dK group
-      wgmma::fence_registers(dq);
-      wgmma::fence_registers(dv);
-      wgmma::fence_registers(dk);
-      // The dV / dK products read pa / dsa from registers until the wait above: keep them alive
-      // (and their registers untouched, e.g. not reused for dq) until here.
-#pragma unroll
-      for (int kk = 0; kk < kBM / 16; ++kk) {
-        wgmma::fence_registers(pa[kk]);
-        wgmma::fence_registers(dsa[kk]);
-      }
-#pragma unroll
-      for (int i = 0; i < 32; i += 2) {
-        const int row = m0 + acc_row(i, warp, lane);
-        if (row >= len_q) continue;
-        float* dst = p.dq_accum + (q_start + row) * q_stride + static_cast<std::int64_t>(h) * kD + cb * 64 + acc_col(i, lane);
-        atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[i], dq[i + 1]));
-      }
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      wgmma::fence_registers(pa[kk]);
+      wgmma::fence_registers(dsa[kk]);
     }
 
-    if constexpr (kPipelined) {
-      wgmma::mbarrier_arrive(bars + 8 * (kStages + stage));  // this thread is done with item it
-      if (it + 2 < items) {
-        // Item it + 2 goes where item it - 1 was: wait until both warpgroups are done with it.
-        const int st = (it + 2) % kStages;
-        if (it >= 1) wgmma::mbarrier_wait(bars + 8 * (kStages + st), ((it - 1) / kStages) & 1);
-        load_item(next, st);
-        next.advance(t_begin, t_end);
-        wgmma::cp_async_arrive(bars + 8 * st);
-      }
+    const int h = hk * group + g;
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) {
+      const int row = m0 + acc_row(i, warp, lane);
+      if (row >= len_q) continue;
+      float* dst = p.dq_accum + (q_start + row) * q_stride + static_cast<std::int64_t>(h) * kD + wg * 64 + acc_col(i, lane);
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[i], dq[i + 1]));
     }
+    buf ^= 1;
+    g = g2;
+    t = t2;
   }
-  if constexpr (kPipelined) asm volatile("cp.async.wait_all;\n" ::: "memory");
-  else cp_async_wait<0>();
+  cp_async_wait<0>();
 
   // This warpgroup's 64 keys of dK (times the softmax scale, folded into dS above) and dV.
 #pragma unroll
@@ -376,17 +298,12 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_bwd_tile_products_kernel(co
 #endif
 }
 
-template <class T, bool kPipelined>
+template <class T>
 void launch(const FlashParams& p, cudaStream_t stream) {
   dim3 grid((p.max_len_k + kBN - 1) / kBN, p.hkv, p.batch);
   if (grid.x == 0) return;
-  auto kernel = p.causal ? flash_bwd_wgmma_kernel<T, true, kPipelined> : flash_bwd_wgmma_kernel<T, false, kPipelined>;
-  launch_with_smem(kernel, grid, kThreads, BwdLayout<kPipelined>::kBytes, stream, p);
-}
-template <class T>
-void launch(const FlashParams& p, cudaStream_t stream) {
-  if (p.wgmma_schedule == 1) launch<T, true>(p, stream);
-  else launch<T, false>(p, stream);
+  auto kernel = p.causal ? flash_bwd_wgmma_kernel<T, true> : flash_bwd_wgmma_kernel<T, false>;
+  launch_with_smem(kernel, grid, kThreads, kSmemBytes, stream, p);
 }
 
 }  // namespace

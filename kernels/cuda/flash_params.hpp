@@ -26,8 +26,7 @@ struct FlashParams {
   void* o = nullptr;  // [Tq, Hq, D]
   DType o_dtype = DType::bf16;
   float* lse = nullptr;  // [Hq, Tq]
-  // Warpgroup schedule of the wgmma kernels: 0 lockstep, 1 pipeline, 2 pingpong (forward only).
-  int wgmma_schedule = 0;
+  int wgmma_schedule = 1;  // the wgmma forward's warpgroup schedule: 0 lockstep, 1 pipeline, 2 pingpong
 
   // backward
   const void* d_o = nullptr;    // [Tq, Hq, D], dtype of the call

@@ -5,7 +5,7 @@
 // bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
 // with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma, its default pipeline schedule),
 // "cuda-wgmma-lockstep" and "cuda-wgmma-pingpong" the same with its other warpgroup schedules, and
-// "cuda-wgmma-bwd" ("cuda-wgmma-bwd-pipeline": its pipeline schedule) with the
+// "cuda-wgmma-bwd" with the
 // warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
 // positions (others fall back to mma.sync).
 #include <stdlib.h>
@@ -115,8 +115,7 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   LONGATTN_SKIP_WITHOUT_GPU();
   const auto& [param_name, c] = GetParam();
   const bool det = param_name == "cuda-deterministic";
-  const bool wgmma_bwd = param_name.rfind("cuda-wgmma-bwd", 0) == 0;
-  ScopedEnv bwd_schedule("LONGATTN_CUDA_WGMMA_BWD_SCHEDULE", param_name == "cuda-wgmma-bwd-pipeline" ? "pipeline" : "lockstep");
+  const bool wgmma_bwd = param_name == "cuda-wgmma-bwd";
   const bool wgmma_fwd = !wgmma_bwd && param_name.rfind("cuda-wgmma", 0) == 0;
   ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-lockstep"   ? "lockstep"
                                                          : param_name == "cuda-wgmma-pingpong" ? "pingpong"
@@ -245,7 +244,7 @@ std::vector<Case> cases() {
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
                          ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-lockstep", "cuda-wgmma-pingpong",
-                                                              "cuda-wgmma-bwd", "cuda-wgmma-bwd-pipeline", "cudnn", "auto"), ::testing::ValuesIn(cases())),
+                                                              "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) {
                            std::string b = std::get<0>(tp.param);
                            std::replace(b.begin(), b.end(), '-', '_');
@@ -327,14 +326,12 @@ TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
     const char* choices;
   };
   for (const auto& [variable, choices] : {Knob{"LONGATTN_CUDA_FWD_KERNEL", "auto, mma, wgmma"}, Knob{"LONGATTN_CUDA_BWD_KERNEL", "auto, mma, wgmma"},
-                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "lockstep, pipeline, pingpong"},
-                                          Knob{"LONGATTN_CUDA_WGMMA_BWD_SCHEDULE", "lockstep, pipeline"}}) {
+                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "lockstep, pipeline, pingpong"}}) {
     SCOPED_TRACE(variable);
     ScopedEnv bad(variable, "wgmma2");
-    // A schedule is read when its wgmma kernel runs: pin those (a non-Hopper GPU skips these cases).
-    const bool schedule = std::string(variable).find("SCHEDULE") != std::string::npos;
+    // The schedule is read when the wgmma forward runs: pin it (a non-Hopper GPU skips that case).
+    const bool schedule = std::string(variable) == "LONGATTN_CUDA_WGMMA_FWD_SCHEDULE";
     ScopedEnv fwd("LONGATTN_CUDA_FWD_KERNEL", schedule ? "wgmma" : getenv("LONGATTN_CUDA_FWD_KERNEL"));
-    ScopedEnv bwd("LONGATTN_CUDA_BWD_KERNEL", schedule ? "wgmma" : getenv("LONGATTN_CUDA_BWD_KERNEL"));
     int device = 0, major = 0;
     GPU_OK(cudaGetDevice(&device));
     GPU_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
