@@ -59,7 +59,7 @@ if [ "$MODE" = wgmma ]; then
   wgmma_bwd_rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma_bwd.log" | head -30
   # mma.sync, then the wgmma kernels with each warpgroup schedule of the forward.
-  for k in mma wgmma-lockstep wgmma-pipeline wgmma-pingpong; do
+  for k in mma wgmma-lockstep wgmma-pipeline wgmma-overlap; do
     schedule=lockstep; [ "$k" != mma ] && schedule=${k#wgmma-}
     LONGATTN_CUDA_FWD_KERNEL=${k%%-*} LONGATTN_CUDA_BWD_KERNEL=${k%%-*} LONGATTN_CUDA_WGMMA_FWD_SCHEDULE=$schedule \
       timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda > "$OUT/bench_$k.log" 2>&1
@@ -78,12 +78,12 @@ def rows(path, backend=None):
     except OSError:
         pass
     return {}
-kinds = ["mma", "wgmma-lockstep", "wgmma-pipeline", "wgmma-pingpong"]
+kinds = ["mma", "wgmma-lockstep", "wgmma-pipeline", "wgmma-overlap"]
 ours = {k: rows(f"{sys.argv[1]}/bench_{k}.log") for k in kinds}
 torch = sys.argv[1] + "/bench_torch_sdpa.log"
 peers = {"torch flash": rows(torch, "flash"), "torch cudnn": rows(torch, "cudnn")}
 print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync, own wgmma (forward schedule: lockstep,")
-print("pipeline, pingpong; backward the same wgmma kernel) vs PyTorch flash / cuDNN")
+print("pipeline, overlap; backward the same wgmma kernel) vs PyTorch flash / cuDNN")
 print("| seq | causal | " + " | ".join(kinds) + " | torch flash | torch cudnn |")
 print("|---|---|" + "---|" * (len(kinds) + 2))
 def f(pair):

@@ -37,9 +37,11 @@ constexpr int kTileBytes = kBN * kD * 2;  // one K or V tile (16-bit elements)
 //             and frees a stage on its own, so the two may drift up to a tile apart and one's
 //             softmax overlaps the other's products (the default: 547 vs 448 TFLOP/s at 32k
 //             causal on an H100);
-//   pingpong: pipeline, and the warpgroups take turns on S = Q K^T (named barriers), forcing that
-//             overlap (measured 538: the free drift already finds it).
-enum Schedule : int { kLockstep = 0, kPipeline = 1, kPingpong = 2 };
+//   overlap:  pipeline, and within each warpgroup S of tile n + 1 is computed while O += P V of
+//             tile n is, so its softmax overlaps its own second product too.
+// (A "pingpong" schedule, warpgroups taking turns on Q K^T through named barriers, measured 538
+// against pipeline's 547 and was removed.)
+enum Schedule : int { kLockstep = 0, kPipeline = 1, kOverlap = 2 };
 constexpr int stages_of(int schedule) { return schedule == kLockstep ? 2 : 3; }
 constexpr int smem_bytes_of(int schedule) {  // Q, stages x (K, V), barriers, alignment slack
   return kBM * kD * 2 + 2 * stages_of(schedule) * kTileBytes + 2 * stages_of(schedule) * 8 + 1024;
@@ -59,8 +61,7 @@ __device__ __forceinline__ void load_sw128(T* smem, const T* base, std::int64_t 
 // reads column block kk / 4 at byte offset 32 (kk % 4) inside the 128-byte swizzle rows (the
 // hardware applies the XOR).
 template <class T>
-__device__ __forceinline__ void qk_product(float (&s)[64], std::uint32_t q_addr, std::uint32_t k_addr) {
-  wgmma::fence();
+__device__ __forceinline__ void qk_issue(float (&s)[64], std::uint32_t q_addr, std::uint32_t k_addr) {
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
     const std::uint64_t da = wgmma::desc_sw128(q_addr + (kk / 4) * kBM * 128 + (kk % 4) * 32, 16, 1024);
@@ -68,6 +69,11 @@ __device__ __forceinline__ void qk_product(float (&s)[64], std::uint32_t q_addr,
     wgmma::Mma64x128<T>::ss(s, da, db, kk > 0 ? 1 : 0);
   }
   wgmma::commit();
+}
+template <class T>
+__device__ __forceinline__ void qk_product(float (&s)[64], std::uint32_t q_addr, std::uint32_t k_addr) {
+  wgmma::fence();
+  qk_issue<T>(s, q_addr, k_addr);
   wgmma::wait<0>();
   wgmma::fence_registers(s);
 }
@@ -82,7 +88,7 @@ __device__ __forceinline__ void pack_probabilities(const float (&s)[64], std::ui
 // groups (stride 1024 bytes); the 128 output columns are V's two column blocks (leading offset
 // kBN * 128 bytes), read transposed by the instruction.
 template <class T>
-__device__ __forceinline__ void pv_product(float (&o)[64], const std::uint32_t (&pa)[kBN / 16][4], std::uint32_t v_addr) {
+__device__ __forceinline__ void pv_issue(float (&o)[64], const std::uint32_t (&pa)[kBN / 16][4], std::uint32_t v_addr) {
   wgmma::fence_registers(o);
   wgmma::fence();
 #pragma unroll
@@ -91,6 +97,10 @@ __device__ __forceinline__ void pv_product(float (&o)[64], const std::uint32_t (
     wgmma::Mma64x128<T>::rs(o, pa[kk], db);
   }
   wgmma::commit();
+}
+template <class T>
+__device__ __forceinline__ void pv_product(float (&o)[64], const std::uint32_t (&pa)[kBN / 16][4], std::uint32_t v_addr) {
+  pv_issue<T>(o, pa, v_addr);
   wgmma::wait<0>();
   wgmma::fence_registers(o);
 }
@@ -145,8 +155,6 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
       load_kv(n);
       wgmma::cp_async_arrive(bars + 8 * n);
     }
-    // Ping-pong: warpgroup 0 takes the first turn.
-    if (kSchedule == kPingpong && wg == 1 && n_end > 0) wgmma::named_barrier_arrive(1, kThreads);
   }
 
   // This thread's rows (accumulator layout of m64nN): r_loc + 8 * half, r_loc = 16 warp + lane / 4
@@ -159,25 +167,12 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
   const float scale_log2 = p.scale * kLog2e;
 
   const std::uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128;  // this warpgroup's 64 rows, column block 0
-  for (int n = 0; n < n_end; ++n) {
-    const int stage = n % kStages;
-    if constexpr (kSchedule == kLockstep) {
-      cp_async_wait<1>();
-      wgmma::fence_proxy_async();
-      __syncthreads();  // tile n (and Q) visible to every warpgroup
-    } else {
-      wgmma::mbarrier_wait(bars + 8 * stage, (n / kStages) & 1);  // tile n (and Q) landed
-      wgmma::fence_proxy_async();
-    }
-    const std::uint32_t k_addr = smem_addr(sK0 + stage * kBN * kD), v_addr = smem_addr(sV0 + stage * kBN * kD);
+  auto k_stage = [&](int n) { return smem_addr(sK0 + (n % kStages) * kBN * kD); };
+  auto v_stage = [&](int n) { return smem_addr(sV0 + (n % kStages) * kBN * kD); };
 
-    float s[64];
-    if constexpr (kSchedule == kPingpong) wgmma::named_barrier_sync(1 + wg, kThreads);  // my turn
-    qk_product<T>(s, q_addr, k_addr);
-    if constexpr (kSchedule == kPingpong) wgmma::named_barrier_arrive(2 - wg, kThreads);  // the other's turn
-
-    // Mask keys past the sequence (tail tile) and, on tiles that reach past this thread's first
-    // row, keys after the row (causal by index).
+  // Mask keys past the sequence (tail tile) and, on tiles that reach past this thread's first row,
+  // keys after the row (causal by index).
+  auto mask = [&](float(&s)[64], int n) {
     const int kn0 = n * kBN;
     if (kn0 + kBN > len_k || (kCausal && kn0 + kBN - 1 > m0 + r_loc)) {
 #pragma unroll
@@ -192,10 +187,11 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
           }
         }
     }
-
-    // Online softmax per row (a row's 128 scores sit in the 4 lanes of a quad). row_max holds the
-    // raw maximum; exponents are scale * log2(e) * (s - max), one FFMA per score.
-    float alpha[2];
+  };
+  // Online softmax per row (a row's 128 scores sit in the 4 lanes of a quad): scores become
+  // probabilities in place; alpha is the factor for what o holds so far. row_max holds the raw
+  // maximum; exponents are scale * log2(e) * (s - max), one FFMA per score.
+  auto softmax = [&](float(&s)[64], float(&alpha)[2]) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float mx = row_max[half];
@@ -215,6 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
       }
       row_sum[half] = row_sum[half] * alpha[half] + sum;
     }
+  };
+  auto rescale = [&](const float(&alpha)[2]) {
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       o[4 * i] *= alpha[0];
@@ -222,31 +220,92 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
       o[4 * i + 2] *= alpha[1];
       o[4 * i + 3] *= alpha[1];
     }
+  };
+  // Pipelined schedules: this thread is done with tile n (it arrives on the stage's empty barrier);
+  // tile n goes where tile n - 3 was, once both warpgroups are done with that one (the other may
+  // be behind), and its copies arrive on the stage's full barrier.
+  auto release = [&](int n) { wgmma::mbarrier_arrive(bars + 8 * (kStages + n % kStages)); };
+  auto prefetch = [&](int n) {
+    if (n >= n_end) return;
+    const int st = n % kStages;
+    if (n >= kStages) wgmma::mbarrier_wait(bars + 8 * (kStages + st), ((n - kStages) / kStages) & 1);
+    load_kv(n);
+    wgmma::cp_async_arrive(bars + 8 * st);
+  };
 
+  if constexpr (kSchedule == kOverlap) {
+    // Within each warpgroup, S of tile n + 1 and O += P V of tile n are in flight together, and
+    // the softmax of tile n + 1 runs while the second product does; o is rescaled after it lands.
+    float s[64], alpha[2];
     std::uint32_t pa[kBN / 16][4];
-    pack_probabilities<T>(s, pa);
-    pv_product<T>(o, pa, v_addr);
+    if (n_end > 0) {
+      wgmma::mbarrier_wait(bars, 0);  // tile 0 (and Q) landed
+      wgmma::fence_proxy_async();
+      qk_product<T>(s, q_addr, k_stage(0));
+      mask(s, 0);
+      softmax(s, alpha);  // o is still zero: nothing to rescale
+      pack_probabilities<T>(s, pa);
+    }
+    // Every tile but the last: both products in flight (the loop body has no branch around them,
+    // so the compiler can tell which group each wait retires).
+    for (int n = 0; n + 1 < n_end; ++n) {
+      wgmma::mbarrier_wait(bars + 8 * ((n + 1) % kStages), ((n + 1) / kStages) & 1);
+      wgmma::fence_proxy_async();
+      wgmma::fence();
+      qk_issue<T>(s, q_addr, k_stage(n + 1));
+      pv_issue<T>(o, pa, v_stage(n));
+      prefetch(n + 2);  // while both products run: tile n + 2 has the whole iteration to land
+      wgmma::wait<1>();  // S of tile n + 1 (committed first) has landed
+      wgmma::fence_registers(s);
+      mask(s, n + 1);
+      softmax(s, alpha);
+      wgmma::wait<0>();
+      wgmma::fence_registers(o);
+      // The second product read pa from registers until the wait: keep them untouched until here.
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) wgmma::fence_registers(pa[kk]);
+      release(n);
+      rescale(alpha);
+      pack_probabilities<T>(s, pa);
+    }
+    if (n_end > 0) {  // the last tile's second product
+      pv_product<T>(o, pa, v_stage(n_end - 1));
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) wgmma::fence_registers(pa[kk]);
+      release(n_end - 1);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+  } else {
+    for (int n = 0; n < n_end; ++n) {
+      if constexpr (kSchedule == kLockstep) {
+        cp_async_wait<1>();
+        wgmma::fence_proxy_async();
+        __syncthreads();  // tile n (and Q) visible to every warpgroup
+      } else {
+        wgmma::mbarrier_wait(bars + 8 * (n % kStages), (n / kStages) & 1);  // tile n (and Q) landed
+        wgmma::fence_proxy_async();
+      }
+      float s[64], alpha[2];
+      qk_product<T>(s, q_addr, k_stage(n));
+      mask(s, n);
+      softmax(s, alpha);
+      rescale(alpha);
+      std::uint32_t pa[kBN / 16][4];
+      pack_probabilities<T>(s, pa);
+      pv_product<T>(o, pa, v_stage(n));
 
-    if constexpr (kSchedule == kLockstep) {
-      __syncthreads();  // both warpgroups are done with buffer `stage`
-      if (n + 2 < n_end) load_kv(n + 2);
-      cp_async_commit();
-    } else {
-      wgmma::mbarrier_arrive(bars + 8 * (kStages + stage));  // this thread is done with tile n
-      if (n + 2 < n_end) {
-        // Tile n + 2 goes where tile n - 1 was: wait until both warpgroups are done with it (the
-        // other may still be a tile behind), then copy and arrive on its full barrier.
-        const int st = (n + 2) % kStages;
-        if (n >= 1) wgmma::mbarrier_wait(bars + 8 * (kStages + st), ((n - 1) / kStages) & 1);
-        load_kv(n + 2);
-        wgmma::cp_async_arrive(bars + 8 * st);
+      if constexpr (kSchedule == kLockstep) {
+        __syncthreads();  // both warpgroups are done with tile n's stage
+        if (n + 2 < n_end) load_kv(n + 2);
+        cp_async_commit();
+      } else {
+        release(n);
+        prefetch(n + 2);
       }
     }
+    if constexpr (kSchedule == kLockstep) cp_async_wait<0>();
+    else asm volatile("cp.async.wait_all;\n" ::: "memory");
   }
-  // Ping-pong: warpgroup 0 takes the last turn warpgroup 1 handed it, so no arrival is left over.
-  if (kSchedule == kPingpong && wg == 0 && n_end > 0) wgmma::named_barrier_sync(1, kThreads);
-  if constexpr (kSchedule == kLockstep) cp_async_wait<0>();
-  else asm volatile("cp.async.wait_all;\n" ::: "memory");
 
   // Epilogue: finish the row sums across the quad, normalize, write o and lse.
 #pragma unroll
@@ -313,7 +372,7 @@ template <class T>
 void launch(const FlashParams& p, cudaStream_t stream) {
   switch (p.wgmma_schedule) {
     case kPipeline: launch<T, kPipeline>(p, stream); break;
-    case kPingpong: launch<T, kPingpong>(p, stream); break;
+    case kOverlap: launch<T, kOverlap>(p, stream); break;
     default: launch<T, kLockstep>(p, stream); break;
   }
 }

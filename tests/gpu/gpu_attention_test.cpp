@@ -4,7 +4,7 @@
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
 // bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
 // with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma, its default pipeline schedule),
-// "cuda-wgmma-lockstep" and "cuda-wgmma-pingpong" the same with its other warpgroup schedules, and
+// "cuda-wgmma-lockstep" and "cuda-wgmma-overlap" the same with its other warpgroup schedules, and
 // "cuda-wgmma-bwd" with the
 // warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
 // positions (others fall back to mma.sync).
@@ -118,7 +118,7 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   const bool wgmma_bwd = param_name == "cuda-wgmma-bwd";
   const bool wgmma_fwd = !wgmma_bwd && param_name.rfind("cuda-wgmma", 0) == 0;
   ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-lockstep"   ? "lockstep"
-                                                         : param_name == "cuda-wgmma-pingpong" ? "pingpong"
+                                                         : param_name == "cuda-wgmma-overlap"  ? "overlap"
                                                                                                : "pipeline");
   const std::string backend_name = wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
   ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma_fwd ? "wgmma" : "mma");
@@ -243,7 +243,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-lockstep", "cuda-wgmma-pingpong",
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-lockstep", "cuda-wgmma-overlap",
                                                               "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) {
                            std::string b = std::get<0>(tp.param);
@@ -326,7 +326,7 @@ TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
     const char* choices;
   };
   for (const auto& [variable, choices] : {Knob{"LONGATTN_CUDA_FWD_KERNEL", "auto, mma, wgmma"}, Knob{"LONGATTN_CUDA_BWD_KERNEL", "auto, mma, wgmma"},
-                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "lockstep, pipeline, pingpong"}}) {
+                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "lockstep, pipeline, overlap"}}) {
     SCOPED_TRACE(variable);
     ScopedEnv bad(variable, "wgmma2");
     // The schedule is read when the wgmma forward runs: pin it (a non-Hopper GPU skips that case).
