@@ -8,10 +8,11 @@
 // memory, the online softmax on the 64 fp32 scores each thread holds, then O += P V as 8 wgmma with
 // P straight from registers (the accumulator layout of S is the A-fragment layout of the product)
 // and V transposed by the instruction. K and V tiles arrive by cp.async two tiles ahead, into three
-// stages guarded by full/empty barriers (the default "pipeline" schedule below). Every tile is
+// stages guarded by full/empty barriers, and each warpgroup computes the next tile's scores while
+// its P V product runs (the default "overlap" schedule below). Every tile is
 // stored with the 128-byte swizzle wgmma reads (flash_wgmma.cuh).
 //
-// Checked and timed on an H100 (547 TFLOP/s at 32k causal, 1.67x the mma.sync kernel): the cuda
+// Checked and timed on an H100 (580 TFLOP/s at 32k causal, 1.77x the mma.sync kernel): the cuda
 // backend's forward on Hopper for the shapes it takes (LONGATTN_CUDA_FWD_KERNEL=auto).
 #include <cmath>
 #include <cstdint>
@@ -35,10 +36,10 @@ constexpr int kTileBytes = kBN * kD * 2;  // one K or V tile (16-bit elements)
 //             same time, and the tensor cores wait meanwhile;
 //   pipeline: three stages with full/empty mbarriers: a warpgroup waits only for the tile it needs
 //             and frees a stage on its own, so the two may drift up to a tile apart and one's
-//             softmax overlaps the other's products (the default: 547 vs 448 TFLOP/s at 32k
-//             causal on an H100);
+//             softmax overlaps the other's products (546 vs 448 TFLOP/s at 32k causal on an
+//             H100);
 //   overlap:  pipeline, and within each warpgroup S of tile n + 1 is computed while O += P V of
-//             tile n is, so its softmax overlaps its own second product too.
+//             tile n is, so its softmax overlaps its own second product too (the default: 580).
 // (A "pingpong" schedule, warpgroups taking turns on Q K^T through named barriers, measured 538
 // against pipeline's 547 and was removed.)
 enum Schedule : int { kLockstep = 0, kPipeline = 1, kOverlap = 2 };

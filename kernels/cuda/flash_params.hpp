@@ -26,7 +26,7 @@ struct FlashParams {
   void* o = nullptr;  // [Tq, Hq, D]
   DType o_dtype = DType::bf16;
   float* lse = nullptr;  // [Hq, Tq]
-  int wgmma_schedule = 1;  // the wgmma forward's warpgroup schedule: 0 lockstep, 1 pipeline, 2 overlap
+  int wgmma_schedule = 2;  // the wgmma forward's warpgroup schedule: 0 lockstep, 1 pipeline, 2 overlap
 
   // backward
   const void* d_o = nullptr;    // [Tq, Hq, D], dtype of the call
