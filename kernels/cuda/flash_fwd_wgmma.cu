@@ -42,7 +42,8 @@ constexpr int kTileBytes = kBN * kD * 2;  // one K or V tile (16-bit elements)
 //             tile n is, so its softmax overlaps its own second product too (the default: 580).
 // (A "pingpong" schedule, warpgroups taking turns on Q K^T through named barriers, measured 538
 // against pipeline's 547 and was removed.)
-enum Schedule : int { kLockstep = 0, kPipeline = 1, kOverlap = 2 };
+constexpr int kLockstep = static_cast<int>(WgmmaSchedule::lockstep), kPipeline = static_cast<int>(WgmmaSchedule::pipeline),
+              kOverlap = static_cast<int>(WgmmaSchedule::overlap);
 constexpr int stages_of(int schedule) { return schedule == kLockstep ? 2 : 3; }
 constexpr int smem_bytes_of(int schedule) {  // Q, stages x (K, V), barriers, alignment slack
   return kBM * kD * 2 + 2 * stages_of(schedule) * kTileBytes + 2 * stages_of(schedule) * 8 + 1024;
@@ -372,9 +373,9 @@ void launch(const FlashParams& p, cudaStream_t stream) {
 template <class T>
 void launch(const FlashParams& p, cudaStream_t stream) {
   switch (p.wgmma_schedule) {
-    case kPipeline: launch<T, kPipeline>(p, stream); break;
-    case kOverlap: launch<T, kOverlap>(p, stream); break;
-    default: launch<T, kLockstep>(p, stream); break;
+    case WgmmaSchedule::lockstep: launch<T, kLockstep>(p, stream); break;
+    case WgmmaSchedule::pipeline: launch<T, kPipeline>(p, stream); break;
+    case WgmmaSchedule::overlap: launch<T, kOverlap>(p, stream); break;
   }
 }
 

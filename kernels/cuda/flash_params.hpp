@@ -11,6 +11,10 @@
 
 namespace longattn::kernels::cuda {
 
+// Warpgroup schedules of the wgmma forward (flash_fwd_wgmma.cu says what each does; chosen by
+// LONGATTN_CUDA_WGMMA_FWD_SCHEDULE).
+enum class WgmmaSchedule : int { lockstep = 0, pipeline = 1, overlap = 2 };
+
 struct FlashParams {
   const void *q = nullptr, *k = nullptr, *v = nullptr;  // [T, H, D], dtype of the call
   const std::int32_t *cu_q = nullptr, *cu_k = nullptr;  // device, batch + 1; null => one sequence
@@ -26,7 +30,7 @@ struct FlashParams {
   void* o = nullptr;  // [Tq, Hq, D]
   DType o_dtype = DType::bf16;
   float* lse = nullptr;  // [Hq, Tq]
-  int wgmma_schedule = 2;  // the wgmma forward's warpgroup schedule: 0 lockstep, 1 pipeline, 2 overlap
+  WgmmaSchedule wgmma_schedule = WgmmaSchedule::overlap;  // wgmma forward only
 
   // backward
   const void* d_o = nullptr;    // [Tq, Hq, D], dtype of the call
