@@ -2,9 +2,13 @@
 // understand is an error naming the file, never a silent misread.
 #include "longattn/npy.hpp"
 
+#include <algorithm>
+#include <charconv>
 #include <cstring>
 #include <fstream>
 #include <regex>
+
+#include <fmt/ranges.h>
 
 #include "common/check.hpp"
 
@@ -12,9 +16,41 @@ namespace longattn {
 namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
+constexpr std::int64_t kMaxElements = std::int64_t{1} << 40;
 
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
   throw Error(ErrorCode::io, fmt::format("{}: {}", path, what));
+}
+
+std::string trimmed(const std::string& s) {
+  const auto first = s.find_first_not_of(" \t"), last = s.find_last_not_of(" \t");
+  return first == std::string::npos ? "" : s.substr(first, last - first + 1);
+}
+
+// The text between the parentheses of 'shape': (d0, d1, ...): decimal integers separated by
+// commas, a trailing comma allowed ("(5,)"), "()" for a scalar. Anything else is refused, since a
+// misread dimension would reinterpret the data silently.
+std::vector<std::int64_t> parse_shape(const std::string& path, const std::string& text) {
+  std::vector<std::int64_t> shape;
+  std::string items = trimmed(text);
+  if (items.empty()) return shape;
+  if (items.back() == ',') items.pop_back();
+  for (std::size_t start = 0;;) {
+    const std::size_t comma = std::min(items.find(',', start), items.size());
+    const std::string item = trimmed(items.substr(start, comma - start));
+    if (item.empty()) fail(path, fmt::format("shape ({}) has an empty dimension", text));
+    if (item[0] == '-') fail(path, fmt::format("shape ({}) has a negative dimension {}; dimensions are sizes", text, item));
+    std::uint64_t value = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), value);
+    const bool whole = end == item.data() + item.size();
+    if (ec == std::errc::result_out_of_range || (ec == std::errc() && whole && value > static_cast<std::uint64_t>(kMaxElements)))
+      fail(path, fmt::format("shape ({}) has dimension {}, more than the 2^40 values a file may hold", text, item));
+    if (ec != std::errc() || !whole) fail(path, fmt::format("shape ({}) has '{}' where a non-negative integer belongs", text, item));
+    shape.push_back(static_cast<std::int64_t>(value));
+    if (comma == items.size()) break;
+    start = comma + 1;
+  }
+  return shape;
 }
 
 }  // namespace
@@ -51,17 +87,26 @@ NpyArray load_npy(const std::string& path) {
   if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)"))) fail(path, "header has no 'shape'");
 
   NpyArray arr;
-  const std::string dims = m[1];
+  arr.shape = parse_shape(path, m[1]);
   std::int64_t count = 1;
-  const std::regex number("\\d+");
-  for (auto it = std::sregex_iterator(dims.begin(), dims.end(), number); it != std::sregex_iterator(); ++it) {
-    const auto d = std::stoll(it->str());
-    if (d < 0 || d > (std::int64_t{1} << 40)) fail(path, "dimension out of range");
-    arr.shape.push_back(d);
+  for (const auto d : arr.shape) {
+    if (d != 0 && count > kMaxElements / d)
+      fail(path, fmt::format("shape ({}) holds more than 2^40 values; split the array", fmt::join(arr.shape, ", ")));
     count *= d;
-    if (count > (std::int64_t{1} << 40)) fail(path, "array too large");
   }
-  arr.data.resize(static_cast<std::size_t>(count));
+  // Compare with the bytes actually there before allocating: a wrong header must not cost memory.
+  const auto data_begin = in.tellg();
+  in.seekg(0, std::ios::end);
+  const auto available = static_cast<std::int64_t>(in.tellg() - data_begin);
+  in.seekg(data_begin);
+  if (available < count * 4)
+    fail(path, fmt::format("truncated data: expected {} float32 values ({} bytes) for shape ({}), the file holds {} bytes", count,
+                           count * 4, fmt::join(arr.shape, ", "), available));
+  try {
+    arr.data.resize(static_cast<std::size_t>(count));
+  } catch (const std::bad_alloc&) {
+    fail(path, fmt::format("not enough memory for its {} float32 values", count));
+  }
   if (!in.read(reinterpret_cast<char*>(arr.data.data()), static_cast<std::streamsize>(count * 4)))
     fail(path, fmt::format("truncated data: expected {} float32 values", count));
   return arr;

@@ -9,8 +9,6 @@
 #include "longattn/log.hpp"
 
 #ifdef LONGATTN_HAVE_CUDA
-#include <cuda_runtime.h>
-
 #include "kernels/cuda/cuda_backends.hpp"
 #endif
 
@@ -40,20 +38,6 @@ const std::vector<Entry>& entries() {
 
 }  // namespace
 
-void AttentionBackend::copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
-                               std::size_t width, std::size_t rows, void* stream) {
-  for (std::size_t r = 0; r < rows; ++r)
-    copy_bytes(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width, stream);
-}
-
-std::size_t gpu_memory_used_bytes() {
-#ifdef LONGATTN_HAVE_CUDA
-  std::size_t free_bytes = 0, total = 0;
-  if (cudaMemGetInfo(&free_bytes, &total) == cudaSuccess) return total - free_bytes;
-#endif
-  return 0;
-}
-
 std::vector<std::string> available_backends() {
   std::vector<std::string> names;
   for (const auto& e : entries())
@@ -61,9 +45,40 @@ std::vector<std::string> available_backends() {
   return names;
 }
 
+namespace {
+
+// The GPU backends longattn has, whether or not this build holds them.
+constexpr const char* kGpuBackendNames[] = {"cudnn", "cuda"};
+
+bool built(const std::string& name) {
+  for (const auto& e : entries())
+    if (name == e.name) return true;
+  return false;
+}
+
+// The one list of choices that --backend and LONGATTN_BACKEND errors both print.
+std::string backend_choices() {
+  std::string usable = "auto", built_idle, absent;
+  for (const auto& e : entries()) (e.available() ? usable : built_idle) += std::string(", ") + e.name;
+  for (const char* name : kGpuBackendNames)
+    if (!built(name)) absent += std::string(absent.empty() ? "" : ", ") + name;
+  if (!built_idle.empty()) usable += fmt::format(" ({} built, but no CUDA GPU is visible)", built_idle.substr(2));
+  if (!absent.empty()) usable += fmt::format(" ({}: not in this build)", absent);
+  return usable;
+}
+
+}  // namespace
+
 std::unique_ptr<AttentionBackend> make_backend(const std::string& requested, DeviceKind kind) {
   std::string name = requested;
-  if (name.empty() || name == "auto") name = env_string("LONGATTN_BACKEND");
+  bool from_environment = false;
+  if (name.empty() || name == "auto") {
+    name = env_string("LONGATTN_BACKEND");
+    from_environment = name != "auto";
+  }
+  auto refuse = [&](ErrorCode code, const std::string& why) {
+    throw Error(code, fmt::format("{}{}; choices here: {}", from_environment ? "LONGATTN_BACKEND: " : "", why, backend_choices()));
+  };
   if (name == "auto") {
     // GPUs: every available GPU backend, each call going to the first that supports it (cuDNN
     // where it can, the own kernels elsewhere). CPU: the fast kernels (the reference is an oracle).
@@ -71,7 +86,7 @@ std::unique_ptr<AttentionBackend> make_backend(const std::string& requested, Dev
     for (const auto& e : entries())
       if (e.kind == kind && e.available() && std::string(e.name) != "reference") candidates.push_back(e.make());
     if (candidates.empty())
-      throw Error(ErrorCode::unsupported, fmt::format("no attention backend is available for device {}", to_string(kind)));
+      refuse(ErrorCode::unsupported, fmt::format("no attention backend is available for device {}", to_string(kind)));
     if (candidates.size() == 1) return std::move(candidates.front());
     auto backend = kernels::make_fallback_backend(std::move(candidates));
     logger(Subsystem::kernels).debug("backend auto -> {}", backend->name());
@@ -79,12 +94,17 @@ std::unique_ptr<AttentionBackend> make_backend(const std::string& requested, Dev
   }
   for (const auto& e : entries()) {
     if (name != e.name) continue;
-    LONGATTN_REQUIRE(e.available(), ErrorCode::unsupported, "backend '{}' is built but cannot run here (no GPU?)", name);
+    if (!e.available())
+      refuse(ErrorCode::unsupported,
+             fmt::format("backend '{}' is built but cannot run: no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)", name));
     return e.make();
   }
-  std::string known;
-  for (const auto& e : entries()) known += std::string(known.empty() ? "" : ", ") + e.name;
-  throw Error(ErrorCode::invalid_argument, fmt::format("unknown backend '{}'; this build has: auto, {}", name, known));
+  for (const char* gpu_name : kGpuBackendNames)
+    if (name == gpu_name)
+      refuse(ErrorCode::unsupported, fmt::format("backend '{}' is not in this build (it needs one configured with CUDA{})", name,
+                                                 name == "cudnn" ? " and the cuDNN frontend" : ""));
+  refuse(ErrorCode::invalid_argument, fmt::format("unknown or unavailable backend '{}'", name));
+  return nullptr;
 }
 
 }  // namespace longattn

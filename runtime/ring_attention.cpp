@@ -49,6 +49,27 @@ TensorView rows_of(const TensorView& t, std::int64_t begin, std::int64_t count) 
                     {count, t.dim(1), t.dim(2)}, t.device);
 }
 
+// Bytes of each workspace a rank holding n tokens allocates when the fullest rank holds n_max (a
+// travelling shard must fit the largest one). ensure_workspaces allocates exactly these, and
+// RingAttention::workspace_bytes adds them up, so a job can check a run fits before building it.
+struct WorkspaceSizes {
+  std::size_t kv_shard, kv_grad, q_f32, q_input, rows_f32;
+  WorkspaceSizes(std::int64_t n, std::int64_t n_max, int hq, int hkv, int d, DType dtype) {
+    const auto kv_elems = static_cast<std::size_t>(n_max) * static_cast<std::size_t>(hkv) * static_cast<std::size_t>(d);
+    const auto q_elems = static_cast<std::size_t>(n) * static_cast<std::size_t>(hq) * static_cast<std::size_t>(d);
+    auto at_least = [](std::size_t bytes) { return std::max<std::size_t>(bytes, 64); };
+    kv_shard = at_least(2 * kv_elems * dtype_size(dtype));  // [k | v]
+    kv_grad = at_least(2 * kv_elems * 4);                   // [dk | dv] in f32
+    q_f32 = at_least(q_elems * 4);
+    q_input = at_least(q_elems * dtype_size(dtype));
+    rows_f32 = at_least(static_cast<std::size_t>(n) * static_cast<std::size_t>(hq) * 4);
+  }
+  std::size_t total(bool backward) const {
+    const std::size_t forward = 2 * kv_shard + q_f32 + q_input + 2 * rows_f32;
+    return backward ? forward + 2 * rows_f32 + q_f32 + 3 * kv_grad : forward;
+  }
+};
+
 TensorView view_of(DeviceBuffer& buf, DType t, std::initializer_list<std::int64_t> dims, Device dev) {
   TensorView v(buf.data(), t, dims, dev);
   LONGATTN_REQUIRE(v.bytes() <= buf.bytes(), ErrorCode::internal, "workspace too small for {}", v.describe());
@@ -137,8 +158,8 @@ struct RingAttention::Impl {
   }
 
   std::unique_ptr<DeviceBuffer> upload(const void* src, std::size_t bytes) {
-    auto buf = backend->allocate(std::max<std::size_t>(bytes, 4));
-    backend->copy_bytes(buf->data(), src, bytes, opt.stream);
+    auto buf = backend->device_ops().allocate(std::max<std::size_t>(bytes, 4));
+    backend->device_ops().copy_bytes(buf->data(), src, bytes, opt.stream);
     return buf;
   }
 
@@ -168,25 +189,21 @@ struct RingAttention::Impl {
   }
 
   void ensure_workspaces(const Shape& s, bool for_backward) {
-    const auto n_max = static_cast<std::size_t>(plan.max_local_tokens());
-    const auto n = static_cast<std::size_t>(local());
-    const auto kv_elems = n_max * static_cast<std::size_t>(s.hkv) * static_cast<std::size_t>(s.d);
-    const auto q_elems = n * static_cast<std::size_t>(s.hq) * static_cast<std::size_t>(s.d);
+    const WorkspaceSizes size(local(), plan.max_local_tokens(), s.hq, s.hkv, s.d, s.dtype);
     auto need = [&](std::unique_ptr<DeviceBuffer>& b, std::size_t bytes) {
-      bytes = std::max<std::size_t>(bytes, 64);
-      if (!b || b->bytes() < bytes || !(shape == s)) b = backend->allocate(bytes);
+      if (!b || b->bytes() < bytes || !(shape == s)) b = backend->device_ops().allocate(bytes);
     };
-    for (auto& b : kv_buf) need(b, 2 * kv_elems * dtype_size(s.dtype));
-    need(o_acc, q_elems * 4);
-    need(o_part, q_elems * dtype_size(s.dtype));
-    need(lse_part, n * static_cast<std::size_t>(s.hq) * 4);
-    need(lse_rows, n * static_cast<std::size_t>(s.hq) * 4);
+    for (auto& b : kv_buf) need(b, size.kv_shard);
+    need(o_acc, size.q_f32);
+    need(o_part, size.q_input);
+    need(lse_part, size.rows_f32);
+    need(lse_rows, size.rows_f32);
     if (for_backward) {
-      need(delta_rows, n * static_cast<std::size_t>(s.hq) * 4);
-      need(delta, n * static_cast<std::size_t>(s.hq) * 4);
-      need(dq_acc, q_elems * 4);
-      for (auto& b : grad_buf) need(b, 2 * kv_elems * 4);
-      need(grad_in, 2 * kv_elems * 4);
+      need(delta_rows, size.rows_f32);
+      need(delta, size.rows_f32);
+      need(dq_acc, size.q_f32);
+      for (auto& b : grad_buf) need(b, size.kv_grad);
+      need(grad_in, size.kv_grad);
     }
     shape = s;
   }
@@ -253,7 +270,7 @@ struct RingAttention::Impl {
   // packed [H, count] one.
   void copy_token_range(float* dst, std::size_t dst_cols, const float* src, std::size_t src_cols, std::size_t count,
                         int heads) {
-    backend->copy_2d(dst, dst_cols * 4, src, src_cols * 4, count * 4, static_cast<std::size_t>(heads), opt.stream);
+    backend->device_ops().copy_2d(dst, dst_cols * 4, src, src_cols * 4, count * 4, static_cast<std::size_t>(heads), opt.stream);
   }
 
   // Views of the key/value halves of a travelling buffer holding rank src's shard.
@@ -304,8 +321,8 @@ struct RingAttention::Impl {
     TensorView oacc = view_of(*o_acc, DType::f32, {n, s.hq, s.d}, dev);
     TensorView opart = view_of(*o_part, s.dtype, {n, s.hq, s.d}, dev);
     TensorView lpart = view_of(*lse_part, DType::f32, {s.hq, n}, dev);
-    backend->fill(oacc, 0.0f, opt.stream);
-    backend->fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
+    backend->device_ops().fill(oacc, 0.0f, opt.stream);
+    backend->device_ops().fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
 
     TensorView cur_k = k, cur_v = v;
     bool first = true;
@@ -330,7 +347,7 @@ struct RingAttention::Impl {
         ++stats.skipped_steps;
       }
       if (timing_steps()) {
-        backend->synchronize(opt.stream);
+        backend->device_ops().synchronize(opt.stream);
         stats.compute_ms += ms_since(tc);
       }
       wait(pending);
@@ -339,7 +356,7 @@ struct RingAttention::Impl {
       logger(Subsystem::ring).debug("forward step {}/{} (kv of rank {})", step + 1, world, src);
       if (opt.on_step) opt.on_step("forward", step + 1, world);
     }
-    backend->convert(o, oacc, opt.stream);
+    backend->device_ops().convert(o, oacc, opt.stream);
     finish();
     stats.wall_ms = ms_since(t0);
   }
@@ -401,7 +418,7 @@ struct RingAttention::Impl {
   // Waits for the device and the communicator, turning a stuck peer into an error.
   void finish() {
     comm.synchronize(opt.stream);
-    backend->synchronize(opt.stream);
+    backend->device_ops().synchronize(opt.stream);
   }
 
   void backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o, TensorView dq,
@@ -423,7 +440,7 @@ struct RingAttention::Impl {
     TensorView delta_v = view_of(*delta, DType::f32, {s.hq, n}, dev);
     TensorView dq_v = view_of(*dq_acc, DType::f32, {n, s.hq, s.d}, dev);
     backend->compute_delta(o, d_o, delta_v, opt.stream);
-    backend->fill(dq_v, 0.0f, opt.stream);
+    backend->device_ops().fill(dq_v, 0.0f, opt.stream);
 
     // Gradient buffer of rank src's shard: [dk | dv] in fp32.
     auto grad_views = [&](DeviceBuffer& buf, int src) {
@@ -460,8 +477,8 @@ struct RingAttention::Impl {
       DeviceBuffer& gbuf = *grad_buf[step % 2];
       auto [gk, gv] = grad_views(gbuf, src);
       // dq accumulates across steps (accumulate); dk/dv of this step start from zero.
-      backend->fill(gk, 0.0f, opt.stream);
-      backend->fill(gv, 0.0f, opt.stream);
+      backend->device_ops().fill(gk, 0.0f, opt.stream);
+      backend->device_ops().fill(gv, 0.0f, opt.stream);
       const auto tc = Clock::now();
       if (has_work(src)) {
         const auto& plain = blocks[static_cast<std::size_t>(src)];
@@ -483,14 +500,14 @@ struct RingAttention::Impl {
         ++stats.skipped_steps;
       }
       if (timing_steps()) {
-        backend->synchronize(opt.stream);
+        backend->device_ops().synchronize(opt.stream);
         stats.compute_ms += ms_since(tc);
       }
       wait(pending);
       if (step > 0) {
         auto [ik, iv] = grad_views(incoming, src);
-        backend->add_into(gk, ik, opt.stream);
-        backend->add_into(gv, iv, opt.stream);
+        backend->device_ops().add_into(gk, ik, opt.stream);
+        backend->device_ops().add_into(gv, iv, opt.stream);
       }
       sent_src = src;
       if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], next_src);
@@ -509,9 +526,9 @@ struct RingAttention::Impl {
       home = &incoming;
     }
     auto [hk, hv] = grad_views(*home, rank);
-    backend->convert(dk, hk, opt.stream);
-    backend->convert(dv, hv, opt.stream);
-    backend->convert(dq, dq_v, opt.stream);
+    backend->device_ops().convert(dk, hk, opt.stream);
+    backend->device_ops().convert(dv, hv, opt.stream);
+    backend->device_ops().convert(dq, dq_v, opt.stream);
     finish();
     stats.wall_ms = ms_since(t0);
   }
@@ -527,6 +544,10 @@ void RingAttention::forward(TensorView q, TensorView k, TensorView v, TensorView
 void RingAttention::backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o,
                              TensorView dq, TensorView dk, TensorView dv) {
   impl_->backward(q, k, v, o, lse, d_o, dq, dk, dv);
+}
+std::size_t RingAttention::workspace_bytes(const ShardPlan& plan, int rank, int heads, int kv_heads, int head_dim, DType dtype,
+                                           bool backward) {
+  return WorkspaceSizes(plan.local_tokens(rank), plan.max_local_tokens(), heads, kv_heads, head_dim, dtype).total(backward);
 }
 const RingStats& RingAttention::last_stats() const noexcept { return impl_->stats; }
 AttentionBackend& RingAttention::backend() noexcept { return *impl_->backend; }

@@ -6,10 +6,12 @@
 //
 // Ends with one line: RESULT {json}.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <limits>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -18,7 +20,7 @@
 #include <omp.h>
 
 #include "../common/device_tensor.hpp"
-#include "../common/flags.hpp"
+#include "inputs.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/communicator.hpp"
 #include "longattn/config.hpp"
@@ -29,94 +31,58 @@
 #include "longattn/log.hpp"
 #include "longattn/npy.hpp"
 #include "longattn/ring.hpp"
+#include "memory_estimate.hpp"
+#include "options.hpp"
+#include "oracle.hpp"
+#include "result_check.hpp"
 
 namespace {
 
 using namespace longattn;
+using namespace longattn::ring_job;
 using examples::DeviceTensor;
 using examples::random_value;
 
-constexpr const char* kUsage = R"(usage: mpirun -np P ring_attention [flags]
-  --seq-len N        tokens in the sequence (default 4096; with --load, from the files)
-  --heads H          query heads (default 8)
-  --kv-heads K       key/value heads, H % K == 0 (default = heads)
-  --head-dim D       head dimension (default 64)
-  --layout L         contiguous | zigzag | striped (default zigzag)
-  --causal           causal mask
-  --dtype T          fp32 | bf16 | fp16 (default fp32 on cpu, bf16 on cuda)
-  --device D         cpu | cuda (default cuda where GPUs and NCCL exist): one GPU per rank, NCCL ring
-  --backend B        local attention backend: auto | cpu | reference | cuda | cudnn (default auto)
-  --backward         also run the backward pass
-  --check            compare with a single-process oracle on rank 0; fail beyond tolerance
-  --check-oracle O   auto | reference | cpu: reference (double precision) below ~2e10 FLOPs under auto
-  --load DIR         read q.npy [T,H,D], k.npy and v.npy [T,K,D] (and do.npy with --backward), float32
-  --dump DIR         write o.npy [T,H,D], lse.npy [H,T] (and dq.npy, dk.npy, dv.npy), float32
-  --seed S           random input seed (default 1234)
-  --iters N          timed repetitions, the median is reported (default 1)
-)";
-
-struct Options {
-  std::int64_t seq_len = 4096;
-  int heads = 8, kv_heads = 8, head_dim = 64;
-  Layout layout = Layout::zigzag;
-  bool causal = false, backward = false, check = false;
-  DType dtype = DType::f32;
-  std::string backend = "auto", oracle = "auto", load, dump;
-  DeviceKind device = DeviceKind::cpu;
-  std::uint64_t seed = 1234;
-  int iters = 1;
-};
-
-Options parse(const examples::Flags& f) {
-  Options o;
-  o.seq_len = f.integer("seq-len", o.seq_len, 1, (1LL << 31) - 1);
-  o.heads = static_cast<int>(f.integer("heads", o.heads, 1, 4096));
-  o.kv_heads = static_cast<int>(f.integer("kv-heads", o.heads, 1, 4096));
-  o.head_dim = static_cast<int>(f.integer("head-dim", o.head_dim, 1, 1024));
-  o.layout = parse_layout(f.str("layout", "zigzag"));
-  o.causal = f.flag("causal");
-  o.backward = f.flag("backward");
-  o.check = f.flag("check");
-
-  o.backend = f.str("backend", "auto");
-  {
-    const auto names = available_backends();
-    if (o.backend != "auto" && std::find(names.begin(), names.end(), o.backend) == names.end())
-      throw Error(ErrorCode::invalid_argument,
-                  fmt::format("unknown or unavailable backend '{}'; here: auto, {}", o.backend, fmt::join(names, ", ")));
+// Every setup error (flags, files, memory, devices) takes this one path: each rank runs the stage,
+// the ranks agree on whether any failed, the lowest failing rank prints one line, and all exit
+// with status 2. A stage may end in a collective only if every rank reaches it.
+bool setup_stage(Communicator& world, const std::function<void()>& stage) {
+  std::string error;
+  try {
+    stage();
+  } catch (const std::exception& e) {
+    error = e.what();
   }
-  const std::string device = f.str("device", nccl_available() ? "cuda" : "cpu");
-  if (device == "cuda") {
-    if (!nccl_available())
-      throw Error(ErrorCode::unsupported, "--device cuda needs a GPU and a longattn built with CUDA and NCCL; use --device cpu");
-    o.device = DeviceKind::cuda;
-  } else if (device != "cpu") {
-    throw Error(ErrorCode::invalid_argument, "--device must be cpu or cuda, got '" + device + "'");
+  const int rank = world.rank(), nranks = world.size();
+  std::int64_t reporter = error.empty() ? nranks : rank;
+  world.allreduce(&reporter, 1, ReduceType::i64, ReduceOp::min);
+  if (reporter == nranks) return true;
+  // Print before anyone exits: mpirun kills the job at the first non-zero exit, which could
+  // otherwise swallow the reporter's line.
+  if (reporter == rank) {
+    std::fprintf(stderr, "ring_attention: error: %s\n", error.c_str());
+    std::fflush(stderr);
   }
-  o.dtype = parse_dtype(f.str("dtype", o.device == DeviceKind::cuda ? "bf16" : "fp32"));
-  if (o.device == DeviceKind::cuda && o.dtype == DType::f32)
-    throw Error(ErrorCode::unsupported, "the GPU kernels take bf16 or fp16 inputs: add --dtype bf16");
-  o.oracle = f.str("check-oracle", "auto");
-  o.load = f.str("load", "");
-  o.dump = f.str("dump", "");
-  o.seed = static_cast<std::uint64_t>(f.integer("seed", 1234, 0, (1LL << 62)));
-  o.iters = static_cast<int>(f.integer("iters", 1, 1, 1000));
-  if (o.oracle != "auto" && o.oracle != "reference" && o.oracle != "cpu")
-    throw Error(ErrorCode::invalid_argument, "--check-oracle must be auto, reference or cpu, got '" + o.oracle + "'");
-  return o;
+  world.barrier();
+  return false;
 }
 
-// Rows [T, width] of one input tensor as f32, either read from a file or generated.
-struct Input {
-  std::vector<std::int64_t> shape;  // [T, heads, dim]
-  std::vector<float> full;          // only when loaded from a file (or built for the check)
-};
+std::string plural(std::int64_t count, const char* noun) { return fmt::format("{} {}{}", count, noun, count == 1 ? "" : "s"); }
 
-Input load_input(const std::string& dir, const char* name) {
-  auto a = load_npy(dir + "/" + name);
-  if (a.shape.size() != 3)
-    throw Error(ErrorCode::io, fmt::format("{}/{}: expected 3 dimensions [tokens, heads, dim], got {}", dir, name, a.shape.size()));
-  return {a.shape, std::move(a.data)};
+// "16384 tokens (4096 per rank)", "5 tokens (1 to 2 per rank)", "1 token (0 to 1 per rank; 3 ranks hold none)".
+std::string token_spread(const ShardPlan& plan) {
+  std::int64_t least = plan.total_tokens(), most = 0;
+  int empty = 0;
+  for (int r = 0; r < plan.world(); ++r) {
+    const auto n = plan.local_tokens(r);
+    least = std::min(least, n);
+    most = std::max(most, n);
+    empty += n == 0;
+  }
+  std::string s = plural(plan.total_tokens(), "token") + " (" +
+                  (least == most ? fmt::format("{} per rank", most) : fmt::format("{} to {} per rank", least, most));
+  if (empty > 0) s += fmt::format("; {} hold{} none", plural(empty, "rank"), empty == 1 ? "s" : "");
+  return s + ")";
 }
 
 std::vector<float> full_rows(const Input* loaded, std::uint64_t seed, int tensor, std::int64_t tokens, std::int64_t width) {
@@ -152,27 +118,40 @@ std::vector<float> transpose(const std::vector<float>& a, std::int64_t rows, std
   return t;
 }
 
-int run_job(Communicator& world_comm, const Options& opt, const std::optional<Input>& in_q, const std::optional<Input>& in_k,
-            const std::optional<Input>& in_v, const std::optional<Input>& in_do);
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-struct ErrorStats {
-  double max_abs = 0, max_ref = 0;
-  void add(const std::vector<float>& got, const std::vector<float>& want) {
-    for (std::size_t i = 0; i < got.size() && i < want.size(); ++i) {
-      const double a = got[i], b = want[i];
-      if (std::isinf(a) && std::isinf(b) && a == b) continue;
-      const double d = std::abs(a - b);
-      max_abs = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(max_abs, d);
-      if (std::isfinite(b)) max_ref = std::max(max_ref, std::abs(b));
-    }
+std::string json_number(double x, const char* format) {
+  return std::isfinite(x) ? fmt::format(fmt::runtime(format), x) : std::string("null");
+}
+
+// One pass's timings over the iterations, each column its median over iterations on this rank.
+struct PassTimes {
+  std::vector<double> wall, compute, wait;
+  int skipped = 0;
+  void add(const RingStats& s) {
+    wall.push_back(s.wall_ms);
+    compute.push_back(s.compute_ms);
+    wait.push_back(s.wait_ms);
+    skipped = s.skipped_steps;
   }
-  double rel() const { return max_abs / (max_ref > 0 ? max_ref : 1.0); }
 };
+
+// What the setup stages build, in the order they build it.
+struct Job {
+  Options opt;
+  Inputs in;
+  std::optional<ShardPlan> plan;
+  std::unique_ptr<Communicator> nccl;
+  std::unique_ptr<AttentionBackend> backend;
+  std::unique_ptr<RingAttention> ring;
+  std::optional<DeviceTensor> q, k, v, o, lse, d_o, dq, dk, dv;
+  int iteration = 0;  // of the pass running now, for the progress lines
+};
+
+int run_job(Communicator& world, Job& job);
 
 int run(int argc, char** argv) {
   MpiSession mpi(&argc, &argv);
@@ -185,55 +164,65 @@ int run(int argc, char** argv) {
       return 0;
     }
 
-  // Setup errors (flags, files, shapes) are agreed on collectively so that every rank exits with
-  // the same message instead of some ranks hanging in the first collective.
-  Options opt;
-  std::optional<Input> in_q, in_k, in_v, in_do;
-  std::string setup_error;
-  try {
-    examples::Flags flags(argc, argv,
-                          {"seq-len", "heads", "kv-heads", "head-dim", "layout", "dtype", "device", "backend", "check-oracle", "load",
-                           "dump", "seed", "iters"},
-                          {"causal", "backward", "check"});
-    require_same_on_all_ranks(*world, "command-line flags", flags.canonical());
-    opt = parse(flags);
-    if (!opt.load.empty()) {
-      in_q = load_input(opt.load, "q.npy");
-      in_k = load_input(opt.load, "k.npy");
-      in_v = load_input(opt.load, "v.npy");
-      if (opt.backward) in_do = load_input(opt.load, "do.npy");
-      const auto& qs = in_q->shape;
-      if (in_k->shape != in_v->shape)
-        throw Error(ErrorCode::invalid_argument, fmt::format("k.npy and v.npy shapes differ: [{}] vs [{}]", fmt::join(in_k->shape, ","), fmt::join(in_v->shape, ",")));
-      if (in_k->shape[0] != qs[0] || in_k->shape[2] != qs[2])
-        throw Error(ErrorCode::invalid_argument, fmt::format("q.npy [{}] and k.npy [{}] disagree in tokens or head dim", fmt::join(qs, ","), fmt::join(in_k->shape, ",")));
-      if (in_do && in_do->shape != qs)
-        throw Error(ErrorCode::invalid_argument, fmt::format("do.npy [{}] must have q.npy's shape [{}]", fmt::join(in_do->shape, ","), fmt::join(qs, ",")));
-      opt.seq_len = qs[0];
-      opt.heads = static_cast<int>(qs[1]);
-      opt.kv_heads = static_cast<int>(in_k->shape[1]);
-      opt.head_dim = static_cast<int>(qs[2]);
-    }
-    if (opt.heads % opt.kv_heads != 0)
-      throw Error(ErrorCode::invalid_argument, fmt::format("--heads ({}) must be a multiple of --kv-heads ({})", opt.heads, opt.kv_heads));
-  } catch (const std::exception& e) {
-    setup_error = e.what();
-  }
-  // The lowest rank that failed reports; the others exit quietly with the same status.
-  std::int64_t reporter = setup_error.empty() ? nranks : rank;
-  world->allreduce(&reporter, 1, ReduceType::i64, ReduceOp::min);
-  if (reporter < nranks) {
-    // Print before anyone exits: mpirun kills the job at the first non-zero exit, which could
-    // otherwise swallow the reporter's line.
-    if (reporter == rank) {
-      std::fprintf(stderr, "ring_attention: error: %s\n", setup_error.c_str());
-      std::fflush(stderr);
-    }
-    world->barrier();
+  Job job;
+  Options& opt = job.opt;
+  std::optional<examples::Flags> flags;
+  const Topology topo = world->topology();
+  if (!setup_stage(*world, [&] { flags.emplace(read_flags(argc, argv)); })) return 2;
+  if (!setup_stage(*world, [&] { require_same_on_all_ranks(*world, "command-line flags", flags->canonical()); })) return 2;
+  // Flags, files and the memory estimate: local work on every rank, nothing the size of the
+  // sequence built before the estimate says it fits.
+  if (!setup_stage(*world, [&] {
+        opt = parse_options(*flags);
+        job.in = load_inputs(opt);
+        check_shape(opt);
+        require_memory(opt, nranks, topo.local_size, rank == 0);
+        job.plan.emplace(ShardPlan::single_sequence(opt.seq_len, opt.layout, nranks));
+      }))
     return 2;
-  }
+  omp_set_num_threads(cpu_threads_per_process(topo.local_size));
+  // On GPUs the ring runs over NCCL (which also picks this rank's GPU); on CPUs over MPI.
+  if (!setup_stage(*world, [&] {
+        if (opt.device == DeviceKind::cuda) job.nccl = make_nccl_communicator(*world);
+        job.backend = make_backend(opt.backend, opt.device);
+      }))
+    return 2;
+  if (!setup_stage(*world, [&] {
+        RingOptions ropt;
+        ropt.causal = opt.causal;
+        const bool progress = rank == 0 && static_cast<double>(opt.seq_len) * static_cast<double>(opt.seq_len) * opt.heads *
+                                                   opt.head_dim >= static_cast<double>(1LL << 36);
+        ropt.on_step = [&job, progress](const char* phase, int step, int steps) {
+          if (progress)
+            logger(Subsystem::app).info("{} iteration {}/{}, step {}/{}", phase, job.iteration, job.opt.iters, step, steps);
+        };
+        Communicator& ring_comm = job.nccl ? *job.nccl : *world;
+        job.ring = std::make_unique<RingAttention>(ring_comm, *job.plan, ropt, std::move(job.backend));
+        AttentionBackend& be = job.ring->backend();
+        const auto shard = job.plan->shard(rank);
+        const std::int64_t n = shard.tokens(), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
+        auto make = [&](std::optional<DeviceTensor>& t, DType type, std::int64_t a, std::int64_t b, std::int64_t c) {
+          t.emplace(be, type, std::initializer_list<std::int64_t>{a, b, c});
+        };
+        make(job.q, opt.dtype, n, H, D);
+        make(job.k, opt.dtype, n, K, D);
+        make(job.v, opt.dtype, n, K, D);
+        make(job.o, opt.dtype, n, H, D);
+        job.lse.emplace(be, DType::f32, std::initializer_list<std::int64_t>{H, n});
+        job.q->fill_shard(be, shard, opt.seed, 0, job.in.q ? &job.in.q->full : nullptr);
+        job.k->fill_shard(be, shard, opt.seed, 1, job.in.k ? &job.in.k->full : nullptr);
+        job.v->fill_shard(be, shard, opt.seed, 2, job.in.v ? &job.in.v->full : nullptr);
+        if (opt.backward) {
+          make(job.d_o, opt.dtype, n, H, D);
+          make(job.dq, opt.dtype, n, H, D);
+          make(job.dk, opt.dtype, n, K, D);
+          make(job.dv, opt.dtype, n, K, D);
+          job.d_o->fill_shard(be, shard, opt.seed, 3, job.in.d_o ? &job.in.d_o->full : nullptr);
+        }
+      }))
+    return 2;
   try {
-    return run_job(*world, opt, in_q, in_k, in_v, in_do);
+    return run_job(*world, job);
   } catch (const std::exception& e) {
     // Past setup, peers may be blocked in a collective with us: report and take the job down.
     std::fprintf(stderr, "ring_attention: error on rank %d: %s\n", rank, e.what());
@@ -243,43 +232,25 @@ int run(int argc, char** argv) {
   }
 }
 
-int run_job(Communicator& world_comm, const Options& opt, const std::optional<Input>& in_q, const std::optional<Input>& in_k,
-            const std::optional<Input>& in_v, const std::optional<Input>& in_do) {
-  Communicator* world = &world_comm;
-  const int rank = world->rank(), nranks = world->size();
+// --check on rank 0: the oracle over the whole sequence, compared with the gathered results.
+struct CheckOutcome {
+  std::string status = "skipped", oracle;
+  ResultComparison comparison;
+};
+
+int run_job(Communicator& world, Job& job) {
+  const Options& opt = job.opt;
+  const ShardPlan& plan = *job.plan;
+  const int rank = world.rank(), nranks = world.size();
   auto& log = logger(Subsystem::app);
-
-  const Topology topo = world->topology();
-  omp_set_num_threads(cpu_threads_per_process(topo.local_size));
-  const auto plan = ShardPlan::single_sequence(opt.seq_len, opt.layout, nranks);
-  const auto shard = plan.shard(rank);
-  const std::int64_t n = shard.tokens(), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
-  // On GPUs the ring runs over NCCL (which also picks this rank's GPU); on CPUs over MPI.
-  std::unique_ptr<Communicator> nccl;
-  if (opt.device == DeviceKind::cuda) nccl = make_nccl_communicator(*world);
-  Communicator& ring_comm = nccl ? *nccl : *world;
-  auto backend = make_backend(opt.backend, opt.device);
-  const std::string backend_name = backend->name();
-
-  RingOptions ropt;
-  ropt.causal = opt.causal;
-  const bool progress = rank == 0 && opt.seq_len * opt.seq_len * H * D >= (1LL << 36);
-  ropt.on_step = [&](const char* phase, int step, int steps) {
-    if (progress) log.info("{} step {}/{}", phase, step, steps);
-  };
-  RingAttention ring(ring_comm, plan, ropt, std::move(backend));
+  RingAttention& ring = *job.ring;
   AttentionBackend& be = ring.backend();
-
-  DeviceTensor q(be, opt.dtype, {n, H, D}), k(be, opt.dtype, {n, K, D}), v(be, opt.dtype, {n, K, D});
-  q.fill_shard(be, shard, opt.seed, 0, in_q ? &in_q->full : nullptr);
-  k.fill_shard(be, shard, opt.seed, 1, in_k ? &in_k->full : nullptr);
-  v.fill_shard(be, shard, opt.seed, 2, in_v ? &in_v->full : nullptr);
-  DeviceTensor o(be, opt.dtype, {n, H, D}), lse(be, DType::f32, {H, n});
+  const std::string backend_name = be.name();
+  const std::int64_t n = plan.local_tokens(rank), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
 
   if (rank == 0)
-    log.info("ring attention: {} ranks, {} tokens ({} per rank), {} heads / {} kv heads, dim {}, {}, {}{}, backend {}", nranks,
-             opt.seq_len, n, H, K, D, to_string(opt.layout), to_string(opt.dtype), opt.causal ? ", causal" : "",
-             backend_name);
+    log.info("ring attention: {}, {}, {} heads / {} kv heads, dim {}, {}, {}{}, backend {}", plural(nranks, "rank"), token_spread(plan),
+             H, K, D, to_string(opt.layout), to_string(opt.dtype), opt.causal ? ", causal" : "", backend_name);
 
   // Device memory in use on this rank's GPU (whole device: context, libraries, pools included).
   auto log_memory = [&](const char* when) {
@@ -287,59 +258,53 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
       log.info("GPU memory in use {}: {:.2f} GiB", when, static_cast<double>(gpu_memory_used_bytes()) / (1 << 30));
   };
   log_memory("after setup");
-  std::vector<double> fwd_ms, bwd_ms;
-  RingStats fwd_stats, bwd_stats;
-  for (int it = 0; it < opt.iters; ++it) {
-    world->barrier();
-    ring.forward(q.view, k.view, v.view, o.view, lse.view);
-    fwd_stats = ring.last_stats();
-    fwd_ms.push_back(fwd_stats.wall_ms);
+  PassTimes fwd, bwd;
+  for (job.iteration = 1; job.iteration <= opt.iters; ++job.iteration) {
+    world.barrier();
+    ring.forward(job.q->view, job.k->view, job.v->view, job.o->view, job.lse->view);
+    fwd.add(ring.last_stats());
   }
   std::size_t mem_peak = gpu_memory_used_bytes();
   log_memory("after forward");
-  std::optional<DeviceTensor> d_o, dq, dk, dv;
   if (opt.backward) {
-    d_o.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, H, D});
-    d_o->fill_shard(be, shard, opt.seed, 3, in_do ? &in_do->full : nullptr);
-    dq.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, H, D});
-    dk.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, K, D});
-    dv.emplace(be, opt.dtype, std::initializer_list<std::int64_t>{n, K, D});
-    for (int it = 0; it < opt.iters; ++it) {
-      world->barrier();
-      ring.backward(q.view, k.view, v.view, o.view, lse.view, d_o->view, dq->view, dk->view, dv->view);
-      bwd_stats = ring.last_stats();
-      bwd_ms.push_back(bwd_stats.wall_ms);
+    for (job.iteration = 1; job.iteration <= opt.iters; ++job.iteration) {
+      world.barrier();
+      ring.backward(job.q->view, job.k->view, job.v->view, job.o->view, job.lse->view, job.d_o->view, job.dq->view, job.dk->view,
+                    job.dv->view);
+      bwd.add(ring.last_stats());
     }
     mem_peak = std::max(mem_peak, gpu_memory_used_bytes());
     log_memory("after backward");
   }
-  // The slowest rank defines the step time; peak device memory is the largest over ranks.
-  double times[3] = {median(fwd_ms), median(bwd_ms), static_cast<double>(mem_peak)};
-  world->allreduce(times, 3, ReduceType::f64, ReduceOp::max);
+  // Each column is a median over the iterations on each rank, then the largest over the ranks (the
+  // slowest rank defines the step time); peak device memory is the largest over ranks.
+  double summary[] = {median(fwd.wall), median(fwd.compute), median(fwd.wait), static_cast<double>(fwd.skipped),
+                      median(bwd.wall), median(bwd.compute), median(bwd.wait), static_cast<double>(bwd.skipped),
+                      static_cast<double>(mem_peak)};
+  world.allreduce(summary, std::size(summary), ReduceType::f64, ReduceOp::max);
 
   // Gather results on rank 0 for --check and --dump.
   std::vector<float> g_o, g_lse, g_dq, g_dk, g_dv;
   if (opt.check || !opt.dump.empty()) {
-    g_o = gather_rows(*world, plan, o.download(be), H * D);
-    g_lse = gather_rows(*world, plan, transpose(lse.download(be), H, n), H);
+    g_o = gather_rows(world, plan, job.o->download(be), H * D);
+    g_lse = gather_rows(world, plan, transpose(job.lse->download(be), H, n), H);
     if (rank == 0) g_lse = transpose(g_lse, opt.seq_len, H);
     if (opt.backward) {
-      g_dq = gather_rows(*world, plan, dq->download(be), H * D);
-      g_dk = gather_rows(*world, plan, dk->download(be), K * D);
-      g_dv = gather_rows(*world, plan, dv->download(be), K * D);
+      g_dq = gather_rows(world, plan, job.dq->download(be), H * D);
+      g_dk = gather_rows(world, plan, job.dk->download(be), K * D);
+      g_dv = gather_rows(world, plan, job.dv->download(be), K * D);
     }
   }
 
   const double causal_factor = opt.causal ? 0.5 : 1.0;
   const double fwd_flops = 4.0 * static_cast<double>(opt.seq_len) * static_cast<double>(opt.seq_len) * H * D * causal_factor;
-  std::string check = "skipped", oracle;
-  ErrorStats err;
+  CheckOutcome check;
   if (rank == 0 && opt.check) {
     const std::int64_t T = opt.seq_len;
-    oracle = opt.oracle;
-    if (oracle == "auto") oracle = fwd_flops * (opt.backward ? 3.5 : 1.0) <= 2e10 ? "reference" : "cpu";
-    log.info("checking against the single-process '{}' oracle", oracle);
-    auto ob = make_backend(oracle, DeviceKind::cpu);
+    const double check_flops = fwd_flops * (opt.backward ? 3.5 : 1.0);
+    check.oracle = opt.oracle == "auto" ? (check_flops <= 2e10 ? "reference" : "cpu") : opt.oracle;
+    log.info("checking against the single-process '{}' oracle", check.oracle);
+    auto ob = make_backend(check.oracle, DeviceKind::cpu);
     omp_set_num_threads(cpu_threads_per_process(1));
     // The oracle sees the same rounded inputs as the ring: the full tensors go through the dtype.
     auto make_full = [&](const Input* in, int tensor, std::int64_t heads) {
@@ -348,38 +313,45 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
       convert_from_f32(full.data(), buf.data(), opt.dtype, full.size());
       return buf;
     };
-    HostBuffer fq = make_full(in_q ? &*in_q : nullptr, 0, H), fk = make_full(in_k ? &*in_k : nullptr, 1, K),
-               fv = make_full(in_v ? &*in_v : nullptr, 2, K);
-    AttentionArgs a;
-    a.q = TensorView(fq.data(), opt.dtype, {T, H, D});
-    a.k = TensorView(fk.data(), opt.dtype, {T, K, D});
-    a.v = TensorView(fv.data(), opt.dtype, {T, K, D});
-    a.causal = opt.causal;
-    std::vector<float> ro(static_cast<std::size_t>(T * H * D)), rl(static_cast<std::size_t>(H * T));
-    ob->forward(a, {TensorView(ro.data(), DType::f32, {T, H, D}), TensorView(rl.data(), DType::f32, {H, T})});
-    err.add(g_o, ro);
-    err.add(g_lse, rl);
+    auto loaded = [](const std::optional<Input>& in) { return in ? &*in : nullptr; };
+    HostBuffer fq = make_full(loaded(job.in.q), 0, H), fk = make_full(loaded(job.in.k), 1, K), fv = make_full(loaded(job.in.v), 2, K);
+    std::optional<HostBuffer> fdo;
+    if (opt.backward) fdo.emplace(make_full(loaded(job.in.d_o), 3, H));
+    OracleProblem problem;
+    problem.q = TensorView(fq.data(), opt.dtype, {T, H, D});
+    problem.k = TensorView(fk.data(), opt.dtype, {T, K, D});
+    problem.v = TensorView(fv.data(), opt.dtype, {T, K, D});
+    if (fdo) problem.d_o = TensorView(fdo->data(), opt.dtype, {T, H, D});
+    problem.causal = opt.causal;
+    // Blocks of about 1/16 of the rows; a line every few seconds when the check takes long.
+    using Clock = std::chrono::steady_clock;
+    auto last_line = Clock::now();
+    const auto start = last_line;
+    const auto report = [&](const char* phase, std::int64_t done, std::int64_t rows) {
+      const auto now = Clock::now();
+      if (now - last_line < std::chrono::seconds(3) && done < rows) return;
+      if (now - start < std::chrono::seconds(3)) return;
+      last_line = now;
+      log.info("check: oracle {} {}/{} query rows ({:.0f} s so far)", phase, done, rows,
+               std::chrono::duration<double>(now - start).count());
+    };
+    const auto want = run_oracle(*ob, problem, opt.backward, (T + 15) / 16, report);
+    check.comparison.add("o", g_o, want.o);
+    check.comparison.add("lse", g_lse, want.lse);
     if (opt.backward) {
-      HostBuffer fdo = make_full(in_do ? &*in_do : nullptr, 3, H);
-      std::vector<float> rdq(static_cast<std::size_t>(T * H * D)), rdk(static_cast<std::size_t>(T * K * D)),
-          rdv(static_cast<std::size_t>(T * K * D));
-      // Backward from the oracle's own forward results, as a single process would do it.
-      BackwardArgs g;
-      g.o = TensorView(ro.data(), DType::f32, {T, H, D});
-      g.lse = TensorView(rl.data(), DType::f32, {H, T});
-      g.d_o = TensorView(fdo.data(), opt.dtype, {T, H, D});
-      g.dq = TensorView(rdq.data(), DType::f32, {T, H, D});
-      g.dk = TensorView(rdk.data(), DType::f32, {T, K, D});
-      g.dv = TensorView(rdv.data(), DType::f32, {T, K, D});
-      ob->backward(a, g);
-      err.add(g_dq, rdq);
-      err.add(g_dk, rdk);
-      err.add(g_dv, rdv);
+      check.comparison.add("dq", g_dq, want.dq);
+      check.comparison.add("dk", g_dk, want.dk);
+      check.comparison.add("dv", g_dv, want.dv);
     }
     const double tol = opt.dtype == DType::f32 ? 2e-4 : 3e-2;
-    check = err.rel() <= tol ? "passed" : "failed";
-    if (check == "passed") log.info("check passed: max abs error {:.3g}, relative {:.3g} (tolerance {})", err.max_abs, err.rel(), tol);
-    else log.error("CHECK FAILED: max abs error {:.3g}, relative {:.3g} exceeds tolerance {}", err.max_abs, err.rel(), tol);
+    const auto& c = check.comparison;
+    check.status = c.passed(tol) ? "passed" : "failed";
+    if (check.status == "passed")
+      log.info("check passed: max abs error {:.3g}, relative {:.3g} (tolerance {})", c.max_abs(), c.rel(), tol);
+    else if (!c.failures().empty())
+      log.error("CHECK FAILED: {}", c.failures());
+    else
+      log.error("CHECK FAILED: max abs error {:.3g}, relative {:.3g} exceeds tolerance {}", c.max_abs(), c.rel(), tol);
   }
 
   if (rank == 0 && !opt.dump.empty()) {
@@ -395,29 +367,41 @@ int run_job(Communicator& world_comm, const Options& opt, const std::optional<In
   }
 
   if (rank == 0) {
-    const double tflops = times[0] > 0 ? fwd_flops / (times[0] * 1e-3) / 1e12 : 0.0;
-    const double bwd_tflops = times[1] > 0 ? 2.5 * fwd_flops / (times[1] * 1e-3) / 1e12 : 0.0;
-    std::printf("%-10s %10s %10s %12s %12s %10s\n", "pass", "wall ms", "TFLOP/s", "compute ms", "wait ms", "skipped");
-    std::printf("%-10s %10.1f %10.4f %12.1f %12.1f %10d\n", "forward", times[0], tflops, fwd_stats.compute_ms, fwd_stats.wait_ms, fwd_stats.skipped_steps);
-    if (opt.backward)
-      std::printf("%-10s %10.1f %10.4f %12.1f %12.1f %10d\n", "backward", times[1], bwd_tflops, bwd_stats.compute_ms, bwd_stats.wait_ms, bwd_stats.skipped_steps);
+    const double fwd_ms = summary[0], bwd_ms = summary[4];
+    const double tflops = fwd_ms > 0 ? fwd_flops / (fwd_ms * 1e-3) / 1e12 : 0.0;
+    const double bwd_tflops = bwd_ms > 0 ? 2.5 * fwd_flops / (bwd_ms * 1e-3) / 1e12 : 0.0;
+    // Host-timed compute is real only on CPUs (GPU kernels run asynchronously).
+    const bool compute_measured = opt.device == DeviceKind::cpu;
+    auto row = [&](const char* pass, const double* t, double rate) {
+      const std::string compute = compute_measured ? fmt::format("{:.1f}", t[1]) : "-";
+      std::printf("%-10s %10.1f %10.4f %12s %12.1f %14.0f\n", pass, t[0], rate, compute.c_str(), t[2], t[3]);
+    };
+    std::printf("%-10s %10s %10s %12s %12s %14s\n", "pass", "wall ms", "TFLOP/s", "compute ms", "wait ms", "skipped steps");
+    row("forward", summary, tflops);
+    if (opt.backward) row("backward", summary + 4, bwd_tflops);
+    std::printf("wall, compute and wait: median over %s, slowest rank; compute is local attention and merges%s;\n"
+                "skipped steps: of the %d ring steps per pass, those where the causal mask hides every key of the\n"
+                "arriving shard from the rank's queries (nothing to compute), most over ranks\n",
+                plural(opt.iters, "iteration").c_str(), compute_measured ? "" : " (not timed on GPUs)", nranks);
     // The backend(s) that ran (for "auto" on a GPU: "cudnn", "cuda" or "cudnn+cuda").
     const std::string used_backend = be.name();
+    const auto& c = check.comparison;
     std::printf(
         "RESULT {\"program\":\"ring_attention\",\"ranks\":%d,\"seq_len\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
-        "\"layout\":\"%s\",\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"device\":\"%s\",\"peak_gpu_mem_gib\":%.3f,\"fwd_ms\":%.3f,\"bwd_ms\":%s,"
-        "\"tflops\":%.5f,\"bwd_tflops\":%s,\"fwd_compute_ms\":%.3f,\"fwd_wait_ms\":%.3f,\"check\":\"%s\",\"check_oracle\":\"%s\","
-        "\"max_abs_err\":%s,\"rel_err\":%s}\n",
+        "\"layout\":\"%s\",\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"device\":\"%s\",\"iters\":%d,\"peak_gpu_mem_gib\":%.3f,"
+        "\"fwd_ms\":%.3f,\"bwd_ms\":%s,\"tflops\":%.5f,\"bwd_tflops\":%s,\"fwd_compute_ms\":%s,\"fwd_wait_ms\":%.3f,"
+        "\"fwd_skipped_steps\":%d,\"check\":\"%s\",\"check_oracle\":\"%s\",\"max_abs_err\":%s,\"rel_err\":%s}\n",
         nranks, static_cast<long long>(opt.seq_len), opt.heads, opt.kv_heads, opt.head_dim, to_string(opt.layout),
-        opt.causal ? "true" : "false", to_string(opt.dtype), used_backend.c_str(), to_string(opt.device), times[2] / (1 << 30), times[0],
-        opt.backward ? fmt::format("{:.3f}", times[1]).c_str() : "null", tflops,
-        opt.backward ? fmt::format("{:.5f}", bwd_tflops).c_str() : "null", fwd_stats.compute_ms, fwd_stats.wait_ms,
-        check.c_str(), oracle.c_str(), opt.check ? fmt::format("{:.3e}", err.max_abs).c_str() : "null",
-        opt.check ? fmt::format("{:.3e}", err.rel()).c_str() : "null");
+        opt.causal ? "true" : "false", to_string(opt.dtype), used_backend.c_str(), to_string(opt.device), opt.iters,
+        summary[8] / (1 << 30), fwd_ms, opt.backward ? fmt::format("{:.3f}", bwd_ms).c_str() : "null", tflops,
+        opt.backward ? fmt::format("{:.5f}", bwd_tflops).c_str() : "null",
+        compute_measured ? fmt::format("{:.3f}", summary[1]).c_str() : "null", summary[2], static_cast<int>(summary[3]),
+        check.status.c_str(), check.oracle.c_str(), opt.check ? json_number(c.max_abs(), "{:.3e}").c_str() : "null",
+        opt.check ? json_number(c.rel(), "{:.3e}").c_str() : "null");
     std::fflush(stdout);
   }
-  std::int64_t bad = check == "failed" ? 1 : 0;
-  world->allreduce(&bad, 1, ReduceType::i64, ReduceOp::max);
+  std::int64_t bad = check.status == "failed" ? 1 : 0;
+  world.allreduce(&bad, 1, ReduceType::i64, ReduceOp::max);
   return bad ? 3 : 0;
 }
 

@@ -50,6 +50,11 @@ class RingAttention {
   void backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o, TensorView dq,
                 TensorView dk, TensorView dv);
 
+  // Device bytes of workspace forward (and backward) allocate on `rank` for these shapes, without
+  // allocating anything: to refuse a run that cannot fit before building it.
+  static std::size_t workspace_bytes(const ShardPlan& plan, int rank, int heads, int kv_heads, int head_dim, DType dtype,
+                                     bool backward);
+
   const RingStats& last_stats() const noexcept;
   AttentionBackend& backend() noexcept;
   const ShardPlan& plan() const noexcept;

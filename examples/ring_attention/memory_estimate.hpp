@@ -1,0 +1,84 @@
+// What a ring_attention run needs in memory, worked out from the shapes alone before anything the
+// size of the sequence exists, so an impossible run is refused at once with the numbers instead of
+// growing until the machine runs out.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "longattn/error.hpp"
+#include "longattn/layout.hpp"
+#include "longattn/ring.hpp"
+#include "options.hpp"
+
+namespace longattn::ring_job {
+
+struct MemoryNeed {
+  double tensors = 0;     // one rank's q, k, v, o, lse (and dO, dq, dk, dv) on its device
+  double workspaces = 0;  // one rank's ring workspaces on its device
+  double host_rank = 0;   // host memory of every rank besides its device: loaded files, staging
+  double host_rank0 = 0;  // rank 0's extra host memory for --check and --dump (whole tensors)
+};
+
+inline MemoryNeed estimate_memory(const Options& o, int nranks) {
+  const ShardPlan plan = ShardPlan::single_sequence(o.seq_len, o.layout, nranks);
+  const double n = static_cast<double>(plan.max_local_tokens()), T = static_cast<double>(o.seq_len);
+  const double H = o.heads, K = o.kv_heads, D = o.head_dim, es = static_cast<double>(dtype_size(o.dtype));
+  const double q_rows = H * D, kv_rows = K * D;
+  MemoryNeed m;
+  m.tensors = n * (2 * q_rows + 2 * kv_rows) * es + n * H * 4;
+  if (o.backward) m.tensors += n * (2 * q_rows + 2 * kv_rows) * es;
+  int fullest = 0;
+  for (int r = 0; r < nranks; ++r)
+    if (plan.local_tokens(r) > plan.local_tokens(fullest)) fullest = r;
+  m.workspaces = static_cast<double>(
+      RingAttention::workspace_bytes(plan, fullest, o.heads, o.kv_heads, o.head_dim, o.dtype, o.backward));
+  // Every rank reads the whole files; staging of the random fill is 32 MiB at most; the shard's
+  // index lists cost 12 bytes a token.
+  const double file_values = T * (2 * q_rows + 2 * kv_rows) + (o.backward ? T * q_rows : 0);
+  m.host_rank = (o.load.empty() ? 0 : 4 * file_values) + 32.0 * (1 << 20) + 12 * n;
+  // Rank 0 gathers o, lse (and dq, dk, dv) whole; --check also builds q, k, v (and dO) whole in the
+  // dtype and as f32, and the oracle's own outputs.
+  const double outputs = T * (q_rows + H) + (o.backward ? T * (q_rows + 2 * kv_rows) : 0);
+  if (o.check || !o.dump.empty()) m.host_rank0 += 2 * 4 * outputs;
+  if (o.check) m.host_rank0 += file_values * (es + 4) + 4 * outputs;
+  return m;
+}
+
+// MemAvailable of /proc/meminfo in bytes; 0 where it cannot be read (then nothing is refused).
+inline double host_memory_available() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return 0;
+}
+
+inline std::string gib(double bytes) { return fmt::format("{:.1f} GiB", bytes / (1024.0 * 1024 * 1024)); }
+
+// Throws with the numbers when the ranks sharing this host need more host memory than it has
+// available. On GPUs the tensors and workspaces live in device memory, whose allocation fails
+// cleanly; on CPUs they are host memory too.
+inline void require_memory(const Options& o, int nranks, int ranks_on_host, bool rank0_here) {
+  const MemoryNeed m = estimate_memory(o, nranks);
+  const bool on_host = o.device == DeviceKind::cpu;
+  const double per_rank = m.host_rank + (on_host ? m.tensors + m.workspaces : 0);
+  const double need = ranks_on_host * per_rank + (rank0_here ? m.host_rank0 : 0);
+  const double available = host_memory_available();
+  if (available <= 0 || need <= available) return;
+  std::string parts = fmt::format("{} rank{} x {} (", ranks_on_host, ranks_on_host == 1 ? "" : "s", gib(per_rank));
+  if (on_host) parts += fmt::format("tensors {}, ring workspaces {}, ", gib(m.tensors), gib(m.workspaces));
+  parts += fmt::format("inputs and staging {})", gib(m.host_rank));
+  if (rank0_here && m.host_rank0 > 0) parts += fmt::format(" + {} on rank 0 for --check/--dump", gib(m.host_rank0));
+  throw Error(ErrorCode::out_of_capacity,
+              fmt::format("this run needs about {} of memory on this host ({}) but {} is available; use more ranks or hosts, a "
+                          "shorter --seq-len or fewer heads{}",
+                          gib(need), parts, gib(available), o.check ? ", or leave out --check" : ""));
+}
+
+}  // namespace longattn::ring_job
