@@ -21,7 +21,7 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
       {"LONGATTN_CUDA_FWD_KERNEL", "auto", "forward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions; other shapes fall back to mma)"},
       {"LONGATTN_CUDA_BWD_KERNEL", "auto", "backward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions, atomic dQ; other calls, deterministic mode included, fall back to mma)"},
-      {"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "overlap", "how the wgmma forward's warpgroups schedule their work: overlap (three K/V stages with per-stage barriers so the two warpgroups drift apart, and each computes the next tile's scores while its P V product runs; the fastest), pipeline (the same without the overlap inside a warpgroup) or lockstep (two stages, a block barrier per tile)"},
+      {"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "overlap", "how the wgmma forward's warpgroups schedule their work: overlap (three K/V stages with per-stage barriers so the two warpgroups drift apart, and each computes the next tile's scores while its P V product runs; the fastest) or pipeline (the same without the overlap inside a warpgroup; fewer registers)"},
       {"LONGATTN_DECODE_ISA", "auto", "highest instruction set of the CPU decode kernel: auto, generic, avx2, avx512, avx512_bf16 (for comparisons; auto = the best the CPU has)"},
   };
   return table;

@@ -1,5 +1,6 @@
 # Sourced by the GPU run scripts: environment, device record and the CUDA build, in one place.
-# Sets OUT, SRC, BUILD, JOBS; defines gpu_build TARGET... (configure + build, exits on failure).
+# Sets OUT, SRC, BUILD, JOBS; defines gpu_build TARGET... (configure + build, exits on failure) and
+# gpu_build_tree (one source tree into one build folder, for builds side by side).
 OUT=${OUT:-/tmp/longattn-gpu-out}
 mkdir -p "$OUT"
 SRC=$(pwd)
@@ -44,4 +45,22 @@ gpu_build() {
     exit 1
   fi
   echo "build ($*): $(( $(date +%s) - start )) s"
+}
+
+# gpu_build_tree SRC BUILD_DIR LOG TARGET...: configure and build one source tree without cuDNN
+# (comparisons between trees need only the own kernels, and cuDNN's large headers are the slowest
+# part of the build); all output to LOG; returns non-zero on failure.
+gpu_build_tree() {
+  local src=$1 dir=$2 log=$3
+  shift 3
+  local start
+  start=$(date +%s)
+  {
+    cmake -S "$src" -B "$dir" -DCMAKE_BUILD_TYPE=Release -DLONGATTN_CUDA=ON -DLONGATTN_CUDA_ARCHS=90a \
+      -DLONGATTN_CUDNN_FRONTEND_INCLUDE=OFF -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" &&
+      cmake --build "$dir" -j"$JOBS" --target "$@"
+  } > "$log" 2>&1
+  local rc=$?
+  echo "build of $src ($*): $(( $(date +%s) - start )) s, exit code $rc" | tee -a "$log"
+  return $rc
 }

@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
 # On a GPU machine: configure and build the GPU targets, run the GPU tests, then the GPU kernel
 # benchmark and PyTorch's SDPA peer back to back; full logs under $OUT; a short side-by-side table
-# last. Usage: scripts/gpu-run.sh [quick|full|test|build|wgmma]   (quick: seq 8k/32k only; test: no
-# benchmarks; build: build only; wgmma: only the Hopper wgmma kernels' tests and their timing
-# against the mma.sync kernels at 8k/32k, head dim 128, for quick iterations on those kernels;
-# cudnn-ab: the cudnn backend and PyTorch's cuDNN path alternately, ROUNDS times (default 4) at SEQS
-# (default 8192,32768), head dim 128, to tell a real gap from run-to-run spread). BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in
-# kernels/cuda/flash_tiles.hpp) beside the default one.
+# last. Usage: scripts/gpu-run.sh [quick|full|test|build|wgmma|cudnn-ab|ab|pack-base]
+#   quick: seq 8k/32k only; test: no benchmarks; build: build only;
+#   wgmma: only the Hopper wgmma kernels' tests and their timing against the mma.sync kernels at
+#     8k/32k, head dim 128, for quick iterations on those kernels;
+#   cudnn-ab: the cudnn backend and PyTorch's cuDNN path alternately, ROUNDS times (default 4) at
+#     SEQS (default 8192,32768), head dim 128, to tell a real gap from run-to-run spread;
+#   ab: the own forward kernels of this tree against those of git revision BASE_REV (default
+#     938fb34), both built side by side (longattn-bench only, no cuDNN), timed alternately ROUNDS
+#     times (default 3) by `longattn-bench gpu-kernels --seqs AB_SEQS --dims 64,128 --backends cuda`
+#     for each forward kernel (mma.sync; wgmma with each warpgroup schedule), plus this tree's GPU
+#     forward tests; a before/after table of medians last. Without git history on the GPU machine
+#     it reads the base tree from build-ab-base/BASE_REV.tar: run `scripts/gpu-run.sh pack-base`
+#     where the repository is, and carry build-ab-base.
+# BUILD=dir and CUDA_FLAGS="-D..." build a variant (tile knobs in kernels/cuda/flash_tiles.hpp)
+# beside the default one.
 set -uo pipefail
 MODE=${1:-full}
+BASE_REV=${BASE_REV:-938fb34}
+BASE_TAR=build-ab-base/$BASE_REV.tar
+if [ "$MODE" = pack-base ]; then  # here, where the git history is: the base tree for mode ab
+  mkdir -p build-ab-base && git archive -o "$BASE_TAR" "$BASE_REV" || exit 1
+  echo "wrote $BASE_TAR; name build-ab-base in the run's carry list"
+  exit 0
+fi
+[ "$MODE" = ab ] && exec bash "$(dirname "$0")/gpu-ab.sh"
 OUT=${OUT:-/tmp/longattn-gpu-out}
 source "$(dirname "$0")/gpu-build-common.sh"
 if [ "$MODE" = cudnn-ab ]; then
@@ -59,8 +76,8 @@ if [ "$MODE" = wgmma ]; then
   wgmma_bwd_rc=$?
   grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure|differs|error" "$OUT/test_gpu_wgmma_bwd.log" | head -30
   # mma.sync, then the wgmma kernels with each warpgroup schedule of the forward.
-  for k in mma wgmma-lockstep wgmma-pipeline wgmma-overlap; do
-    schedule=lockstep; [ "$k" != mma ] && schedule=${k#wgmma-}
+  for k in mma wgmma-pipeline wgmma-overlap; do
+    schedule=overlap; [ "$k" != mma ] && schedule=${k#wgmma-}
     LONGATTN_CUDA_FWD_KERNEL=${k%%-*} LONGATTN_CUDA_BWD_KERNEL=${k%%-*} LONGATTN_CUDA_WGMMA_FWD_SCHEDULE=$schedule \
       timeout 180 "$BUILD/bin/longattn-bench" gpu-kernels --seqs 8192,32768 --dims 128 --backends cuda > "$OUT/bench_$k.log" 2>&1
   done
@@ -78,12 +95,12 @@ def rows(path, backend=None):
     except OSError:
         pass
     return {}
-kinds = ["mma", "wgmma-lockstep", "wgmma-pipeline", "wgmma-overlap"]
+kinds = ["mma", "wgmma-pipeline", "wgmma-overlap"]
 ours = {k: rows(f"{sys.argv[1]}/bench_{k}.log") for k in kinds}
 torch = sys.argv[1] + "/bench_torch_sdpa.log"
 peers = {"torch flash": rows(torch, "flash"), "torch cudnn": rows(torch, "cudnn")}
-print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync, own wgmma (forward schedule: lockstep,")
-print("pipeline, overlap; backward the same wgmma kernel) vs PyTorch flash / cuDNN")
+print("TFLOP/s forward / backward, d128 bf16 32 heads: own mma.sync, own wgmma (forward schedule: pipeline,")
+print("overlap; backward the same wgmma kernel) vs PyTorch flash / cuDNN")
 print("| seq | causal | " + " | ".join(kinds) + " | torch flash | torch cudnn |")
 print("|---|---|" + "---|" * (len(kinds) + 2))
 def f(pair):

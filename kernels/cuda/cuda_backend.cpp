@@ -49,15 +49,14 @@ bool wgmma_requested(const char* variable) {
 }
 
 // LONGATTN_CUDA_WGMMA_FWD_SCHEDULE: how the wgmma forward's two warpgroups share the K/V stages
-// (flash_fwd_wgmma.cu says what each does). Default overlap: 580 TFLOP/s at 32k causal d128 on an
-// H100 against pipeline's 546 and lockstep's 448, measured side by side in one call.
+// (flash_fwd_wgmma.cu says what each does). Default overlap, the faster of the two on every shape
+// measured (bench/results/gpu_wgmma_h100_2026-11-23.md).
 WgmmaSchedule wgmma_forward_schedule() {
   const std::string want = env_string("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE");
-  if (want == "lockstep") return WgmmaSchedule::lockstep;
   if (want == "pipeline") return WgmmaSchedule::pipeline;
   if (want == "overlap" || want.empty()) return WgmmaSchedule::overlap;
   throw Error(ErrorCode::invalid_argument,
-              fmt::format("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE={} is not one of lockstep, pipeline, overlap", want));
+              fmt::format("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE={} is not one of pipeline, overlap", want));
 }
 
 std::string device_tensor_reason(const AttentionArgs& a) {

@@ -4,9 +4,12 @@
 // positions of both tiles) are skipped; fully visible ones skip the element mask.
 #include <cmath>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 #include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/flash_accumulators.cuh"
 #include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_epilogue.cuh"
+#include "kernels/cuda/flash_softmax.cuh"
 #include "kernels/cuda/flash_tiles.hpp"
 
 namespace longattn::kernels::cuda {
@@ -25,7 +28,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
   const QueryTile qt = query_tile<kBM, D>(p);
   if (qt.empty()) return;
   const std::int64_t q_start = qt.q_start, k_start = qt.k_start, q_stride = qt.q_stride, kv_stride = qt.kv_stride;
-  const int len_q = qt.len_q, len_k = qt.len_k, m0 = qt.m0, rows_q = qt.rows_q, h = qt.h;
+  const int len_q = qt.len_q, len_k = qt.len_k, m0 = qt.m0, rows_q = qt.rows_q;
   const T* qg = static_cast<const T*>(p.q) + qt.q_offset;
   const T* kg = static_cast<const T*>(p.k) + qt.kv_offset;
   const T* vg = static_cast<const T*>(p.v) + qt.kv_offset;
@@ -57,17 +60,13 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
   cp_async_commit();
 
   float acc_o[kMT][D / 8][4];
-  float row_max[kMT][2], row_sum[kMT][2];
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc_o[mt][i][j] = 0.0f;
-    row_max[mt][0] = row_max[mt][1] = -INFINITY;
-    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
-  }
-  const float scale_log2 = p.scale * kLog2e;
+  OnlineSoftmax<2 * kMT> softmax(p.scale);
 
   while (n < tiles.end) {
     cp_async_wait<0>();
@@ -121,47 +120,11 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
       }
     }
 
-    float alphas[kMT][2];
-    // Online softmax; rows are shared by the 4 lanes of a quad. row_max holds the raw (unscaled)
-    // maximum; exponents are scale*log2(e)*(s - max), one FFMA per score.
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[mt][r];
-#pragma unroll
-        for (int t = 0; t < kBN / 8; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
-        const float alpha = fast_exp2(row_max[mt][r] * scale_log2 - m_scaled);
-        row_max[mt][r] = mx;
-        float sum = 0.0f;
-#pragma unroll
-        for (int t = 0; t < kBN / 8; ++t) {
-          s[mt][t][2 * r] = fast_exp2(fmaf(s[mt][t][2 * r], scale_log2, -m_scaled));
-          s[mt][t][2 * r + 1] = fast_exp2(fmaf(s[mt][t][2 * r + 1], scale_log2, -m_scaled));
-          sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
-        }
-        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-        alphas[mt][r] = alpha;
-      }
+    float alpha[2 * kMT];
+    softmax.update(MmaRows<kMT, kBN>{s}, alpha);
     // Rescale the output only when some row of the warp saw a new maximum (alpha is exactly 1
     // otherwise, so skipping is bit-identical); long rows rarely do after their first tiles.
-    bool any = false;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) any |= (alphas[mt][0] != 1.0f) | (alphas[mt][1] != 1.0f);
-    if (__any_sync(0xffffffffu, any)) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            acc_o[mt][dt][2 * r] *= alphas[mt][r];
-            acc_o[mt][dt][2 * r + 1] *= alphas[mt][r];
-          }
-    }
+    if (__any_sync(0xffffffffu, softmax.any_rescale(alpha))) softmax.rescale(MmaRows<kMT, D>{acc_o}, alpha);
 
     const int nxt = tiles.next(n + 1, lane);
     cp_async_wait<0>();
@@ -195,25 +158,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
   }
   cp_async_wait<0>();
 
-  // Epilogue: finish the row sums across the quad, normalize, write o and lse.
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[mt][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      const int row = m0 + r_loc0 + 16 * mt + 8 * r;
-      if (row >= len_q) continue;
-      const std::int64_t tok = q_start + row;
-      const std::int64_t obase = tok * q_stride + static_cast<std::int64_t>(h) * D + (lane % 4) * 2;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        store_pair<T>(p.o, p.o_dtype, obase + dt * 8, acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
-      if (lane % 4 == 0)
-        p.lse[static_cast<std::int64_t>(h) * p.tq + tok] = sum > 0.0f ? row_max[mt][r] * p.scale + log2f(sum) * kLn2 : -INFINITY;
-    }
+  store_output<T>(p, qt, r_loc0, lane, MmaRows<kMT, D>{acc_o}, softmax);
 }
 
 template <class T, int D>

@@ -11,9 +11,9 @@
 
 namespace longattn::kernels::cuda {
 
-// Warpgroup schedules of the wgmma forward (flash_fwd_wgmma.cu says what each does; chosen by
-// LONGATTN_CUDA_WGMMA_FWD_SCHEDULE).
-enum class WgmmaSchedule : int { lockstep = 0, pipeline = 1, overlap = 2 };
+// Warpgroup schedules of the wgmma forward, one mainloop each (flash_fwd_wgmma.cu says what each
+// does; chosen by LONGATTN_CUDA_WGMMA_FWD_SCHEDULE).
+enum class WgmmaSchedule : int { pipeline, overlap };
 
 struct FlashParams {
   const void *q = nullptr, *k = nullptr, *v = nullptr;  // [T, H, D], dtype of the call
@@ -49,9 +49,10 @@ void flash_forward(const FlashParams& p, cudaStream_t stream);
 // The Hopper wgmma forward (flash_fwd_wgmma.cu): head dim 128, bf16/fp16, no explicit positions.
 bool flash_forward_wgmma_supports(const FlashParams& p);
 void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream);
-// Diagnostics for the tests: one 128-query x 128-key tile through the wgmma kernel's two products
-// (q [128][128], k, v [128][128] row-major device arrays; s = q k^T [128][128] and o = s v [128][128]
-// fp32, with s rounded to the input type before the second product).
+// Diagnostic for the GPU tests (flash_fwd_wgmma_diagnostic.cu): one 128-query x 128-key tile
+// through the wgmma forward's two products (q [128][128], k, v [128][128] row-major device arrays;
+// s = q k^T [128][128] and o = s v [128][128] fp32, with s rounded to the input type before the
+// second product).
 void wgmma_tile_products(const void* q, const void* k, const void* v, float* s, float* o, DType dtype, cudaStream_t stream);
 // dK/dV: one kernel owns each key block (summing the GQA group in order, no atomics). dQ: see
 // FlashParams::deterministic.

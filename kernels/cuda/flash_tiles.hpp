@@ -5,11 +5,12 @@ namespace longattn::kernels::cuda {
 
 // Forward: each warp owns kMT x 16 query rows. With mma.sync every warp reads the whole K and V
 // tile from shared memory per step, so the shared-memory bytes per FLOP fall as 1 / (rows per
-// warp): 16 rows left the kernel bound by shared-memory bandwidth (278 TFLOP/s at D=128 on H100),
-// 32 rows halve that traffic (the FlashAttention-2 shape). 4 warps x 32 rows = 128 rows per block;
-// 64 keys per step keep scores at 2 x 32 registers next to the 2 x 64 of the D=128 accumulator.
+// warp): with 16 rows the kernel is bound by shared-memory bandwidth, 32 rows halve that traffic
+// (the FlashAttention-2 shape). 4 warps x 32 rows = 128 rows per block; 64 keys per step keep
+// scores at 2 x 32 registers next to the 2 x 64 of the D=128 accumulator.
 // The two knobs can be overridden at build time (-DLONGATTN_FWD_MT=1, -DLONGATTN_FWD_BN_D128=32) to
-// compare variants in one GPU session; the defaults are the measured best.
+// compare variants in one GPU session; the defaults measured best
+// (bench/results/gpu_kernels_h100_2026-11-23.md).
 #ifndef LONGATTN_FWD_MT
 #define LONGATTN_FWD_MT 2
 #endif
@@ -29,12 +30,13 @@ struct FwdTile {
 // Backward dK/dV: 128 keys per block, 8 warps, kBMq queries per step. The score products split
 // the warps 4 (32 keys) x 2 (kBMq/2 queries); P^T and dS^T are exchanged through shared memory;
 // dK and dV split them 4 (32 keys) x 2 (D/2 columns), so each warp holds 2 x 32 x D/2 accumulators
-// (128 registers at D=128) and every product runs on 32-row operands (FlashAttention-2's layout).
-// The previous shape (16 keys per warp, all D columns, 32-query steps at D=128) re-read each
-// query/dO fragment for every 2 mma and was bound by shared-memory reads: 190 -> 229 TFLOP/s at 32k
-// d128 causal, 261 with ex2.approx for P. kBMq: 64 at D=128 (the 2 x 32 score/dP registers fit beside the 128 accumulators),
-// 128 at D=64 (+2-3% over 64, one measured call). kDqUnroll: key-loop unrolling of the atomic dQ
-// product (full at D=128 measured 2% faster than 4; 4 at D=64 bounds the spills of the 128 step).
+// (128 registers at D=128) and every product runs on 32-row operands (FlashAttention-2's layout):
+// each query/dO fragment read from shared memory feeds several products, which keeps the kernel
+// off the shared-memory bandwidth bound that 16 keys per warp over all D columns hits.
+// kBMq: 64 at D=128 (the 2 x 32 score/dP registers fit beside the 128 accumulators), 128 at D=64
+// (room for it there, and fewer steps). kDqUnroll: key-loop unrolling of the atomic dQ product
+// (full at D=128; 4 at D=64 bounds the spills of the 128-query step). The measurements behind
+// these choices: bench/results/gpu_kernels_h100_2026-11-23.md.
 template <int D>
 struct BwdKVTile {
   static constexpr int kWarps = 8;

@@ -4,8 +4,7 @@
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
 // bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
 // with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma, its default overlap schedule),
-// "cuda-wgmma-lockstep" and "cuda-wgmma-pipeline" the same with its other warpgroup schedules, and
-// "cuda-wgmma-bwd" with the
+// "cuda-wgmma-pipeline" the same with its other warpgroup schedule, and "cuda-wgmma-bwd" with the
 // warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
 // positions (others fall back to mma.sync).
 #include <stdlib.h>
@@ -117,9 +116,7 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   const bool det = param_name == "cuda-deterministic";
   const bool wgmma_bwd = param_name == "cuda-wgmma-bwd";
   const bool wgmma_fwd = !wgmma_bwd && param_name.rfind("cuda-wgmma", 0) == 0;
-  ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-lockstep"   ? "lockstep"
-                                                         : param_name == "cuda-wgmma-pipeline" ? "pipeline"
-                                                                                               : "overlap");
+  ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-pipeline" ? "pipeline" : "overlap");
   const std::string backend_name = wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
   ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma_fwd ? "wgmma" : "mma");
   ScopedEnv bwd_kernel("LONGATTN_CUDA_BWD_KERNEL", wgmma_bwd ? "wgmma" : "mma");
@@ -243,7 +240,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuVsReference,
-                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-lockstep", "cuda-wgmma-pipeline",
+                         ::testing::Combine(::testing::Values("cuda", "cuda-deterministic", "cuda-wgmma", "cuda-wgmma-pipeline",
                                                               "cuda-wgmma-bwd", "cudnn", "auto"), ::testing::ValuesIn(cases())),
                          [](const auto& tp) {
                            std::string b = std::get<0>(tp.param);
@@ -326,7 +323,7 @@ TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
     const char* choices;
   };
   for (const auto& [variable, choices] : {Knob{"LONGATTN_CUDA_FWD_KERNEL", "auto, mma, wgmma"}, Knob{"LONGATTN_CUDA_BWD_KERNEL", "auto, mma, wgmma"},
-                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "lockstep, pipeline, overlap"}}) {
+                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "pipeline, overlap"}}) {
     SCOPED_TRACE(variable);
     ScopedEnv bad(variable, "wgmma2");
     // The schedule is read when the wgmma forward runs: pin it (a non-Hopper GPU skips that case).

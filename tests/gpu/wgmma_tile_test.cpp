@@ -1,4 +1,4 @@
-// The wgmma forward's two tile products on their own (kernels/cuda/flash_fwd_wgmma.cu,
+// The wgmma forward's two tile products on their own (kernels/cuda/flash_fwd_wgmma_diagnostic.cu,
 // wgmma_tile_products): S = Q K^T through the swizzled loads, shared-memory descriptors and the
 // accumulator layout; O = P V through the register A fragments and the transposed V descriptor.
 // Against double-precision products of the same 16-bit inputs. When the cuda_wgmma attention cases
