@@ -321,11 +321,15 @@ TEST(GpuBackend, UnknownKernelNameIsRefusedWithTheChoices) {
   struct Knob {
     const char* variable;
     const char* choices;
+    const char* bad_value;
   };
-  for (const auto& [variable, choices] : {Knob{"LONGATTN_CUDA_FWD_KERNEL", "auto, mma, wgmma"}, Knob{"LONGATTN_CUDA_BWD_KERNEL", "auto, mma, wgmma"},
-                                          Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "pipeline, overlap"}}) {
-    SCOPED_TRACE(variable);
-    ScopedEnv bad(variable, "wgmma2");
+  // The dropped "lockstep" schedule is refused like any unknown name.
+  for (const auto& [variable, choices, bad_value] :
+       {Knob{"LONGATTN_CUDA_FWD_KERNEL", "auto, mma, wgmma", "wgmma2"}, Knob{"LONGATTN_CUDA_BWD_KERNEL", "auto, mma, wgmma", "wgmma2"},
+        Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "one of pipeline, overlap", "wgmma2"},
+        Knob{"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "one of pipeline, overlap", "lockstep"}}) {
+    SCOPED_TRACE(fmt::format("{}={}", variable, bad_value));
+    ScopedEnv bad(variable, bad_value);
     // The schedule is read when the wgmma forward runs: pin it (a non-Hopper GPU skips that case).
     const bool schedule = std::string(variable) == "LONGATTN_CUDA_WGMMA_FWD_SCHEDULE";
     ScopedEnv fwd("LONGATTN_CUDA_FWD_KERNEL", schedule ? "wgmma" : getenv("LONGATTN_CUDA_FWD_KERNEL"));
