@@ -2,20 +2,24 @@
 // docs/environment.md); env_string refuses names that are not in the table.
 #include "longattn/config.hpp"
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <string_view>
+#include <thread>
 
 #include "common/check.hpp"
+#include "longattn/log.hpp"
 
 namespace longattn {
 
 const std::vector<EnvVarInfo>& environment_variables() {
   static const std::vector<EnvVarInfo> table = {
-      {"LONGATTN_LOG", "info", "log level: trace, debug, info, warn, error, off"},
+      {"LONGATTN_LOG", "info", "log level, any case: trace, debug, info, warn, error, off"},
       {"LONGATTN_LOG_SUBSYS", "all", "comma list of subsystems to log: kernels,partition,comm,ring,offload,app"},
       {"LONGATTN_BACKEND", "auto", "local attention backend: auto (GPU: cudnn where it can, else cuda; CPU: cpu), reference, cpu, cuda, cudnn"},
       {"LONGATTN_DETERMINISTIC", "0", "1 = deterministic GPU backward (bit-identical run to run): cuda without atomics, cudnn's deterministic algorithm"},
-      {"LONGATTN_NUM_THREADS", "0", "CPU kernel threads per process; 0 = cores / processes on this node"},
+      {"LONGATTN_NUM_THREADS", "0", "CPU kernel threads per process (>= 0); 0 = cores / processes on this node"},
       {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
       {"LONGATTN_MPI_PROGRESS", "1", "1 = a thread drives MPI progress while transfers are pending (overlap on CPUs)"},
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
@@ -37,23 +41,50 @@ std::string env_string(const char* name) {
   throw Error(ErrorCode::internal, fmt::format("environment variable {} is read but not documented in config.cpp", name));
 }
 
+namespace {
+
+// The integer variables and the values that mean something for each; anything else is refused
+// rather than clamped, because a negative thread count or a zero timeout is a typo, not a wish.
+struct IntegerRange {
+  const char* name;
+  long min, max;
+  const char* hint;
+};
+constexpr IntegerRange kIntegerRanges[] = {
+    {"LONGATTN_NUM_THREADS", 0, 1L << 20, "0 = cores / processes on this node"},
+    {"LONGATTN_NODE_SIZE", 0, 1L << 30, "0 = real hostnames"},
+    {"LONGATTN_COMM_TIMEOUT_S", 1, 100'000'000, "seconds"},
+    {"LONGATTN_DETERMINISTIC", 0, 1, "1 = deterministic GPU backward"},
+    {"LONGATTN_MPI_PROGRESS", 0, 1, "1 = a progress thread"},
+};
+
+}  // namespace
+
 long env_int(const char* name) {
   const std::string s = env_string(name);
   char* end = nullptr;
+  errno = 0;
   const long v = std::strtol(s.c_str(), &end, 10);
-  LONGATTN_INVALID(end && *end == '\0' && !s.empty(), "{}='{}' is not an integer", name, s);
+  LONGATTN_INVALID(!s.empty() && *end == '\0' && errno != ERANGE, "{}='{}' is not an integer; unset it or give a whole number",
+                   name, s);
+  for (const auto& r : kIntegerRanges)
+    if (std::string_view(r.name) == name)
+      LONGATTN_INVALID(v >= r.min && v <= r.max, "{}={} is outside [{}, {}] ({}); unset it or give a value in range", name, v,
+                       r.min, r.max, r.hint);
   return v;
 }
 
-}  // namespace longattn
+void check_environment() {
+  log_level_from_environment();
+  log_subsystem_enabled(Subsystem::app);  // parses, and so checks, the whole list
+  for (const auto& r : kIntegerRanges) env_int(r.name);
+}
 
-#include <thread>
-
-namespace longattn {
 int cpu_threads_per_process(int processes_on_node) {
   const long forced = env_int("LONGATTN_NUM_THREADS");
   if (forced > 0) return static_cast<int>(forced);
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::max(1, cores / std::max(1, processes_on_node));
 }
+
 }  // namespace longattn

@@ -1,21 +1,33 @@
-// One spdlog logger per subsystem, writing to stderr with the rank in each line.
+// One spdlog logger per subsystem, writing to stderr with the rank in each line, and the parsing of
+// LONGATTN_LOG / LONGATTN_LOG_SUBSYS that decides what each logger lets through.
 #include "longattn/log.hpp"
 
+#include <algorithm>
 #include <array>
+#include <cctype>
 #include <mutex>
+#include <string>
+#include <string_view>
 
+#include <fmt/format.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 
+#include "common/check.hpp"
 #include "longattn/config.hpp"
 
 namespace longattn {
 namespace {
 
-constexpr std::array<const char*, 6> kNames = {"kernels", "partition", "comm", "ring", "offload", "app"};
+// Indexed by Subsystem and by LogLevel.
+constexpr std::array<std::string_view, 6> kSubsystemNames = {"kernels", "partition", "comm", "ring", "offload", "app"};
+constexpr std::array<std::string_view, 6> kLevelNames = {"trace", "debug", "info", "warn", "error", "off"};
+constexpr std::array<spdlog::level::level_enum, 6> kSpdlogLevels = {spdlog::level::trace, spdlog::level::debug,
+                                                                    spdlog::level::info,  spdlog::level::warn,
+                                                                    spdlog::level::err,   spdlog::level::off};
 
 struct Registry {
   std::mutex mu;
-  std::array<std::shared_ptr<spdlog::logger>, kNames.size()> loggers{};
+  std::array<std::shared_ptr<spdlog::logger>, kSubsystemNames.size()> loggers{};
   int rank = -1;
 };
 
@@ -28,24 +40,63 @@ std::string pattern(int rank) {
   return rank < 0 ? "[%H:%M:%S.%e] [%n] [%l] %v" : "[%H:%M:%S.%e] [r" + std::to_string(rank) + "] [%n] [%l] %v";
 }
 
-bool subsystem_enabled(const char* name) {
-  const std::string list = env_string("LONGATTN_LOG_SUBSYS");
-  if (list == "all" || list.empty()) return true;
-  return ("," + list + ",").find("," + std::string(name) + ",") != std::string::npos;
+// Lower case, without the spaces a hand-written "ring, comm" puts around items.
+std::string normalized(std::string_view text) {
+  const auto first = text.find_first_not_of(" \t");
+  if (first == std::string_view::npos) return {};
+  text = text.substr(first, text.find_last_not_of(" \t") - first + 1);
+  std::string out(text);
+  std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return out;
+}
+
+template <std::size_t N>
+std::size_t index_of(const std::array<std::string_view, N>& names, std::string_view name) {
+  return static_cast<std::size_t>(std::find(names.begin(), names.end(), name) - names.begin());
 }
 
 }  // namespace
+
+LogLevel log_level_from_environment() {
+  const std::string given = env_string("LONGATTN_LOG");
+  const std::size_t i = index_of(kLevelNames, normalized(given));
+  LONGATTN_INVALID(i < kLevelNames.size(), "LONGATTN_LOG='{}' is not a log level; use one of {} (any case)", given,
+                   fmt::join(kLevelNames, ", "));
+  return static_cast<LogLevel>(i);
+}
+
+bool log_subsystem_enabled(Subsystem s) {
+  const std::string list = env_string("LONGATTN_LOG_SUBSYS");
+  const std::string_view wanted = kSubsystemNames[static_cast<std::size_t>(s)];
+  bool all = normalized(list).empty(), selected = false;
+  for (std::size_t start = 0; start <= list.size();) {
+    const std::size_t comma = std::min(list.find(',', start), list.size());
+    const std::string item = normalized(std::string_view(list).substr(start, comma - start));
+    start = comma + 1;
+    if (item.empty()) continue;
+    if (item == "all") {
+      all = true;
+      continue;
+    }
+    LONGATTN_INVALID(index_of(kSubsystemNames, item) < kSubsystemNames.size(),
+                     "LONGATTN_LOG_SUBSYS='{}' names an unknown subsystem '{}'; use a comma list of {}, or all", list, item,
+                     fmt::join(kSubsystemNames, ", "));
+    selected = selected || item == wanted;
+  }
+  return all || selected;
+}
 
 spdlog::logger& logger(Subsystem s) {
   auto& reg = registry();
   const auto i = static_cast<std::size_t>(s);
   std::lock_guard lock(reg.mu);
   if (!reg.loggers[i]) {
+    const auto level = kSpdlogLevels[static_cast<std::size_t>(log_level_from_environment())];
+    const bool enabled = log_subsystem_enabled(s);
     auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
-    auto lg = std::make_shared<spdlog::logger>(kNames[i], sink);
+    auto lg = std::make_shared<spdlog::logger>(std::string(kSubsystemNames[i]), sink);
     lg->set_pattern(pattern(reg.rank));
-    auto level = spdlog::level::from_str(env_string("LONGATTN_LOG"));
-    lg->set_level(subsystem_enabled(kNames[i]) ? level : spdlog::level::off);
+    lg->set_level(enabled ? level : spdlog::level::off);
     reg.loggers[i] = lg;
   }
   return *reg.loggers[i];

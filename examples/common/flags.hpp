@@ -1,8 +1,10 @@
 // A small flag parser for the example programs: --name value, --name=value and boolean --name.
-// Unknown flags and bad values are errors that name the flag.
+// Unknown flags and bad values are errors that name the flag. Given the program's usage text, it
+// also answers --help, so every program and subcommand behaves the same way there.
 #pragma once
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <set>
@@ -10,12 +12,29 @@
 #include <string>
 #include <vector>
 
+#include "longattn/config.hpp"
+
 namespace longattn::examples {
 
 class Flags {
  public:
   // `booleans` take no value; every other known flag takes one.
-  Flags(int argc, char** argv, std::set<std::string> valued, std::set<std::string> booleans) {
+  Flags(int argc, char** argv, std::set<std::string> valued, std::set<std::string> booleans)
+      : Flags(argc, argv, nullptr, std::move(valued), std::move(booleans)) {}
+
+  // With `usage`: --help or -h anywhere prints it to stdout and exits 0 before anything else is
+  // read (construct this before MPI starts, so the exit needs no MPI shutdown). The command line
+  // and the LONGATTN_* environment are a program's two inputs, so both are checked here: a bad
+  // variable is refused as early, and as plainly, as a bad flag.
+  Flags(int argc, char** argv, const char* usage, std::set<std::string> valued, std::set<std::string> booleans) {
+    if (usage)
+      for (int i = 1; i < argc; ++i)
+        if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+          std::fputs(usage, stdout);
+          std::fflush(stdout);
+          std::exit(0);
+        }
+    check_environment();
     for (int i = 1; i < argc; ++i) {
       std::string a = argv[i];
       if (a.rfind("--", 0) != 0) throw std::invalid_argument("unexpected argument '" + a + "' (flags start with --)");
