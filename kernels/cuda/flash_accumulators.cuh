@@ -31,4 +31,12 @@ struct WgmmaRows {
   __device__ __forceinline__ float& operator()(int row, int group, int column) const { return acc[4 * group + 2 * row + column]; }
 };
 
+template <class Rows>
+__device__ __forceinline__ void clear(Rows acc) {
+#pragma unroll
+  for (int r = 0; r < Rows::kRows; ++r)
+#pragma unroll
+    for (int g = 0; g < Rows::kGroups; ++g) acc(r, g, 0) = acc(r, g, 1) = 0.0f;
+}
+
 }  // namespace longattn::kernels::cuda

@@ -8,6 +8,7 @@
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_accumulators.cuh"
 #include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_dispatch.hpp"
 #include "kernels/cuda/flash_epilogue.cuh"
 #include "kernels/cuda/flash_softmax.cuh"
 #include "kernels/cuda/flash_tiles.hpp"
@@ -60,12 +61,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
   cp_async_commit();
 
   float acc_o[kMT][D / 8][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc_o[mt][i][j] = 0.0f;
+  clear(MmaRows<kMT, D>{acc_o});
   OnlineSoftmax<2 * kMT> softmax(p.scale);
 
   while (n < tiles.end) {
@@ -76,12 +72,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) 
     cp_async_commit();
 
     float s[kMT][kBN / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int i = 0; i < kBN / 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[mt][i][j] = 0.0f;
+    clear(MmaRows<kMT, kBN>{s});
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       std::uint32_t qf[kMT][4];
@@ -174,14 +165,7 @@ void launch_fwd(const FlashParams& p, cudaStream_t stream) {
 }  // namespace
 
 void flash_forward(const FlashParams& p, cudaStream_t stream) {
-  if (p.d != 64 && p.d != 128) throw_unsupported("cuda attention: only head_dim 64 and 128 are built");
-  if (p.dtype == DType::bf16) {
-    if (p.d == 64) launch_fwd<__nv_bfloat16, 64>(p, stream);
-    else launch_fwd<__nv_bfloat16, 128>(p, stream);
-  } else {
-    if (p.d == 64) launch_fwd<__half, 64>(p, stream);
-    else launch_fwd<__half, 128>(p, stream);
-  }
+  dispatch_16bit_head_dim(p.dtype, p.d, [&]<class T, int D>() { launch_fwd<T, D>(p, stream); });
 }
 
 }  // namespace longattn::kernels::cuda

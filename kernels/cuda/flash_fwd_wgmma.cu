@@ -24,6 +24,7 @@
 #include "common/check.hpp"
 #include "kernels/cuda/flash_accumulators.cuh"
 #include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_dispatch.hpp"
 #include "kernels/cuda/flash_epilogue.cuh"
 #include "kernels/cuda/flash_fwd_wgmma_products.cuh"
 #include "kernels/cuda/flash_softmax.cuh"
@@ -68,8 +69,8 @@ struct KvStages {
   __device__ __forceinline__ void load(int n) const {
     const int st = n % kStages;
     const std::int64_t off = static_cast<std::int64_t>(n) * kBN * stride;
-    load_sw128<kBN>(smem.k[st], k + off, stride, len_k - n * kBN, tid);
-    load_sw128<kBN>(smem.v[st], v + off, stride, len_k - n * kBN, tid);
+    wgmma::load_sw128<kBN, kThreads>(smem.k[st], k + off, stride, len_k - n * kBN, tid);
+    wgmma::load_sw128<kBN, kThreads>(smem.v[st], v + off, stride, len_k - n * kBN, tid);
   }
   // Copies tile n (when it exists) into its stage once the stage is free, then arrives on its full
   // barrier when they land.
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
   }
   __syncthreads();  // barriers initialized before anyone arrives
   // Q's copies count toward tile 0's full barrier (an arrive covers all of the thread's earlier copies).
-  load_sw128<kBM>(smem.q, static_cast<const T*>(p.q) + qt.q_offset, qt.q_stride, qt.rows_q, tid);
+  wgmma::load_sw128<kBM, kThreads>(smem.q, static_cast<const T*>(p.q) + qt.q_offset, qt.q_stride, qt.rows_q, tid);
   for (int n = 0; n < min(n_end, 2); ++n) {
     kv.load(n);
     wgmma::cp_async_arrive(smem_addr(&smem.full[n]));
@@ -222,8 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_wgmma_kernel(const Flas
   // and 8 below.
   const WarpgroupTile<T> wt{kv, smem_addr(smem.q) + wg * 64 * 128, wg * 64 + warp * 16 + lane / 4, qt.m0, lane};
   float o[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  clear(WgmmaRows<kD>{o});
   OnlineSoftmax<2> softmax(p.scale);
 
   if constexpr (kSchedule == WgmmaSchedule::overlap) overlap_mainloop<T, kCausal>(wt, o, softmax);
@@ -258,11 +258,7 @@ bool flash_forward_wgmma_supports(const FlashParams& p) {
 void flash_forward_wgmma(const FlashParams& p, cudaStream_t stream) {
   if (!flash_forward_wgmma_supports(p))
     throw_unsupported("cuda wgmma forward: only head dim 128, bf16/fp16, without explicit positions");
-  if (p.dtype == DType::bf16) {
-    launch<__nv_bfloat16>(p, stream);
-  } else {
-    launch<__half>(p, stream);
-  }
+  dispatch_16bit(p.dtype, [&]<class T>() { launch<T>(p, stream); });
 }
 
 }  // namespace longattn::kernels::cuda

@@ -28,9 +28,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_tile_products_kernel(const 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& smem = *reinterpret_cast<TileProductsStorage<T>*>(wgmma::smem_aligned_1024(smem_raw));
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  load_sw128<kBM>(smem.q, q, kD, kBM, tid);
-  load_sw128<kBN>(smem.k, k, kD, kBN, tid);
-  load_sw128<kBN>(smem.v, v, kD, kBN, tid);
+  wgmma::load_sw128<kBM, kThreads>(smem.q, q, kD, kBM, tid);
+  wgmma::load_sw128<kBN, kThreads>(smem.k, k, kD, kBN, tid);
+  wgmma::load_sw128<kBN, kThreads>(smem.v, v, kD, kBN, tid);
   cp_async_commit();
   cp_async_wait<0>();
   wgmma::fence_proxy_async();

@@ -15,11 +15,6 @@ constexpr int kBM = 128;     // query rows per block: 2 warpgroups x 64
 constexpr int kBN = 128;     // keys per tile
 constexpr int kThreads = 256;
 
-template <int ROWS, class T>
-__device__ __forceinline__ void load_sw128(T* smem, const T* base, std::int64_t row_stride, int rows_valid, int tid) {
-  wgmma::load_sw128<ROWS, kThreads>(smem, base, row_stride, rows_valid, tid);
-}
-
 // s = Q K^T for this warpgroup's 64 query rows (q_addr: their first row in column block 0 of the
 // Q tile of kBM rows) against the kBN keys at k_addr: 8 steps of 16 along the head dim; step kk
 // reads column block kk / 4 at byte offset 32 (kk % 4) inside the 128-byte swizzle rows (the
