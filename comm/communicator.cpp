@@ -6,6 +6,7 @@
 
 #include "common/check.hpp"
 #include "longattn/communicator.hpp"
+#include "longattn/config.hpp"
 
 namespace longattn {
 
@@ -28,6 +29,13 @@ class BatchRequest final : public CommRequest {
 };
 }  // namespace
 
+Communicator::Communicator() : timeout_(env_int("LONGATTN_COMM_TIMEOUT_S")) {}
+
+void Communicator::set_timeout(std::chrono::seconds limit) {
+  LONGATTN_INVALID(limit.count() > 0, "a communicator's timeout must be at least 1 s, got {} s", limit.count());
+  timeout_ = limit;
+}
+
 Request Communicator::post(const std::vector<P2POp>& ops, void* stream) {
   std::vector<Request> parts;
   parts.reserve(ops.size());
@@ -37,6 +45,27 @@ Request Communicator::post(const std::vector<P2POp>& ops, void* stream) {
   for (const auto& op : ops)
     if (op.kind == P2POp::Kind::send) parts.push_back(isend(op.buffer, op.bytes, op.peer, op.tag, stream));
   return std::make_unique<BatchRequest>(std::move(parts));
+}
+
+void Communicator::alltoallv(const void* send, const std::vector<std::size_t>& send_bytes,
+                             const std::vector<std::size_t>& send_offsets, void* recv,
+                             const std::vector<std::size_t>& recv_bytes, const std::vector<std::size_t>& recv_offsets,
+                             void* stream) {
+  const auto n = static_cast<std::size_t>(size());
+  LONGATTN_INVALID(send_bytes.size() == n && send_offsets.size() == n && recv_bytes.size() == n && recv_offsets.size() == n,
+                   "alltoallv needs {} counts and offsets per direction", n);
+  // A tag of its own, so that the exchange cannot match a point-to-point message the caller has
+  // pending. Empty pieces are not posted: both sides of a pair know its size, so both skip it.
+  constexpr int kAlltoallvTag = 0x7a11;
+  std::vector<P2POp> ops;
+  for (std::size_t p = 0; p < n; ++p) {
+    const int peer = static_cast<int>(p);
+    if (recv_bytes[p]) ops.push_back({P2POp::Kind::recv, static_cast<char*>(recv) + recv_offsets[p], recv_bytes[p], peer, kAlltoallvTag});
+    if (send_bytes[p])
+      ops.push_back({P2POp::Kind::send, const_cast<char*>(static_cast<const char*>(send)) + send_offsets[p], send_bytes[p], peer,
+                     kAlltoallvTag});
+  }
+  post(ops, stream)->wait();
 }
 
 void require_same_on_all_ranks(Communicator& comm, const std::string& what, const std::string& value) {

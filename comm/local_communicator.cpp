@@ -25,12 +25,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#ifdef LONGATTN_HAVE_CUDA
-void cuda_ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(ErrorCode::communication, fmt::format("{} failed: {}", what, cudaGetErrorString(e)));
-}
-#endif
-
 // Completion state shared by the two sides of a matched transfer.
 struct Completion {
   bool matched = false;
@@ -55,7 +49,7 @@ struct Posted {
 struct Hub {
   explicit Hub(int n, bool ordered) : size(n), stream_ordered(ordered), slots(2, std::vector<std::string>(static_cast<std::size_t>(n))) {
 #ifdef LONGATTN_HAVE_CUDA
-    if (ordered) cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    if (ordered) LONGATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 #else
     LONGATTN_REQUIRE(!ordered, ErrorCode::unsupported, "stream-ordered local communicators need a build with CUDA");
 #endif
@@ -93,12 +87,12 @@ struct Hub {
       if (send.bytes) std::memcpy(recv.buffer, send.buffer, send.bytes);
     } else {
 #ifdef LONGATTN_HAVE_CUDA
-      cuda_ok(cudaStreamWaitEvent(stream, send.ready, 0), "cudaStreamWaitEvent");
-      cuda_ok(cudaStreamWaitEvent(stream, recv.ready, 0), "cudaStreamWaitEvent");
-      if (send.bytes) cuda_ok(cudaMemcpyAsync(recv.buffer, send.buffer, send.bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
+      LONGATTN_CUDA_CHECK(cudaStreamWaitEvent(stream, send.ready, 0));
+      LONGATTN_CUDA_CHECK(cudaStreamWaitEvent(stream, recv.ready, 0));
+      if (send.bytes) LONGATTN_CUDA_CHECK(cudaMemcpyAsync(recv.buffer, send.buffer, send.bytes, cudaMemcpyDefault, stream));
       for (auto* comp : {send.completion.get(), recv.completion.get()}) {
-        cuda_ok(cudaEventCreateWithFlags(&comp->done, cudaEventDisableTiming), "cudaEventCreate");
-        cuda_ok(cudaEventRecord(comp->done, stream), "cudaEventRecord");
+        LONGATTN_CUDA_CHECK(cudaEventCreateWithFlags(&comp->done, cudaEventDisableTiming));
+        LONGATTN_CUDA_CHECK(cudaEventRecord(comp->done, stream));
       }
       cudaEventDestroy(send.ready);
       cudaEventDestroy(recv.ready);
@@ -111,18 +105,17 @@ struct Hub {
 
 class LocalRequest final : public CommRequest {
  public:
-  LocalRequest(std::shared_ptr<Hub> hub, std::shared_ptr<Completion> c, void* stream, std::string what)
-      : hub_(std::move(hub)), c_(std::move(c)), stream_(stream), what_(std::move(what)) {}
+  LocalRequest(std::shared_ptr<Hub> hub, std::shared_ptr<Completion> c, void* stream, std::string what, std::chrono::seconds timeout)
+      : hub_(std::move(hub)), c_(std::move(c)), stream_(stream), what_(std::move(what)), timeout_(timeout) {}
   void wait() override {
     {
       std::unique_lock lock(hub_->mu);
-      const auto timeout = std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S"));
-      if (!hub_->cv.wait_for(lock, timeout, [&] { return c_->matched; }))
-        throw Error(ErrorCode::timeout, fmt::format("{} found no matching peer within {} s", what_, timeout.count()));
+      if (!hub_->cv.wait_for(lock, timeout_, [&] { return c_->matched; }))
+        throw Error(ErrorCode::timeout, fmt::format("{} found no matching peer within {} s", what_, timeout_.count()));
     }
     LONGATTN_REQUIRE(c_->error.empty(), ErrorCode::communication, "{}: {}", what_, c_->error);
 #ifdef LONGATTN_HAVE_CUDA
-    if (hub_->stream_ordered) cuda_ok(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream_), c_->done, 0), "cudaStreamWaitEvent");
+    if (hub_->stream_ordered) LONGATTN_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream_), c_->done, 0));
 #endif
   }
   bool test() override {
@@ -139,6 +132,7 @@ class LocalRequest final : public CommRequest {
   std::shared_ptr<Completion> c_;
   void* stream_;
   std::string what_;
+  std::chrono::seconds timeout_;
 };
 
 class LocalCommunicator final : public Communicator {
@@ -159,18 +153,6 @@ class LocalCommunicator final : public Communicator {
   }
   Request irecv(void* buf, std::size_t bytes, int peer, int tag, void* stream) override {
     return enqueue(false, buf, bytes, peer, tag, stream);
-  }
-
-  void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes, const std::vector<std::size_t>& send_offsets,
-                 void* recv, const std::vector<std::size_t>& recv_bytes, const std::vector<std::size_t>& recv_offsets,
-                 void* stream) override {
-    std::vector<P2POp> ops;
-    for (int p = 0; p < size(); ++p) {
-      const auto up = static_cast<std::size_t>(p);
-      ops.push_back({P2POp::Kind::recv, static_cast<char*>(recv) + recv_offsets[up], recv_bytes[up], p, -7});
-      ops.push_back({P2POp::Kind::send, const_cast<char*>(static_cast<const char*>(send)) + send_offsets[up], send_bytes[up], p, -7});
-    }
-    post(ops, stream)->wait();
   }
 
   void allreduce(void* buf, std::size_t count, ReduceType type, ReduceOp op) override {
@@ -219,14 +201,16 @@ class LocalCommunicator final : public Communicator {
       child = slot;
     }
     ++splits_;
-    return std::make_unique<LocalCommunicator>(child, new_rank);
+    auto sub = std::make_unique<LocalCommunicator>(child, new_rank);
+    sub->set_timeout(timeout());
+    return sub;
   }
 
   void synchronize(void* stream) override {
 #ifdef LONGATTN_HAVE_CUDA
     if (hub_->stream_ordered) {
-      cuda_ok(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
-      cuda_ok(cudaStreamSynchronize(hub_->stream), "cudaStreamSynchronize");
+      LONGATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+      LONGATTN_CUDA_CHECK(cudaStreamSynchronize(hub_->stream));
     }
 #endif
   }
@@ -237,8 +221,8 @@ class LocalCommunicator final : public Communicator {
     Posted p{buf, bytes, std::make_shared<Completion>()};
 #ifdef LONGATTN_HAVE_CUDA
     if (hub_->stream_ordered) {
-      cuda_ok(cudaEventCreateWithFlags(&p.ready, cudaEventDisableTiming), "cudaEventCreate");
-      cuda_ok(cudaEventRecord(p.ready, static_cast<cudaStream_t>(stream)), "cudaEventRecord");
+      LONGATTN_CUDA_CHECK(cudaEventCreateWithFlags(&p.ready, cudaEventDisableTiming));
+      LONGATTN_CUDA_CHECK(cudaEventRecord(p.ready, static_cast<cudaStream_t>(stream)));
     }
 #endif
     auto completion = p.completion;
@@ -256,7 +240,8 @@ class LocalCommunicator final : public Communicator {
       }
     }
     return std::make_unique<LocalRequest>(hub_, completion, stream,
-                                          fmt::format("{} of {} bytes {} rank {}", is_send ? "send" : "receive", bytes, is_send ? "to" : "from", peer));
+                                          fmt::format("{} of {} bytes {} rank {}", is_send ? "send" : "receive", bytes, is_send ? "to" : "from", peer),
+                                          timeout());
   }
 
   // Every rank contributes bytes; every rank gets all contributions (a collective).
@@ -270,9 +255,8 @@ class LocalCommunicator final : public Communicator {
       ++hub_->generation;
       hub_->cv.notify_all();
     } else {
-      const auto timeout = std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S"));
-      if (!hub_->cv.wait_for(lock, timeout, [&] { return hub_->generation != gen; }))
-        throw Error(ErrorCode::timeout, fmt::format("a collective waited {} s for the other ranks", timeout.count()));
+      if (!hub_->cv.wait_for(lock, timeout(), [&] { return hub_->generation != gen; }))
+        throw Error(ErrorCode::timeout, fmt::format("a collective waited {} s for the other ranks", timeout().count()));
     }
     return slots;  // stays valid until generation gen + 2 starts, which needs this rank
   }

@@ -7,20 +7,13 @@
 #include <thread>
 #include <vector>
 
-#include "comm/mpi_check.hpp"
+#include "common/check.hpp"
 #include "comm/topology.hpp"
 #include "longattn/communicator.hpp"
 #include "longattn/config.hpp"
 #include "longattn/log.hpp"
 
 namespace longattn::comm {
-
-void throw_mpi_error(int code, const char* call, const char* file, int line) {
-  char text[MPI_MAX_ERROR_STRING];
-  int len = 0;
-  MPI_Error_string(code, text, &len);
-  throw Error(ErrorCode::communication, fmt::format("{} failed: {} ({}:{})", call, std::string(text, static_cast<std::size_t>(len)), file, line));
-}
 
 namespace {
 
@@ -77,8 +70,8 @@ class ProgressThread {
 
 class MpiRequest final : public CommRequest {
  public:
-  MpiRequest(std::vector<MPI_Request> reqs, std::string what, ProgressThread* progress)
-      : reqs_(std::move(reqs)), what_(std::move(what)), progress_(progress) {
+  MpiRequest(std::vector<MPI_Request> reqs, std::string what, ProgressThread* progress, std::chrono::seconds timeout)
+      : reqs_(std::move(reqs)), what_(std::move(what)), progress_(progress), timeout_(timeout) {
     if (progress_) progress_->begin();
   }
   ~MpiRequest() override {
@@ -94,19 +87,18 @@ class MpiRequest final : public CommRequest {
   }
   bool test() override {
     int done = 0;
-    MPI_CHECK(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &done, MPI_STATUSES_IGNORE));
+    LONGATTN_MPI_CHECK(MPI_Testall(static_cast<int>(reqs_.size()), reqs_.data(), &done, MPI_STATUSES_IGNORE));
     if (done) release();
     return done != 0;
   }
   void wait() override {
     // Poll with a deadline instead of MPI_Waitall, so a dead or mismatched peer becomes an error.
-    const auto timeout = std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S"));
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
     int spins = 0;
     while (!test()) {
       if (std::chrono::steady_clock::now() > deadline)
         throw Error(ErrorCode::timeout, fmt::format("{} did not complete within {} s (LONGATTN_COMM_TIMEOUT_S); is a peer "
-                                                    "dead or running with different arguments?", what_, timeout.count()));
+                                                    "dead or running with different arguments?", what_, timeout_.count()));
       if (++spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
@@ -119,6 +111,7 @@ class MpiRequest final : public CommRequest {
   std::vector<MPI_Request> reqs_;
   std::string what_;
   ProgressThread* progress_;
+  std::chrono::seconds timeout_;
 };
 
 MPI_Datatype mpi_type(ReduceType t) {
@@ -141,9 +134,9 @@ MPI_Op mpi_op(ReduceOp op) {
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
-    MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
-    MPI_CHECK(MPI_Comm_size(comm_, &size_));
-    MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    LONGATTN_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    LONGATTN_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    LONGATTN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     topo_ = discover_topology(comm_);
     int level = 0;
     MPI_Query_thread(&level);
@@ -160,70 +153,54 @@ class MpiCommunicator final : public Communicator {
 
   Request isend(const void* buf, std::size_t bytes, int peer, int tag, void*) override {
     check_peer(peer);
-    std::vector<MPI_Request> reqs;
-    const auto* p = static_cast<const char*>(buf);
-    for (std::size_t off = 0; off < bytes || (bytes == 0 && off == 0); off += kMaxChunk) {
-      const auto n = static_cast<int>(std::min(kMaxChunk, bytes - off));
-      reqs.emplace_back();
-      MPI_CHECK(MPI_Isend(p + off, n, MPI_BYTE, peer, tag, comm_, &reqs.back()));
-      if (bytes == 0) break;
-    }
-    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("send of {} bytes to rank {}", bytes, peer), progress_.get());
+    return post_chunks(const_cast<void*>(buf), bytes, [&](char* chunk, int n, MPI_Request* req) {
+      LONGATTN_MPI_CHECK(MPI_Isend(chunk, n, MPI_BYTE, peer, tag, comm_, req));
+    }, fmt::format("send of {} bytes to rank {}", bytes, peer));
   }
-
   Request irecv(void* buf, std::size_t bytes, int peer, int tag, void*) override {
     check_peer(peer);
-    std::vector<MPI_Request> reqs;
-    auto* p = static_cast<char*>(buf);
-    for (std::size_t off = 0; off < bytes || (bytes == 0 && off == 0); off += kMaxChunk) {
-      const auto n = static_cast<int>(std::min(kMaxChunk, bytes - off));
-      reqs.emplace_back();
-      MPI_CHECK(MPI_Irecv(p + off, n, MPI_BYTE, peer, tag, comm_, &reqs.back()));
-      if (bytes == 0) break;
-    }
-    return std::make_unique<MpiRequest>(std::move(reqs), fmt::format("receive of {} bytes from rank {}", bytes, peer), progress_.get());
-  }
-
-  void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes, const std::vector<std::size_t>& send_offsets,
-                 void* recv, const std::vector<std::size_t>& recv_bytes, const std::vector<std::size_t>& recv_offsets,
-                 void*) override {
-    const auto n = static_cast<std::size_t>(size_);
-    LONGATTN_INVALID(send_bytes.size() == n && send_offsets.size() == n && recv_bytes.size() == n && recv_offsets.size() == n,
-                     "alltoallv needs {} counts and offsets per direction", n);
-    std::vector<Request> pending;
-    constexpr int kTag = 0x7a11;
-    for (int p = 0; p < size_; ++p) {
-      const auto up = static_cast<std::size_t>(p);
-      pending.push_back(irecv(static_cast<char*>(recv) + recv_offsets[up], recv_bytes[up], p, kTag, nullptr));
-    }
-    for (int p = 0; p < size_; ++p) {
-      const auto up = static_cast<std::size_t>(p);
-      pending.push_back(isend(static_cast<const char*>(send) + send_offsets[up], send_bytes[up], p, kTag, nullptr));
-    }
-    for (auto& r : pending) r->wait();
+    return post_chunks(buf, bytes, [&](char* chunk, int n, MPI_Request* req) {
+      LONGATTN_MPI_CHECK(MPI_Irecv(chunk, n, MPI_BYTE, peer, tag, comm_, req));
+    }, fmt::format("receive of {} bytes from rank {}", bytes, peer));
   }
 
   void allreduce(void* buf, std::size_t count, ReduceType type, ReduceOp op) override {
     LONGATTN_INVALID(count < (std::size_t{1} << 31), "allreduce of {} elements exceeds MPI's int count", count);
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(type), mpi_op(op), comm_));
+    LONGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(count), mpi_type(type), mpi_op(op), comm_));
   }
   void allgather(const void* send, void* recv, std::size_t bytes_each) override {
     LONGATTN_INVALID(bytes_each < (std::size_t{1} << 31), "allgather of {} bytes per rank exceeds MPI's int count", bytes_each);
-    MPI_CHECK(MPI_Allgather(send, static_cast<int>(bytes_each), MPI_BYTE, recv, static_cast<int>(bytes_each), MPI_BYTE, comm_));
+    LONGATTN_MPI_CHECK(MPI_Allgather(send, static_cast<int>(bytes_each), MPI_BYTE, recv, static_cast<int>(bytes_each), MPI_BYTE, comm_));
   }
   void broadcast(void* buf, std::size_t bytes, int root) override {
     LONGATTN_INVALID(bytes < (std::size_t{1} << 31), "broadcast of {} bytes exceeds MPI's int count", bytes);
-    MPI_CHECK(MPI_Bcast(buf, static_cast<int>(bytes), MPI_BYTE, root, comm_));
+    LONGATTN_MPI_CHECK(MPI_Bcast(buf, static_cast<int>(bytes), MPI_BYTE, root, comm_));
   }
-  void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
+  void barrier() override { LONGATTN_MPI_CHECK(MPI_Barrier(comm_)); }
 
   std::unique_ptr<Communicator> split(int color, int key) const override {
     MPI_Comm sub;
-    MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
-    return std::make_unique<MpiCommunicator>(sub, true);
+    LONGATTN_MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
+    auto child = std::make_unique<MpiCommunicator>(sub, true);
+    child->set_timeout(timeout());
+    return child;
   }
 
  private:
+  // One MPI request per chunk of at most kMaxChunk bytes (MPI counts are ints); an empty message
+  // is still one request, so that the peer's matching call completes.
+  template <class PostChunk>
+  Request post_chunks(void* buf, std::size_t bytes, PostChunk&& post_chunk, std::string what) {
+    std::vector<MPI_Request> reqs;
+    auto* p = static_cast<char*>(buf);
+    std::size_t off = 0;
+    do {
+      reqs.emplace_back();
+      post_chunk(p + off, static_cast<int>(std::min(kMaxChunk, bytes - off)), &reqs.back());
+      off += kMaxChunk;
+    } while (off < bytes);
+    return std::make_unique<MpiRequest>(std::move(reqs), std::move(what), progress_.get(), timeout());
+  }
   void check_peer(int peer) const {
     LONGATTN_INVALID(peer >= 0 && peer < size_, "peer rank {} is outside [0, {})", peer, size_);
   }
@@ -244,7 +221,7 @@ MpiSession::MpiSession(int* argc, char*** argv) {
   MPI_Initialized(&initialized);
   if (initialized) return;
   int provided = 0;
-  MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+  LONGATTN_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
   owns_ = true;
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);

@@ -5,15 +5,15 @@
 #include <algorithm>
 #include <vector>
 
-#include "comm/mpi_check.hpp"
+#include "common/check.hpp"
 #include "longattn/config.hpp"
 
 namespace longattn::comm {
 
 Topology discover_topology(MPI_Comm comm) {
   int rank = 0, size = 1;
-  MPI_CHECK(MPI_Comm_rank(comm, &rank));
-  MPI_CHECK(MPI_Comm_size(comm, &size));
+  LONGATTN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+  LONGATTN_MPI_CHECK(MPI_Comm_size(comm, &size));
   Topology t;
   const long node_size = env_int("LONGATTN_NODE_SIZE");
   if (node_size > 0) {
@@ -24,14 +24,14 @@ Topology discover_topology(MPI_Comm comm) {
     return t;
   }
   MPI_Comm shared;
-  MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &shared));
-  MPI_CHECK(MPI_Comm_rank(shared, &t.local_rank));
-  MPI_CHECK(MPI_Comm_size(shared, &t.local_size));
+  LONGATTN_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &shared));
+  LONGATTN_MPI_CHECK(MPI_Comm_rank(shared, &t.local_rank));
+  LONGATTN_MPI_CHECK(MPI_Comm_size(shared, &t.local_size));
   int leader = rank;  // smallest world rank of my node names the node
-  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, shared));
+  LONGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, shared));
   MPI_Comm_free(&shared);
   std::vector<int> leaders(static_cast<std::size_t>(size));
-  MPI_CHECK(MPI_Allgather(&leader, 1, MPI_INT, leaders.data(), 1, MPI_INT, comm));
+  LONGATTN_MPI_CHECK(MPI_Allgather(&leader, 1, MPI_INT, leaders.data(), 1, MPI_INT, comm));
   std::vector<int> distinct = leaders;
   std::sort(distinct.begin(), distinct.end());
   distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());

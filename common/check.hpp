@@ -1,10 +1,28 @@
-// LONGATTN_REQUIRE: the one assertion macro. It throws longattn::Error with a formatted message;
-// messages should say what was wrong and what the user can do about it.
+// Every check macro of longattn: LONGATTN_REQUIRE / LONGATTN_INVALID for our own conditions, and
+// LONGATTN_CUDA_CHECK, LONGATTN_NCCL_CHECK, LONGATTN_MPI_CHECK for the status codes of the
+// libraries we call. Each throws longattn::Error with a message that names what failed; the library
+// checks add the call, the library's own explanation and file:line.
+//
+// The library macros name their library's symbols only where they are expanded, so this header
+// includes none of those libraries and comm/ and kernels/ share it. nvcc-compiled files see only
+// the library macros: fmt's compile-time format checks do not survive nvcc, so the formatting
+// macros are left out of device code.
 #pragma once
 
-#include <fmt/format.h>
-
 #include "longattn/error.hpp"
+
+namespace longattn {
+
+// Throws Error(code, "<call> failed: <status_text> (<file>:<line>)"). Kept out of line so that the
+// macros expand to a test and a call.
+[[noreturn]] void throw_call_failed(ErrorCode code, const char* call, const char* status_text, const char* file, int line);
+// Throws Error(unsupported, what): for code that cannot format (device code compiled by nvcc).
+[[noreturn]] void throw_unsupported(const char* what);
+
+}  // namespace longattn
+
+#ifndef __CUDACC__
+#include <fmt/format.h>
 
 #define LONGATTN_REQUIRE(cond, code, ...)                                     \
   do {                                                                        \
@@ -12,3 +30,39 @@
   } while (0)
 
 #define LONGATTN_INVALID(cond, ...) LONGATTN_REQUIRE(cond, ::longattn::ErrorCode::invalid_argument, __VA_ARGS__)
+#endif
+
+// A failing CUDA runtime call is a bug or a broken device, never the caller's input: internal.
+#define LONGATTN_CUDA_CHECK(call)                                                                     \
+  do {                                                                                                \
+    const cudaError_t longattn_cuda_status_ = (call);                                                 \
+    if (longattn_cuda_status_ != cudaSuccess)                                                         \
+      ::longattn::throw_call_failed(::longattn::ErrorCode::internal, #call,                           \
+                                    cudaGetErrorString(longattn_cuda_status_), __FILE__, __LINE__);   \
+  } while (0)
+
+// After a kernel launch: catches bad launch configurations at once (asynchronous faults surface
+// at the next synchronizing call).
+#define LONGATTN_CUDA_CHECK_LAUNCH() LONGATTN_CUDA_CHECK(cudaGetLastError())
+
+// ncclInProgress is not a failure: a non-blocking communicator returns it while the operation
+// goes on, and the caller polls for its end.
+#define LONGATTN_NCCL_CHECK(call)                                                                     \
+  do {                                                                                                \
+    const ncclResult_t longattn_nccl_status_ = (call);                                                \
+    if (longattn_nccl_status_ != ncclSuccess && longattn_nccl_status_ != ncclInProgress)              \
+      ::longattn::throw_call_failed(::longattn::ErrorCode::communication, #call,                      \
+                                    ncclGetErrorString(longattn_nccl_status_), __FILE__, __LINE__);   \
+  } while (0)
+
+#define LONGATTN_MPI_CHECK(call)                                                                      \
+  do {                                                                                                \
+    const int longattn_mpi_status_ = (call);                                                          \
+    if (longattn_mpi_status_ != MPI_SUCCESS) {                                                        \
+      char longattn_mpi_text_[MPI_MAX_ERROR_STRING] = {};                                             \
+      int longattn_mpi_text_length_ = 0;                                                              \
+      MPI_Error_string(longattn_mpi_status_, longattn_mpi_text_, &longattn_mpi_text_length_);         \
+      ::longattn::throw_call_failed(::longattn::ErrorCode::communication, #call, longattn_mpi_text_,  \
+                                    __FILE__, __LINE__);                                              \
+    }                                                                                                 \
+  } while (0)

@@ -51,18 +51,7 @@ class FallbackBackend final : public AttentionBackend {
   void compute_delta(TensorView o, TensorView d_o, TensorView delta, void* stream) override {
     helpers().compute_delta(o, d_o, delta, stream);
   }
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t bytes) override { return helpers().allocate(bytes); }
-  void fill(TensorView dst, float value, void* stream) override { helpers().fill(dst, value, stream); }
-  void add_into(TensorView dst, TensorView src, void* stream) override { helpers().add_into(dst, src, stream); }
-  void convert(TensorView dst, TensorView src, void* stream) override { helpers().convert(dst, src, stream); }
-  void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) override {
-    helpers().copy_bytes(dst, src, bytes, stream);
-  }
-  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
-               std::size_t rows, void* stream) override {
-    helpers().copy_2d(dst, dst_pitch, src, src_pitch, width, rows, stream);
-  }
-  void synchronize(void* stream) override { helpers().synchronize(stream); }
+  DeviceOps& device_ops() override { return helpers().device_ops(); }
 
  private:
   AttentionBackend& helpers() { return *candidates_.back(); }

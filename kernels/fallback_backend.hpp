@@ -11,8 +11,8 @@
 
 namespace longattn::kernels {
 
-// candidates: in order of preference, all on the same device, at least one. Element-wise helpers
-// (merge, delta, fill, ...) are the last candidate's, the most general one.
+// candidates: in order of preference, all on the same device, at least one. Merge, delta and the
+// device operations are the last candidate's, the most general one.
 std::unique_ptr<AttentionBackend> make_fallback_backend(std::vector<std::unique_ptr<AttentionBackend>> candidates);
 
 }  // namespace longattn::kernels

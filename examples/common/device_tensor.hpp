@@ -33,7 +33,7 @@ struct DeviceTensor {
 
   DeviceTensor(AttentionBackend& be, DType t, std::initializer_list<std::int64_t> dims) {
     TensorView v(nullptr, t, dims, be.device());
-    buf = be.allocate(std::max<std::size_t>(v.bytes(), 64));
+    buf = be.device_ops().allocate(std::max<std::size_t>(v.bytes(), 64));
     view = v;
     view.data = buf->data();
   }
@@ -51,9 +51,9 @@ struct DeviceTensor {
       for (std::int64_t r = 0; r < n; ++r)
         for (std::int64_t c = 0; c < w; ++c)
           store_from_f32(staging.data(), view.dtype, static_cast<std::size_t>(r * w + c), value(r0 + r, c));
-      be.copy_bytes(static_cast<char*>(view.data) + static_cast<std::size_t>(r0 * w) * esize, staging.data(),
+      be.device_ops().copy_bytes(static_cast<char*>(view.data) + static_cast<std::size_t>(r0 * w) * esize, staging.data(),
                     static_cast<std::size_t>(n * w) * esize, nullptr);
-      be.synchronize(nullptr);
+      be.device_ops().synchronize(nullptr);
     }
   }
   // This rank's rows of global tensor `tensor`: random, or from a full host copy (row-major [T, width]).
@@ -66,8 +66,8 @@ struct DeviceTensor {
   }
   std::vector<float> download(AttentionBackend& be) const {
     HostBuffer tmp(view.bytes());
-    be.copy_bytes(tmp.data(), view.data, view.bytes(), nullptr);
-    be.synchronize(nullptr);
+    be.device_ops().copy_bytes(tmp.data(), view.data, view.bytes(), nullptr);
+    be.device_ops().synchronize(nullptr);
     std::vector<float> out(static_cast<std::size_t>(view.numel()));
     convert_to_f32(tmp.data(), view.dtype, out.data(), out.size());
     return out;

@@ -1,24 +1,17 @@
-// A local attention backend: one device's math (attention forward/backward, merge of partial
-// results, the few element-wise helpers the distributed runtime needs). Backends register by name;
+// A local attention backend: one device's attention math (forward, backward, the merge of partial
+// results and the backward's delta). Memory and element-wise operations are the device's
+// (device_ops.hpp), so a backend needs no device runtime of its own. Backends register by name;
 // CPU ones are always there, CUDA/cuDNN when built and a GPU is present.
 #pragma once
 
-#include <cstddef>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "longattn/attention.hpp"
+#include "longattn/device_ops.hpp"
 
 namespace longattn {
-
-// Owned memory on a backend's device; freed by its destructor.
-class DeviceBuffer {
- public:
-  virtual ~DeviceBuffer() = default;
-  virtual void* data() = 0;
-  virtual std::size_t bytes() const = 0;
-};
 
 class AttentionBackend {
  public:
@@ -39,17 +32,9 @@ class AttentionBackend {
   // delta[h, t] = sum_d dO[t, h, d] * O[t, h, d], in f32.
   virtual void compute_delta(TensorView o, TensorView d_o, TensorView delta, void* stream) = 0;
 
-  // Element-wise helpers on this device. dst and src have the same number of elements.
-  virtual std::unique_ptr<DeviceBuffer> allocate(std::size_t bytes) = 0;
-  virtual void fill(TensorView dst, float value, void* stream) = 0;
-  virtual void add_into(TensorView dst_f32, TensorView src, void* stream) = 0;  // dst += src
-  virtual void convert(TensorView dst, TensorView src, void* stream) = 0;       // dtype cast / copy
-  virtual void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) = 0;
-  // `rows` rows of `width` bytes from src (rows src_pitch bytes apart) to dst (dst_pitch apart):
-  // e.g. a range of tokens out of every head's row of an [H, T] lse. Default: copy_bytes per row.
-  virtual void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
-                       std::size_t rows, void* stream);
-  virtual void synchronize(void* stream) = 0;
+  // Memory and element-wise operations on this backend's device: device_ops_for(device().kind)
+  // unless overridden (a test double that counts allocations, say).
+  virtual DeviceOps& device_ops();
 };
 
 // Names: "reference" (double precision oracle), "cpu" (fast CPU), and where built "cuda",
@@ -58,9 +43,4 @@ class AttentionBackend {
 std::unique_ptr<AttentionBackend> make_backend(const std::string& name, DeviceKind kind = DeviceKind::cpu);
 std::vector<std::string> available_backends();
 
-}  // namespace longattn
-
-namespace longattn {
-// Bytes of GPU memory in use on the current device (cudaMemGetInfo: total - free); 0 without CUDA.
-std::size_t gpu_memory_used_bytes();
 }  // namespace longattn

@@ -2,6 +2,7 @@
 // MPI backend always present (NCCL where built). Nothing here knows about attention.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -21,7 +22,7 @@ struct Topology {
 
 // A pending nonblocking operation. wait() returns once the buffer may be reused (send) or read
 // (receive); on a GPU communicator "read" means: by work queued afterwards on the stream given to
-// the call. wait() throws Error(timeout) after LONGATTN_COMM_TIMEOUT_S instead of hanging.
+// the call. wait() throws Error(timeout) after the communicator's timeout() instead of hanging.
 class CommRequest {
  public:
   virtual ~CommRequest() = default;
@@ -45,6 +46,12 @@ enum class ReduceType { f32, f64, i64 };
 class Communicator {
  public:
   virtual ~Communicator() = default;
+  // How long one wait may block before it throws Error(timeout), so that a dead, stuck or
+  // mismatched peer is reported instead of hanging the job: LONGATTN_COMM_TIMEOUT_S when the
+  // communicator is made; split() passes it on. A request keeps the value it was posted with.
+  std::chrono::seconds timeout() const noexcept { return timeout_; }
+  void set_timeout(std::chrono::seconds limit);  // limit > 0
+
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string backend_name() const = 0;
@@ -60,20 +67,27 @@ class Communicator {
   // ops of one batch progress together. Every rank must post matching batches in the same order.
   virtual Request post(const std::vector<P2POp>& ops, void* stream = nullptr);
   // Blocks until the communication queued for `stream` is done; detects peer failures and hangs
-  // (Error(communication/timeout) after LONGATTN_COMM_TIMEOUT_S). A no-op for host communicators.
+  // (Error(communication/timeout) after timeout()). A no-op for host communicators.
   virtual void synchronize(void* stream) {}
 
-  // Byte counts and displacements per peer (size() entries each).
+  // Byte counts and displacements per peer (size() entries each). By default one batch of
+  // point-to-point operations (post) that the call waits for.
   virtual void alltoallv(const void* send, const std::vector<std::size_t>& send_bytes,
                          const std::vector<std::size_t>& send_offsets, void* recv,
                          const std::vector<std::size_t>& recv_bytes, const std::vector<std::size_t>& recv_offsets,
-                         void* stream = nullptr) = 0;
+                         void* stream = nullptr);
   virtual void allreduce(void* buf, std::size_t count, ReduceType type, ReduceOp op) = 0;
   virtual void allgather(const void* send, void* recv, std::size_t bytes_each) = 0;
   virtual void broadcast(void* buf, std::size_t bytes, int root) = 0;
   virtual void barrier() = 0;
   // Ranks with the same color form a new communicator, ordered by key.
   virtual std::unique_ptr<Communicator> split(int color, int key) const = 0;
+
+ protected:
+  Communicator();
+
+ private:
+  std::chrono::seconds timeout_;
 };
 
 // Initializes MPI (thread level MULTIPLE) on construction if nobody has, finalizes on destruction

@@ -5,7 +5,6 @@
 
 #include "common/check.hpp"
 #include "kernels/cuda/cuda_backends.hpp"
-#include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/cuda_common.hpp"
 #include "kernels/cuda/decode.hpp"
 #include "kernels/cuda/flash_params.hpp"
@@ -14,18 +13,6 @@
 
 namespace longattn::kernels {
 namespace cuda {
-
-void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line) {
-  throw Error(ErrorCode::internal, fmt::format("{} failed: {} ({}:{})", call, cudaGetErrorString(err), file, line));
-}
-void throw_unsupported(const char* what) { throw Error(ErrorCode::unsupported, what); }
-
-CudaDeviceBuffer::CudaDeviceBuffer(std::size_t bytes) : bytes_(bytes) {
-  if (bytes > 0) LONGATTN_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
-}
-CudaDeviceBuffer::~CudaDeviceBuffer() {
-  if (ptr_) cudaFree(ptr_);
-}
 
 // LONGATTN_CUDA_FWD_KERNEL / LONGATTN_CUDA_BWD_KERNEL: which kernel runs the shapes the wgmma
 // kernels take (head dim 128, no explicit positions; the backward also needs atomic dQ). auto: the
@@ -218,35 +205,6 @@ class CudaBackend final : public AttentionBackend {
     launch_compute_delta(o.data, o.dtype, d_o.data, d_o.dtype, delta.as<float>(), o.dim(0), static_cast<int>(o.dim(1)),
                          static_cast<int>(o.dim(2)), static_cast<cudaStream_t>(stream));
   }
-
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t bytes) override { return std::make_unique<CudaDeviceBuffer>(bytes); }
-  void fill(TensorView dst, float value, void* stream) override {
-    launch_fill(dst.data, dst.dtype, dst.numel(), value, static_cast<cudaStream_t>(stream));
-  }
-  void add_into(TensorView dst, TensorView src, void* stream) override {
-    LONGATTN_INVALID(dst.dtype == DType::f32 && dst.numel() == src.numel(), "add_into: dst {} must be fp32 and match src {}",
-                     dst.describe(), src.describe());
-    launch_add_into(dst.as<float>(), src.data, src.dtype, dst.numel(), static_cast<cudaStream_t>(stream));
-  }
-  void convert(TensorView dst, TensorView src, void* stream) override {
-    LONGATTN_INVALID(dst.numel() == src.numel(), "convert: {} and {} differ in size", dst.describe(), src.describe());
-    if (dst.dtype == src.dtype) {
-      copy_bytes(dst.data, src.data, dst.bytes(), stream);
-    } else {
-      launch_convert(dst.data, dst.dtype, src.data, src.dtype, dst.numel(), static_cast<cudaStream_t>(stream));
-    }
-  }
-  void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) override {
-    if (bytes == 0) return;
-    LONGATTN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)));
-  }
-  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
-               std::size_t rows, void* stream) override {
-    if (width == 0 || rows == 0) return;
-    LONGATTN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDefault,
-                                          static_cast<cudaStream_t>(stream)));
-  }
-  void synchronize(void* stream) override { LONGATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
 
  private:
   void require(const AttentionArgs& a) const {

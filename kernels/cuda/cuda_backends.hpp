@@ -9,6 +9,8 @@ namespace longattn::kernels {
 
 // True when the CUDA runtime sees at least one device.
 bool cuda_device_available();
+// CUDA memory and element-wise operations (device_ops_for(DeviceKind::cuda)).
+DeviceOps& cuda_device_ops();
 std::unique_ptr<AttentionBackend> make_cuda_backend();
 // Backward without atomics (a separate dQ kernel; bit-identical across runs, about
 // 1.3x slower). The registry's "cuda" is the default, atomic dQ mode.

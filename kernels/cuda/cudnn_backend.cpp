@@ -21,7 +21,6 @@
 #include <tuple>
 #include <unordered_map>
 
-#include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/cuda_common.hpp"
 #include "kernels/cuda/cudnn_support.hpp"
 #include "kernels/cuda/flash_params.hpp"
@@ -296,18 +295,6 @@ class CudnnBackend final : public AttentionBackend {
   void compute_delta(TensorView o, TensorView d_o, TensorView delta, void* stream) override {
     helpers_->compute_delta(o, d_o, delta, stream);
   }
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t bytes) override { return helpers_->allocate(bytes); }
-  void fill(TensorView dst, float value, void* stream) override { helpers_->fill(dst, value, stream); }
-  void add_into(TensorView dst, TensorView src, void* stream) override { helpers_->add_into(dst, src, stream); }
-  void convert(TensorView dst, TensorView src, void* stream) override { helpers_->convert(dst, src, stream); }
-  void copy_bytes(void* dst, const void* src, std::size_t bytes, void* stream) override {
-    helpers_->copy_bytes(dst, src, bytes, stream);
-  }
-  void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
-               std::size_t rows, void* stream) override {
-    helpers_->copy_2d(dst, dst_pitch, src, src_pitch, width, rows, stream);
-  }
-  void synchronize(void* stream) override { helpers_->synchronize(stream); }
 
  private:
   void require(const AttentionArgs& a) const {

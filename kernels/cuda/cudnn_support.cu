@@ -1,7 +1,7 @@
 // Kernels around cuDNN's SDPA graphs (see cudnn_support.hpp). All are tiny next to attention.
 #include <cmath>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 #include "kernels/cuda/cudnn_support.hpp"
 
 namespace longattn::kernels::cuda {

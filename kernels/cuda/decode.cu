@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/decode.hpp"
 #include "kernels/cuda/flash_params.hpp"

@@ -6,7 +6,7 @@
 
 #include <cmath>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 #include "kernels/cuda/flash_params.hpp"
 
 namespace longattn::kernels::cuda {

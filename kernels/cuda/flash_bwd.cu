@@ -12,7 +12,7 @@
 // scheme), 5 tile products per step, run-to-run differences at fp32 rounding level.
 #include <cmath>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_tiles.hpp"

@@ -23,7 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_wgmma.cuh"

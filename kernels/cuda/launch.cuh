@@ -6,7 +6,7 @@
 
 #include <utility>
 
-#include "kernels/cuda/cuda_check.hpp"
+#include "common/check.hpp"
 
 namespace longattn::kernels::cuda {
 

@@ -35,7 +35,7 @@ TEST(GpuHelpers, MergeMatchesCpuIncludingEmptyRows) {
     DeviceTensor doa(oa), dla(la), dop(op), dlp(lp);
     auto backend = make_backend("cuda", DeviceKind::cuda);
     backend->merge_into(doa.view, dla.view, dop.view, dlp.view, nullptr);
-    backend->synchronize(nullptr);
+    backend->device_ops().synchronize(nullptr);
     // DESIGN.md: a row that is empty on both sides ends with o = 0 (the CPU merge leaves o_acc as it was).
     std::vector<bool> both_empty(static_cast<std::size_t>(t) * h);
     for (int i = 0; i < t; ++i)
@@ -66,29 +66,29 @@ TEST(GpuHelpers, DeltaFillAddConvertCopy) {
   EXPECT_LE(test::compare(delta.to_host().to_f32(), delta_ref.to_f32()).max_abs, 1e-3);
 
   auto f = DeviceTensor::poisoned(DType::f16, {t, h, d});
-  backend->fill(f.view, 0.5f, nullptr);
+  backend->device_ops().fill(f.view, 0.5f, nullptr);
   for (float x : f.to_host().to_f32()) ASSERT_EQ(x, 0.5f);
 
   auto acc = test::random_tensor(rng, DType::f32, {t, h, d});
   DeviceTensor dacc(acc);
-  backend->add_into(dacc.view, dO.view, nullptr);
+  backend->device_ops().add_into(dacc.view, dO.view, nullptr);
   auto want = acc.to_f32();
   const auto ov = o.to_f32();
   for (std::size_t i = 0; i < want.size(); ++i) want[i] += ov[i];
   EXPECT_LE(test::compare(dacc.to_host().to_f32(), want).max_abs, 1e-6);
 
   auto c32 = DeviceTensor::poisoned(DType::f32, {t, h, d});
-  backend->convert(c32.view, dO.view, nullptr);
+  backend->device_ops().convert(c32.view, dO.view, nullptr);
   EXPECT_EQ(test::compare(c32.to_host().to_f32(), ov).max_abs, 0.0);
   auto c16 = DeviceTensor::poisoned(DType::bf16, {t, h, d});
-  backend->convert(c16.view, c32.view, nullptr);
+  backend->device_ops().convert(c16.view, c32.view, nullptr);
   EXPECT_EQ(test::compare(c16.to_host().to_f32(), ov).max_abs, 0.0);
 
-  auto buf = backend->allocate(dO.view.bytes());
-  backend->copy_bytes(buf->data(), dO.ptr, dO.view.bytes(), nullptr);
+  auto buf = backend->device_ops().allocate(dO.view.bytes());
+  backend->device_ops().copy_bytes(buf->data(), dO.ptr, dO.view.bytes(), nullptr);
   HostTensor back(DType::bf16, {t, h, d});
-  backend->copy_bytes(back.view.data, buf->data(), dO.view.bytes(), nullptr);
-  backend->synchronize(nullptr);
+  backend->device_ops().copy_bytes(back.view.data, buf->data(), dO.view.bytes(), nullptr);
+  backend->device_ops().synchronize(nullptr);
   EXPECT_EQ(test::compare(back.to_f32(), ov).max_abs, 0.0);
 }
 

@@ -54,8 +54,8 @@ TEST(Merge, EqualsAttentionOverUnionInAnyOrder) {
     auto backend = make_backend("cpu");
     for (auto order : {std::array{0, 1, 2}, std::array{2, 0, 1}, std::array{1, 2, 0}}) {
       HostTensor o(DType::f32, {t, h, d}), l(DType::f32, {h, t});
-      backend->fill(o.view, 0.0f, nullptr);
-      backend->fill(l.view, -std::numeric_limits<float>::infinity(), nullptr);
+      backend->device_ops().fill(o.view, 0.0f, nullptr);
+      backend->device_ops().fill(l.view, -std::numeric_limits<float>::infinity(), nullptr);
       for (int i : order) backend->merge_into(o.view, l.view, os[static_cast<std::size_t>(i)].view, ls[static_cast<std::size_t>(i)].view, nullptr);
       EXPECT_LE(test::compare(o.to_f32(), o_all.to_f32()).max_abs, 1e-5);
       EXPECT_LE(test::compare(l.to_f32(), l_all.to_f32()).max_abs, 1e-5);
@@ -68,10 +68,10 @@ TEST(Merge, BothSidesEmptyStaysEmptyWithoutNaN) {
   HostTensor o(DType::f32, {t, h, d}), l(DType::f32, {h, t}), op(DType::f32, {t, h, d}), lp(DType::f32, {h, t});
   auto backend = make_backend("cpu");
   // Whatever the accumulator held, a row that saw no key at all has o = 0 (DESIGN.md).
-  backend->fill(o.view, 7.0f, nullptr);
-  backend->fill(op.view, 3.0f, nullptr);
-  backend->fill(l.view, -std::numeric_limits<float>::infinity(), nullptr);
-  backend->fill(lp.view, -std::numeric_limits<float>::infinity(), nullptr);
+  backend->device_ops().fill(o.view, 7.0f, nullptr);
+  backend->device_ops().fill(op.view, 3.0f, nullptr);
+  backend->device_ops().fill(l.view, -std::numeric_limits<float>::infinity(), nullptr);
+  backend->device_ops().fill(lp.view, -std::numeric_limits<float>::infinity(), nullptr);
   backend->merge_into(o.view, l.view, op.view, lp.view, nullptr);
   for (float x : o.to_f32()) EXPECT_EQ(x, 0.0f);
   for (float x : l.to_f32()) EXPECT_EQ(x, -std::numeric_limits<float>::infinity());

@@ -2,9 +2,12 @@
 // ring attention with P = 1..5 against the reference, without mpirun.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <random>
 #include <thread>
 
 #include "longattn/communicator.hpp"
+#include "longattn/config.hpp"
 #include "longattn/error.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/layout.hpp"
@@ -63,8 +66,8 @@ TEST(LocalCommunicator, SizeMismatchAndMissingPeerAreErrors) {
     }
     c.barrier();
   });
-  setenv("LONGATTN_COMM_TIMEOUT_S", "1", 1);
   auto comms = make_local_communicators(2);
+  comms[0]->set_timeout(std::chrono::seconds(1));
   int x = 0;
   try {
     comms[0]->irecv(&x, 4, 1, 5)->wait();
@@ -72,7 +75,35 @@ TEST(LocalCommunicator, SizeMismatchAndMissingPeerAreErrors) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::timeout);
   }
-  unsetenv("LONGATTN_COMM_TIMEOUT_S");
+}
+
+// The timeout is a setting of the communicator (no environment juggling around calls): a wait
+// gives up after it, a split inherits it, and a limit below one second is refused.
+TEST(LocalCommunicator, TimeoutIsASettingThatSplitsInherit) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const auto limit = std::chrono::seconds(1 + static_cast<int>(rng() % 2));
+  auto comms = make_local_communicators(2);
+  EXPECT_EQ(comms[0]->timeout(), std::chrono::seconds(env_int("LONGATTN_COMM_TIMEOUT_S")));
+  EXPECT_THROW(comms[0]->set_timeout(std::chrono::seconds(0)), Error);
+  for (auto& c : comms) c->set_timeout(limit);
+  std::unique_ptr<Communicator> halves[2];
+  {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r) threads.emplace_back([&, r] { halves[r] = comms[static_cast<std::size_t>(r)]->split(r, 0); });
+    for (auto& t : threads) t.join();
+  }
+  EXPECT_EQ(halves[0]->timeout(), limit);
+  int x = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    halves[0]->irecv(&x, 4, 0, 5)->wait();  // nobody sends
+    FAIL() << "no timeout";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::timeout);
+  }
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(waited, static_cast<double>(limit.count()) - 0.1);
+  EXPECT_LT(waited, static_cast<double>(limit.count()) + 5.0) << "the split did not keep the timeout";
 }
 
 class LocalRing : public ::testing::TestWithParam<std::tuple<int, Layout>> {};
@@ -157,27 +188,38 @@ TEST(LocalRing, SingleSequenceStepsReachKernelsWithoutPositions) {
 namespace longattn {
 namespace {
 
-// Counts what the ring runtime allocates through its backend (its workspaces): live bytes and
-// the peak. Kernel-internal scratch is the backend's own business and not counted.
-class CountingBackend final : public test::DelegatingBackend {
+// Counts what the ring runtime allocates through its backend's device operations (its
+// workspaces): live bytes and the peak. Kernel-internal scratch is the backend's own business and
+// not counted.
+class CountingDeviceOps final : public test::DelegatingDeviceOps {
  public:
-  CountingBackend() : DelegatingBackend(make_backend("cpu")) {}
+  using DelegatingDeviceOps::DelegatingDeviceOps;
   std::size_t live = 0, peak = 0;
   std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override {
     live += n;
     peak = std::max(peak, live);
-    return std::make_unique<Counted>(inner_->allocate(n), *this);
+    return std::make_unique<Counted>(inner_.allocate(n), *this);
   }
 
  private:
   struct Counted final : DeviceBuffer {
-    Counted(std::unique_ptr<DeviceBuffer> b, CountingBackend& o) : inner(std::move(b)), owner(o) {}
+    Counted(std::unique_ptr<DeviceBuffer> b, CountingDeviceOps& o) : inner(std::move(b)), owner(o) {}
     ~Counted() override { owner.live -= inner->bytes(); }
     void* data() override { return inner->data(); }
     std::size_t bytes() const override { return inner->bytes(); }
     std::unique_ptr<DeviceBuffer> inner;
-    CountingBackend& owner;
+    CountingDeviceOps& owner;
   };
+};
+
+class CountingBackend final : public test::DelegatingBackend {
+ public:
+  CountingBackend() : DelegatingBackend(make_backend("cpu")), counter_(inner_->device_ops()) {}
+  DeviceOps& device_ops() override { return counter_; }
+  CountingDeviceOps& counter() { return counter_; }
+
+ private:
+  CountingDeviceOps counter_;
 };
 
 // A rank holds its own shard plus what is in flight, never anything of the full sequence's size:
@@ -199,7 +241,7 @@ TEST(LocalRing, WorkspacesDependOnTheShardNotTheSequence) {
       test::HostTensor o(DType::f32, {n, hq, d}), lse(DType::f32, {hq, n}), dq(DType::f32, {n, hq, d}),
           dk(DType::f32, {n, hkv, d}), dv(DType::f32, {n, hkv, d});
       auto backend = std::make_unique<CountingBackend>();
-      auto* counter = backend.get();
+      auto* counter = &backend->counter();
       RingOptions opt;
       opt.causal = true;
       RingAttention ring(c, plan, opt, std::move(backend));

@@ -156,19 +156,17 @@ TEST(NcclCommunicator, PeerOutsideTheCommunicatorIsRefused) {
 
 // Last on purpose: the communicator of rank 0 ends aborted. Rank 0 sends to rank 1, which never
 // receives: the post (whose first use of a peer must connect to it) or synchronize() must give up
-// after LONGATTN_COMM_TIMEOUT_S with a timeout error that says what to check, instead of hanging the
+// after the communicator's timeout with a timeout error that says what to check, instead of hanging the
 // job; later use of that communicator is refused, and both ranks leave cleanly (no hang in the
 // destructors either).
 TEST(NcclCommunicator, PeerThatNeverReceivesIsATimeoutNotAHang) {
   auto host = world();
   SKIP_WITHOUT_GPUS(*host);
   if (host->size() < 2) GTEST_SKIP() << "needs two ranks";
-  const char* old = std::getenv("LONGATTN_COMM_TIMEOUT_S");
-  const std::string saved = old ? old : "";
-  // Rank 0 gives up fast; the others wait longer for it at the barrier below.
-  setenv("LONGATTN_COMM_TIMEOUT_S", host->rank() == 0 ? "3" : "20", 1);
   {
     auto nccl = make_nccl_communicator(*host);
+    // Rank 0 gives up fast; the others wait longer for it at the barrier below.
+    nccl->set_timeout(std::chrono::seconds(host->rank() == 0 ? 3 : 20));
     const std::size_t n = std::size_t{256} << 20;  // far above any eager buffer: cannot complete alone
     DeviceBytes buf(n);
     CUDA_OK(cudaMemset(buf.get(), 1, n));
@@ -189,8 +187,6 @@ TEST(NcclCommunicator, PeerThatNeverReceivesIsATimeoutNotAHang) {
     }
     host->barrier();
   }
-  if (old) setenv("LONGATTN_COMM_TIMEOUT_S", saved.c_str(), 1);
-  else unsetenv("LONGATTN_COMM_TIMEOUT_S");
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// A test double base: an AttentionBackend that passes every call to another backend, so a test
-// overrides only what it watches or changes (refusals, recorded arguments, injected errors).
+// Test double bases: an AttentionBackend (and DeviceOps) that passes every call to another, so a
+// test overrides only what it watches or changes (refusals, recorded arguments, injected errors).
 #pragma once
 
 #include <memory>
@@ -21,18 +21,28 @@ class DelegatingBackend : public AttentionBackend {
     inner_->merge_into(oa, la, op, lp, s);
   }
   void compute_delta(TensorView o, TensorView d_o, TensorView d, void* s) override { inner_->compute_delta(o, d_o, d, s); }
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override { return inner_->allocate(n); }
-  void fill(TensorView d, float v, void* s) override { inner_->fill(d, v, s); }
-  void add_into(TensorView d, TensorView src, void* s) override { inner_->add_into(d, src, s); }
-  void convert(TensorView d, TensorView src, void* s) override { inner_->convert(d, src, s); }
-  void copy_bytes(void* d, const void* src, std::size_t n, void* s) override { inner_->copy_bytes(d, src, n, s); }
-  void copy_2d(void* d, std::size_t dp, const void* src, std::size_t sp, std::size_t w, std::size_t rows, void* s) override {
-    inner_->copy_2d(d, dp, src, sp, w, rows, s);
-  }
-  void synchronize(void* s) override { inner_->synchronize(s); }
+  DeviceOps& device_ops() override { return inner_->device_ops(); }
 
  protected:
   std::unique_ptr<AttentionBackend> inner_;
+};
+
+// The same for device operations: a test overrides allocate to count, say, and passes the rest on.
+class DelegatingDeviceOps : public DeviceOps {
+ public:
+  explicit DelegatingDeviceOps(DeviceOps& inner) : inner_(inner) {}
+  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override { return inner_.allocate(n); }
+  void fill(TensorView d, float v, void* s) override { inner_.fill(d, v, s); }
+  void add_into(TensorView d, TensorView src, void* s) override { inner_.add_into(d, src, s); }
+  void convert(TensorView d, TensorView src, void* s) override { inner_.convert(d, src, s); }
+  void copy_bytes(void* d, const void* src, std::size_t n, void* s) override { inner_.copy_bytes(d, src, n, s); }
+  void copy_2d(void* d, std::size_t dp, const void* src, std::size_t sp, std::size_t w, std::size_t rows, void* s) override {
+    inner_.copy_2d(d, dp, src, sp, w, rows, s);
+  }
+  void synchronize(void* s) override { inner_.synchronize(s); }
+
+ protected:
+  DeviceOps& inner_;
 };
 
 }  // namespace longattn::test

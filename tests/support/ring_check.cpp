@@ -28,17 +28,17 @@ HostTensor take_rows(const HostTensor& full, const RankShard& s) {
 struct OnDevice {
   std::unique_ptr<DeviceBuffer> buf;
   TensorView view;
-  OnDevice(AttentionBackend& be, const HostTensor& h) : buf(be.allocate(std::max<std::size_t>(h.view.bytes(), 64))), view(h.view) {
+  OnDevice(AttentionBackend& be, const HostTensor& h) : buf(be.device_ops().allocate(std::max<std::size_t>(h.view.bytes(), 64))), view(h.view) {
     view.data = buf->data();
     view.device = be.device();
-    be.copy_bytes(view.data, h.view.data, h.view.bytes(), nullptr);
-    be.synchronize(nullptr);
+    be.device_ops().copy_bytes(view.data, h.view.data, h.view.bytes(), nullptr);
+    be.device_ops().synchronize(nullptr);
   }
   HostTensor to_host(AttentionBackend& be) const {
     HostTensor h(view.dtype, {view.dim(0), view.dim(1), view.ndim == 3 ? view.dim(2) : 1});
     if (view.ndim == 2) h.view = TensorView(h.view.data, view.dtype, {view.dim(0), view.dim(1)});
-    be.copy_bytes(h.view.data, view.data, view.bytes(), nullptr);
-    be.synchronize(nullptr);
+    be.device_ops().copy_bytes(h.view.data, view.data, view.bytes(), nullptr);
+    be.device_ops().synchronize(nullptr);
     return h;
   }
 };

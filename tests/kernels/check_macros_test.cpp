@@ -1,0 +1,105 @@
+// The library checks of common/check.hpp: a failing status becomes an Error with the right code,
+// naming the call, the library's own message and the place; success (and NCCL's "in progress" of a
+// non-blocking communicator) passes. The libraries are stood in for by the few names the macros
+// use, so the test runs on every machine; the macros name them only where they are expanded.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+
+#include "common/check.hpp"
+#include "support/test_util.hpp"
+
+namespace longattn {
+namespace {
+
+// Each stand-in status carries its number in its message, so the test sees which status was named.
+std::string status_text(int status) { return "status " + std::to_string(status) + " from the library"; }
+
+namespace fake_cuda {
+enum cudaError_t : int { cudaSuccess = 0 };
+std::string last_text;
+const char* cudaGetErrorString(cudaError_t e) { return (last_text = status_text(e)).c_str(); }
+cudaError_t cudaGetLastError_value;
+cudaError_t cudaGetLastError() { return cudaGetLastError_value; }
+}  // namespace fake_cuda
+
+namespace fake_nccl {
+enum ncclResult_t : int { ncclSuccess = 0, ncclInProgress = 7 };
+std::string last_text;
+const char* ncclGetErrorString(ncclResult_t r) { return (last_text = status_text(r)).c_str(); }
+}  // namespace fake_nccl
+
+namespace fake_mpi {
+constexpr int MPI_SUCCESS = 0;
+constexpr int MPI_MAX_ERROR_STRING = 64;
+int MPI_Error_string(int code, char* text, int* length) {
+  const auto s = status_text(code);
+  s.copy(text, MPI_MAX_ERROR_STRING - 1);
+  *length = static_cast<int>(s.size());
+  return MPI_SUCCESS;
+}
+}  // namespace fake_mpi
+
+// A failing status the stand-ins do not treat as success or progress.
+int random_failure(std::mt19937_64& rng) { return std::uniform_int_distribution<int>(8, 999)(rng); }
+
+// Runs `call`, which must throw; returns the Error.
+template <class Call>
+Error thrown_by(Call&& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "no Error was thrown";
+  return Error(ErrorCode::internal, "");
+}
+
+TEST(CheckMacros, CudaFailureNamesTheCallTheStatusAndThePlace) {
+  using namespace fake_cuda;
+  std::mt19937_64 rng(test::fresh_seed());
+  const auto status = static_cast<cudaError_t>(random_failure(rng));
+  LONGATTN_CUDA_CHECK(cudaSuccess);
+  const int line = __LINE__ + 1;
+  const Error e = thrown_by([&] { LONGATTN_CUDA_CHECK(static_cast<cudaError_t>(status)); });
+  EXPECT_EQ(e.code(), ErrorCode::internal);
+  const std::string what = e.what();
+  EXPECT_NE(what.find("static_cast<cudaError_t>(status) failed: " + status_text(status)), std::string::npos) << what;
+  EXPECT_NE(what.find("check_macros_test.cpp:" + std::to_string(line)), std::string::npos) << what;
+
+  cudaGetLastError_value = status;
+  EXPECT_EQ(thrown_by([] { LONGATTN_CUDA_CHECK_LAUNCH(); }).code(), ErrorCode::internal);
+  cudaGetLastError_value = cudaSuccess;
+  LONGATTN_CUDA_CHECK_LAUNCH();
+}
+
+TEST(CheckMacros, NcclInProgressIsNotAFailure) {
+  using namespace fake_nccl;
+  std::mt19937_64 rng(test::fresh_seed());
+  const auto status = static_cast<ncclResult_t>(random_failure(rng));
+  LONGATTN_NCCL_CHECK(ncclSuccess);
+  LONGATTN_NCCL_CHECK(ncclInProgress);
+  const Error e = thrown_by([&] { LONGATTN_NCCL_CHECK(status); });
+  EXPECT_EQ(e.code(), ErrorCode::communication);
+  EXPECT_NE(std::string(e.what()).find("status failed: " + status_text(status)), std::string::npos) << e.what();
+}
+
+TEST(CheckMacros, MpiFailureCarriesTheLibrarysMessage) {
+  using namespace fake_mpi;
+  std::mt19937_64 rng(test::fresh_seed());
+  const int status = random_failure(rng);
+  LONGATTN_MPI_CHECK(MPI_SUCCESS);
+  const Error e = thrown_by([&] { LONGATTN_MPI_CHECK(status); });
+  EXPECT_EQ(e.code(), ErrorCode::communication);
+  EXPECT_NE(std::string(e.what()).find("status failed: " + status_text(status)), std::string::npos) << e.what();
+}
+
+TEST(CheckMacros, UnsupportedKeepsTheMessage) {
+  const Error e = thrown_by([] { throw_unsupported("head dim 96 is not built"); });
+  EXPECT_EQ(e.code(), ErrorCode::unsupported);
+  EXPECT_STREQ(e.what(), "head dim 96 is not built");
+}
+
+}  // namespace
+}  // namespace longattn
