@@ -111,6 +111,29 @@ RankShard ShardPlan::shard(int rank) const {
   return s;
 }
 
+std::vector<TokenRun> ShardPlan::runs(int rank) const {
+  LONGATTN_INVALID(rank >= 0 && rank < world_, "rank {} is outside [0, {})", rank, world_);
+  std::vector<TokenRun> out;
+  std::int64_t row = 0;
+  auto add = [&](int seq, std::int64_t first, std::int64_t count, std::int64_t stride) {
+    if (count <= 0) return;
+    out.push_back({seq, row, count, static_cast<std::int32_t>(first), static_cast<std::int32_t>(stride)});
+    row += count;
+  };
+  for (int b = 0; b < batch(); ++b) {
+    const std::int64_t n = cu_seqlens_[b + 1] - cu_seqlens_[b];
+    switch (layout_) {
+      case Layout::contiguous: add(b, piece_start(n, world_, rank), piece_size(n, world_, rank), 1); break;
+      case Layout::zigzag:
+        for (std::int64_t c : {std::int64_t{rank}, std::int64_t{2} * world_ - 1 - rank})
+          add(b, piece_start(n, std::int64_t{2} * world_, c), piece_size(n, std::int64_t{2} * world_, c), 1);
+        break;
+      case Layout::striped: add(b, rank, local_count(layout_, n, world_, rank), world_); break;
+    }
+  }
+  return out;
+}
+
 void shard_rows(const void* global, void* local, std::size_t row_bytes, const RankShard& shard) {
   auto* dst = static_cast<char*>(local);
   const auto* src = static_cast<const char*>(global);

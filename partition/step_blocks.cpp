@@ -77,6 +77,67 @@ void merge_full_blocks(std::vector<StepBlock>& blocks) {
   }
 }
 
+// Pairs every query run with every key run; nullopt past max_blocks.
+std::optional<std::vector<StepBlock>> blocks_of_runs(const std::vector<Run>& qr, const std::vector<Run>& kr, std::int64_t stride,
+                                                     int max_blocks) {
+  if (static_cast<int>(qr.size() * kr.size()) > 4 * max_blocks) return std::nullopt;
+  std::vector<StepBlock> blocks;
+  for (const auto& q : qr)
+    for (const auto& k : kr) add_pair(q, k, stride, blocks);
+  merge_full_blocks(blocks);
+  if (static_cast<int>(blocks.size()) > max_blocks) return std::nullopt;
+  return blocks;
+}
+
+// Whether the runs hold one progression of at least two positions, and its stride.
+std::optional<std::int64_t> single_progression(std::span<const TokenRun> runs) {
+  std::int64_t first = 0, count = 0, stride = 0;
+  for (const auto& r : runs) {
+    for (std::int64_t taken = 0; taken < r.count;) {
+      const std::int64_t pos = r.first + taken * static_cast<std::int64_t>(r.stride);
+      if (count == 0) {
+        first = pos;
+        count = 1;
+        ++taken;
+      } else if (count == 1) {
+        stride = pos - first;
+        count = 2;
+        ++taken;
+      } else if (pos == first + count * stride) {
+        // The rest of this run continues the progression when it has the same stride.
+        const std::int64_t rest = r.count - taken;
+        if (rest > 1 && r.stride != stride) return std::nullopt;
+        count += rest;
+        taken = r.count;
+      } else {
+        return std::nullopt;
+      }
+    }
+  }
+  if (count < 2 || stride <= 0) return std::nullopt;
+  return stride;
+}
+
+// The maximal runs of stride `stride` covering the given runs in order, as runs_of would find them
+// from the positions; nullopt when a run of another stride would split into more than `limit`.
+std::optional<std::vector<Run>> restride(std::span<const TokenRun> runs, std::int64_t stride, std::size_t limit) {
+  std::vector<Run> out;
+  auto push = [&](std::int64_t row, std::int64_t count, std::int64_t first) {
+    if (!out.empty() && first == out.back().first + out.back().count * stride) out.back().count += count;
+    else out.push_back({row, count, first});
+  };
+  for (const auto& r : runs) {
+    if (r.count == 1 || r.stride == stride) {
+      push(r.row, r.count, r.first);
+      continue;
+    }
+    if (static_cast<std::size_t>(r.count) > limit) return std::nullopt;
+    for (std::int64_t i = 0; i < r.count; ++i) push(r.row + i, 1, r.first + i * static_cast<std::int64_t>(r.stride));
+    if (out.size() > limit) return std::nullopt;
+  }
+  return out;
+}
+
 }  // namespace
 
 std::optional<std::vector<StepBlock>> causal_step_blocks(std::span<const std::int32_t> qpos,
@@ -89,13 +150,32 @@ std::optional<std::vector<StepBlock>> causal_step_blocks(std::span<const std::in
     return blocks;
   }
   const std::int64_t stride = common_stride(qpos, kpos);
-  const auto qr = runs_of(qpos, stride), kr = runs_of(kpos, stride);
-  if (static_cast<int>(qr.size() * kr.size()) > 4 * max_blocks) return std::nullopt;
-  for (const auto& q : qr)
-    for (const auto& k : kr) add_pair(q, k, stride, blocks);
-  merge_full_blocks(blocks);
-  if (static_cast<int>(blocks.size()) > max_blocks) return std::nullopt;
-  return blocks;
+  return blocks_of_runs(runs_of(qpos, stride), runs_of(kpos, stride), stride, max_blocks);
+}
+
+std::optional<std::vector<StepBlock>> causal_step_blocks(std::span<const TokenRun> q, std::span<const TokenRun> k,
+                                                         int max_blocks) {
+  auto tokens = [](std::span<const TokenRun> runs) {
+    std::int64_t n = 0;
+    for (const auto& r : runs) n += r.count;
+    return n;
+  };
+  const std::int64_t nq = tokens(q), nk = tokens(k);
+  std::vector<StepBlock> blocks;
+  if (nq == 0 || nk == 0) return blocks;
+  // Shards of one sequence share no token, so equal runs mean the same shard (the diagonal step).
+  if (std::equal(q.begin(), q.end(), k.begin(), k.end())) {
+    blocks.push_back({0, nq, 0, nk, true});
+    return blocks;
+  }
+  // As common_stride: a single progression on either side sets the stride, else 1.
+  std::int64_t stride = 1;
+  if (const auto s = single_progression(q)) stride = *s;
+  else if (const auto t = single_progression(k)) stride = *t;
+  const auto limit = static_cast<std::size_t>(4 * max_blocks);
+  const auto qr = restride(q, stride, limit), kr = restride(k, stride, limit);
+  if (!qr || !kr) return std::nullopt;
+  return blocks_of_runs(*qr, *kr, stride, max_blocks);
 }
 
 }  // namespace longattn::partition

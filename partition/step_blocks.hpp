@@ -11,6 +11,8 @@
 #include <span>
 #include <vector>
 
+#include "longattn/layout.hpp"
+
 namespace longattn::partition {
 
 struct StepBlock {
@@ -25,5 +27,10 @@ struct StepBlock {
 // positions to the kernel). max_blocks bounds the number of kernel calls a step may cost.
 std::optional<std::vector<StepBlock>> causal_step_blocks(std::span<const std::int32_t> qpos,
                                                          std::span<const std::int32_t> kpos, int max_blocks = 4);
+
+// The same from the shards' runs (ShardPlan::runs of one sequence), in time and memory that do not
+// grow with the number of tokens: what the ring plans with.
+std::optional<std::vector<StepBlock>> causal_step_blocks(std::span<const TokenRun> q, std::span<const TokenRun> k,
+                                                         int max_blocks = 4);
 
 }  // namespace longattn::partition

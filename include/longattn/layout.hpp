@@ -25,6 +25,16 @@ struct RankShard {
   std::int64_t tokens() const noexcept { return static_cast<std::int64_t>(global_index.size()); }
 };
 
+// A stretch of one rank's tokens in arithmetic progression: local rows [row, row + count) hold the
+// tokens at positions first, first + stride, ... of sequence `seq`. A shard is at most two runs per
+// sequence whatever the length, so planning from runs costs nothing per token.
+struct TokenRun {
+  int seq = 0;
+  std::int64_t row = 0, count = 0;
+  std::int32_t first = 0, stride = 1;
+  bool operator==(const TokenRun&) const = default;
+};
+
 class ShardPlan {
  public:
   // cu_seqlens: prefix sums of the global batch (batch + 1 entries, starting at 0).
@@ -32,6 +42,7 @@ class ShardPlan {
   static ShardPlan single_sequence(std::int64_t seq_len, Layout layout, int world);
 
   RankShard shard(int rank) const;
+  std::vector<TokenRun> runs(int rank) const;  // the shard in local order, as runs (none empty)
   std::int64_t local_tokens(int rank) const;  // without building the index lists
   std::int64_t max_local_tokens() const;
   int world() const noexcept { return world_; }

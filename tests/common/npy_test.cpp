@@ -23,6 +23,7 @@ void expect_io_error(const std::string& path, const std::string& needle) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::io);
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << "the message does not name the file: " << e.what();
   }
 }
 
@@ -38,18 +39,27 @@ TEST(Npy, RoundTripKeepsShapeAndValues) {
   EXPECT_EQ(a.data, data);
 }
 
+void write_file(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
+
+// A version 1.0 header around the given dictionary text, padded as NumPy pads it.
+std::string npy_header(const std::string& dict) {
+  std::string h = dict;
+  while ((10 + h.size() + 1) % 64) h += ' ';
+  h += '\n';
+  std::string out = std::string("\x93NUMPY\x01\x00", 8);
+  out += static_cast<char>(h.size() & 0xff);
+  out += static_cast<char>(h.size() >> 8);
+  return out + h;
+}
+
+std::string shape_header(const std::string& shape) {
+  return npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (" + shape + "), }");
+}
+
 TEST(Npy, MalformedFilesAreRefused) {
   expect_io_error(temp_path("missing.npy"), "cannot open");
-  const auto write = [](const std::string& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; };
-  auto header = [](const std::string& dict) {
-    std::string h = dict;
-    while ((10 + h.size() + 1) % 64) h += ' ';
-    h += '\n';
-    std::string out = std::string("\x93NUMPY\x01\x00", 8);
-    out += static_cast<char>(h.size() & 0xff);
-    out += static_cast<char>(h.size() >> 8);
-    return out + h;
-  };
+  const auto write = write_file;
+  const auto header = npy_header;
   write(temp_path("magic.npy"), "not a numpy file at all");
   expect_io_error(temp_path("magic.npy"), "bad magic");
   write(temp_path("f8.npy"), header("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }") + std::string(16, '\0'));
@@ -60,6 +70,59 @@ TEST(Npy, MalformedFilesAreRefused) {
   expect_io_error(temp_path("short.npy"), "truncated data");
   write(temp_path("hdr.npy"), std::string("\x93NUMPY\x01\x00\xff", 9));
   expect_io_error(temp_path("hdr.npy"), "truncated header");
+}
+
+// Dimensions are parsed strictly: a sign, a number too large for any integer type, or stray text
+// is an error naming the file, never a silently different shape.
+TEST(Npy, ShapeDimensionsAreParsedStrictly) {
+  std::mt19937 rng(std::random_device{}());
+  const int a = std::uniform_int_distribution<int>(2, 9)(rng), b = std::uniform_int_distribution<int>(2, 9)(rng);
+  const std::string data(static_cast<std::size_t>(a * b) * 4, '\x3f');
+  const struct {
+    std::string shape, needle;
+  } cases[] = {
+      {std::to_string(a) + ", -" + std::to_string(b), "negative dimension -" + std::to_string(b)},
+      {"-" + std::to_string(a) + ",", "negative dimension"},
+      {"18446744073709551615, " + std::to_string(b), "dimension 18446744073709551615"},
+      {"99999999999999999999999999", "more than the 2^40"},
+      {"1099511627777", "more than the 2^40"},
+      {"1048576, 1048576, 4", "more than 2^40 values"},
+      {std::to_string(a) + "x, " + std::to_string(b), "where a non-negative integer belongs"},
+      {std::to_string(a) + ",, " + std::to_string(b), "empty dimension"},
+      {"+" + std::to_string(a), "where a non-negative integer belongs"},
+  };
+  for (const auto& c : cases) {
+    const auto path = temp_path("shape.npy");
+    write_file(path, shape_header(c.shape) + data);
+    SCOPED_TRACE(c.shape);
+    expect_io_error(path, c.needle);
+  }
+}
+
+TEST(Npy, AcceptedShapeSpellings) {
+  std::mt19937 rng(std::random_device{}());
+  const int n = std::uniform_int_distribution<int>(2, 9)(rng);
+  std::vector<float> values(static_cast<std::size_t>(n) * 3);
+  for (auto& x : values) x = std::uniform_real_distribution<float>(-3, 3)(rng);
+  const std::string data(reinterpret_cast<const char*>(values.data()), values.size() * 4);
+  const struct {
+    std::string shape;
+    std::vector<std::int64_t> want;
+  } cases[] = {{std::to_string(n * 3) + ",", {n * 3}}, {std::to_string(n) + ", 3", {n, 3}}, {" " + std::to_string(n) + " ,3 ", {n, 3}}};
+  for (const auto& c : cases) {
+    const auto path = temp_path("ok.npy");
+    write_file(path, shape_header(c.shape) + data);
+    const auto arr = load_npy(path);
+    EXPECT_EQ(arr.shape, c.want) << c.shape;
+    EXPECT_EQ(arr.data, values) << c.shape;
+  }
+}
+
+// A header promising more data than the file holds is refused before anything that size is allocated.
+TEST(Npy, HugeShapeInASmallFileIsRefusedWithoutAllocating) {
+  const auto path = temp_path("huge.npy");
+  write_file(path, shape_header("1048576, 1048576") + std::string(64, '\x3f'));
+  expect_io_error(path, "truncated data");
 }
 
 }  // namespace

@@ -52,6 +52,35 @@ TEST_P(Layouts, EveryTokenOnExactlyOneRankAndRoundTrip) {
   EXPECT_LE(hi - lo, 2 * 6);
 }
 
+// The runs describe exactly the shard's tokens, row by row, with at most two runs per sequence.
+TEST_P(Layouts, RunsAreTheShardWithoutPerTokenLists) {
+  const auto [layout, world] = GetParam();
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_int_distribution<int> len(0, 70);
+  std::vector<std::int32_t> cu{0};
+  for (int b = 0; b < 5; ++b) cu.push_back(cu.back() + (b == 0 ? 1 : len(rng)));
+  ShardPlan plan(cu, layout, world);
+  for (int r = 0; r < world; ++r) {
+    const auto s = plan.shard(r);
+    const auto runs = plan.runs(r);
+    EXPECT_LE(runs.size(), 2 * cu.size());
+    std::vector<std::int32_t> positions;
+    std::vector<std::int64_t> global;
+    std::int64_t row = 0;
+    for (const auto& run : runs) {
+      EXPECT_EQ(run.row, row) << "runs out of local order";
+      EXPECT_GT(run.count, 0);
+      for (std::int64_t i = 0; i < run.count; ++i) {
+        positions.push_back(static_cast<std::int32_t>(run.first + i * run.stride));
+        global.push_back(cu[static_cast<std::size_t>(run.seq)] + positions.back());
+      }
+      row += run.count;
+    }
+    EXPECT_EQ(positions, s.positions) << "rank " << r;
+    EXPECT_EQ(global, s.global_index) << "rank " << r;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(All, Layouts,
                          ::testing::Combine(::testing::Values(Layout::contiguous, Layout::zigzag, Layout::striped),
                                             ::testing::Range(1, 9)),

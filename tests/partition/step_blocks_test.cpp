@@ -86,6 +86,62 @@ TEST(StepBlocks, RandomPositionsAreExactOrRefused) {
   EXPECT_GT(decomposed, 100) << "almost nothing decomposed";
 }
 
+// Positions spelled out from runs.
+std::vector<std::int32_t> positions_of(const std::vector<TokenRun>& runs) {
+  std::vector<std::int32_t> pos;
+  for (const auto& r : runs)
+    for (std::int64_t i = 0; i < r.count; ++i) pos.push_back(static_cast<std::int32_t>(r.first + i * r.stride));
+  return pos;
+}
+
+// Planning from runs gives the very blocks that planning from the positions gives, for every
+// layout's shards (lengths down to fewer tokens than ranks, so some chunks are empty).
+TEST(StepBlocks, RunsGiveTheBlocksOfThePositions) {
+  std::mt19937_64 rng(test::fresh_seed());
+  for (Layout layout : {Layout::contiguous, Layout::zigzag, Layout::striped})
+    for (int world = 1; world <= 7; ++world)
+      for (std::int64_t len : {std::int64_t{1} + static_cast<std::int64_t>(rng() % 5), 3 * 2 * world + static_cast<std::int64_t>(rng() % 97)}) {
+        const auto plan = ShardPlan::single_sequence(len, layout, world);
+        for (int r = 0; r < world; ++r)
+          for (int src = 0; src < world; ++src) {
+            SCOPED_TRACE(testing::Message() << to_string(layout) << " P " << world << " len " << len << " rank " << r << " src " << src);
+            const auto qr = plan.runs(r), kr = plan.runs(src);
+            ASSERT_EQ(positions_of(qr), plan.shard(r).positions);
+            EXPECT_EQ(partition::causal_step_blocks(std::span<const TokenRun>(qr), std::span<const TokenRun>(kr)),
+                      partition::causal_step_blocks(plan.shard(r).positions, plan.shard(src).positions));
+          }
+      }
+}
+
+// The same for random increasing runs of mixed strides, where some steps cannot be cut into few
+// blocks: both refuse together, or give the same blocks.
+TEST(StepBlocks, RandomRunsAgreeWithTheirPositions) {
+  std::mt19937_64 rng(test::fresh_seed());
+  int decomposed = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    auto draw = [&](int count) {
+      std::vector<TokenRun> runs;
+      std::int32_t p = static_cast<std::int32_t>(rng() % 50);
+      std::int64_t row = 0;
+      for (int r = 0; r < count; ++r) {
+        const auto stride = static_cast<std::int32_t>(1 + rng() % 3);
+        const auto n = static_cast<std::int64_t>(1 + rng() % 12);
+        runs.push_back({0, row, n, p, stride});
+        row += n;
+        p += static_cast<std::int32_t>(n * stride + static_cast<std::int64_t>(rng() % 4) * stride * static_cast<std::int64_t>(rng() % 2));
+        if (rng() % 2) p += static_cast<std::int32_t>(rng() % 30);
+      }
+      return runs;
+    };
+    const auto q = draw(1 + static_cast<int>(rng() % 3)), k = draw(1 + static_cast<int>(rng() % 3));
+    SCOPED_TRACE(testing::Message() << "trial " << trial);
+    const auto from_runs = partition::causal_step_blocks(std::span<const TokenRun>(q), std::span<const TokenRun>(k), 8);
+    EXPECT_EQ(from_runs, partition::causal_step_blocks(positions_of(q), positions_of(k), 8));
+    decomposed += from_runs.has_value();
+  }
+  EXPECT_GT(decomposed, 100) << "almost nothing decomposed";
+}
+
 TEST(StepBlocks, EmptySidesAndTooManyRuns) {
   const std::vector<std::int32_t> none, some{1, 2, 3};
   EXPECT_TRUE(partition::causal_step_blocks(none, some)->empty());
