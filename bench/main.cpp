@@ -15,13 +15,18 @@ std::vector<BenchInfo>& registry() {
 
 int main(int argc, char** argv) {
   using longattn::bench::registry;
-  auto usage = [] {
-    std::fprintf(stderr, "usage: longattn-bench <benchmark> [flags]\nbenchmarks:\n");
-    for (const auto& b : registry()) std::fprintf(stderr, "  %-10s %s\n", b.name.c_str(), b.summary.c_str());
+  // --help answers on stdout with exit 0; a usage error goes to stderr with exit 2.
+  auto usage = [](std::FILE* out) {
+    std::fprintf(out, "usage: longattn-bench <benchmark> [flags]   (longattn-bench <benchmark> --help for its flags)\nbenchmarks:\n");
+    for (const auto& b : registry()) std::fprintf(out, "  %-12s %s\n", b.name.c_str(), b.summary.c_str());
   };
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
-    usage();
-    return argc < 2 ? 2 : 0;
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  if (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    usage(stdout);
+    return 0;
   }
   for (const auto& b : registry()) {
     if (b.name != argv[1]) continue;
@@ -33,6 +38,6 @@ int main(int argc, char** argv) {
     }
   }
   std::fprintf(stderr, "longattn-bench: unknown benchmark '%s'\n", argv[1]);
-  usage();
+  usage(stderr);
   return 2;
 }

@@ -1,7 +1,8 @@
 // longattn-bench ring: ring attention scaling under mpirun. For each sequence length: forward and
-// forward+backward wall time (median), per-GPU TFLOP/s, overlap efficiency (sum of the local step
-// times measured in a separate profiled run / ring wall time), and the same problem on one rank
-// alone for strong-scaling efficiency, all in one job.
+// forward+backward wall time (median), per-GPU TFLOP/s (per-rank GFLOP/s on CPUs), overlap
+// efficiency (sum of the local step times measured in a separate profiled run / ring wall time), and
+// on GPUs the same problem on one rank alone for strong-scaling efficiency, all in one job. Figures
+// a job cannot measure (overlap with one rank, scaling on CPUs) are left out with the reason.
 //
 //   mpirun -np 2 build/bin/longattn-bench ring --seq-lens 131072,524288 --heads 32 --head-dim 128
 #include <algorithm>
@@ -36,9 +37,11 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Runs one ring configuration on `comm` (every rank of it calls this).
+// Runs one ring configuration on `comm` (every rank of it calls this); with `profile`, also a run
+// with every local step timed alone, for the overlap efficiency.
 Measure measure(Communicator& comm, Communicator& host, std::int64_t seq, int heads, int kv_heads, int dim, Layout layout,
-                bool causal, DType dtype, DeviceKind dev, const std::string& backend_name, int iters, bool backward) {
+                bool causal, DType dtype, DeviceKind dev, const std::string& backend_name, int iters, bool backward,
+                bool profile) {
   const auto plan = ShardPlan::single_sequence(seq, layout, comm.size());
   const auto shard = plan.shard(comm.rank());
   const std::int64_t n = shard.tokens();
@@ -80,20 +83,22 @@ Measure measure(Communicator& comm, Communicator& host, std::int64_t seq, int he
   m.fwdbwd_ms = backward ? median(fb) : 0;
   m.bwd_ms = backward ? median(b) : 0;
   m.mem_gib = static_cast<double>(gpu_memory_used_bytes()) / (1 << 30);
-  // A profiled run: each local step synchronized and timed alone, for the overlap efficiency.
-  RingOptions popt = opt;
-  popt.profile_steps = true;
-  RingAttention profiled(comm, plan, popt, make_backend(backend_name, dev));
-  // Its own warm-up first: a fresh backend builds its cuDNN graphs on first use, which must not be
-  // counted as compute time (the first 2-GPU run read overlap 1.65 without this).
-  profiled.forward(q.view, k.view, v.view, o.view, lse.view);
-  if (backward) profiled.backward(q.view, k.view, v.view, o.view, lse.view, d_o->view, dq->view, dk->view, dv->view);
-  host.barrier();
-  profiled.forward(q.view, k.view, v.view, o.view, lse.view);
-  m.fwd_compute_ms = profiled.last_stats().compute_ms;
-  if (backward) {
-    profiled.backward(q.view, k.view, v.view, o.view, lse.view, d_o->view, dq->view, dk->view, dv->view);
-    m.bwd_compute_ms = profiled.last_stats().compute_ms;
+  if (profile) {
+    // A profiled run: each local step synchronized and timed alone, for the overlap efficiency.
+    RingOptions popt = opt;
+    popt.profile_steps = true;
+    RingAttention profiled(comm, plan, popt, make_backend(backend_name, dev));
+    // Its own warm-up first: a fresh backend builds its cuDNN graphs on first use, which must not be
+    // counted as compute time.
+    profiled.forward(q.view, k.view, v.view, o.view, lse.view);
+    if (backward) profiled.backward(q.view, k.view, v.view, o.view, lse.view, d_o->view, dq->view, dk->view, dv->view);
+    host.barrier();
+    profiled.forward(q.view, k.view, v.view, o.view, lse.view);
+    m.fwd_compute_ms = profiled.last_stats().compute_ms;
+    if (backward) {
+      profiled.backward(q.view, k.view, v.view, o.view, lse.view, d_o->view, dq->view, dk->view, dv->view);
+      m.bwd_compute_ms = profiled.last_stats().compute_ms;
+    }
   }
   // The slowest rank defines the times.
   double t[7] = {m.fwd_ms, m.fwdbwd_ms, m.bwd_ms, m.fwd_compute_ms, m.bwd_compute_ms, m.mem_gib, 0};
@@ -116,13 +121,45 @@ std::vector<std::int64_t> parse_list(const std::string& s) {
   return out;
 }
 
+constexpr const char* kUsage =
+    "usage: mpirun -np P longattn-bench ring [flags]\n"
+    "  --seq-lens L,L,...  sequence lengths, k/m suffixes allowed (default 131072,524288 on cuda, 8192 on cpu)\n"
+    "  --heads H           query heads (default 32 on cuda, 4 on cpu); --kv-heads K (default = heads)\n"
+    "  --head-dim D        head dimension (default 128 on cuda, 64 on cpu)\n"
+    "  --layout L          contiguous | zigzag | striped (default zigzag)\n"
+    "  --dtype T           fp32 | bf16 | fp16 (default bf16 on cuda, fp32 on cpu)\n"
+    "  --device D          cpu | cuda (default cuda where NCCL is built); --backend B (default auto)\n"
+    "  --iters N           timed repetitions, median reported (default 3)\n"
+    "  --single-max N      longest length also run on one rank for strong scaling (default 524288)\n"
+    "  --no-causal         no causal mask (default causal); --forward-only: skip the backward\n"
+    "Prints per-rank throughput, overlap efficiency (compute time / ring time) and, on GPUs, strong\n"
+    "scaling against one rank, then a RESULT {json} line.\n";
+
+// Why this job cannot give overlap efficiency ("" when it can). On CPUs the transfers are driven by
+// threads on the same cores as the compute, so compute time / ring time does not measure how much
+// communication was hidden (and on a shared machine it strays above 1).
+std::string why_no_overlap(int ranks, bool gpu) {
+  if (ranks == 1) return "one rank: no communication to overlap";
+  if (!gpu) return "on CPUs the transfers share the cores with the compute, so the ratio would not measure hiding";
+  return "";
+}
+
+// Why this job cannot give strong scaling ("" when it can). On CPUs every rank gets its share of
+// the node's cores, so the one-rank baseline would run on a fraction of the machine.
+std::string why_no_scaling(int ranks, bool gpu) {
+  if (ranks == 1) return "one rank: nothing to scale against";
+  if (!gpu) return "on CPUs the one-rank baseline gets only one rank's share of the cores";
+  return "";
+}
+
 int run_ring(int argc, char** argv) {
-  MpiSession mpi(&argc, &argv);
-  auto world = make_mpi_world_communicator();
-  examples::Flags f(argc, argv,
+  // Before MPI starts, so that --help exits without an MPI shutdown.
+  examples::Flags f(argc, argv, kUsage,
                     {"seq-lens", "heads", "kv-heads", "head-dim", "layout", "dtype", "device", "backend", "iters",
                      "single-max"},
                     {"causal", "no-causal", "forward-only"});
+  MpiSession mpi(&argc, &argv);
+  auto world = make_mpi_world_communicator();
   require_same_on_all_ranks(*world, "longattn-bench ring flags", f.canonical());
   const bool gpu = f.str("device", nccl_available() ? "cuda" : "cpu") == "cuda";
   const DeviceKind dev = gpu ? DeviceKind::cuda : DeviceKind::cpu;
@@ -145,34 +182,60 @@ int run_ring(int argc, char** argv) {
   auto solo_host = world->split(world->rank() == 0 ? 0 : 1, world->rank());
 
   const int P = world->size();
-  if (world->rank() == 0)
-    std::printf("%-9s %5s %10s %10s %12s %12s %9s %9s %10s %9s %8s\n", "seq", "gpus", "fwd ms", "fwd+bwd ms", "fwd TF/gpu",
-                "f+b TF/gpu", "ovl fwd", "ovl bwd", "1-rank ms", "scaling", "mem GiB");
+  const std::string no_overlap = why_no_overlap(P, gpu);
+  const std::string no_scaling = why_no_scaling(P, gpu);
+  // Per-GPU TFLOP/s on GPUs; on CPUs, per-rank GFLOP/s (TFLOP/s would print as 0.0).
+  const double flops_unit = gpu ? 1e12 : 1e9;
+  const char* unit = gpu ? "TF/gpu" : "GF/rank";
+  if (world->rank() == 0) {
+    std::printf("longattn-bench ring: %d %s, %s, heads %d/%d, head_dim %d, %s, %s%s\n", P, gpu ? "GPUs" : "CPU ranks",
+                to_string(layout), heads, kv_heads, dim, to_string(dtype), causal ? "causal" : "no mask",
+                backward ? ", forward+backward" : ", forward only");
+    if (!no_overlap.empty()) std::printf("overlap efficiency not measured: %s\n", no_overlap.c_str());
+    if (!no_scaling.empty()) std::printf("strong scaling not measured: %s\n", no_scaling.c_str());
+    std::string head = fmt::format("{:<9} {:>5} {:>10} {:>10} {:>12} {:>12}", "seq", gpu ? "gpus" : "ranks", "fwd ms",
+                                   "fwd+bwd ms", fmt::format("fwd {}", unit), fmt::format("f+b {}", unit));
+    if (no_overlap.empty()) head += fmt::format(" {:>9} {:>9}", "ovl fwd", "ovl bwd");
+    if (no_scaling.empty()) head += fmt::format(" {:>10} {:>9}", "1-rank ms", "scaling");
+    if (gpu) head += fmt::format(" {:>8}", "mem GiB");
+    std::printf("%s\n", head.c_str());
+  }
+  auto json_number = [](bool measured, double x) { return measured ? fmt::format("{:.4f}", x) : std::string("null"); };
   std::string rows, used_backend = backend;
   for (const auto seq : seqs) {
-    const Measure m = measure(ring_comm, *world, seq, heads, kv_heads, dim, layout, causal, dtype, dev, backend, iters, backward);
+    const Measure m =
+        measure(ring_comm, *world, seq, heads, kv_heads, dim, layout, causal, dtype, dev, backend, iters, backward, no_overlap.empty());
     Measure solo;
-    if (seq <= single_max && P > 1) {
+    const bool scaled = no_scaling.empty() && seq <= single_max;
+    if (scaled) {
       if (world->rank() == 0)
-        solo = measure(*solo_host, *solo_host, seq, heads, kv_heads, dim, layout, causal, dtype, dev, backend, std::max(1, iters / 2), backward);
+        solo = measure(*solo_host, *solo_host, seq, heads, kv_heads, dim, layout, causal, dtype, dev, backend, std::max(1, iters / 2),
+                       backward, false);
       world->barrier();
     }
     if (world->rank() != 0) continue;
     if (!m.backend.empty()) used_backend = m.backend;
     const double fwd_flops = 4.0 * static_cast<double>(seq) * static_cast<double>(seq) * heads * dim * (causal ? 0.5 : 1.0);
-    const double tf_fwd = fwd_flops / P / (m.fwd_ms * 1e-3) / 1e12;
-    const double tf_fb = backward ? 3.5 * fwd_flops / P / (m.fwdbwd_ms * 1e-3) / 1e12 : 0;
+    const double rate_fwd = fwd_flops / P / (m.fwd_ms * 1e-3) / flops_unit;
+    const double rate_fb = backward ? 3.5 * fwd_flops / P / (m.fwdbwd_ms * 1e-3) / flops_unit : 0;
     const double ovl_fwd = m.fwd_compute_ms / m.fwd_ms;
     const double ovl_bwd = backward ? m.bwd_compute_ms / m.bwd_ms : 0;
     const double solo_ms = backward ? solo.fwdbwd_ms : solo.fwd_ms;
     const double ring_ms = backward ? m.fwdbwd_ms : m.fwd_ms;
     const double scaling = solo_ms > 0 ? solo_ms / (P * ring_ms) : 0;
-    std::printf("%-9lld %5d %10.1f %10.1f %12.1f %12.1f %9.3f %9.3f %10.1f %9.3f %8.1f\n", static_cast<long long>(seq), P, m.fwd_ms,
-                m.fwdbwd_ms, tf_fwd, tf_fb, ovl_fwd, ovl_bwd, solo_ms, scaling, m.mem_gib);
+    std::string line = fmt::format("{:<9} {:>5} {:>10.1f} {:>10} {:>12.1f} {:>12}", seq, P, m.fwd_ms,
+                                   backward ? fmt::format("{:.1f}", m.fwdbwd_ms) : "-", rate_fwd,
+                                   backward ? fmt::format("{:.1f}", rate_fb) : "-");
+    if (no_overlap.empty()) line += fmt::format(" {:>9.3f} {:>9}", ovl_fwd, backward ? fmt::format("{:.3f}", ovl_bwd) : "-");
+    if (no_scaling.empty()) line += scaled ? fmt::format(" {:>10.1f} {:>9.3f}", solo_ms, scaling) : fmt::format(" {:>10} {:>9}", "-", "-");
+    if (gpu) line += fmt::format(" {:>8.1f}", m.mem_gib);
+    std::printf("%s\n", line.c_str());
     rows += fmt::format(
-        "{}{{\"seq_len\":{},\"fwd_ms\":{:.3f},\"fwdbwd_ms\":{:.3f},\"fwd_tflops_per_gpu\":{:.2f},\"fwdbwd_tflops_per_gpu\":{:.2f},"
-        "\"overlap_fwd\":{:.4f},\"overlap_bwd\":{:.4f},\"single_rank_ms\":{:.3f},\"strong_scaling\":{:.4f},\"gpu_mem_gib\":{:.2f}}}",
-        rows.empty() ? "" : ",", seq, m.fwd_ms, m.fwdbwd_ms, tf_fwd, tf_fb, ovl_fwd, ovl_bwd, solo_ms, scaling, m.mem_gib);
+        "{}{{\"seq_len\":{},\"fwd_ms\":{:.3f},\"fwdbwd_ms\":{:.3f},\"fwd_tflops_per_{}\":{:.4f},\"fwdbwd_tflops_per_{}\":{:.4f},"
+        "\"overlap_fwd\":{},\"overlap_bwd\":{},\"single_rank_ms\":{},\"strong_scaling\":{},\"gpu_mem_gib\":{}}}",
+        rows.empty() ? "" : ",", seq, m.fwd_ms, m.fwdbwd_ms, gpu ? "gpu" : "rank", rate_fwd * flops_unit / 1e12, gpu ? "gpu" : "rank",
+        rate_fb * flops_unit / 1e12, json_number(no_overlap.empty(), ovl_fwd), json_number(no_overlap.empty() && backward, ovl_bwd),
+        json_number(scaled, solo_ms), json_number(scaled, scaling), gpu ? fmt::format("{:.2f}", m.mem_gib) : "null");
   }
   if (world->rank() == 0)
     std::printf("RESULT {\"bench\":\"ring\",\"ranks\":%d,\"device\":\"%s\",\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"layout\":\"%s\","
