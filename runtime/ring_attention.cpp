@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include <optional>
@@ -29,18 +30,44 @@ double ms_since(Clock::time_point t) { return std::chrono::duration<double, std:
 
 enum Tag : int { kTagK = 11, kTagV = 12, kTagGrad = 13 };
 
-// What every rank knows about every rank's shard, without any data: sizes, positions, sequence
-// boundaries, and the position range per sequence (to skip steps the causal mask hides).
+// What every rank knows about every rank's shard, without any data and without anything per token:
+// sizes, sequence boundaries, the position range per sequence (to skip steps the causal mask
+// hides), and the runs that give the positions where a step needs them.
 struct ShardMeta {
   std::int64_t tokens = 0;
-  std::unique_ptr<DeviceBuffer> positions;   // int32 [tokens] on the backend's device
-  std::unique_ptr<DeviceBuffer> cu_seqlens;  // int32 [batch + 1] on the backend's device
+  std::vector<TokenRun> runs;                // ShardPlan::runs: a few per sequence
+  std::vector<std::int32_t> cu_seqlens_host;  // int32 [batch + 1]
+  std::unique_ptr<DeviceBuffer> cu_seqlens;  // the same on the backend's device
   std::vector<std::int32_t> min_pos, max_pos;  // per sequence; empty sequence => min > max
   int max_len = 1;  // longest local piece of a sequence: the kernels' grid hint (avoids a readback)
   // Positions are just the index inside each sequence (one rank, or a contiguous first shard):
   // then the kernels get no position arrays and take their plain causal path.
   bool identity_positions = false;
 };
+
+ShardMeta describe_shard(std::vector<TokenRun> runs, int batch) {
+  ShardMeta m;
+  const auto nb = static_cast<std::size_t>(batch);
+  m.cu_seqlens_host.assign(nb + 1, 0);
+  m.min_pos.assign(nb, std::numeric_limits<std::int32_t>::max());
+  m.max_pos.assign(nb, -1);
+  m.identity_positions = true;
+  for (const auto& r : runs) {
+    const auto seq = static_cast<std::size_t>(r.seq);
+    const auto held = m.cu_seqlens_host[seq + 1];  // tokens of this sequence before the run
+    m.tokens += r.count;
+    m.cu_seqlens_host[seq + 1] += static_cast<std::int32_t>(r.count);
+    m.min_pos[seq] = std::min(m.min_pos[seq], r.first);
+    m.max_pos[seq] = std::max(m.max_pos[seq], static_cast<std::int32_t>(r.first + (r.count - 1) * r.stride));
+    if (r.first != held || (r.count > 1 && r.stride != 1)) m.identity_positions = false;
+  }
+  for (std::size_t b = 0; b < nb; ++b) {
+    m.max_len = std::max(m.max_len, m.cu_seqlens_host[b + 1]);
+    m.cu_seqlens_host[b + 1] += m.cu_seqlens_host[b];
+  }
+  m.runs = std::move(runs);
+  return m;
+}
 
 // Rows [begin, begin + count) of a [tokens, heads, dim] tensor.
 TensorView rows_of(const TensorView& t, std::int64_t begin, std::int64_t count) {
@@ -103,6 +130,10 @@ struct RingAttention::Impl {
   // Causal single-sequence plans: each step as plain blocks (partition/step_blocks.hpp), by source
   // rank; nullopt where the positions need passing.
   std::vector<std::optional<std::vector<partition::StepBlock>>> blocks;
+  // Positions for steps that pass them to the kernels: this rank's, and one buffer the current
+  // step's key shard's are written into (built from its runs), so no rank holds every shard's.
+  std::unique_ptr<DeviceBuffer> own_positions, key_positions;
+  std::vector<std::int32_t> key_positions_host;
 
   Impl(Communicator& c, ShardPlan p, RingOptions o, std::unique_ptr<AttentionBackend> b)
       : comm(c), plan(std::move(p)), opt(std::move(o)), backend(std::move(b)), rank(c.rank()), world(c.size()) {
@@ -111,42 +142,44 @@ struct RingAttention::Impl {
     require_same_on_all_ranks(comm, "ring attention settings (layout, world, batch, tokens, causal)",
                               fmt::format("{} {} {} {} {}", to_string(plan.layout()), plan.world(), plan.batch(),
                                           plan.total_tokens(), opt.causal));
-    meta.resize(static_cast<std::size_t>(world));
-    blocks.resize(static_cast<std::size_t>(world));
-    const RankShard mine = plan.shard(rank);
+    meta.reserve(static_cast<std::size_t>(world));
     for (int r = 0; r < world; ++r) {
-      const RankShard s = plan.shard(r);
-      if (opt.causal && plan.batch() == 1)
-        blocks[static_cast<std::size_t>(r)] = partition::causal_step_blocks(mine.positions, s.positions);
-      auto& m = meta[static_cast<std::size_t>(r)];
-      m.tokens = s.tokens();
-      m.cu_seqlens = upload(s.cu_seqlens.data(), s.cu_seqlens.size() * 4);
-      for (int seq = 0; seq < plan.batch(); ++seq) {
-        const auto lo = s.cu_seqlens[seq], hi = s.cu_seqlens[seq + 1];
-        m.min_pos.push_back(lo < hi ? s.positions[lo] : std::numeric_limits<std::int32_t>::max());
-        m.max_pos.push_back(lo < hi ? s.positions[hi - 1] : -1);
-        m.max_len = std::max(m.max_len, hi - lo);
-      }
-      m.identity_positions = true;
-      for (int seq = 0; seq < plan.batch() && m.identity_positions; ++seq)
-        for (auto i = s.cu_seqlens[seq]; i < s.cu_seqlens[seq + 1]; ++i)
-          if (s.positions[static_cast<std::size_t>(i)] != i - s.cu_seqlens[seq]) {
-            m.identity_positions = false;
-            break;
-          }
+      meta.push_back(describe_shard(plan.runs(r), plan.batch()));
+      auto& m = meta.back();
+      m.cu_seqlens = upload(m.cu_seqlens_host.data(), m.cu_seqlens_host.size() * 4);
     }
-    // Position arrays go to the device only for the steps that pass them to the kernels (causal
-    // steps not cut into plain blocks, see step_args): a single-sequence ring holds none, so no
-    // buffer grows with the whole sequence.
+    blocks.resize(static_cast<std::size_t>(world));
+    if (opt.causal && plan.batch() == 1)
+      for (int r = 0; r < world; ++r)
+        blocks[static_cast<std::size_t>(r)] = partition::causal_step_blocks(std::span<const TokenRun>(of(rank).runs),
+                                                                            std::span<const TokenRun>(of(r).runs));
+    // Position arrays go to the device only when some step passes them to the kernels (causal
+    // steps not cut into plain blocks, see step_args); a single-sequence ring passes none.
     bool any = false;
-    for (int r = 0; r < world; ++r)
-      if (passes_positions(r)) {
-        const RankShard s = plan.shard(r);
-        meta[static_cast<std::size_t>(r)].positions = upload(s.positions.data(), s.positions.size() * 4);
-        any = true;
-      }
-    if (any && !meta[static_cast<std::size_t>(rank)].positions)
-      meta[static_cast<std::size_t>(rank)].positions = upload(mine.positions.data(), mine.positions.size() * 4);
+    for (int r = 0; r < world; ++r) any = any || passes_positions(r);
+    if (any) {
+      const auto own = positions_of(rank);
+      own_positions = upload(own.data(), own.size() * 4);
+      key_positions = backend->device_ops().allocate(static_cast<std::size_t>(std::max<std::int64_t>(plan.max_local_tokens(), 1)) * 4);
+    }
+  }
+
+  // Positions of rank r's tokens in local order, spelled out from its runs.
+  std::vector<std::int32_t> positions_of(int r) const {
+    std::vector<std::int32_t> pos;
+    pos.reserve(static_cast<std::size_t>(of(r).tokens));
+    for (const auto& run : of(r).runs)
+      for (std::int64_t i = 0; i < run.count; ++i) pos.push_back(static_cast<std::int32_t>(run.first + i * run.stride));
+    return pos;
+  }
+
+  // Device positions of rank src's keys for this step: written into the one key buffer (stream
+  // order keeps the previous step's kernels reading it before the copy).
+  const std::int32_t* key_positions_of(int src) {
+    if (src == rank) return static_cast<const std::int32_t*>(own_positions->data());
+    key_positions_host = positions_of(src);
+    backend->device_ops().copy_bytes(key_positions->data(), key_positions_host.data(), key_positions_host.size() * 4, opt.stream);
+    return static_cast<const std::int32_t*>(key_positions->data());
   }
 
   // Whether the step that computes against rank src's shard hands positions to the kernels.
@@ -222,7 +255,7 @@ struct RingAttention::Impl {
   }
 
   // Local attention arguments: this rank's queries against the given key/value shard of rank src.
-  AttentionArgs step_args(const TensorView& q, const TensorView& k, const TensorView& v, int src) const {
+  AttentionArgs step_args(const TensorView& q, const TensorView& k, const TensorView& v, int src) {
     AttentionArgs a;
     a.q = q;
     a.k = k;
@@ -243,8 +276,8 @@ struct RingAttention::Impl {
     if (a.causal && fully_visible(src)) a.causal = false;
     const bool same_shard = src == rank;
     if (a.causal && !same_shard && !(of(rank).identity_positions && of(src).identity_positions)) {
-      a.q_positions = static_cast<const std::int32_t*>(of(rank).positions->data());
-      a.k_positions = static_cast<const std::int32_t*>(of(src).positions->data());
+      a.q_positions = static_cast<const std::int32_t*>(own_positions->data());
+      a.k_positions = key_positions_of(src);
     }
     a.scale = opt.scale;
     a.stream = opt.stream;
