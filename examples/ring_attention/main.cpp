@@ -199,9 +199,12 @@ int run(int argc, char** argv) {
         ropt.causal = opt.causal;
         const bool progress = rank == 0 && static_cast<double>(opt.seq_len) * static_cast<double>(opt.seq_len) * opt.heads *
                                                    opt.head_dim >= static_cast<double>(1LL << 36);
+        // Long runs report every step; short ones only at debug level.
         ropt.on_step = [&job, progress](const char* phase, int step, int steps) {
-          if (progress)
-            logger(Subsystem::app).info("{} iteration {}/{}, step {}/{}", phase, job.iteration, job.opt.iters, step, steps);
+          auto& log = logger(Subsystem::app);
+          constexpr const char* kLine = "{} iteration {}/{}, step {}/{}";
+          if (progress) log.info(kLine, phase, job.iteration, job.opt.iters, step, steps);
+          else log.debug(kLine, phase, job.iteration, job.opt.iters, step, steps);
         };
         Communicator& ring_comm = job.nccl ? *job.nccl : *world;
         job.ring = std::make_unique<RingAttention>(ring_comm, *job.plan, ropt, std::move(job.backend));
@@ -330,17 +333,19 @@ int run_job(Communicator& world, Job& job) {
     problem.v = TensorView(fv.data(), opt.dtype, {T, K, D});
     if (fdo) problem.d_o = TensorView(fdo->data(), opt.dtype, {T, H, D});
     problem.causal = opt.causal;
-    // Blocks of about 1/16 of the rows; a line every few seconds when the check takes long.
+    // Blocks of about 1/16 of the rows.
     using Clock = std::chrono::steady_clock;
     auto last_line = Clock::now();
     const auto start = last_line;
+    // A line every few seconds once the check has taken that long; every block at debug level.
     const auto report = [&](const char* phase, std::int64_t done, std::int64_t rows) {
       const auto now = Clock::now();
-      if (now - last_line < std::chrono::seconds(3) && done < rows) return;
-      if (now - start < std::chrono::seconds(3)) return;
-      last_line = now;
-      log.info("check: oracle {} {}/{} query rows ({:.0f} s so far)", phase, done, rows,
-               std::chrono::duration<double>(now - start).count());
+      const bool due = now - start >= std::chrono::seconds(3) && (now - last_line >= std::chrono::seconds(3) || done == rows);
+      if (due) last_line = now;
+      constexpr const char* kLine = "check: oracle {} {}/{} query rows ({:.0f} s so far)";
+      const double seconds = std::chrono::duration<double>(now - start).count();
+      if (due) log.info(kLine, phase, done, rows, seconds);
+      else log.debug(kLine, phase, done, rows, seconds);
     };
     const auto want = run_oracle(*ob, problem, opt.backward, (T + 15) / 16, report);
     check.comparison.add("o", g_o, want.o);
