@@ -27,8 +27,11 @@ configure: $(BUILD)/CMakeCache.txt
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
+# ctest's own summary, then one line on the GPU suites (on a machine without a GPU they all skip;
+# tests/CMakeLists.txt registers them as one entry there, so ctest does not list each case).
 test: build
-	cd $(BUILD) && ctest --output-on-failure --timeout 900
+	cd $(BUILD) && { ctest --output-on-failure --timeout 900; status=$$?; \
+	  awk -f $(CURDIR)/tests/gpu_test_summary.awk Testing/Temporary/LastTest.log; exit $$status; }
 
 # The CPU build under AddressSanitizer + UndefinedBehaviorSanitizer, every test (CUDA off: the
 # sanitizers do not see device code). Leak checks run on the binaries that do not load MPI (Open
