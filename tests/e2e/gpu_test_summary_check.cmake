@@ -1,5 +1,6 @@
 # tests/gpu_test_summary.awk, which closes `make test`, against a ctest log made up here: GPU cases
-# skipped for two reasons in random numbers, one that passed, and CPU skips that must not be counted.
+# skipped for two reasons in random numbers, passes (one printed by two ranks), and CPU skips that
+# must not be counted.
 #   cmake -DSCRIPT=<gpu_test_summary.awk> -DWORK=<folder> -P gpu_test_summary_check.cmake
 string(RANDOM LENGTH 2 ALPHABET 123456789 no_device)
 string(RANDOM LENGTH 1 ALPHABET 123456789 not_hopper)
@@ -22,11 +23,14 @@ foreach(i RANGE 1 ${cpu_skips})
   add_case(test_kernels "no AVX-512 here")
 endforeach()
 string(APPEND log "1/9 Testing: ok\nCommand: \"/b/bin/test_gpu\"\nOutput:\n[  PASSED  ] 1 test.\n<end of output>\n")
+# Two ranks under mpirun print the totals of the same cases twice: counted once.
+string(APPEND log "1/9 Testing: two ranks\nCommand: \"/usr/bin/mpiexec\" \"-np\" \"2\" \"/b/bin/test_nccl\"\nOutput:\n"
+                  "[  PASSED  ] 1 test.\n[  PASSED  ] 1 test.\n<end of output>\n")
 file(WRITE ${WORK}/gpu_test_summary_fixture.log "${log}")
 
 execute_process(COMMAND awk -f ${SCRIPT} ${WORK}/gpu_test_summary_fixture.log OUTPUT_VARIABLE line RESULT_VARIABLE rc)
 string(STRIP "${line}" line)
-set(expected "GPU tests: 1 passed, ${skipped} skipped, 0 failed: skipped because no CUDA device (${no_device}); wgmma needs a Hopper GPU (sm_90a) (${not_hopper})")
+set(expected "GPU tests: 2 passed, ${skipped} skipped, 0 failed: skipped because no CUDA device (${no_device}); wgmma needs a Hopper GPU (sm_90a) (${not_hopper})")
 if(NOT rc EQUAL 0 OR NOT line STREQUAL expected)
   message(FATAL_ERROR "summary line\n  '${line}' (exit ${rc})\nexpected\n  '${expected}'")
 endif()
