@@ -3,12 +3,9 @@
 // AVX-512, which sets the tile sizes: 2 query rows x 4 tokens of score accumulators (8) + 2 x 2 q
 // slices + the K slices, and 4 value rows x 2 accumulators (16 elements of the head dim per pass
 // over the block's V rows). With that narrow a pass the V rows are read in 8 passes at head dim
-// 128 (AVX-512: 2), so the first pass also pulls whole rows into L1 (kL1Ahead).
-// Measured on the 2-core Zen 4 (bf16, 4 x 32k tokens, 32/8 heads, d128, both threads), built
-// without AVX-512 in the baseline (so this code gets 16 registers and VEX encodings, as on an
-// AVX2-only host): ~19 GB/s against ~22 for the AVX-512 path in the same run, ~10 for the
-// portable template at width 8; 8 tokens of L1 look-ahead gave ~11.4 GB/s on one thread against
-// ~10.4 without (4 and 16: no better).
+// 128 (AVX-512: 2), so the first pass also pulls whole rows into L1 (kL1Ahead); 8 tokens ahead
+// was the best look-ahead tried. Its speed against the AVX-512 and portable paths, built as on an
+// AVX2-only host: bench/results/offload_cpu_2core_2026-11-23.md.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -4,7 +4,7 @@
 # parallel; run the 1M-token forward+backward. Every step has a time limit (a hang costs minutes,
 # not the call); logs under $OUT, a short summary last.
 #   scripts/gpu-ring-run.sh [NP] [STAGE...]    stages: nccl check 1m wgmma bench peer (default: all but wgmma)
-# wgmma runs the Hopper wgmma kernels' GPU tests on GPU 0 (issue 3) while the machine is here.
+# wgmma runs the Hopper wgmma kernels' GPU tests on GPU 0, so a multi-GPU call can check them too.
 set -uo pipefail
 NP=${1:-2}
 shift || true

@@ -16,8 +16,8 @@ namespace cuda {
 
 // LONGATTN_CUDA_FWD_KERNEL / LONGATTN_CUDA_BWD_KERNEL: which kernel runs the shapes the wgmma
 // kernels take (head dim 128, no explicit positions; the backward also needs atomic dQ). auto: the
-// wgmma kernel on Hopper, mma.sync elsewhere. Both default to auto: at 32k causal d128 on an H100
-// the wgmma kernels measured 442 / 391 TFLOP/s forward / backward against mma.sync's 329 / 259.
+// wgmma kernel on Hopper, mma.sync elsewhere. Both default to auto, because on Hopper the wgmma
+// kernels are the faster ones in both directions (bench/results/gpu_kernels_h100_2026-11-23.md).
 // Read per call (a getenv), so a test or a benchmark can compare both in one process.
 bool hopper_device() {
   int dev = 0, major = 0;
