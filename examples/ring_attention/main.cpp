@@ -177,13 +177,13 @@ int run(int argc, char** argv) {
         opt = parse_options(*flags);
         job.in = load_inputs(opt);
         check_shape(opt);
+        require_memory(opt, nranks, topo.local_size, rank == 0);
         // --dump's folder is made now, so that an unwritable path fails before the work, not after.
         std::error_code dump_error;
         if (rank == 0 && !opt.dump.empty() && !std::filesystem::is_directory(opt.dump) &&
             !std::filesystem::create_directories(opt.dump, dump_error))
           throw Error(ErrorCode::io, fmt::format("--dump {}: cannot create the folder ({})", opt.dump,
                                                  dump_error ? dump_error.message() : "a file of that name exists"));
-        require_memory(opt, nranks, topo.local_size, rank == 0);
         job.plan.emplace(ShardPlan::single_sequence(opt.seq_len, opt.layout, nranks));
       }))
     return 2;
