@@ -6,8 +6,6 @@
 //
 // Ends with one line: RESULT {json}.
 #include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -21,28 +19,25 @@
 #include <omp.h>
 
 #include "../common/device_tensor.hpp"
+#include "check.hpp"
 #include "inputs.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/communicator.hpp"
 #include "longattn/config.hpp"
-#include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
-#include "longattn/host_buffer.hpp"
 #include "longattn/layout.hpp"
 #include "longattn/log.hpp"
 #include "longattn/npy.hpp"
 #include "longattn/ring.hpp"
 #include "memory_estimate.hpp"
 #include "options.hpp"
-#include "oracle.hpp"
-#include "result_check.hpp"
+#include "report.hpp"
 
 namespace {
 
 using namespace longattn;
 using namespace longattn::ring_job;
 using examples::DeviceTensor;
-using examples::random_value;
 
 // Every setup error (flags, files, memory, devices) takes this one path: each rank runs the stage,
 // the ranks agree on whether any failed, the lowest failing rank prints one line, and all exit
@@ -68,8 +63,6 @@ bool setup_stage(Communicator& world, const std::function<void()>& stage) {
   return false;
 }
 
-std::string plural(std::int64_t count, const char* noun) { return fmt::format("{} {}{}", count, noun, count == 1 ? "" : "s"); }
-
 // "16384 tokens (4096 per rank)", "5 tokens (1 to 2 per rank)", "1 token (0 to 1 per rank; 3 ranks hold none)".
 std::string token_spread(const ShardPlan& plan) {
   std::int64_t least = plan.total_tokens(), most = 0;
@@ -84,13 +77,6 @@ std::string token_spread(const ShardPlan& plan) {
                   (least == most ? fmt::format("{} per rank", most) : fmt::format("{} to {} per rank", least, most));
   if (empty > 0) s += fmt::format("; {} hold{} none", plural(empty, "rank"), empty == 1 ? "s" : "");
   return s + ")";
-}
-
-std::vector<float> full_rows(const Input* loaded, std::uint64_t seed, int tensor, std::int64_t tokens, std::int64_t width) {
-  if (loaded) return loaded->full;
-  std::vector<float> out(static_cast<std::size_t>(tokens * width));
-  for (std::size_t i = 0; i < out.size(); ++i) out[i] = random_value(seed, tensor, static_cast<std::int64_t>(i));
-  return out;
 }
 
 // Collects every rank's rows of a [T, width] result on rank 0, in global order.
@@ -124,11 +110,7 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-std::string json_number(double x, const char* format) {
-  return std::isfinite(x) ? fmt::format(fmt::runtime(format), x) : std::string("null");
-}
-
-// One pass's timings over the iterations, each column its median over iterations on this rank.
+// One pass's timings on this rank, one entry per iteration (reported as medians).
 struct PassTimes {
   std::vector<double> wall, compute, wait;
   int skipped = 0;
@@ -242,12 +224,6 @@ int run(int argc, char** argv) {
   }
 }
 
-// --check on rank 0: the oracle over the whole sequence, compared with the gathered results.
-struct CheckOutcome {
-  std::string status = "skipped", oracle;
-  ResultComparison comparison;
-};
-
 int run_job(Communicator& world, Job& job) {
   const Options& opt = job.opt;
   const ShardPlan& plan = *job.plan;
@@ -294,124 +270,40 @@ int run_job(Communicator& world, Job& job) {
   world.allreduce(summary, std::size(summary), ReduceType::f64, ReduceOp::max);
 
   // Gather results on rank 0 for --check and --dump.
-  std::vector<float> g_o, g_lse, g_dq, g_dk, g_dv;
+  Gathered gathered;
   if (opt.check || !opt.dump.empty()) {
-    g_o = gather_rows(world, plan, job.o->download(be), H * D);
-    g_lse = gather_rows(world, plan, transpose(job.lse->download(be), H, n), H);
-    if (rank == 0) g_lse = transpose(g_lse, opt.seq_len, H);
+    gathered.o = gather_rows(world, plan, job.o->download(be), H * D);
+    gathered.lse = gather_rows(world, plan, transpose(job.lse->download(be), H, n), H);
+    if (rank == 0) gathered.lse = transpose(gathered.lse, opt.seq_len, H);
     if (opt.backward) {
-      g_dq = gather_rows(world, plan, job.dq->download(be), H * D);
-      g_dk = gather_rows(world, plan, job.dk->download(be), K * D);
-      g_dv = gather_rows(world, plan, job.dv->download(be), K * D);
+      gathered.dq = gather_rows(world, plan, job.dq->download(be), H * D);
+      gathered.dk = gather_rows(world, plan, job.dk->download(be), K * D);
+      gathered.dv = gather_rows(world, plan, job.dv->download(be), K * D);
     }
   }
 
   const double causal_factor = opt.causal ? 0.5 : 1.0;
   const double fwd_flops = 4.0 * static_cast<double>(opt.seq_len) * static_cast<double>(opt.seq_len) * H * D * causal_factor;
   CheckOutcome check;
-  if (rank == 0 && opt.check) {
-    const std::int64_t T = opt.seq_len;
-    const double check_flops = fwd_flops * (opt.backward ? 3.5 : 1.0);
-    check.oracle = opt.oracle == "auto" ? (check_flops <= 2e10 ? "reference" : "cpu") : opt.oracle;
-    log.info("checking against the single-process '{}' oracle", check.oracle);
-    auto ob = make_backend(check.oracle, DeviceKind::cpu);
-    omp_set_num_threads(cpu_threads_per_process(1));
-    // The oracle sees the same rounded inputs as the ring: the full tensors go through the dtype.
-    auto make_full = [&](const Input* in, int tensor, std::int64_t heads) {
-      auto full = full_rows(in, opt.seed, tensor, T, heads * D);
-      HostBuffer buf(full.size() * dtype_size(opt.dtype));
-      convert_from_f32(full.data(), buf.data(), opt.dtype, full.size());
-      return buf;
-    };
-    auto loaded = [](const std::optional<Input>& in) { return in ? &*in : nullptr; };
-    HostBuffer fq = make_full(loaded(job.in.q), 0, H), fk = make_full(loaded(job.in.k), 1, K), fv = make_full(loaded(job.in.v), 2, K);
-    std::optional<HostBuffer> fdo;
-    if (opt.backward) fdo.emplace(make_full(loaded(job.in.d_o), 3, H));
-    OracleProblem problem;
-    problem.q = TensorView(fq.data(), opt.dtype, {T, H, D});
-    problem.k = TensorView(fk.data(), opt.dtype, {T, K, D});
-    problem.v = TensorView(fv.data(), opt.dtype, {T, K, D});
-    if (fdo) problem.d_o = TensorView(fdo->data(), opt.dtype, {T, H, D});
-    problem.causal = opt.causal;
-    // Blocks of about 1/16 of the rows.
-    using Clock = std::chrono::steady_clock;
-    auto last_line = Clock::now();
-    const auto start = last_line;
-    // A line every few seconds once the check has taken that long; every block at debug level.
-    const auto report = [&](const char* phase, std::int64_t done, std::int64_t rows) {
-      const auto now = Clock::now();
-      const bool due = now - start >= std::chrono::seconds(3) && (now - last_line >= std::chrono::seconds(3) || done == rows);
-      if (due) last_line = now;
-      constexpr const char* kLine = "check: oracle {} {}/{} query rows ({:.0f} s so far)";
-      const double seconds = std::chrono::duration<double>(now - start).count();
-      if (due) log.info(kLine, phase, done, rows, seconds);
-      else log.debug(kLine, phase, done, rows, seconds);
-    };
-    const auto want = run_oracle(*ob, problem, opt.backward, (T + 15) / 16, report);
-    check.comparison.add("o", g_o, want.o);
-    check.comparison.add("lse", g_lse, want.lse);
-    if (opt.backward) {
-      check.comparison.add("dq", g_dq, want.dq);
-      check.comparison.add("dk", g_dk, want.dk);
-      check.comparison.add("dv", g_dv, want.dv);
-    }
-    const double tol = opt.dtype == DType::f32 ? 2e-4 : 3e-2;
-    const auto& c = check.comparison;
-    check.status = c.passed(tol) ? "passed" : "failed";
-    if (check.status == "passed")
-      log.info("check passed: max abs error {:.3g}, relative {:.3g} (tolerance {})", c.max_abs(), c.rel(), tol);
-    else if (!c.failures().empty())
-      log.error("CHECK FAILED: {}", c.failures());
-    else
-      log.error("CHECK FAILED: max abs error {:.3g}, relative {:.3g} exceeds tolerance {}", c.max_abs(), c.rel(), tol);
-  }
+  if (rank == 0 && opt.check) check = check_results(opt, job.in, gathered, fwd_flops);
 
   if (rank == 0 && !opt.dump.empty()) {
     const std::int64_t T = opt.seq_len;
-    save_npy(opt.dump + "/o.npy", g_o.data(), {T, H, D});
-    save_npy(opt.dump + "/lse.npy", g_lse.data(), {H, T});
+    save_npy(opt.dump + "/o.npy", gathered.o.data(), {T, H, D});
+    save_npy(opt.dump + "/lse.npy", gathered.lse.data(), {H, T});
     if (opt.backward) {
-      save_npy(opt.dump + "/dq.npy", g_dq.data(), {T, H, D});
-      save_npy(opt.dump + "/dk.npy", g_dk.data(), {T, K, D});
-      save_npy(opt.dump + "/dv.npy", g_dv.data(), {T, K, D});
+      save_npy(opt.dump + "/dq.npy", gathered.dq.data(), {T, H, D});
+      save_npy(opt.dump + "/dk.npy", gathered.dk.data(), {T, K, D});
+      save_npy(opt.dump + "/dv.npy", gathered.dv.data(), {T, K, D});
     }
     log.info("wrote outputs to {}", opt.dump);
   }
 
-  if (rank == 0) {
-    const double fwd_ms = summary[0], bwd_ms = summary[4];
-    const double tflops = fwd_ms > 0 ? fwd_flops / (fwd_ms * 1e-3) / 1e12 : 0.0;
-    const double bwd_tflops = bwd_ms > 0 ? 2.5 * fwd_flops / (bwd_ms * 1e-3) / 1e12 : 0.0;
-    // Host-timed compute is real only on CPUs (GPU kernels run asynchronously).
-    const bool compute_measured = opt.device == DeviceKind::cpu;
-    auto row = [&](const char* pass, const double* t, double rate) {
-      const std::string compute = compute_measured ? fmt::format("{:.1f}", t[1]) : "-";
-      std::printf("%-10s %10.1f %10.4f %12s %12.1f %14.0f\n", pass, t[0], rate, compute.c_str(), t[2], t[3]);
-    };
-    std::printf("%-10s %10s %10s %12s %12s %14s\n", "pass", "wall ms", "TFLOP/s", "compute ms", "wait ms", "skipped steps");
-    row("forward", summary, tflops);
-    if (opt.backward) row("backward", summary + 4, bwd_tflops);
-    std::printf("wall, compute and wait: median over %s, slowest rank; compute is local attention and merges%s;\n"
-                "skipped steps: of the %d ring steps per pass, those where the causal mask hides every key of the\n"
-                "arriving shard from the rank's queries (nothing to compute), most over ranks\n",
-                plural(opt.iters, "iteration").c_str(), compute_measured ? "" : " (not timed on GPUs)", nranks);
-    // The backend(s) that ran (for "auto" on a GPU: "cudnn", "cuda" or "cudnn+cuda").
-    const std::string used_backend = be.name();
-    const auto& c = check.comparison;
-    std::printf(
-        "RESULT {\"program\":\"ring_attention\",\"ranks\":%d,\"seq_len\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
-        "\"layout\":\"%s\",\"causal\":%s,\"dtype\":\"%s\",\"backend\":\"%s\",\"device\":\"%s\",\"iters\":%d,\"peak_gpu_mem_gib\":%.3f,"
-        "\"fwd_ms\":%.3f,\"bwd_ms\":%s,\"tflops\":%.5f,\"bwd_tflops\":%s,\"fwd_compute_ms\":%s,\"fwd_wait_ms\":%.3f,"
-        "\"fwd_skipped_steps\":%d,\"check\":\"%s\",\"check_oracle\":\"%s\",\"max_abs_err\":%s,\"rel_err\":%s}\n",
-        nranks, static_cast<long long>(opt.seq_len), opt.heads, opt.kv_heads, opt.head_dim, to_string(opt.layout),
-        opt.causal ? "true" : "false", to_string(opt.dtype), used_backend.c_str(), to_string(opt.device), opt.iters,
-        summary[8] / (1 << 30), fwd_ms, opt.backward ? fmt::format("{:.3f}", bwd_ms).c_str() : "null", tflops,
-        opt.backward ? fmt::format("{:.5f}", bwd_tflops).c_str() : "null",
-        compute_measured ? fmt::format("{:.3f}", summary[1]).c_str() : "null", summary[2], static_cast<int>(summary[3]),
-        check.status.c_str(), check.oracle.c_str(), opt.check ? json_number(c.max_abs(), "{:.3e}").c_str() : "null",
-        opt.check ? json_number(c.rel(), "{:.3e}").c_str() : "null");
-    std::fflush(stdout);
-  }
+  if (rank == 0)
+    print_report(opt, nranks, RunSummary{{summary[0], summary[1], summary[2], static_cast<int>(summary[3])},
+                                         {summary[4], summary[5], summary[6], static_cast<int>(summary[7])},
+                                         summary[8]},
+                 fwd_flops, be.name(), check);
   std::int64_t bad = check.status == "failed" ? 1 : 0;
   world.allreduce(&bad, 1, ReduceType::i64, ReduceOp::max);
   return bad ? 3 : 0;
