@@ -216,17 +216,14 @@ class CudnnBackend final : public AttentionBackend {
     validate_forward(user, out, s);
     auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
-    const Call call = plan_call(user, s, false, scratch);
-    const AttentionArgs& a = call.args;
-    const GraphKey& key = call.key;
-    const Graph& graph = *call.graph;
+    const auto& [a, key, graph] = plan_call(user, s, false, scratch);
     std::unordered_map<std::int64_t, void*> pack{{kQ, a.q.data}, {kK, a.k.data}, {kV, a.v.data}};
     void* o16 = out.o.dtype == a.q.dtype ? out.o.data : scratch.get(s.tq * s.hq * s.d * dtype_size(a.q.dtype));
     pack[kO] = o16;
     float* stats = key.ragged ? scratch.get<float>(sizeof(float) * key.batch * key.hq * key.s_q) : out.lse.as<float>();
     pack[kStats] = stats;
     if (key.ragged) add_varlen(a, s, false, scratch, pack, st);
-    execute(graph, pack, st);
+    execute(*graph, pack, st);
     if (key.ragged) {
       launch_scatter_stats(stats, static_cast<int>(key.s_q), a.cu_seqlens_q, a.cu_seqlens_k, a.batch, s.hq, s.tq,
                            out.lse.as<float>(), st);
@@ -241,10 +238,7 @@ class CudnnBackend final : public AttentionBackend {
     validate_backward(user, g, s);
     auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
-    const Call call = plan_call(user, s, true, scratch);
-    const AttentionArgs& a = call.args;
-    const GraphKey& key = call.key;
-    const Graph& graph = *call.graph;
+    const auto& [a, key, graph] = plan_call(user, s, true, scratch);
     const DType io = a.q.dtype;
     // cuDNN reads o and dO in the input dtype (it derives delta from them itself, so a given
     // delta is not needed) and writes 16-bit gradients.
@@ -273,7 +267,7 @@ class CudnnBackend final : public AttentionBackend {
       out16[i] = direct ? grads[i]->data : scratch.get(grads[i]->numel() * dtype_size(io));
       pack[uids[i]] = out16[i];
     }
-    execute(graph, pack, st);
+    execute(*graph, pack, st);
     const std::int64_t q_row = static_cast<std::int64_t>(s.hq) * s.d, k_row = static_cast<std::int64_t>(s.hkv) * s.d;
     if (key.ragged) {
       launch_zero_rows_without_partner(out16[0], io, s.tq, q_row, a.cu_seqlens_q, a.cu_seqlens_k, a.batch, st);
@@ -305,7 +299,7 @@ class CudnnBackend final : public AttentionBackend {
   // The arguments and graph of one call. A single sequence whose exact shape has no graph yet,
   // once kExactShapes exact graphs exist, runs as a ragged batch of one (its own [0, T]
   // boundaries) through the graph of its length bucket: callers whose lengths keep changing
-  // (prefill of many prompts) then reuse graphs instead of paying a build (~1 s) per length.
+  // (prefill of many prompts) then reuse graphs instead of paying a graph build per length.
   struct Call {
     AttentionArgs args;
     GraphKey key;

@@ -12,6 +12,7 @@
 #include "longattn/backend.hpp"
 #include "longattn/layout.hpp"
 #include "longattn/ring.hpp"
+#include "support/counting_backend.hpp"
 #include "support/delegating_backend.hpp"
 #include "support/ring_check.hpp"
 #include "support/test_util.hpp"
@@ -188,39 +189,7 @@ TEST(LocalRing, SingleSequenceStepsReachKernelsWithoutPositions) {
 namespace longattn {
 namespace {
 
-// Counts what the ring runtime allocates through its backend's device operations (its
-// workspaces): live bytes and the peak. Kernel-internal scratch is the backend's own business and
-// not counted.
-class CountingDeviceOps final : public test::DelegatingDeviceOps {
- public:
-  using DelegatingDeviceOps::DelegatingDeviceOps;
-  std::size_t live = 0, peak = 0;
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override {
-    live += n;
-    peak = std::max(peak, live);
-    return std::make_unique<Counted>(inner_.allocate(n), *this);
-  }
-
- private:
-  struct Counted final : DeviceBuffer {
-    Counted(std::unique_ptr<DeviceBuffer> b, CountingDeviceOps& o) : inner(std::move(b)), owner(o) {}
-    ~Counted() override { owner.live -= inner->bytes(); }
-    void* data() override { return inner->data(); }
-    std::size_t bytes() const override { return inner->bytes(); }
-    std::unique_ptr<DeviceBuffer> inner;
-    CountingDeviceOps& owner;
-  };
-};
-
-class CountingBackend final : public test::DelegatingBackend {
- public:
-  CountingBackend() : DelegatingBackend(make_backend("cpu")), counter_(inner_->device_ops()) {}
-  DeviceOps& device_ops() override { return counter_; }
-  CountingDeviceOps& counter() { return counter_; }
-
- private:
-  CountingDeviceOps counter_;
-};
+using test::CountingBackend;
 
 // A rank holds its own shard plus what is in flight, never anything of the full sequence's size:
 // with the same tokens per rank, the ring's workspaces are the same on 2 and 4 ranks (so the same

@@ -8,43 +8,13 @@
 
 #include "longattn/backend.hpp"
 #include "longattn/ring.hpp"
-#include "support/delegating_backend.hpp"
+#include "support/counting_backend.hpp"
 #include "support/test_util.hpp"
 
 namespace longattn {
 namespace {
 
-// Live and peak bytes allocated through the backend's device operations.
-class CountingDeviceOps final : public test::DelegatingDeviceOps {
- public:
-  using DelegatingDeviceOps::DelegatingDeviceOps;
-  std::size_t live = 0, peak = 0;
-  std::unique_ptr<DeviceBuffer> allocate(std::size_t n) override {
-    live += n;
-    peak = std::max(peak, live);
-    return std::make_unique<Counted>(inner_.allocate(n), *this);
-  }
-
- private:
-  struct Counted final : DeviceBuffer {
-    Counted(std::unique_ptr<DeviceBuffer> b, CountingDeviceOps& o) : inner(std::move(b)), owner(o) {}
-    ~Counted() override { owner.live -= inner->bytes(); }
-    void* data() override { return inner->data(); }
-    std::size_t bytes() const override { return inner->bytes(); }
-    std::unique_ptr<DeviceBuffer> inner;
-    CountingDeviceOps& owner;
-  };
-};
-
-class CountingBackend final : public test::DelegatingBackend {
- public:
-  CountingBackend() : DelegatingBackend(make_backend("cpu")), counter_(inner_->device_ops()) {}
-  DeviceOps& device_ops() override { return counter_; }
-  CountingDeviceOps& counter() { return counter_; }
-
- private:
-  CountingDeviceOps counter_;
-};
+using test::CountingBackend;
 
 // A causal varlen batch in the striped layout: every off-diagonal step passes positions to the
 // kernels, the case where each rank used to upload every shard's positions.
