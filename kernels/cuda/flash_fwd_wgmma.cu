@@ -53,6 +53,7 @@ static_assert(offsetof(SharedStorage<__half>, k) % 1024 == 0 && offsetof(SharedS
                   sizeof(SharedStorage<__half>::k[0]) % 1024 == 0,
               "wgmma reads 128-byte-swizzled tiles that start at 1024-byte boundaries");
 constexpr int kSmemBytes = sizeof(SharedStorage<__half>) + 1024;  // + the slack for rounding the base up
+static_assert(kSmemBytes <= 227 * 1024, "more shared memory than a Hopper block may opt in to");
 
 // The K/V stages of one block: tile n lives in stage n % kStages. Every thread copies its part of
 // a tile and arrives on the stage's full barrier when its copies land; every thread arrives on the
