@@ -73,23 +73,47 @@ std::byte* PagePool::allocate(std::uint64_t client, std::size_t bytes) {
     mine += bytes;
     return p;
   }
-  // Trim cached pages of other sizes before refusing.
-  for (auto f = free_.begin(); in_use_ + cached_ + bytes > limit_ && f != free_.end(); ++f) {
-    while (!f->second.empty() && in_use_ + cached_ + bytes > limit_) {
+  trim_cache_for(bytes);
+  if (held() + bytes > limit_)
+    throw Error(ErrorCode::out_of_capacity,
+                fmt::format("out of capacity: the server's memory limit of {} is reached ({} in use, {} in receive buffers); "
+                            "drop finished sequences, raise --memory-limit or shard over more servers",
+                            format_bytes(limit_), format_bytes(in_use_), format_bytes(buffers_)));
+  auto* p = static_cast<std::byte*>(::operator new(bytes, std::align_val_t{64}));
+  in_use_ += bytes;
+  mine += bytes;
+  return p;
+}
+
+void PagePool::trim_cache_for(std::size_t bytes) {
+  for (auto f = free_.begin(); held() + bytes > limit_ && f != free_.end(); ++f) {
+    while (!f->second.empty() && held() + bytes > limit_) {
       ::operator delete(f->second.back(), std::align_val_t{64});
       f->second.pop_back();
       cached_ -= f->first;
     }
   }
-  if (in_use_ + cached_ + bytes > limit_)
+}
+
+void PagePool::reserve_buffer(std::size_t bytes) {
+  std::lock_guard lock(mu_);
+  trim_cache_for(bytes);
+  if (held() + bytes > limit_)
     throw Error(ErrorCode::out_of_capacity,
-                fmt::format("out of capacity: the server's memory limit of {} is reached ({} in use); drop finished "
-                            "sequences, raise --memory-limit or shard over more servers",
-                            format_bytes(limit_), format_bytes(in_use_)));
-  auto* p = static_cast<std::byte*>(::operator new(bytes, std::align_val_t{64}));
-  in_use_ += bytes;
-  mine += bytes;
-  return p;
+                fmt::format("out of capacity: a frame of {} does not fit under the server's memory limit of {} now ({} of KV, "
+                            "{} in receive buffers); send smaller appends, drop finished sequences or raise --memory-limit",
+                            format_bytes(bytes), format_bytes(limit_), format_bytes(in_use_), format_bytes(buffers_)));
+  buffers_ += bytes;
+}
+
+void PagePool::release_buffer(std::size_t bytes) noexcept {
+  std::lock_guard lock(mu_);
+  buffers_ -= std::min(bytes, buffers_);
+}
+
+std::size_t PagePool::buffers() const noexcept {
+  std::lock_guard lock(mu_);
+  return buffers_;
 }
 
 void PagePool::release(std::uint64_t client, std::byte* page, std::size_t bytes) noexcept {
@@ -223,6 +247,40 @@ bool KvStore::drop(std::uint64_t client, std::uint64_t seq) {
   return true;
 }
 
+std::size_t KvStore::drop_client(std::uint64_t client) {
+  std::vector<std::uint64_t> ids;
+  {
+    std::lock_guard lock(mu_);
+    for (auto it = seqs_.lower_bound({client, 0}); it != seqs_.end() && it->first.first == client; ++it) ids.push_back(it->first.second);
+  }
+  std::size_t dropped = 0;
+  for (auto id : ids) dropped += drop(client, id) ? 1 : 0;
+  return dropped;
+}
+
+std::vector<SequenceInfo> KvStore::list() const {
+  std::vector<std::pair<Key, std::shared_ptr<Sequence>>> all;
+  {
+    std::lock_guard lock(mu_);
+    all.assign(seqs_.begin(), seqs_.end());
+  }
+  std::vector<SequenceInfo> out;
+  out.reserve(all.size());
+  for (auto& [key, s] : all) {
+    std::shared_lock lock(s->mu);
+    SequenceInfo info;
+    info.client = key.first;
+    info.seq = key.second;
+    info.layers = s->geom.layers;
+    for (const auto& l : s->layers) {
+      info.token_layers += static_cast<std::size_t>(l.length);
+      info.bytes += l.pages.size() * s->page_bytes;
+    }
+    out.push_back(info);
+  }
+  return out;
+}
+
 AttendStats KvStore::attend(std::uint64_t client, const Attend& m, float* o, float* lse, int threads) {
   std::vector<std::shared_ptr<Sequence>> seqs;
   seqs.reserve(m.seqs.size());
@@ -294,6 +352,7 @@ KvStore::Stats KvStore::stats() const {
   s.bytes_in_use = pool_.in_use();
   s.bytes_reserved = pool_.reserved();
   s.memory_limit = pool_.memory_limit();
+  s.receive_buffers = pool_.buffers();
   return s;
 }
 

@@ -35,14 +35,25 @@ class PagePool {
   std::byte* allocate(std::uint64_t client, std::size_t bytes);
   void release(std::uint64_t client, std::byte* page, std::size_t bytes) noexcept;
 
+  // The server's receive buffers hold frames on their way in: not KV, but memory the process holds
+  // all the same, so they count against the same limit (a peer cannot announce its way past it).
+  // Throws Error(out_of_capacity) when `bytes` more would pass the limit.
+  void reserve_buffer(std::size_t bytes);
+  void release_buffer(std::size_t bytes) noexcept;
+
   std::size_t memory_limit() const noexcept { return limit_; }
   std::size_t in_use() const noexcept;    // bytes held by sequences
   std::size_t reserved() const noexcept;  // in use + cached free pages
+  std::size_t buffers() const noexcept;   // bytes of receive buffers
 
  private:
+  // Frees cached pages until `bytes` more fit under the limit (or none are left); under mu_.
+  void trim_cache_for(std::size_t bytes);
+  std::size_t held() const noexcept { return in_use_ + cached_ + buffers_; }  // under mu_
+
   mutable std::mutex mu_;
   std::size_t limit_, client_limit_;
-  std::size_t in_use_ = 0, cached_ = 0;
+  std::size_t in_use_ = 0, cached_ = 0, buffers_ = 0;
   std::unordered_map<std::uint64_t, std::size_t> per_client_;
   std::map<std::size_t, std::vector<std::byte*>> free_;
 };
@@ -51,6 +62,14 @@ struct KvStoreOptions {
   std::size_t memory_limit = std::size_t{1} << 30;
   std::size_t per_client_limit = 0;  // 0 = the memory limit
   int page_tokens = 64;  // 64 tokens: one page per kv head is >= 8 KiB of contiguous rows at head_dim 64
+};
+
+// One sequence as an operator sees it (the admin listing).
+struct SequenceInfo {
+  std::uint64_t client = 0, seq = 0;
+  std::uint32_t layers = 0;
+  std::size_t token_layers = 0;  // tokens held, summed over layers
+  std::size_t bytes = 0;         // page bytes held
 };
 
 struct AttendStats {
@@ -72,14 +91,18 @@ class KvStore {
   // an append already applied (start + tokens <= length) changes nothing; a gap is an error.
   std::int64_t append(std::uint64_t client, const Append& m);
   bool drop(std::uint64_t client, std::uint64_t seq);
+  // Drops every sequence of `client`; returns how many there were.
+  std::size_t drop_client(std::uint64_t client);
+  std::vector<SequenceInfo> list() const;
   // Runs the decode kernel for one attend request; o [total_q, q_heads, head_dim] and
   // lse [q_heads, total_q] f32.
   AttendStats attend(std::uint64_t client, const Attend& m, float* o, float* lse, int threads);
 
   struct Stats {
-    std::size_t sequences = 0, tokens = 0, bytes_in_use = 0, bytes_reserved = 0, memory_limit = 0;
+    std::size_t sequences = 0, tokens = 0, bytes_in_use = 0, bytes_reserved = 0, memory_limit = 0, receive_buffers = 0;
   };
   Stats stats() const;
+  PagePool& pool() noexcept { return pool_; }  // the server's receive buffers count against it too
 
  private:
   struct Layer {

@@ -40,6 +40,10 @@ struct Limits {
   std::int64_t max_position = std::int64_t{1} << 40;
 };
 
+// The largest hello payload these limits allow (token and client id): before a connection has
+// authenticated, no frame may announce more.
+constexpr std::uint32_t max_hello_payload(const Limits& lim) noexcept { return 4 + lim.max_token_bytes + 8; }
+
 struct FrameHeader {
   std::uint32_t magic = kMagic;
   std::uint16_t version = kVersion;

@@ -11,8 +11,13 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <unordered_map>
 #include <thread>
 #include <vector>
 
@@ -23,6 +28,9 @@
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
+#include "offload/auth_throttle.hpp"
+#include "offload/open_files.hpp"
+#include "offload/receive_buffer.hpp"
 #include "offload/transport.hpp"
 
 namespace longattn::offload {
@@ -66,11 +74,26 @@ struct Counters {
   std::array<std::atomic<std::uint64_t>, 10> errors{};   // by wire code
   std::atomic<std::uint64_t> bytes_in{0}, bytes_out{0}, connections_total{0}, connections_open{0};
   std::atomic<std::uint64_t> kernel_ns{0}, kv_bytes_read{0}, attend_queries{0};
+  std::atomic<std::uint64_t> accept_errors{0}, orphans_released{0};
 };
+
+// How often the housekeeping tick runs (orphan release, aggregated log lines).
+constexpr auto kHousekeepingPeriod = std::chrono::milliseconds(250);
+// Accept failures (out of descriptors) are logged at most once per this interval.
+constexpr auto kAcceptLogInterval = std::chrono::seconds(10);
+// Pause after a failed accept, doubling up to the maximum while it keeps failing: a pending
+// connection the process cannot take stays pending, and retrying at once would spin.
+constexpr auto kAcceptBackoffMin = std::chrono::milliseconds(50);
+constexpr auto kAcceptBackoffMax = std::chrono::milliseconds(1000);
+
+bool out_of_descriptors(const boost::system::error_code& ec) {
+  return ec == asio::error::no_descriptors || ec == asio::error::no_buffer_space || ec == asio::error::no_memory ||
+         ec.value() == ENFILE;
+}
 
 }  // namespace
 
-struct Server::Impl : FrameService, ConnectionPolicy {
+struct Server::Impl : FrameService {
   ServerOptions opt;
   const Server* owner = nullptr;
   KvStore store;
@@ -78,9 +101,15 @@ struct Server::Impl : FrameService, ConnectionPolicy {
   std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
   tcp::acceptor acceptor{io};
   tcp::acceptor metrics_acceptor{io};
+  asio::steady_timer accept_backoff{io};
+  std::chrono::steady_clock::duration accept_delay = kAcceptBackoffMin;
+  std::chrono::steady_clock::time_point accept_logged{};
+  std::uint64_t accept_errors_unlogged = 0;
+  asio::steady_timer housekeeping{io};
   std::vector<std::thread> io_threads;
   std::unique_ptr<UcxServerTransport> ucx;
   Counters c;
+  AuthThrottle auth_throttle;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::atomic<bool> draining_{false}, stopped{false};
 
@@ -92,10 +121,17 @@ struct Server::Impl : FrameService, ConnectionPolicy {
   bool compute_stop = false;
   std::atomic<int> in_flight{0};
 
+  // Authenticated connections (bounded by --max-connections) and, per client id, how many of them
+  // it has and since when a client id with sequences has none (--orphan-timeout).
+  std::atomic<int> authenticated_open{0};
+  std::mutex clients_mu;
+  std::unordered_map<std::uint64_t, int> connections_of_client;
+  std::unordered_map<std::uint64_t, std::chrono::steady_clock::time_point> orphaned_since;
+
   struct Connection;
   std::mutex conn_mu;
   std::set<std::shared_ptr<Connection>> conns;
-  std::atomic<int> refused_open{0};  // TCP connections refused for the limit, waiting for their first frame
+  std::deque<std::weak_ptr<Connection>> awaiting_hello;  // TCP connections before hello, oldest first
 
   explicit Impl(ServerOptions o)
       : opt(std::move(o)), store(KvStoreOptions{opt.memory_limit, opt.per_client_limit, opt.page_tokens}) {}
@@ -130,32 +166,39 @@ struct Server::Impl : FrameService, ConnectionPolicy {
   const Limits& limits() const override { return opt.limits; }
   bool draining() const override { return draining_; }
   double hello_timeout_s() const override { return opt.hello_timeout_s; }
+  double frame_timeout_s() const override { return opt.frame_timeout_s; }
+  int max_unauthenticated() const override { return opt.max_unauthenticated; }
   void on_bytes(std::size_t in, std::size_t out) override {
     c.bytes_in += in;
     c.bytes_out += out;
   }
-  void on_connection(bool opened) override {
-    if (opened) {
-      c.connections_total++;
-      c.connections_open++;
-    } else {
-      c.connections_open--;
+  void on_connection_opened() override {
+    c.connections_total++;
+    c.connections_open++;
+  }
+  void on_connection_closed(const Session& s) override {
+    c.connections_open--;
+    if (!s.authed) return;
+    authenticated_open--;
+    std::lock_guard lock(clients_mu);
+    auto it = connections_of_client.find(s.client);
+    if (it != connections_of_client.end() && --it->second == 0) {
+      connections_of_client.erase(it);
+      orphaned_since[s.client] = std::chrono::steady_clock::now();
     }
   }
 
-  // ---- ConnectionPolicy ----
-  double frame_timeout_s() const override { return opt.frame_timeout_s; }
-  bool admit_connection(const std::string& peer) override {
-    if (c.connections_open.load() < static_cast<std::uint64_t>(opt.max_connections)) return true;
-    log().warn("refusing connection {}: {} connections open is the limit (--max-connections)", peer, opt.max_connections);
-    return false;
+  void check_header(const Session& s, const FrameHeader& h) override {
+    if (s.authed) return;
+    const std::uint32_t most = max_hello_payload(opt.limits);
+    if (h.payload_bytes > most)
+      throw Error(ErrorCode::unauthorized,
+                  fmt::format("unauthorized: a frame of {} bytes before authentication (at most {} until hello succeeds); send "
+                              "hello with the server's token first",
+                              h.payload_bytes, most));
   }
-  std::vector<std::byte> refuse_connection(const Session& s, std::uint64_t request_id) override {
-    return error_frame(request_id, Error(ErrorCode::out_of_capacity,
-                                         fmt::format("out of capacity: the server has {} connections open, its limit "
-                                                     "(--max-connections); close idle clients, use another server, or raise the limit",
-                                                     opt.max_connections)));
-  }
+  void reserve_receive_buffer(std::size_t bytes) override { store.pool().reserve_buffer(bytes); }
+  void release_receive_buffer(std::size_t bytes) noexcept override { store.pool().release_buffer(bytes); }
 
   std::vector<std::byte> error_frame(std::uint64_t id, const Error& e) {
     count_error(e.code());
@@ -163,8 +206,54 @@ struct Server::Impl : FrameService, ConnectionPolicy {
   }
 
   std::vector<std::byte> on_bad_header(Session& s, const Error& e) override {
-    log().warn("connection {}: {}; closing it", s.peer, e.what());
+    if (e.code() == ErrorCode::unauthorized) {
+      auth_throttle.failed(peer_address(s.peer));  // reported in the aggregate line, not one line per peer
+    } else {
+      log().warn("connection {}: {}; closing it", s.peer, e.what());
+    }
     return error_frame(0, e);
+  }
+
+  std::vector<std::byte> on_discarded_frame(Session& s, const FrameHeader& h, const Error& e) override {
+    log().info("connection {}: {} request {} refused: {}", s.peer, to_string(h.type), h.request_id, e.what());
+    return error_frame(h.request_id, e);
+  }
+
+  // Takes one of the --max-connections slots of authenticated connections, if one is free.
+  bool take_authenticated_slot() {
+    int open = authenticated_open.load();
+    while (open < opt.max_connections)
+      if (authenticated_open.compare_exchange_weak(open, open + 1)) return true;
+    return false;
+  }
+
+  void client_connected(std::uint64_t client) {
+    std::lock_guard lock(clients_mu);
+    connections_of_client[client]++;
+    orphaned_since.erase(client);
+  }
+
+  void authenticate(Session& s, std::span<const std::byte> payload) {
+    const std::string address = peer_address(s.peer);
+    if (!auth_throttle.allow(address))
+      throw Error(ErrorCode::unauthorized, fmt::format("unauthorized: too many failed authentications from {}; try again in {:.0f} s",
+                                                       address, std::ceil(auth_throttle.wait_s(address))));
+    const Hello m = decode_hello(payload, opt.limits);
+    if (!secrets_equal(m.token, opt.token)) {
+      auth_throttle.failed(address);
+      throw Error(ErrorCode::unauthorized, "unauthorized: wrong token");
+    }
+    if (!take_authenticated_slot()) {
+      log().warn("refusing connection {}: {} authenticated connections open is the limit (--max-connections)", s.peer,
+                 opt.max_connections);
+      throw Error(ErrorCode::out_of_capacity,
+                  fmt::format("out of capacity: the server has {} connections open, its limit (--max-connections); close idle "
+                              "clients, use another server, or raise the limit",
+                              opt.max_connections));
+    }
+    s.authed = true;
+    s.client = m.client_id;
+    client_connected(m.client_id);
   }
 
   void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte>& payload, Respond respond) override {
@@ -180,13 +269,7 @@ struct Server::Impl : FrameService, ConnectionPolicy {
       if (draining_) throw Error(ErrorCode::communication, "the server is shutting down; use another server");
       switch (h.type) {
         case MsgType::hello: {
-          const Hello m = decode_hello(payload, lim);
-          if (!secrets_equal(m.token, opt.token)) {
-            log().warn("connection {}: wrong token; refused", s.peer);
-            throw Error(ErrorCode::unauthorized, "unauthorized: wrong token");
-          }
-          s.authed = true;
-          s.client = m.client_id;
+          if (!s.authed) authenticate(s, payload);
           reply(encode(HelloReply{kVersion, static_cast<std::uint32_t>(opt.page_tokens), lim.max_payload}));
           return;
         }
@@ -226,9 +309,13 @@ struct Server::Impl : FrameService, ConnectionPolicy {
       }
       throw Error(ErrorCode::protocol, "malformed frame: unexpected message type");
     } catch (const Error& e) {
-      const bool fatal = e.code() == ErrorCode::protocol || e.code() == ErrorCode::unauthorized ||
+      // Before authentication every error ends the connection.
+      const bool fatal = !s.authed || e.code() == ErrorCode::protocol || e.code() == ErrorCode::unauthorized ||
                          (e.code() == ErrorCode::communication && draining_);
-      if (fatal) {
+      if (e.code() == ErrorCode::unauthorized) {
+        // Wrong tokens are counted per address and reported in one line per interval.
+        if (h.type != MsgType::hello) auth_throttle.failed(peer_address(s.peer));
+      } else if (fatal) {
         log().warn("connection {}: {}; closing it", s.peer, e.what());
       } else {
         log().info("connection {}: {} request {} refused: {}", s.peer, to_string(h.type), h.request_id, e.what());
@@ -261,6 +348,52 @@ struct Server::Impl : FrameService, ConnectionPolicy {
     }
   }
 
+  // ---- orphans and housekeeping ----
+  // Sequences whose client id has no connection now.
+  std::size_t orphaned_sequences() {
+    const auto all = store.list();
+    std::lock_guard lock(clients_mu);
+    std::size_t n = 0;
+    for (const auto& info : all) n += connections_of_client.count(info.client) ? 0 : 1;
+    return n;
+  }
+
+  void release_orphans(std::chrono::steady_clock::time_point now) {
+    if (opt.orphan_timeout_s <= 0) return;
+    const auto timeout = std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(opt.orphan_timeout_s));
+    std::vector<std::uint64_t> expired;
+    {
+      std::lock_guard lock(clients_mu);
+      for (auto it = orphaned_since.begin(); it != orphaned_since.end();) {
+        if (now - it->second >= timeout) {
+          expired.push_back(it->first);
+          it = orphaned_since.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto client : expired) {
+      const std::size_t n = store.drop_client(client);
+      if (n == 0) continue;
+      c.orphans_released += n;
+      log().info("released {} sequence{} of client {}: no connection for {} s (--orphan-timeout)", n, n == 1 ? "" : "s", client,
+                 opt.orphan_timeout_s);
+    }
+  }
+
+  void housekeeping_tick() {
+    housekeeping.expires_after(kHousekeepingPeriod);
+    housekeeping.async_wait([this](boost::system::error_code ec) {
+      if (ec || stopped) return;
+      const auto now = std::chrono::steady_clock::now();
+      release_orphans(now);
+      const std::string summary = auth_throttle.take_summary(now);
+      if (!summary.empty()) log().warn("{}", summary);
+      if (!draining_) housekeeping_tick();
+    });
+  }
+
   // ---- TCP ----
   struct Connection : std::enable_shared_from_this<Connection> {
     Impl* srv;
@@ -268,27 +401,41 @@ struct Server::Impl : FrameService, ConnectionPolicy {
     asio::steady_timer timer;
     std::array<std::byte, kHeaderBytes> hbuf{};
     FrameHeader h;
-    std::vector<std::byte> payload;
+    ReceiveBuffer payload;
     std::vector<std::byte> out;
+    std::vector<std::byte> discard;  // pieces of a payload that had no room
     Session session;
     bool closed = false;
-    bool refused = false;  // over --max-connections: its first request gets the refusal, then it closes
+    std::atomic<bool> authenticated{false};  // session.authed, readable from the accepting thread
+    std::chrono::steady_clock::time_point frame_started;
 
-    Connection(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)), timer(sock.get_executor()) {
+    Connection(Impl* s, tcp::socket so) : srv(s), sock(std::move(so)), timer(sock.get_executor()), payload(*s) {
       boost::system::error_code ec;
       auto ep = sock.remote_endpoint(ec);
       session.peer = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
       sock.set_option(tcp::no_delay(true), ec);
     }
 
-    void arm(double seconds, const char* waiting_for) {
-      timer.expires_after(std::chrono::milliseconds(static_cast<long>(seconds * 1000)));
+    void arm(std::chrono::steady_clock::duration after, double seconds, const char* waiting_for) {
+      timer.expires_after(after);
       timer.async_wait([self = shared_from_this(), seconds, waiting_for](boost::system::error_code ec) {
         if (ec) return;
         self->srv->log().warn("connection {}: no {} within {} s; closing", self->session.peer, waiting_for, seconds);
         self->srv->count_error(ErrorCode::timeout);
         self->close();
       });
+    }
+    void arm_hello() {
+      const double s = srv->opt.hello_timeout_s;
+      arm(std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(s)), s, "hello");
+    }
+    // The frame timeout counts from the frame's first byte, whatever part of it is still missing.
+    void arm_frame(const char* waiting_for) {
+      if (!session.authed) return;  // the hello timeout bounds everything before hello
+      const double s = srv->opt.frame_timeout_s;
+      const auto deadline = frame_started + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(s));
+      const auto left = deadline - std::chrono::steady_clock::now();
+      arm(std::max(left, std::chrono::steady_clock::duration::zero()), s, waiting_for);
     }
 
     void close() {
@@ -298,11 +445,8 @@ struct Server::Impl : FrameService, ConnectionPolicy {
       timer.cancel();
       sock.shutdown(tcp::socket::shutdown_both, ec);
       sock.close(ec);
-      if (refused) {
-        srv->refused_open--;
-      } else {
-        srv->on_connection(false);
-      }
+      payload.release();
+      srv->on_connection_closed(session);
       std::lock_guard lock(srv->conn_mu);
       srv->conns.erase(shared_from_this());
     }
@@ -313,18 +457,19 @@ struct Server::Impl : FrameService, ConnectionPolicy {
     void read_header() {
       if (closed) return;
       if (!session.authed) {
-        arm(srv->opt.hello_timeout_s, "hello");
+        arm_hello();
       } else {
         timer.cancel();
       }
       sock.async_read_some(asio::buffer(hbuf), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
         if (self->read_failed(ec, "")) return;
+        self->frame_started = std::chrono::steady_clock::now();
         self->srv->on_bytes(n, 0);
         if (n == self->hbuf.size()) {
           self->on_header();
           return;
         }
-        if (self->session.authed) self->arm(self->srv->opt.frame_timeout_s, "complete frame header");
+        self->arm_frame("complete frame header");
         asio::async_read(self->sock, asio::buffer(self->hbuf.data() + n, self->hbuf.size() - n),
                          [self](boost::system::error_code ec2, std::size_t n2) {
                            if (self->read_failed(ec2, "header cut short: ")) return;
@@ -345,17 +490,24 @@ struct Server::Impl : FrameService, ConnectionPolicy {
     void on_header() {
       try {
         h = decode_header(hbuf, srv->opt.limits);
+        srv->check_header(session, h);
       } catch (const Error& e) {
         send(srv->on_bad_header(session, e), true);
         return;
       }
-      payload.resize(h.payload_bytes);
       if (h.payload_bytes == 0) {
+        payload.size_for(0);
         on_frame();
         return;
       }
-      if (session.authed) arm(srv->opt.frame_timeout_s, "complete frame");
-      asio::async_read(sock, asio::buffer(payload), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+      arm_frame("complete frame");
+      try {
+        payload.size_for(h.payload_bytes);
+      } catch (const Error& e) {
+        discard_payload(h.payload_bytes, e);
+        return;
+      }
+      asio::async_read(sock, asio::buffer(payload.bytes()), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
         if (ec) {
           self->srv->log().debug("connection {}: frame cut short: {}", self->session.peer, ec.message());
           self->close();
@@ -367,6 +519,23 @@ struct Server::Impl : FrameService, ConnectionPolicy {
       });
     }
 
+    // A payload the memory limit has no room for is read in small pieces and thrown away, then
+    // refused; the connection stays in step and usable.
+    void discard_payload(std::size_t left, const Error& why) {
+      if (left == 0) {
+        std::vector<std::byte>().swap(discard);
+        timer.cancel();
+        send(srv->on_discarded_frame(session, h, why), false);
+        return;
+      }
+      discard.resize(std::min(left, kDiscardPieceBytes));
+      sock.async_read_some(asio::buffer(discard), [self = shared_from_this(), left, why](boost::system::error_code ec, std::size_t n) {
+        if (self->read_failed(ec, "frame cut short: ")) return;
+        self->srv->on_bytes(n, 0);
+        self->discard_payload(left - n, why);
+      });
+    }
+
     void send(std::vector<std::byte> bytes, bool then_close) {
       out = std::move(bytes);
       asio::async_write(sock, asio::buffer(out), [self = shared_from_this(), then_close](boost::system::error_code ec, std::size_t n) {
@@ -375,18 +544,16 @@ struct Server::Impl : FrameService, ConnectionPolicy {
           self->close();
           return;
         }
+        boost::system::error_code e2;
+        self->payload.settle(self->sock.available(e2) > 0);
         self->read_header();
       });
     }
 
     void on_frame() {
-      if (refused) {
-        send(srv->refuse_connection(session, h.request_id), true);
-        return;
-      }
       if (session.authed) timer.cancel();
       std::weak_ptr<Connection> weak = shared_from_this();
-      srv->on_frame(session, h, payload, [weak](std::vector<std::byte> f, bool then_close) {
+      srv->on_frame(session, h, payload.bytes(), [weak](std::vector<std::byte> f, bool then_close) {
         auto self = weak.lock();
         if (!self) return;
         asio::post(self->sock.get_executor(), [self, f = std::move(f), then_close]() mutable {
@@ -395,40 +562,148 @@ struct Server::Impl : FrameService, ConnectionPolicy {
           self->send(std::move(f), then_close);
         });
       });
+      if (session.authed) authenticated = true;
     }
   };
+
+  // Closes the oldest connections still before hello until one more fits under
+  // --max-unauthenticated; under conn_mu.
+  void make_room_before_hello() {
+    while (!awaiting_hello.empty()) {
+      auto front = awaiting_hello.front().lock();
+      if (!front || front->authenticated) {
+        awaiting_hello.pop_front();
+        continue;
+      }
+      break;
+    }
+    std::size_t waiting = 0;
+    for (auto& w : awaiting_hello) {
+      auto cn = w.lock();
+      waiting += cn && !cn->authenticated ? 1 : 0;
+    }
+    while (waiting >= static_cast<std::size_t>(opt.max_unauthenticated) && !awaiting_hello.empty()) {
+      auto oldest = awaiting_hello.front().lock();
+      awaiting_hello.pop_front();
+      if (!oldest || oldest->authenticated) continue;
+      waiting--;
+      asio::post(oldest->sock.get_executor(), [this, oldest] {
+        if (oldest->closed || oldest->session.authed) return;
+        log().info("connection {}: closed before hello to make room ({} connections before hello is the limit, "
+                   "--max-unauthenticated)",
+                   oldest->session.peer, opt.max_unauthenticated);
+        oldest->close();
+      });
+    }
+  }
+
+  void note_accept_failure(const boost::system::error_code& ec) {
+    c.accept_errors++;
+    accept_errors_unlogged++;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - accept_logged < kAcceptLogInterval) return;
+    const bool fds = ec == asio::error::no_descriptors || ec.value() == ENFILE;
+    log().warn("accept failed {} time{} since the last report: {}{}", accept_errors_unlogged, accept_errors_unlogged == 1 ? "" : "s",
+               ec.message(),
+               fds ? "; the process is out of file descriptors: raise its open-file limit (ulimit -n, LimitNOFILE=) or lower "
+                     "--max-connections; new connections wait meanwhile"
+                   : "");
+    accept_logged = now;
+    accept_errors_unlogged = 0;
+  }
 
   void accept() {
     acceptor.async_accept(asio::make_strand(io), [this](boost::system::error_code ec, tcp::socket s) {
       if (ec) {
+        if (!acceptor.is_open() || draining_) return;
+        if (out_of_descriptors(ec)) {
+          note_accept_failure(ec);
+          accept_backoff.expires_after(accept_delay);
+          accept_delay = std::min<std::chrono::steady_clock::duration>(accept_delay * 2, kAcceptBackoffMax);
+          accept_backoff.async_wait([this](boost::system::error_code e2) {
+            if (!e2 && acceptor.is_open()) accept();
+          });
+          return;
+        }
         if (ec != asio::error::operation_aborted) log().warn("accept: {}", ec.message());
-        if (!acceptor.is_open()) return;
         accept();
         return;
       }
+      accept_delay = kAcceptBackoffMin;
       if (draining_) return;
-      // accept() runs one at a time, so the check and the count below cannot interleave.
       auto conn = std::make_shared<Connection>(this, std::move(s));
-      if (!admit_connection(conn->session.peer)) {
-        if (refused_open.load() >= kMaxRefusedOpen) {
-          count_error(ErrorCode::out_of_capacity);
-          boost::system::error_code e2;
-          conn->sock.close(e2);
-          accept();
-          return;
-        }
-        conn->refused = true;
-        refused_open++;
-      } else {
-        on_connection(true);
-      }
+      on_connection_opened();
       {
         std::lock_guard lock(conn_mu);
+        make_room_before_hello();
+        awaiting_hello.push_back(conn);
         conns.insert(conn);
       }
       asio::post(conn->sock.get_executor(), [conn] { conn->read_header(); });
       accept();
     });
+  }
+
+  // ---- metrics and admin over HTTP ----
+  // What an HTTP request asks for, and whether it carried the token.
+  std::pair<std::string, std::string> http_answer(const std::string& method, const std::string& target, const std::string& bearer,
+                                                  const std::string& peer) {
+    const auto q = target.find('?');
+    const std::string path = target.substr(0, q);
+    const std::string query = q == std::string::npos ? "" : target.substr(q + 1);
+    if (method == "GET" && path == "/metrics") return {"200 OK", owner->metrics_text()};
+    if (path.rfind("/admin/", 0) != 0) return {"404 Not Found", "served here: GET /metrics, GET /admin/sequences, POST /admin/drop\n"};
+    const std::string address = peer_address(peer);
+    if (!auth_throttle.allow(address))
+      return {"429 Too Many Requests", fmt::format("too many failed authentications from {}; try again in {:.0f} s\n", address,
+                                                   std::ceil(auth_throttle.wait_s(address)))};
+    if (!secrets_equal(bearer, opt.token)) {
+      auth_throttle.failed(address);
+      return {"401 Unauthorized", "send the server's token as the header 'Authorization: Bearer TOKEN'\n"};
+    }
+    if (method == "GET" && path == "/admin/sequences") return {"200 OK", sequences_text()};
+    if (method == "POST" && path == "/admin/drop") return admin_drop(query);
+    return {"404 Not Found", "admin requests: GET /admin/sequences, POST /admin/drop?client=ID[&seq=ID]\n"};
+  }
+
+  std::string sequences_text() {
+    const auto all = store.list();
+    std::unordered_map<std::uint64_t, int> connected;
+    {
+      std::lock_guard lock(clients_mu);
+      connected = connections_of_client;
+    }
+    std::string out = "# client seq layers token_layers bytes client_connections\n";
+    for (const auto& i : all) {
+      const auto it = connected.find(i.client);
+      out += fmt::format("{} {} {} {} {} {}\n", i.client, i.seq, i.layers, i.token_layers, i.bytes, it == connected.end() ? 0 : it->second);
+    }
+    return out;
+  }
+
+  std::pair<std::string, std::string> admin_drop(const std::string& query) {
+    std::optional<std::uint64_t> client, seq;
+    std::size_t at = 0;
+    while (at <= query.size()) {
+      const auto amp = std::min(query.find('&', at), query.size());
+      const std::string pair = query.substr(at, amp - at);
+      const auto eq = pair.find('=');
+      const std::string key = pair.substr(0, eq), value = eq == std::string::npos ? "" : pair.substr(eq + 1);
+      char* end = nullptr;
+      const unsigned long long v = std::strtoull(value.c_str(), &end, 10);
+      const bool number = !value.empty() && end && *end == '\0' && value[0] != '-';
+      if (key == "client" || key == "seq") {
+        if (!number) return {"400 Bad Request", fmt::format("{}='{}' is not a number\n", key, value)};
+        (key == "client" ? client : seq) = static_cast<std::uint64_t>(v);
+      } else if (!pair.empty()) {
+        return {"400 Bad Request", fmt::format("unknown parameter '{}'; use client=ID and optionally seq=ID\n", key)};
+      }
+      at = amp + 1;
+    }
+    if (!client) return {"400 Bad Request", "POST /admin/drop needs client=ID (and seq=ID for one sequence)\n"};
+    const std::size_t n = seq ? (store.drop(*client, *seq) ? 1 : 0) : store.drop_client(*client);
+    log().info("admin: dropped {} sequence{} of client {}", n, n == 1 ? "" : "s", *client);
+    return {"200 OK", fmt::format("dropped {}\n", n)};
   }
 
   struct HttpConn : std::enable_shared_from_this<HttpConn> {
@@ -450,21 +725,29 @@ struct Server::Impl : FrameService, ConnectionPolicy {
         self->timer.cancel();
         if (ec) return;
         std::istream is(&self->buf);
-        std::string method, path;
-        is >> method >> path;
-        std::string body, status = "200 OK";
-        if (method == "GET" && (path == "/metrics" || path.rfind("/metrics?", 0) == 0)) {
-          body = self->srv->owner->metrics_text();
-        } else {
-          status = "404 Not Found";
-          body = "only GET /metrics is served here\n";
+        std::string method, target, line, bearer;
+        is >> method >> target;
+        std::getline(is, line);
+        while (std::getline(is, line) && line != "\r" && !line.empty()) {
+          if (!line.empty() && line.back() == '\r') line.pop_back();
+          const auto colon = line.find(':');
+          if (colon == std::string::npos) continue;
+          std::string name = line.substr(0, colon);
+          for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+          std::string value = line.substr(colon + 1);
+          value.erase(0, value.find_first_not_of(' '));
+          if (name == "authorization" && value.rfind("Bearer ", 0) == 0) bearer = value.substr(7);
         }
+        boost::system::error_code e;
+        const auto ep = self->sock.remote_endpoint(e);
+        const std::string peer = e ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
+        const auto [status, body] = self->srv->http_answer(method, target, bearer, peer);
         self->out = fmt::format("HTTP/1.1 {}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
                                 status, body.size(), body);
         asio::async_write(self->sock, asio::buffer(self->out), [self](boost::system::error_code, std::size_t) {
-          boost::system::error_code e;
-          self->sock.shutdown(tcp::socket::shutdown_both, e);
-          self->sock.close(e);
+          boost::system::error_code e2;
+          self->sock.shutdown(tcp::socket::shutdown_both, e2);
+          self->sock.close(e2);
         });
       });
     }
@@ -472,7 +755,15 @@ struct Server::Impl : FrameService, ConnectionPolicy {
 
   void accept_metrics() {
     metrics_acceptor.async_accept(asio::make_strand(io), [this](boost::system::error_code ec, tcp::socket s) {
-      if (ec) return;
+      if (ec) {
+        if (!metrics_acceptor.is_open()) return;
+        if (out_of_descriptors(ec)) {
+          note_accept_failure(ec);
+          return;  // the metrics listener waits for the next scrape's own retry rather than spinning here
+        }
+        accept_metrics();
+        return;
+      }
       std::make_shared<HttpConn>(this, std::move(s))->start();
       accept_metrics();
     });
@@ -498,6 +789,17 @@ struct Server::Impl : FrameService, ConnectionPolicy {
     a.listen(asio::socket_base::max_listen_connections);
   }
 
+  // Raises the open-file limit to what the connection limits need, or says that it cannot.
+  void check_open_file_limit() {
+    const std::size_t wanted = static_cast<std::size_t>(opt.max_connections) + static_cast<std::size_t>(opt.max_unauthenticated) + 64;
+    const auto lim = raise_open_file_limit(wanted);
+    if (lim.soft >= wanted || lim.soft == 0) return;
+    log().warn("the open-file limit is {} (hard limit {}), below the {} descriptors that --max-connections {} and "
+               "--max-unauthenticated {} need; connections past it wait in the listen queue. Raise it (ulimit -n, "
+               "LimitNOFILE= in the systemd unit) or lower --max-connections",
+               lim.soft, lim.hard, wanted, opt.max_connections, opt.max_unauthenticated);
+  }
+
   void close_all(bool abrupt) {
     std::vector<std::shared_ptr<Connection>> all;
     {
@@ -514,12 +816,22 @@ struct Server::Impl : FrameService, ConnectionPolicy {
       });
     }
   }
+
+  void stop_timers() {
+    asio::post(io, [this] {
+      accept_backoff.cancel();
+      housekeeping.cancel();
+    });
+  }
 };
 
 Server::Server(ServerOptions opt) {
   LONGATTN_INVALID(!opt.token.empty(), "the server needs a token (--token-file): refusing to serve without authentication");
   LONGATTN_INVALID(opt.io_threads >= 1 && opt.io_threads <= 256, "io_threads {} outside [1, 256]", opt.io_threads);
   LONGATTN_INVALID(opt.transport == "tcp" || opt.transport == "ucx", "transport must be tcp or ucx, got '{}'", opt.transport);
+  LONGATTN_INVALID(opt.max_connections >= 1, "max_connections {} must be at least 1", opt.max_connections);
+  LONGATTN_INVALID(opt.max_unauthenticated >= 1, "max_unauthenticated {} must be at least 1", opt.max_unauthenticated);
+  LONGATTN_INVALID(opt.orphan_timeout_s >= 0, "orphan_timeout_s {} must be >= 0 (0 = never)", opt.orphan_timeout_s);
   LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
                    "transport 'ucx' is not available in this build (built without UCX headers); use --transport tcp or "
                    "rebuild where UCX is installed (libucx-dev)");
@@ -536,6 +848,7 @@ Server::~Server() {
 
 void Server::start() {
   auto& I = *impl_;
+  I.check_open_file_limit();
   if (I.opt.transport == "ucx") {
     const auto [host, p] = parse_host_port(I.opt.listen);
     I.ucx = make_ucx_server(host, p, I);
@@ -548,6 +861,7 @@ void Server::start() {
   }
   I.work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(I.io.get_executor());
   if (!I.ucx) I.accept();
+  I.housekeeping_tick();
   I.compute = std::thread([&I] { I.compute_loop(); });
   for (int i = 0; i < I.opt.io_threads; ++i) I.io_threads.emplace_back([&I] { I.io.run(); });
   I.log().info("serving on {} port {} ({}; memory limit {}){}", I.opt.listen, port(), I.opt.transport, format_bytes(I.opt.memory_limit),
@@ -573,6 +887,7 @@ void Server::shutdown() {
   while (I.in_flight.load() > 0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the last replies flush
+  I.stop_timers();
   I.close_all(false);
   if (I.ucx) I.ucx->stop(false);
   asio::post(I.io, [&I] {
@@ -590,6 +905,7 @@ void Server::kill() {
     I.acceptor.close(ec);
     I.metrics_acceptor.close(ec);
   });
+  I.stop_timers();
   I.close_all(true);
   if (I.ucx) I.ucx->stop(true);
   I.work.reset();
@@ -610,7 +926,7 @@ void Server::wait() {
 }
 
 std::string Server::metrics_text() const {
-  const auto& I = *impl_;
+  auto& I = *impl_;
   const auto st = I.store.stats();
   std::string s;
   s += "# HELP longattn_offload_requests_total Requests received, by type.\n# TYPE longattn_offload_requests_total counter\n";
@@ -635,10 +951,24 @@ std::string Server::metrics_text() const {
       "# TYPE longattn_offload_kernel_kv_bytes_read_total counter\nlongattn_offload_kernel_kv_bytes_read_total {}\n"
       "# HELP longattn_offload_kernel_gbps KV bytes read per second of decode kernel time, since start.\n"
       "# TYPE longattn_offload_kernel_gbps gauge\nlongattn_offload_kernel_gbps {:.3f}\n"
-      "# TYPE longattn_offload_attend_queries_total counter\nlongattn_offload_attend_queries_total {}\n",
+      "# TYPE longattn_offload_attend_queries_total counter\nlongattn_offload_attend_queries_total {}\n"
+      "# HELP longattn_offload_kv_sequences_orphaned Sequences whose client id has no connection now.\n"
+      "# TYPE longattn_offload_kv_sequences_orphaned gauge\nlongattn_offload_kv_sequences_orphaned {}\n"
+      "# HELP longattn_offload_orphaned_sequences_released_total Sequences dropped after --orphan-timeout without a connection.\n"
+      "# TYPE longattn_offload_orphaned_sequences_released_total counter\nlongattn_offload_orphaned_sequences_released_total {}\n"
+      "# HELP longattn_offload_receive_buffer_bytes Bytes of frames being received (counted against the memory limit).\n"
+      "# TYPE longattn_offload_receive_buffer_bytes gauge\nlongattn_offload_receive_buffer_bytes {}\n"
+      "# HELP longattn_offload_auth_failures_total Wrong tokens (and requests before hello).\n"
+      "# TYPE longattn_offload_auth_failures_total counter\nlongattn_offload_auth_failures_total {}\n"
+      "# HELP longattn_offload_auth_rate_limited_total Authentications refused unchecked: too many failures from that address.\n"
+      "# TYPE longattn_offload_auth_rate_limited_total counter\nlongattn_offload_auth_rate_limited_total {}\n"
+      "# HELP longattn_offload_accept_errors_total Failed accepts (e.g. out of file descriptors).\n"
+      "# TYPE longattn_offload_accept_errors_total counter\nlongattn_offload_accept_errors_total {}\n",
       I.c.bytes_in.load(), I.c.bytes_out.load(), I.c.connections_open.load(), I.c.connections_total.load(), st.sequences, st.tokens,
       st.bytes_in_use, st.bytes_reserved, st.memory_limit, kernel_s, I.c.kv_bytes_read.load(),
-      kernel_s > 0 ? static_cast<double>(I.c.kv_bytes_read.load()) / kernel_s * 1e-9 : 0.0, I.c.attend_queries.load());
+      kernel_s > 0 ? static_cast<double>(I.c.kv_bytes_read.load()) / kernel_s * 1e-9 : 0.0, I.c.attend_queries.load(),
+      I.orphaned_sequences(), I.c.orphans_released.load(), st.receive_buffers, I.auth_throttle.failures_total(),
+      I.auth_throttle.refused_total(), I.c.accept_errors.load());
   return s;
 }
 

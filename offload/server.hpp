@@ -1,7 +1,7 @@
 // The offload server: accepts connections (TCP via Boost.Asio; UCX where built), authenticates
 // them with the shared token, serves the protocol's requests from a KvStore, runs attends on a
-// compute thread whose decode kernel uses the machine's cores, exports Prometheus metrics and
-// shuts down gracefully. Used by the longattn-offload-server daemon and, in process, by tests.
+// compute thread whose decode kernel uses the machine's cores, releases the KV of clients that
+// vanished, exports Prometheus metrics and admin endpoints, and shuts down gracefully. Used by the longattn-offload-server daemon and, in process, by tests.
 #pragma once
 
 #include <cstddef>
@@ -26,30 +26,13 @@ struct ServerOptions {
   int page_tokens = 64;
   std::string metrics_listen;  // HOST:PORT for GET /metrics; empty = off
   std::string transport = "tcp";
-  int max_connections = 1024;     // open connections; more get an out_of_capacity error and are closed
+  int max_connections = 1024;     // authenticated connections; one more gets an out_of_capacity error at hello
+  int max_unauthenticated = 64;   // connections still before hello; past it the oldest of them is closed
   double hello_timeout_s = 10;    // a connection must authenticate within this
-  double frame_timeout_s = 60;    // a started frame (header or payload) must arrive completely within this
+  double frame_timeout_s = 60;    // a started frame (header and payload) must arrive completely within this
+  double orphan_timeout_s = 60;   // sequences of a client id with no connection are dropped after this; 0 = never
   Limits limits;
 };
-
-// What a server transport enforces per connection besides FrameService (transport.hpp): the
-// frame timeout and the connection limit. The server's service implements both interfaces; a
-// transport finds this one with dynamic_cast, so FrameService stays the minimal request seam.
-class ConnectionPolicy {
- public:
-  virtual ~ConnectionPolicy() = default;
-  virtual double frame_timeout_s() const = 0;
-  // A new connection from `peer`: true when it fits under --max-connections (the transport then
-  // calls on_connection(true)); false after logging why it is refused.
-  virtual bool admit_connection(const std::string& peer) = 0;
-  // The reply to the first request of a refused connection, which is closed after it:
-  // out_of_capacity under the request's id, so that a client reports it instead of retrying.
-  virtual std::vector<std::byte> refuse_connection(const Session& s, std::uint64_t request_id) = 0;
-};
-
-// Refused connections are answered (above) rather than dropped, but only this many at once: past
-// it, new connections are closed at once so that a flood cannot hold sockets beyond the limit.
-constexpr int kMaxRefusedOpen = 64;
 
 // Parses HOST:PORT ("[::1]:80" for IPv6); throws Error(invalid_argument).
 std::pair<std::string, int> parse_host_port(const std::string& text);

@@ -20,6 +20,7 @@
 #include "common/check.hpp"
 #include "longattn/log.hpp"
 #include "offload/server.hpp"
+#include "offload/token_file.hpp"
 
 namespace {
 
@@ -36,7 +37,9 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
   --metrics-listen HOST:PORT  serve Prometheus text on GET /metrics (default: off)
   --transport tcp|ucx       (ucx only where built with UCX)
   --max-frame SIZE          largest accepted frame payload (default 256M)
-  --max-connections N       open connections served at once; more get an out_of_capacity error (default 1024)
+  --max-connections N       authenticated connections served at once; more get an out_of_capacity error at hello (default 1024)
+  --max-unauthenticated N   connections not yet authenticated; past it the oldest of them is closed (default 64)
+  --orphan-timeout S        drop the sequences of a client id that has had no connection for S seconds; 0 = never (default 60)
   --frame-timeout S         a started frame must arrive completely within S seconds (default 60)
   --hello-timeout S         a new connection must authenticate within S seconds (default 10)
   --page-tokens N           tokens per KV page, a multiple of 16 (default 64)
@@ -45,7 +48,7 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
 
 const std::set<std::string> kKeys = {"listen",      "token-file", "threads",   "io-threads", "memory-limit", "per-client-limit",
                                      "metrics-listen", "transport", "max-frame", "max-connections", "page-tokens", "config",
-                                     "frame-timeout", "hello-timeout"};
+                                     "frame-timeout", "hello-timeout", "max-unauthenticated", "orphan-timeout"};
 
 std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r\n");
@@ -72,21 +75,6 @@ std::map<std::string, std::string> read_config(const std::string& path) {
   return kv;
 }
 
-std::string read_token(const std::string& path) {
-  struct stat st {};
-  LONGATTN_REQUIRE(::stat(path.c_str(), &st) == 0, ErrorCode::io, "cannot read token file {}", path);
-  LONGATTN_REQUIRE((st.st_mode & S_IROTH) == 0, ErrorCode::invalid_argument,
-                   "token file {} is readable by every user; run chmod 600 {} (or 640 with a dedicated group)", path, path);
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string tok = trim(ss.str());
-  LONGATTN_REQUIRE(tok.size() >= 16, ErrorCode::invalid_argument,
-                   "token in {} is {} bytes; use at least 16 random bytes (e.g. openssl rand -hex 32)", path, tok.size());
-  LONGATTN_REQUIRE(tok.size() <= 4096, ErrorCode::invalid_argument, "token in {} is longer than 4096 bytes", path);
-  return tok;
-}
-
 long to_int(const std::map<std::string, std::string>& kv, const std::string& k, long dflt, long lo, long hi) {
   auto it = kv.find(k);
   if (it == kv.end()) return dflt;
@@ -97,13 +85,13 @@ long to_int(const std::map<std::string, std::string>& kv, const std::string& k, 
   return v;
 }
 
-double to_seconds(const std::map<std::string, std::string>& kv, const std::string& k, double dflt) {
+double to_seconds(const std::map<std::string, std::string>& kv, const std::string& k, double dflt, double lo = 0.01) {
   auto it = kv.find(k);
   if (it == kv.end()) return dflt;
   char* end = nullptr;
   const double v = std::strtod(it->second.c_str(), &end);
-  LONGATTN_INVALID(!it->second.empty() && *end == '\0' && v >= 0.01 && v <= 86400, "--{}={}: expected seconds in [0.01, 86400]", k,
-                   it->second);
+  LONGATTN_INVALID(!it->second.empty() && *end == '\0' && v >= lo && v <= 86400, "--{}={}: expected seconds in [{}, 86400]", k,
+                   it->second, lo);
   return v;
 }
 
@@ -147,7 +135,7 @@ int main(int argc, char** argv) {
     offload::ServerOptions opt;
     opt.listen = kv.count("listen") ? kv["listen"] : "127.0.0.1:7070";
     LONGATTN_INVALID(kv.count("token-file"), "--token-file is required: the server never serves without authentication");
-    opt.token = read_token(kv["token-file"]);
+    opt.token = offload::read_token_file(kv["token-file"]);
     opt.compute_threads = static_cast<int>(to_int(kv, "threads", 0, 0, 4096));
     opt.io_threads = static_cast<int>(to_int(kv, "io-threads", 2, 1, 256));
     if (kv.count("memory-limit")) opt.memory_limit = offload::parse_size(kv["memory-limit"]);
@@ -161,6 +149,8 @@ int main(int argc, char** argv) {
       opt.limits.max_payload = static_cast<std::uint32_t>(mf);
     }
     opt.max_connections = static_cast<int>(to_int(kv, "max-connections", 1024, 1, 1 << 20));
+    opt.max_unauthenticated = static_cast<int>(to_int(kv, "max-unauthenticated", 64, 1, 1 << 20));
+    opt.orphan_timeout_s = to_seconds(kv, "orphan-timeout", 60, 0);
     opt.page_tokens = static_cast<int>(to_int(kv, "page-tokens", 64, 16, 1 << 16));
     opt.frame_timeout_s = to_seconds(kv, "frame-timeout", 60);
     opt.hello_timeout_s = to_seconds(kv, "hello-timeout", 10);

@@ -29,16 +29,31 @@ class FrameService {
  public:
   virtual ~FrameService() = default;
   virtual const Limits& limits() const = 0;
+  // A header that passed decode_header, before its payload is read: throws Error for a frame this
+  // session may not send (before hello, only a hello-sized frame).
+  virtual void check_header(const Session& s, const FrameHeader& h) = 0;
+  // Receive buffers count against the memory limit (ReceiveBuffer, receive_buffer.hpp): reserve
+  // throws Error(out_of_capacity) when `bytes` more do not fit.
+  virtual void reserve_receive_buffer(std::size_t bytes) = 0;
+  virtual void release_receive_buffer(std::size_t bytes) noexcept = 0;
   // A complete request frame whose header passed decode_header. The service may take the payload
   // (move from it) when it answers later; otherwise the transport reuses the buffer for the next
   // frame, so bulk appends do not allocate (and page-fault) a fresh buffer per frame.
   virtual void on_frame(Session& s, const FrameHeader& h, std::vector<std::byte>& payload, Respond respond) = 0;
   // The error frame to send before closing a connection whose header was refused.
   virtual std::vector<std::byte> on_bad_header(Session& s, const Error& e) = 0;
+  // The error reply to a frame whose payload had no room and was read and thrown away; the
+  // connection stays open.
+  virtual std::vector<std::byte> on_discarded_frame(Session& s, const FrameHeader& h, const Error& e) = 0;
   virtual void on_bytes(std::size_t in, std::size_t out) = 0;
-  virtual void on_connection(bool opened) = 0;
+  virtual void on_connection_opened() = 0;
+  virtual void on_connection_closed(const Session& s) = 0;
   virtual bool draining() const = 0;
   virtual double hello_timeout_s() const = 0;  // a connection must authenticate within this
+  virtual double frame_timeout_s() const = 0;  // a started frame (header and payload) must arrive within this
+  // Connections that have not authenticated yet, at most: past it, the oldest of them is closed,
+  // so that strangers can neither take the slots of token holders nor keep them from saying hello.
+  virtual int max_unauthenticated() const = 0;
 };
 
 // Client side: an ordered byte stream; every handler runs on the client's I/O thread.

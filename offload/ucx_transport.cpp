@@ -22,6 +22,7 @@
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
+#include "offload/receive_buffer.hpp"
 #include "offload/server.hpp"
 #include "offload/transport.hpp"
 
@@ -159,7 +160,7 @@ std::string addr_text(const sockaddr_storage& ss) {
 // ------------------------------------------------------------------ server
 class UcxServer final : public UcxServerTransport, public WorkerThread {
  public:
-  UcxServer(const std::string& host, int port, FrameService& svc) : svc_(svc), policy_(dynamic_cast<ConnectionPolicy*>(&svc)) {
+  UcxServer(const std::string& host, int port, FrameService& svc) : svc_(svc) {
     socklen_t len = 0;
     auto ss = resolve(host, port, len);
     ucp_listener_params_t lp{};
@@ -190,17 +191,24 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
 
  private:
   struct Conn {
+    explicit Conn(FrameService& svc) : payload(svc) {}
     std::uint64_t id = 0;
     ucp_ep_h ep = nullptr;
     Session session;
     std::array<std::byte, kHeaderBytes> hbuf{};
     FrameHeader h;
-    std::vector<std::byte> payload;
+    ReceiveBuffer payload;
     std::size_t header_got = 0;  // bytes of the header received so far
     bool in_header = true;
+    // A payload the memory limit had no room for: this many bytes are still to be read and thrown
+    // away in pieces, then the request is refused with discard_why.
+    bool discarding = false;
+    std::size_t discard_left = 0;
+    std::vector<std::byte> discard;
+    ErrorCode discard_code = ErrorCode::out_of_capacity;
+    std::string discard_why;
     bool closed = false;
-    bool counted = false;  // admitted: on_connection(true) was called
-    bool refused = false;  // over --max-connections: its first request gets the refusal, then it closes
+    bool counted = false;  // on_connection_opened was called
     bool lingering = false;  // refused before hello: replied, waits for the peer's close (see send)
     int outstanding = 0;
     std::chrono::steady_clock::time_point opened = std::chrono::steady_clock::now();
@@ -247,20 +255,12 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       ucp_listener_reject(listener_, req);
       return;
     }
-    auto c = std::make_unique<Conn>();
+    auto c = std::make_unique<Conn>(svc_);
     c->id = next_id_++;
     ucp_conn_request_attr_t ra{};
     ra.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
     c->session.peer = ucp_conn_request_query(req, &ra) == UCS_OK ? "ucx:" + addr_text(ra.client_address) : "ucx:?";
-    // Over the connection limit: answer the first request with the refusal (a client then reports
-    // it rather than retrying), unless too many refused ones are open already.
-    if (policy_ && !policy_->admit_connection(c->session.peer)) {
-      if (refused_open_ >= kMaxRefusedOpen) {
-        ucp_listener_reject(listener_, req);
-        return;
-      }
-      c->refused = true;
-    }
+    make_room_before_hello();
     keys_[c->id] = {this, c->id};
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -274,15 +274,29 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       keys_.erase(c->id);
       return;
     }
-    if (c->refused) {
-      refused_open_++;
-    } else {
-      c->counted = true;
-      svc_.on_connection(true);
-    }
+    c->counted = true;
+    svc_.on_connection_opened();
     Conn& ref = *c;
     conns_[c->id] = std::move(c);
     read_header(ref);
+  }
+
+  // Closes the oldest connections still before hello until one more fits under the service's
+  // limit, so strangers can neither take the slots of token holders nor keep them from saying hello.
+  void make_room_before_hello() {
+    std::size_t waiting = 0;
+    for (auto& [id, c] : conns_) waiting += !c->closed && !c->session.authed ? 1 : 0;
+    const auto limit = static_cast<std::size_t>(std::max(1, svc_.max_unauthenticated()));
+    for (auto it = conns_.begin(); waiting >= limit && it != conns_.end(); ++it) {
+      Conn& oldest = *it->second;  // ids grow with accept order
+      if (oldest.closed || oldest.session.authed) continue;
+      logger(Subsystem::offload)
+          .info("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
+                oldest.session.peer, limit);
+      close(oldest, true);
+      waiting--;
+    }
+    // Closed connections are reaped by their requests' callbacks (reap needs no iterator here).
   }
 
   // wait_all = false completes on the first bytes, which tells a started frame from an idle link.
@@ -312,7 +326,7 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(frame_timeout_s()));
   }
 
-  double frame_timeout_s() const { return policy_ ? policy_->frame_timeout_s() : 60.0; }
+  double frame_timeout_s() const { return svc_.frame_timeout_s(); }
 
   void read_header(Conn& c) {
     if (c.closed) return;
@@ -332,6 +346,12 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       reap(c.id);
       return;
     }
+    if (c.discarding) {
+      svc_.on_bytes(length, 0);
+      c.discard_left -= std::min(length, c.discard_left);
+      discard_payload(c);
+      return;
+    }
     if (c.in_header) {
       svc_.on_bytes(length, 0);
       c.header_got += length;
@@ -342,30 +362,52 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       }
       try {
         c.h = decode_header(c.hbuf, svc_.limits());
+        svc_.check_header(c.session, c.h);
       } catch (const Error& e) {
         send(c.id, svc_.on_bad_header(c.session, e), true);
         return;
       }
-      c.payload.resize(c.h.payload_bytes);
+      try {
+        c.payload.size_for(c.h.payload_bytes);
+      } catch (const Error& e) {
+        c.in_header = false;
+        c.discarding = true;
+        c.discard_left = c.h.payload_bytes;
+        c.discard_code = e.code();
+        c.discard_why = e.what();
+        start_frame_clock(c);
+        discard_payload(c);
+        return;
+      }
       if (c.h.payload_bytes > 0) {
         c.in_header = false;
         start_frame_clock(c);
-        post_recv(c, c.payload.data(), c.payload.size(), true);
+        post_recv(c, c.payload.bytes().data(), c.payload.bytes().size(), true);
         return;
       }
     } else {
-      svc_.on_bytes(c.payload.size(), 0);
+      svc_.on_bytes(c.payload.bytes().size(), 0);
     }
     c.frame_deadline = std::chrono::steady_clock::time_point::max();
     const std::uint64_t id = c.id;
-    if (c.refused) {
-      send(id, policy_->refuse_connection(c.session, c.h.request_id), true);
-      return;
-    }
-    svc_.on_frame(c.session, c.h, c.payload, [this, id](std::vector<std::byte> f, bool close_after) {
+    svc_.on_frame(c.session, c.h, c.payload.bytes(), [this, id](std::vector<std::byte> f, bool close_after) {
       auto shared = std::make_shared<std::vector<std::byte>>(std::move(f));
       run([this, id, shared, close_after] { send(id, std::move(*shared), close_after); });
     });
+  }
+
+  // Reads the rest of a payload that had no room in small pieces, then refuses the request; the
+  // connection stays in step and usable.
+  void discard_payload(Conn& c) {
+    if (c.discard_left == 0) {
+      c.discarding = false;
+      std::vector<std::byte>().swap(c.discard);
+      c.frame_deadline = std::chrono::steady_clock::time_point::max();
+      send(c.id, svc_.on_discarded_frame(c.session, c.h, Error(c.discard_code, c.discard_why)), false);
+      return;
+    }
+    c.discard.resize(std::min(c.discard_left, kDiscardPieceBytes));
+    post_recv(c, c.discard.data(), c.discard.size(), false);
   }
 
   // Sends one reply, then reads the next request (one frame at a time, like the TCP path).
@@ -402,7 +444,9 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
       sc.release();  // freed by on_send
       if (close_after) return;
     }
-    if (!c->lingering) read_header(*c);
+    if (c->lingering) return;
+    c->payload.settle(false);
+    read_header(*c);
   }
 
   void lost(std::uint64_t id, ucs_status_t st) {
@@ -416,8 +460,8 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
   void close(Conn& c, bool force) {
     if (c.closed) return;
     c.closed = true;
-    if (c.counted) svc_.on_connection(false);
-    if (c.refused) refused_open_--;
+    c.payload.release();
+    if (c.counted) svc_.on_connection_closed(c.session);
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
@@ -480,8 +524,6 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
   }
 
   FrameService& svc_;
-  ConnectionPolicy* policy_;  // null for a service without one: no connection limit, 60 s frames
-  int refused_open_ = 0;
   ucp_listener_h listener_ = nullptr;
   int port_ = 0;
   std::atomic<bool> stopping_{false};

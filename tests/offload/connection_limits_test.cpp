@@ -1,7 +1,9 @@
 // Per-connection limits on both transports: a peer that starts a frame (a piece of a header, or a
-// header and part of its payload) and stalls is closed after the frame timeout, while an idle
-// authenticated client is not; connections past --max-connections get a clear out_of_capacity
-// reply (no retry storm) and everyone within the limit keeps being served.
+// header and part of its payload) and stalls is closed after the frame timeout counted from the
+// frame's first byte, while an idle authenticated client is not; connections past
+// --max-connections get a clear out_of_capacity reply (no retry storm) and everyone within the
+// limit keeps being served; strangers that never say hello take none of those slots, and past
+// --max-unauthenticated the oldest of them is closed.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -26,8 +28,10 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
 
-std::unique_ptr<Server> start(const std::string& transport, int max_connections, double frame_timeout_s, double hello_timeout_s = 10) {
+std::unique_ptr<Server> start(const std::string& transport, int max_connections, double frame_timeout_s, double hello_timeout_s = 10,
+                              int max_unauthenticated = 64) {
   ServerOptions o;
+  o.max_unauthenticated = max_unauthenticated;
   o.hello_timeout_s = hello_timeout_s;
   o.listen = "127.0.0.1:0";
   o.token = test::kToken;
@@ -276,8 +280,99 @@ TEST_P(ConnectionLimits, ConnectionsPastTheLimitGetAClearErrorOthersServed) {
       << "refusals are counted as out_of_capacity errors";
 }
 
+TEST_P(ConnectionLimits, FrameTimeoutCountsFromTheFramesFirstByte) {
+  const std::string tr = GetParam();
+  constexpr auto kFrameTimeout = 1000ms;
+  auto s = start(tr, 64, std::chrono::duration<double>(kFrameTimeout).count());
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+
+  RawPeer peer(tr, s->port());
+  peer.hello();
+  std::vector<float> k(16 * 8);
+  for (auto& x : k) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+  Append ap;
+  ap.seq = rng();
+  ap.tokens = 8;
+  ap.kv_heads = 1;
+  ap.head_dim = 16;
+  ap.dtype = DType::f32;
+  ap.k = std::as_bytes(std::span(k));
+  ap.v = ap.k;
+  const auto append = frame(MsgType::append, 0, rng(), encode(ap));
+  // Part of the header, the rest of it late in the frame timeout, then a part of the payload and
+  // silence: the frame's time is up a frame timeout after its first byte, not after its header.
+  const auto cut = static_cast<std::ptrdiff_t>(std::uniform_int_distribution<std::size_t>(1, kHeaderBytes - 1)(rng));
+  const auto t0 = std::chrono::steady_clock::now();
+  peer.send({append.begin(), append.begin() + cut});
+  std::this_thread::sleep_for(kFrameTimeout * 7 / 10);
+  peer.send({append.begin() + cut, append.begin() + static_cast<std::ptrdiff_t>(kHeaderBytes) + 16});
+  EXPECT_TRUE(peer.closed_within(3000ms)) << tr << ": a stalled frame was not closed";
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_LT(took, kFrameTimeout * 14 / 10) << tr << ": the frame got "
+                                           << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                                           << " ms, more than its frame timeout";
+  EXPECT_GE(took, kFrameTimeout * 9 / 10) << tr << ": closed before its frame timeout";
+}
+
+TEST_P(ConnectionLimits, StrangersTakeNoSlotsOfTokenHoldersAndTheOldestMakeRoom) {
+  const std::string tr = GetParam();
+  constexpr int kMaxConnections = 4, kMaxUnauthenticated = 3;
+  auto s = start(tr, kMaxConnections, 60, 30, kMaxUnauthenticated);
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+
+  Client first(options(*s, tr));
+  served(first, rng() % (std::uint64_t{1} << 40), rng);
+  // More strangers than --max-connections: they connect and say nothing.
+  const int strangers_count = kMaxConnections + 4 + static_cast<int>(rng() % 4);
+  std::vector<std::unique_ptr<RawPeer>> strangers;
+  for (int i = 0; i < strangers_count; ++i) {
+    strangers.push_back(std::make_unique<RawPeer>(tr, s->port()));
+    std::this_thread::sleep_for(20ms);  // so that the server sees them in this order
+  }
+  // Token holders are served all the same, up to --max-connections of them.
+  std::vector<std::unique_ptr<Client>> holders;
+  for (int i = 1; i < kMaxConnections; ++i) {
+    holders.push_back(std::make_unique<Client>(options(*s, tr)));
+    try {
+      served(*holders.back(), rng() % (std::uint64_t{1} << 40), rng);
+    } catch (const Error& e) {
+      ADD_FAILURE() << tr << ": token holder " << i << " was refused while strangers held connections: " << e.what();
+    }
+  }
+  served(first, rng() % (std::uint64_t{1} << 40), rng);
+  // The oldest strangers were closed to make room; the newest still wait for their hello timeout.
+  for (int i = 0; i < strangers_count - kMaxUnauthenticated - kMaxConnections; ++i)
+    EXPECT_TRUE(strangers[static_cast<std::size_t>(i)]->closed_within(3000ms)) << tr << ": stranger " << i << " was kept";
+  EXPECT_FALSE(strangers.back()->closed_within(300ms)) << tr << ": the newest stranger was closed before its hello timeout";
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, ConnectionLimits, ::testing::ValuesIn(transports()),
                          [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+}  // namespace
+}  // namespace longattn::offload
+
+namespace longattn::offload {
+namespace {
+
+// A client on the wrong transport hears nothing back; its error says which transport it tried.
+TEST(OffloadTransportMismatch, TcpClientAgainstAUcxServerIsToldAboutTheTransport) {
+  if (!ucx_available()) GTEST_SKIP() << "built without UCX";
+  auto s = start("ucx", 8, 60);
+  std::mt19937_64 rng(::longattn::test::fresh_seed());
+  Client c(options(*s, "tcp", 1000ms));
+  try {
+    c.open({rng() % 1000, 1, 1, 32, DType::f32}).get();
+    FAIL() << "a TCP client was served by a UCX server";
+  } catch (const Error& e) {
+    EXPECT_TRUE(e.code() == ErrorCode::timeout || e.code() == ErrorCode::communication) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--transport tcp"), std::string::npos) << e.what();
+  }
+}
 
 }  // namespace
 }  // namespace longattn::offload
