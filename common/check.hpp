@@ -1,7 +1,7 @@
 // Every check macro of longattn: LONGATTN_REQUIRE / LONGATTN_INVALID for our own conditions, and
-// LONGATTN_CUDA_CHECK, LONGATTN_NCCL_CHECK, LONGATTN_MPI_CHECK for the status codes of the
-// libraries we call. Each throws longattn::Error with a message that names what failed; the library
-// checks add the call, the library's own explanation and file:line.
+// LONGATTN_CUDA_CHECK, LONGATTN_CUDNN_CHECK, LONGATTN_NCCL_CHECK, LONGATTN_MPI_CHECK for the status
+// codes of the libraries we call. Each throws longattn::Error with a message that names what
+// failed; the library checks add the call, the library's own explanation and file:line.
 //
 // The library macros name their library's symbols only where they are expanded, so this header
 // includes none of those libraries and comm/ and kernels/ share it. nvcc-compiled files see only
@@ -44,6 +44,15 @@ namespace longattn {
 // After a kernel launch: catches bad launch configurations at once (asynchronous faults surface
 // at the next synchronizing call).
 #define LONGATTN_CUDA_CHECK_LAUNCH() LONGATTN_CUDA_CHECK(cudaGetLastError())
+
+// A cuDNN status that is not success: a bug or a broken library setup, never the caller's input.
+#define LONGATTN_CUDNN_CHECK(call)                                                                    \
+  do {                                                                                                \
+    const cudnnStatus_t longattn_cudnn_status_ = (call);                                              \
+    if (longattn_cudnn_status_ != CUDNN_STATUS_SUCCESS)                                               \
+      ::longattn::throw_call_failed(::longattn::ErrorCode::internal, #call,                           \
+                                    cudnnGetErrorString(longattn_cudnn_status_), __FILE__, __LINE__); \
+  } while (0)
 
 // ncclInProgress is not a failure: a non-blocking communicator returns it while the operation
 // goes on, and the caller polls for its end.

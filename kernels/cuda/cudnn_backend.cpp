@@ -39,11 +39,6 @@ enum Uid : std::int64_t {
   kSeqQ, kSeqK, kOffQ, kOffK, kOffV, kOffO, kOffDO, kOffDQ, kOffDK, kOffDV,
 };
 
-void check_cudnn(cudnnStatus_t st, const char* what) {
-  if (st != CUDNN_STATUS_SUCCESS)
-    throw Error(ErrorCode::internal, fmt::format("{} failed: {}", what, cudnnGetErrorString(st)));
-}
-
 // One graph per distinct problem: the sizes cuDNN compiles for (max lengths of ragged batches are
 // rounded up to a bucket, so varlen batches reuse graphs), direction, mask and scale.
 struct GraphKey {
@@ -185,7 +180,7 @@ class CudnnBackend final : public AttentionBackend {
  public:
   CudnnBackend() : helpers_(make_cuda_backend()) {
     LONGATTN_CUDA_CHECK(cudaGetDevice(&device_));
-    check_cudnn(cudnnCreate(&handle_), "cudnnCreate");
+    LONGATTN_CUDNN_CHECK(cudnnCreate(&handle_));
     deterministic_ = env_int("LONGATTN_DETERMINISTIC") != 0;
   }
   ~CudnnBackend() override {
@@ -392,7 +387,7 @@ class CudnnBackend final : public AttentionBackend {
   }
 
   void execute(const Graph& graph, std::unordered_map<std::int64_t, void*>& pack, cudaStream_t st) {
-    check_cudnn(cudnnSetStream(handle_, st), "cudnnSetStream");
+    LONGATTN_CUDNN_CHECK(cudnnSetStream(handle_, st));
     if (static_cast<std::size_t>(graph.workspace_bytes) > workspace_bytes_) {
       // Grow-only workspace; the old one may still be read by work queued on another stream.
       LONGATTN_CUDA_CHECK(cudaDeviceSynchronize());

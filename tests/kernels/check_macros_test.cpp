@@ -24,6 +24,12 @@ cudaError_t cudaGetLastError_value;
 cudaError_t cudaGetLastError() { return cudaGetLastError_value; }
 }  // namespace fake_cuda
 
+namespace fake_cudnn {
+enum cudnnStatus_t : int { CUDNN_STATUS_SUCCESS = 0 };
+std::string last_text;
+const char* cudnnGetErrorString(cudnnStatus_t st) { return (last_text = status_text(st)).c_str(); }
+}  // namespace fake_cudnn
+
 namespace fake_nccl {
 enum ncclResult_t : int { ncclSuccess = 0, ncclInProgress = 7 };
 std::string last_text;
@@ -72,6 +78,16 @@ TEST(CheckMacros, CudaFailureNamesTheCallTheStatusAndThePlace) {
   EXPECT_EQ(thrown_by([] { LONGATTN_CUDA_CHECK_LAUNCH(); }).code(), ErrorCode::internal);
   cudaGetLastError_value = cudaSuccess;
   LONGATTN_CUDA_CHECK_LAUNCH();
+}
+
+TEST(CheckMacros, CudnnFailureIsInternal) {
+  using namespace fake_cudnn;
+  std::mt19937_64 rng(test::fresh_seed());
+  const auto status = static_cast<cudnnStatus_t>(random_failure(rng));
+  LONGATTN_CUDNN_CHECK(CUDNN_STATUS_SUCCESS);
+  const Error e = thrown_by([&] { LONGATTN_CUDNN_CHECK(status); });
+  EXPECT_EQ(e.code(), ErrorCode::internal);
+  EXPECT_NE(std::string(e.what()).find("status failed: " + status_text(status)), std::string::npos) << e.what();
 }
 
 TEST(CheckMacros, NcclInProgressIsNotAFailure) {
