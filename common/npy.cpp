@@ -55,8 +55,8 @@ std::vector<std::int64_t> parse_shape(const std::string& path, const std::string
 
 }  // namespace
 
-NpyArray load_npy(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+NpyReader::NpyReader(const std::string& path) : path_(path), in_(path, std::ios::binary) {
+  auto& in = in_;
   if (!in) fail(path, "cannot open (does the file exist and is it readable?)");
   char magic[6];
   unsigned char ver[2];
@@ -86,29 +86,43 @@ NpyArray load_npy(const std::string& path) {
   if (m[1] == "True") fail(path, "Fortran-ordered arrays are not supported; save np.ascontiguousarray(a)");
   if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)"))) fail(path, "header has no 'shape'");
 
-  NpyArray arr;
-  arr.shape = parse_shape(path, m[1]);
+  shape_ = parse_shape(path, m[1]);
   std::int64_t count = 1;
-  for (const auto d : arr.shape) {
+  for (const auto d : shape_) {
     if (d != 0 && count > kMaxElements / d)
-      fail(path, fmt::format("shape ({}) holds more than 2^40 values; split the array", fmt::join(arr.shape, ", ")));
+      fail(path, fmt::format("shape ({}) holds more than 2^40 values; split the array", fmt::join(shape_, ", ")));
     count *= d;
   }
-  // Compare with the bytes actually there before allocating: a wrong header must not cost memory.
+  size_ = count;
+  // Compare with the bytes actually there before anything is allocated or read: a wrong header
+  // must cost neither memory nor a half-done job.
   const auto data_begin = in.tellg();
   in.seekg(0, std::ios::end);
   const auto available = static_cast<std::int64_t>(in.tellg() - data_begin);
   in.seekg(data_begin);
   if (available < count * 4)
     fail(path, fmt::format("truncated data: expected {} float32 values ({} bytes) for shape ({}), the file holds {} bytes", count,
-                           count * 4, fmt::join(arr.shape, ", "), available));
+                           count * 4, fmt::join(shape_, ", "), available));
+}
+
+void NpyReader::read(float* out, std::int64_t count) {
+  if (count < 0 || count > size_ - position_)
+    fail(path_, fmt::format("reading {} values at value {} runs past its {} values", count, position_, size_));
+  if (!in_.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(count * 4)))
+    fail(path_, fmt::format("read failed at value {} of {}", position_, size_));
+  position_ += count;
+}
+
+NpyArray load_npy(const std::string& path) {
+  NpyReader reader(path);
+  NpyArray arr;
+  arr.shape = reader.shape();
   try {
-    arr.data.resize(static_cast<std::size_t>(count));
+    arr.data.resize(static_cast<std::size_t>(reader.size()));
   } catch (const std::bad_alloc&) {
-    fail(path, fmt::format("not enough memory for its {} float32 values", count));
+    fail(path, fmt::format("not enough memory for its {} float32 values", reader.size()));
   }
-  if (!in.read(reinterpret_cast<char*>(arr.data.data()), static_cast<std::streamsize>(count * 4)))
-    fail(path, fmt::format("truncated data: expected {} float32 values", count));
+  reader.read(arr.data.data(), reader.size());
   return arr;
 }
 

@@ -34,9 +34,10 @@ struct CheckOutcome {
   ResultComparison comparison;
 };
 
-// A whole input tensor [tokens, width]: the loaded file, or the generator's values.
+// A whole input tensor [tokens, width]: the loaded file read again (its values were checked when
+// the ranks read their rows), or the generator's values.
 inline std::vector<float> full_rows(const Input* loaded, std::uint64_t seed, int tensor, std::int64_t tokens, std::int64_t width) {
-  if (loaded) return loaded->full;
+  if (loaded) return load_npy(loaded->path).data;
   std::vector<float> out(static_cast<std::size_t>(tokens * width));
   for (std::size_t i = 0; i < out.size(); ++i) out[i] = examples::random_value(seed, tensor, static_cast<std::int64_t>(i));
   return out;

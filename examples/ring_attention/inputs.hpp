@@ -1,10 +1,12 @@
-// ring_attention's inputs from --load: the .npy files read, checked against each other and the
-// flags, and refused when a value is NaN or infinite (or becomes infinite in the chosen dtype).
+// ring_attention's inputs from --load: the .npy files opened and checked against each other and
+// the flags, then each rank's rows read, every value refused when it is NaN or infinite (or
+// becomes infinite in the chosen dtype).
 // Non-finite inputs are refused rather than propagated: the kernels' treatment of NaN and
 // infinities is not exact on every backend, and a wrong answer must never look like a right one.
 // Generated inputs lie in [-1, 1), so they are always finite.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -16,16 +18,19 @@
 
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
+#include "longattn/layout.hpp"
 #include "longattn/npy.hpp"
 #include "options.hpp"
 
 namespace longattn::ring_job {
 
-// One input tensor [T, heads, dim] as f32, read whole from a file.
+// One input file [T, heads, dim]: opened and checked first (header, shape), then read once,
+// streaming, keeping only this rank's rows, so no rank holds a whole input.
 struct Input {
   std::string path;
+  std::optional<NpyReader> file;  // open until the rows are read
   std::vector<std::int64_t> shape;
-  std::vector<float> full;
+  std::vector<float> rows;  // this rank's rows in local order, [n, heads * dim]
 };
 
 struct Inputs {
@@ -42,37 +47,55 @@ inline float stored_as(float x, DType dtype) {
   return x;
 }
 
-// The first element that is not finite, or not finite once stored as `dtype`, refused with the
-// file, the tensor's index and the value.
-inline void require_finite(const Input& in, DType dtype) {
+// Refuses a value that is not finite, or not finite once stored as `dtype`, naming the file and
+// its place in the tensor.
+inline void require_finite(const Input& in, std::int64_t flat, float x, DType dtype) {
+  const float stored = stored_as(x, dtype);
+  if (std::isfinite(x) && std::isfinite(stored)) return;
   const auto& s = in.shape;
-  for (std::size_t i = 0; i < in.full.size(); ++i) {
-    const float x = in.full[i];
-    const float stored = stored_as(x, dtype);
-    if (std::isfinite(x) && std::isfinite(stored)) continue;
-    const auto flat = static_cast<std::int64_t>(i);
-    const auto token = flat / (s[1] * s[2]), head = flat / s[2] % s[1], dim = flat % s[2];
-    const std::string what = std::isfinite(x) ? fmt::format("{} does not fit in {} (it would become {})", x, to_string(dtype), stored)
-                                              : fmt::format("is {}", x);
-    throw Error(ErrorCode::invalid_argument,
-                fmt::format("{}: element [token {}, head {}, dim {}] {}; inputs must be finite: clean or rescale the tensor "
-                            "before saving it",
-                            in.path, token, head, dim, what));
-  }
+  const auto token = flat / (s[1] * s[2]), head = flat / s[2] % s[1], dim = flat % s[2];
+  const std::string what = std::isfinite(x) ? fmt::format("{} does not fit in {} (it would become {})", x, to_string(dtype), stored)
+                                            : fmt::format("is {}", x);
+  throw Error(ErrorCode::invalid_argument,
+              fmt::format("{}: element [token {}, head {}, dim {}] {}; inputs must be finite: clean or rescale the tensor before "
+                          "saving it",
+                          in.path, token, head, dim, what));
 }
 
-inline Input load_input(const std::string& dir, const char* name, DType dtype) {
-  const std::string path = dir + "/" + name;
-  auto a = load_npy(path);
-  if (a.shape.size() != 3)
-    throw Error(ErrorCode::io, fmt::format("{}: expected 3 dimensions [tokens, heads, dim], got shape ({})", path, fmt::join(a.shape, ", ")));
-  if (a.shape[0] < 1 || a.shape[1] < 1 || a.shape[2] < 1)
+inline Input open_input(const std::string& dir, const char* name) {
+  Input in;
+  in.path = dir + "/" + name;
+  in.file.emplace(in.path);
+  in.shape = in.file->shape();
+  if (in.shape.size() != 3)
+    throw Error(ErrorCode::io,
+                fmt::format("{}: expected 3 dimensions [tokens, heads, dim], got shape ({})", in.path, fmt::join(in.shape, ", ")));
+  if (in.shape[0] < 1 || in.shape[1] < 1 || in.shape[2] < 1)
     throw Error(ErrorCode::invalid_argument,
-                fmt::format("{}: shape ({}) is empty; ring attention needs at least one token, head and dimension", path,
-                            fmt::join(a.shape, ", ")));
-  Input in{path, a.shape, std::move(a.data)};
-  require_finite(in, dtype);
+                fmt::format("{}: shape ({}) is empty; ring attention needs at least one token, head and dimension", in.path,
+                            fmt::join(in.shape, ", ")));
   return in;
+}
+
+// Reads the whole file once, in pieces: every value is checked (so the first bad one is named
+// whichever rank holds it) and the rows of `shard` are kept.
+inline void read_shard_rows(Input& in, const RankShard& shard, DType dtype) {
+  const std::int64_t tokens = in.shape[0], width = in.shape[1] * in.shape[2];
+  const auto& wanted = shard.global_index;  // increasing in every layout
+  if (!std::is_sorted(wanted.begin(), wanted.end()))
+    throw Error(ErrorCode::internal, "the shard's tokens are not in increasing order");
+  in.rows.resize(wanted.size() * static_cast<std::size_t>(width));
+  const std::int64_t chunk_rows = std::max<std::int64_t>(1, (std::int64_t{8} << 20) / width);
+  std::vector<float> chunk(static_cast<std::size_t>(std::min(chunk_rows, tokens) * width));
+  std::size_t next = 0;  // next wanted row
+  for (std::int64_t first = 0; first < tokens; first += chunk_rows) {
+    const std::int64_t count = std::min(chunk_rows, tokens - first);
+    in.file->read(chunk.data(), count * width);
+    for (std::int64_t i = 0; i < count * width; ++i) require_finite(in, first * width + i, chunk[static_cast<std::size_t>(i)], dtype);
+    for (; next < wanted.size() && wanted[next] < first + count; ++next)
+      std::copy_n(chunk.begin() + (wanted[next] - first) * width, width, in.rows.begin() + static_cast<std::ptrdiff_t>(next) * width);
+  }
+  in.file.reset();
 }
 
 // A shape flag given together with --load must say what the files say.
@@ -84,14 +107,15 @@ inline void require_flag_matches(bool given, const char* flag, std::int64_t flag
                             flag, flag_value, file.path, file_value, what, flag));
 }
 
-// Reads the files of --load, checks them against each other and the flags, and sets the shape.
-inline Inputs load_inputs(Options& opt) {
+// Opens the files of --load, checks their shapes against each other and the flags, and sets the
+// shape; nothing the size of the data is read yet.
+inline Inputs open_inputs(Options& opt) {
   Inputs in;
   if (opt.load.empty()) return in;
-  in.q = load_input(opt.load, "q.npy", opt.dtype);
-  in.k = load_input(opt.load, "k.npy", opt.dtype);
-  in.v = load_input(opt.load, "v.npy", opt.dtype);
-  if (opt.backward) in.d_o = load_input(opt.load, "do.npy", opt.dtype);
+  in.q = open_input(opt.load, "q.npy");
+  in.k = open_input(opt.load, "k.npy");
+  in.v = open_input(opt.load, "v.npy");
+  if (opt.backward) in.d_o = open_input(opt.load, "do.npy");
   const auto& qs = in.q->shape;
   if (in.k->shape != in.v->shape)
     throw Error(ErrorCode::invalid_argument,
@@ -115,6 +139,12 @@ inline Inputs load_inputs(Options& opt) {
   opt.kv_heads = static_cast<int>(in.k->shape[1]);
   opt.head_dim = static_cast<int>(qs[2]);
   return in;
+}
+
+// This rank's rows of every opened file (after the memory estimate said they fit).
+inline void read_inputs(Inputs& in, const RankShard& shard, DType dtype) {
+  for (auto* file : {&in.q, &in.k, &in.v, &in.d_o})
+    if (*file) read_shard_rows(**file, shard, dtype);
 }
 
 }  // namespace longattn::ring_job

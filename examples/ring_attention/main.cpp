@@ -127,6 +127,7 @@ struct Job {
   Options opt;
   Inputs in;
   std::optional<ShardPlan> plan;
+  RankShard shard;  // this rank's tokens
   std::unique_ptr<Communicator> nccl;
   std::unique_ptr<AttentionBackend> backend;
   std::unique_ptr<RingAttention> ring;
@@ -157,7 +158,7 @@ int run(int argc, char** argv) {
   // sequence built before the estimate says it fits.
   if (!setup_stage(*world, [&] {
         opt = parse_options(*flags);
-        job.in = load_inputs(opt);
+        job.in = open_inputs(opt);
         check_shape(opt);
         require_memory(opt, nranks, topo.local_size, rank == 0);
         // --dump's folder is made now, so that an unwritable path fails before the work, not after.
@@ -167,6 +168,8 @@ int run(int argc, char** argv) {
           throw Error(ErrorCode::io, fmt::format("--dump {}: cannot create the folder ({})", opt.dump,
                                                  dump_error ? dump_error.message() : "a file of that name exists"));
         job.plan.emplace(ShardPlan::single_sequence(opt.seq_len, opt.layout, nranks));
+        job.shard = job.plan->shard(rank);
+        read_inputs(job.in, job.shard, opt.dtype);
       }))
     return 2;
   omp_set_num_threads(cpu_threads_per_process(topo.local_size));
@@ -191,7 +194,7 @@ int run(int argc, char** argv) {
         Communicator& ring_comm = job.nccl ? *job.nccl : *world;
         job.ring = std::make_unique<RingAttention>(ring_comm, *job.plan, ropt, std::move(job.backend));
         AttentionBackend& be = job.ring->backend();
-        const auto shard = job.plan->shard(rank);
+        const RankShard& shard = job.shard;
         const std::int64_t n = shard.tokens(), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
         auto make = [&](std::optional<DeviceTensor>& t, DType type, std::int64_t a, std::int64_t b, std::int64_t c) {
           t.emplace(be, type, std::initializer_list<std::int64_t>{a, b, c});
@@ -201,15 +204,21 @@ int run(int argc, char** argv) {
         make(job.v, opt.dtype, n, K, D);
         make(job.o, opt.dtype, n, H, D);
         job.lse.emplace(be, DType::f32, std::initializer_list<std::int64_t>{H, n});
-        job.q->fill_shard(be, shard, opt.seed, 0, job.in.q ? &job.in.q->full : nullptr);
-        job.k->fill_shard(be, shard, opt.seed, 1, job.in.k ? &job.in.k->full : nullptr);
-        job.v->fill_shard(be, shard, opt.seed, 2, job.in.v ? &job.in.v->full : nullptr);
+        // This rank's rows: from the file, or generated from the seed.
+        auto fill = [&](DeviceTensor& t, int tensor, const std::optional<Input>& file) {
+          if (!file) return t.fill_shard(be, shard, opt.seed, tensor, nullptr);
+          const std::int64_t width = t.width();
+          t.fill_rows(be, [&](std::int64_t r, std::int64_t c) { return file->rows[static_cast<std::size_t>(r * width + c)]; });
+        };
+        fill(*job.q, 0, job.in.q);
+        fill(*job.k, 1, job.in.k);
+        fill(*job.v, 2, job.in.v);
         if (opt.backward) {
           make(job.d_o, opt.dtype, n, H, D);
           make(job.dq, opt.dtype, n, H, D);
           make(job.dk, opt.dtype, n, K, D);
           make(job.dv, opt.dtype, n, K, D);
-          job.d_o->fill_shard(be, shard, opt.seed, 3, job.in.d_o ? &job.in.d_o->full : nullptr);
+          fill(*job.d_o, 3, job.in.d_o);
         }
       }))
     return 2;

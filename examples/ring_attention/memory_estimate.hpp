@@ -19,7 +19,7 @@ namespace longattn::ring_job {
 struct MemoryNeed {
   double tensors = 0;     // one rank's q, k, v, o, lse (and dO, dq, dk, dv) on its device
   double workspaces = 0;  // one rank's ring workspaces on its device
-  double host_rank = 0;   // host memory of every rank besides its device: loaded files, staging
+  double host_rank = 0;   // host memory of every rank besides its device: loaded rows, staging
   double host_rank0 = 0;  // rank 0's extra host memory for --check and --dump (whole tensors)
 };
 
@@ -36,10 +36,11 @@ inline MemoryNeed estimate_memory(const Options& o, int nranks) {
     if (plan.local_tokens(r) > plan.local_tokens(fullest)) fullest = r;
   m.workspaces = static_cast<double>(
       RingAttention::workspace_bytes(plan, fullest, o.heads, o.kv_heads, o.head_dim, o.dtype, o.backward));
-  // Every rank reads the whole files; staging of the random fill is 32 MiB at most; the shard's
-  // index lists cost 12 bytes a token.
+  // With --load a rank keeps its own rows of the files (read through a 32 MiB piece); filling the
+  // device stages 32 MiB at most; the shard's index lists cost 12 bytes a token.
   const double file_values = T * (2 * q_rows + 2 * kv_rows) + (o.backward ? T * q_rows : 0);
-  m.host_rank = (o.load.empty() ? 0 : 4 * file_values) + 32.0 * (1 << 20) + 12 * n;
+  const double own_values = n * (2 * q_rows + 2 * kv_rows) + (o.backward ? n * q_rows : 0);
+  m.host_rank = (o.load.empty() ? 0 : 4 * own_values + 32.0 * (1 << 20)) + 32.0 * (1 << 20) + 12 * n;
   // Rank 0 gathers o, lse (and dq, dk, dv) whole; --check also builds q, k, v (and dO) whole in the
   // dtype and as f32, and the oracle's own outputs.
   const double outputs = T * (q_rows + H) + (o.backward ? T * (q_rows + 2 * kv_rows) : 0);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,25 @@ namespace longattn {
 struct NpyArray {
   std::vector<std::int64_t> shape;
   std::vector<float> data;
+};
+
+// A .npy file read in order, a part at a time, so a program can keep only the rows it needs.
+// The constructor checks the header and that the file holds all the data it promises; every error
+// is an Error(io) naming the file.
+class NpyReader {
+ public:
+  explicit NpyReader(const std::string& path);
+  const std::vector<std::int64_t>& shape() const noexcept { return shape_; }
+  std::int64_t size() const noexcept { return size_; }  // values in the array
+  const std::string& path() const noexcept { return path_; }
+  // The next `count` values in file (C) order.
+  void read(float* out, std::int64_t count);
+
+ private:
+  std::string path_;
+  std::ifstream in_;
+  std::vector<std::int64_t> shape_;
+  std::int64_t size_ = 0, position_ = 0;
 };
 
 // Throws Error(io) naming the file and what is wrong with it (missing, not .npy, not float32,

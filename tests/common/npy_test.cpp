@@ -1,10 +1,13 @@
 // .npy files: round trip, and every malformed file refused with a message naming the problem.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <random>
 #include <string>
+
+#include <fmt/format.h>
 
 #include "longattn/error.hpp"
 #include "longattn/npy.hpp"
@@ -81,15 +84,15 @@ TEST(Npy, ShapeDimensionsAreParsedStrictly) {
   const struct {
     std::string shape, needle;
   } cases[] = {
-      {std::to_string(a) + ", -" + std::to_string(b), "negative dimension -" + std::to_string(b)},
-      {"-" + std::to_string(a) + ",", "negative dimension"},
-      {"18446744073709551615, " + std::to_string(b), "dimension 18446744073709551615"},
+      {fmt::format("{}, -{}", a, b), fmt::format("negative dimension -{}", b)},
+      {fmt::format("-{},", a), "negative dimension"},
+      {fmt::format("18446744073709551615, {}", b), "dimension 18446744073709551615"},
       {"99999999999999999999999999", "more than the 2^40"},
       {"1099511627777", "more than the 2^40"},
       {"1048576, 1048576, 4", "more than 2^40 values"},
-      {std::to_string(a) + "x, " + std::to_string(b), "where a non-negative integer belongs"},
-      {std::to_string(a) + ",, " + std::to_string(b), "empty dimension"},
-      {"+" + std::to_string(a), "where a non-negative integer belongs"},
+      {fmt::format("{}x, {}", a, b), "where a non-negative integer belongs"},
+      {fmt::format("{},, {}", a, b), "empty dimension"},
+      {fmt::format("+{}", a), "where a non-negative integer belongs"},
   };
   for (const auto& c : cases) {
     const auto path = temp_path("shape.npy");
@@ -108,13 +111,41 @@ TEST(Npy, AcceptedShapeSpellings) {
   const struct {
     std::string shape;
     std::vector<std::int64_t> want;
-  } cases[] = {{std::to_string(n * 3) + ",", {n * 3}}, {std::to_string(n) + ", 3", {n, 3}}, {" " + std::to_string(n) + " ,3 ", {n, 3}}};
+  } cases[] = {{fmt::format("{},", n * 3), {n * 3}}, {fmt::format("{}, 3", n), {n, 3}}, {fmt::format(" {} ,3 ", n), {n, 3}}};
   for (const auto& c : cases) {
     const auto path = temp_path("ok.npy");
     write_file(path, shape_header(c.shape) + data);
     const auto arr = load_npy(path);
     EXPECT_EQ(arr.shape, c.want) << c.shape;
     EXPECT_EQ(arr.data, values) << c.shape;
+  }
+}
+
+// Reading a file in pieces of any size gives the values load_npy gives; reading past the end is an
+// error naming the file.
+TEST(Npy, ReaderReadsInPieces) {
+  std::mt19937 rng(std::random_device{}());
+  const int rows = std::uniform_int_distribution<int>(3, 40)(rng), cols = std::uniform_int_distribution<int>(1, 9)(rng);
+  std::vector<float> data(static_cast<std::size_t>(rows * cols));
+  for (auto& x : data) x = std::uniform_real_distribution<float>(-4, 4)(rng);
+  const auto path = temp_path("pieces.npy");
+  save_npy(path, data.data(), {rows, cols});
+  NpyReader reader(path);
+  EXPECT_EQ(reader.shape(), (std::vector<std::int64_t>{rows, cols}));
+  ASSERT_EQ(reader.size(), rows * cols);
+  std::vector<float> got(data.size());
+  for (std::int64_t at = 0; at < reader.size();) {
+    const std::int64_t piece = std::min<std::int64_t>(reader.size() - at, std::uniform_int_distribution<int>(1, 2 * cols)(rng));
+    reader.read(got.data() + at, piece);
+    at += piece;
+  }
+  EXPECT_EQ(got, data);
+  float extra = 0;
+  try {
+    reader.read(&extra, 1);
+    FAIL() << "read past the end";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
   }
 }
 
