@@ -149,21 +149,6 @@ FrameHeader decode_header(std::span<const std::byte> bytes, const Limits& lim) {
   return h;
 }
 
-std::uint32_t wire_code(ErrorCode c) noexcept {
-  switch (c) {
-    case ErrorCode::invalid_argument: return 1;
-    case ErrorCode::unsupported: return 2;
-    case ErrorCode::io: return 3;
-    case ErrorCode::communication: return 4;
-    case ErrorCode::timeout: return 5;
-    case ErrorCode::out_of_capacity: return 6;
-    case ErrorCode::protocol: return 7;
-    case ErrorCode::unauthorized: return 8;
-    case ErrorCode::internal: return 9;
-  }
-  return 9;
-}
-
 ErrorCode from_wire_code(std::uint32_t code) noexcept {
   switch (code) {
     case 1: return ErrorCode::invalid_argument;

@@ -58,7 +58,21 @@ std::array<std::byte, kHeaderBytes> encode_header(const FrameHeader& h) noexcept
 FrameHeader decode_header(std::span<const std::byte> bytes, const Limits& lim);
 
 // Error codes on the wire: stable numbers, independent of the C++ enum's order.
-std::uint32_t wire_code(ErrorCode c) noexcept;
+constexpr std::uint32_t wire_code(ErrorCode c) noexcept {
+  switch (c) {
+    case ErrorCode::invalid_argument: return 1;
+    case ErrorCode::unsupported: return 2;
+    case ErrorCode::io: return 3;
+    case ErrorCode::communication: return 4;
+    case ErrorCode::timeout: return 5;
+    case ErrorCode::out_of_capacity: return 6;
+    case ErrorCode::protocol: return 7;
+    case ErrorCode::unauthorized: return 8;
+    case ErrorCode::internal: return 9;
+  }
+  return 9;
+}
+inline constexpr std::uint32_t kMaxWireCode = 9;  // wire codes are 1..9; 0 means none
 ErrorCode from_wire_code(std::uint32_t code) noexcept;
 
 // ---- messages (request and reply payloads) ----

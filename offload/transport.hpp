@@ -12,6 +12,10 @@
 
 #include "offload/protocol.hpp"
 
+namespace boost::asio {
+class io_context;
+}
+
 namespace longattn::offload {
 
 // What the server knows about one connection.
@@ -48,6 +52,8 @@ class FrameService {
   virtual void on_bytes(std::size_t in, std::size_t out) = 0;
   virtual void on_connection_opened() = 0;
   virtual void on_connection_closed(const Session& s) = 0;
+  virtual void on_timeout() = 0;        // a connection closed for a hello or frame timeout
+  virtual void on_accept_failed() = 0;  // e.g. out of file descriptors
   virtual bool draining() const = 0;
   virtual double hello_timeout_s() const = 0;  // a connection must authenticate within this
   virtual double frame_timeout_s() const = 0;  // a started frame (header and payload) must arrive within this
@@ -67,18 +73,25 @@ class ByteStream {
   virtual void close() = 0;  // pending handlers may still run (with an error)
 };
 
+// A server transport: listens, reads whole frames into a FrameService, writes its replies.
+class ServerTransport {
+ public:
+  virtual ~ServerTransport() = default;
+  virtual int port() const = 0;
+  // New connections are refused from now on; open ones are served on.
+  virtual void stop_accepting() = 0;
+  // Closes the listener and every connection (abrupt: reset, like a crashed process).
+  virtual void stop(bool abrupt) = 0;
+  virtual void join() = 0;  // after stop: waits for the transport's own threads
+};
+
+// TCP (Boost.Asio): connections run on `io`, whose threads the caller runs.
+std::unique_ptr<ServerTransport> make_tcp_server(boost::asio::io_context& io, const std::string& host, int port, FrameService& service);
+
 // UCX (stream API over whatever UCX picks: TCP, shared memory, RDMA). Available only where longattn
 // was built with UCX; elsewhere the factories throw Error(unsupported).
 bool ucx_available() noexcept;
-
-class UcxServerTransport {
- public:
-  virtual ~UcxServerTransport() = default;
-  virtual int port() const = 0;
-  virtual void stop(bool abrupt) = 0;  // closes the listener and every connection
-  virtual void join() = 0;
-};
-std::unique_ptr<UcxServerTransport> make_ucx_server(const std::string& host, int port, FrameService& service);
+std::unique_ptr<ServerTransport> make_ucx_server(const std::string& host, int port, FrameService& service);
 
 // One UCX worker thread per client; streams post their completions to `post` (the client's I/O thread).
 class UcxClientEngine {

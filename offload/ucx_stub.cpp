@@ -5,7 +5,7 @@ namespace longattn::offload {
 
 bool ucx_available() noexcept { return false; }
 
-std::unique_ptr<UcxServerTransport> make_ucx_server(const std::string&, int, FrameService&) {
+std::unique_ptr<ServerTransport> make_ucx_server(const std::string&, int, FrameService&) {
   throw Error(ErrorCode::unsupported, "transport 'ucx' is not available in this build (built without UCX headers); use tcp");
 }
 

@@ -158,7 +158,7 @@ std::string addr_text(const sockaddr_storage& ss) {
 }
 
 // ------------------------------------------------------------------ server
-class UcxServer final : public UcxServerTransport, public WorkerThread {
+class UcxServer final : public ServerTransport, public WorkerThread {
  public:
   UcxServer(const std::string& host, int port, FrameService& svc) : svc_(svc) {
     socklen_t len = 0;
@@ -182,6 +182,7 @@ class UcxServer final : public UcxServerTransport, public WorkerThread {
     join();
   }
   int port() const override { return port_; }
+  void stop_accepting() override {}  // accept() refuses connections once the service drains
   void stop(bool abrupt) override {
     if (stopping_.exchange(true)) return;
     abrupt_ = abrupt;
@@ -703,7 +704,7 @@ std::unique_ptr<ByteStream> UcxClient::stream() { return std::make_unique<UcxStr
 
 }  // namespace
 
-std::unique_ptr<UcxServerTransport> make_ucx_server(const std::string& host, int port, FrameService& service) {
+std::unique_ptr<ServerTransport> make_ucx_server(const std::string& host, int port, FrameService& service) {
   return std::make_unique<UcxServer>(host, port, service);
 }
 
