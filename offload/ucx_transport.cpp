@@ -10,6 +10,7 @@
 
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -288,16 +290,20 @@ class UcxServer final : public ServerTransport, public WorkerThread {
     std::size_t waiting = 0;
     for (auto& [id, c] : conns_) waiting += !c->closed && !c->session.authed ? 1 : 0;
     const auto limit = static_cast<std::size_t>(std::max(1, svc_.max_unauthenticated()));
-    for (auto it = conns_.begin(); waiting >= limit && it != conns_.end(); ++it) {
-      Conn& oldest = *it->second;  // ids grow with accept order
-      if (oldest.closed || oldest.session.authed) continue;
-      logger(Subsystem::offload)
-          .info("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
-                oldest.session.peer, limit);
-      close(oldest, true);
+    std::vector<std::uint64_t> evict;
+    for (auto it = conns_.begin(); waiting >= limit && it != conns_.end(); ++it) {  // ids grow with accept order
+      if (it->second->closed || it->second->session.authed) continue;
+      evict.push_back(it->first);
       waiting--;
     }
-    // Closed connections are reaped by their requests' callbacks (reap needs no iterator here).
+    for (auto id : evict) {
+      Conn* oldest = find(id);
+      logger(Subsystem::offload)
+          .info("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
+                oldest->session.peer, limit);
+      close(*oldest, true);
+      reap(id);  // one without a request in flight (replied, waiting for its peer) goes now; others when UCX returns theirs
+    }
   }
 
   // wait_all = false completes on the first bytes, which tells a started frame from an idle link.
