@@ -130,7 +130,7 @@ class Daemon {
     return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
   }
 
- private:
+  // The next line of its stdout ("" at its end, or when none came within `within`).
   std::string read_line(std::chrono::milliseconds within) {
     const auto end = std::chrono::steady_clock::now() + within;
     std::string line;
@@ -149,6 +149,7 @@ class Daemon {
     return line;
   }
 
+ private:
   pid_t pid_ = -1;
   int out_fd_ = -1;
   int port_ = 0;

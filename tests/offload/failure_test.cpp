@@ -4,7 +4,6 @@
 // daemon itself (as a child process) shuts down gracefully on SIGTERM and dies cleanly on SIGKILL.
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,13 +12,13 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <thread>
 #include <utility>
 
 #include <boost/asio.hpp>
 
 #include "longattn/offload_client.hpp"
+#include "daemon_process.hpp"
 #include "offload_test_util.hpp"
 
 namespace longattn::offload {
@@ -370,95 +369,35 @@ TEST(OffloadFailures, NoServerAtAll) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 3100ms);
 }
 
-// The real daemon as a child process (skipped when it was not built next to this test).
-struct Child {
-  pid_t pid = -1;
-  int out_fd = -1;
-  int port = 0;
-  std::string output;
-  ~Child() {
-    if (pid > 0) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-    if (out_fd >= 0) ::close(out_fd);
-  }
-  std::string read_line(std::chrono::milliseconds within) {
-    const auto end = std::chrono::steady_clock::now() + within;
-    std::string line;
-    while (std::chrono::steady_clock::now() < end) {
-      char ch;
-      const auto n = ::read(out_fd, &ch, 1);
-      if (n == 1) {
-        if (ch == '\n') return line;
-        line += ch;
-      } else if (n == 0) {
-        return line;
-      } else {
-        std::this_thread::sleep_for(5ms);
-      }
-    }
-    return line;
-  }
-};
-
-std::string daemon_path() {
-  const auto self = std::filesystem::read_symlink("/proc/self/exe");
-  return (self.parent_path() / "longattn-offload-server").string();
-}
-
-std::unique_ptr<Child> spawn_daemon(const std::string& token_file) {
-  auto c = std::make_unique<Child>();
-  int fds[2];
-  if (::pipe(fds) != 0) return nullptr;
-  const std::string exe = daemon_path();
-  c->pid = ::fork();
-  if (c->pid == 0) {
-    ::dup2(fds[1], 1);
-    ::close(fds[0]);
-    ::execl(exe.c_str(), exe.c_str(), "--listen", "127.0.0.1:0", "--token-file", token_file.c_str(), "--threads", "1",
-            "--memory-limit", "64M", static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  ::close(fds[1]);
-  c->out_fd = fds[0];
-  const std::string first = c->read_line(10s);
-  if (first.rfind("LISTENING ", 0) != 0) return nullptr;
-  c->port = std::stoi(first.substr(10));
-  return c;
+std::unique_ptr<test::Daemon> spawn_daemon(const test::TempDir& dir, const std::string& token_file) {
+  return std::make_unique<test::Daemon>(
+      std::vector<std::string>{"--listen", "127.0.0.1:0", "--token-file", token_file, "--threads", "1", "--memory-limit", "64M"},
+      dir.file("stderr"));
 }
 
 TEST(OffloadFailures, DaemonSigtermIsGracefulAndSigkillIsReported) {
-  if (!std::filesystem::exists(daemon_path())) GTEST_SKIP() << "longattn-offload-server not built next to the tests";
-  const auto dir = std::filesystem::temp_directory_path() / ("longattn-offload-test-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const auto token_file = (dir / "token").string();
-  {
-    std::ofstream(token_file) << test::kToken << "\n";
-  }
-  ::chmod(token_file.c_str(), 0600);
+  if (!std::filesystem::exists(test::daemon_path())) GTEST_SKIP() << "longattn-offload-server not built next to the tests";
+  test::TempDir dir;
+  const auto token_file = test::write_token_file(dir, test::kToken);
 
   // SIGTERM: the daemon finishes, prints its RESULT line and exits 0.
   {
-    auto d = spawn_daemon(token_file);
-    ASSERT_TRUE(d) << "the daemon did not start";
-    still_serves("127.0.0.1:" + std::to_string(d->port));
-    ::kill(d->pid, SIGTERM);
+    auto d = spawn_daemon(dir, token_file);
+    ASSERT_GT(d->port(), 0) << "the daemon did not start: " << d->stderr_text();
+    still_serves("127.0.0.1:" + std::to_string(d->port()));
+    ::kill(d->pid(), SIGTERM);
     std::string line, result;
     while (!(line = d->read_line(10s)).empty())
       if (line.rfind("RESULT ", 0) == 0) result = line;
-    int status = 0;
-    ::waitpid(d->pid, &status, 0);
-    d->pid = -1;
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    EXPECT_EQ(d->wait_exit(10s), 0);
     EXPECT_NE(result.find("\"requests\":"), std::string::npos) << result;
   }
   // SIGKILL mid-run: the client's next request fails within its timeout.
   {
-    auto d = spawn_daemon(token_file);
-    ASSERT_TRUE(d) << "the daemon did not start";
+    auto d = spawn_daemon(dir, token_file);
+    ASSERT_GT(d->port(), 0) << "the daemon did not start: " << d->stderr_text();
     ClientOptions co;
-    co.servers = {"127.0.0.1:" + std::to_string(d->port)};
+    co.servers = {"127.0.0.1:" + std::to_string(d->port())};
     co.token = test::kToken;
     co.timeout = 2s;
     Client c(co);
@@ -467,9 +406,8 @@ TEST(OffloadFailures, DaemonSigtermIsGracefulAndSigkillIsReported) {
     c.append(3, 0, k.data(), k.data(), 1).get();
     std::vector<DecodeQuery> qs{{3, 1}};
     c.attend(0, 4, 32, qs, q.data(), o.data(), lse.data()).get();
-    ::kill(d->pid, SIGKILL);
-    ::waitpid(d->pid, nullptr, 0);
-    d->pid = -1;
+    ::kill(d->pid(), SIGKILL);
+    EXPECT_EQ(d->wait_exit(10s), 128 + SIGKILL);
     const auto t0 = std::chrono::steady_clock::now();
     try {
       c.attend(0, 4, 32, qs, q.data(), o.data(), lse.data()).get();
@@ -479,7 +417,6 @@ TEST(OffloadFailures, DaemonSigtermIsGracefulAndSigkillIsReported) {
     }
     EXPECT_LT(std::chrono::steady_clock::now() - t0, 2200ms);
   }
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
