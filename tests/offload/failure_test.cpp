@@ -20,6 +20,7 @@
 #include "longattn/offload_client.hpp"
 #include "daemon_process.hpp"
 #include "offload_test_util.hpp"
+#include "raw_tcp_peer.hpp"
 
 namespace longattn::offload {
 namespace {
@@ -29,35 +30,10 @@ using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
 
 // A raw blocking connection for writing arbitrary bytes.
-struct Raw {
-  asio::io_context io;
-  tcp::socket sock{io};
-  explicit Raw(int port) { sock.connect({asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)}); }
-  void send(const std::vector<std::byte>& b) { asio::write(sock, asio::buffer(b)); }
-  void hello(const std::string& token = test::kToken) {
-    send(frame(MsgType::hello, 0, 1, encode(Hello{token, 5})));
-    const auto r = read_frame();
-    ASSERT_EQ(r.first.type, MsgType::hello);
-  }
-  // The next frame, or a header of type error with payload "EOF" when the server closed.
-  std::pair<FrameHeader, std::vector<std::byte>> read_frame() {
-    std::array<std::byte, kHeaderBytes> h{};
-    boost::system::error_code ec;
-    asio::read(sock, asio::buffer(h), ec);
-    if (ec) return {FrameHeader{}, {}};
-    Limits lim;
-    lim.max_payload = 0xffffffffu;
-    const auto fh = decode_header(h, lim);
-    std::vector<std::byte> p(fh.payload_bytes);
-    asio::read(sock, asio::buffer(p), ec);
-    return {fh, p};
-  }
-  bool closed_by_peer() {
-    std::array<char, 16> b{};
-    boost::system::error_code ec;
-    sock.read_some(asio::buffer(b), ec);
-    return ec == asio::error::eof || ec == asio::error::connection_reset;
-  }
+class Raw : public test::RawTcpPeer {
+ public:
+  using RawTcpPeer::RawTcpPeer;
+  void hello() { ASSERT_TRUE(RawTcpPeer::hello(test::kToken, 5)); }
 };
 
 std::vector<std::byte> raw_header(std::uint32_t magic, std::uint16_t version, std::uint16_t type, std::uint32_t flags, std::uint64_t id,
@@ -84,9 +60,10 @@ void wake_blocked_accept(const tcp::acceptor& acc) {
 void expect_error_then_close(Raw& r, ErrorCode want, const char* what) {
   SCOPED_TRACE(what);
   const auto [h, p] = r.read_frame();
+  ASSERT_FALSE(test::RawTcpPeer::is_closed_marker(h)) << "closed without an error reply";
   ASSERT_EQ(h.type, MsgType::error) << "no error reply";
   EXPECT_EQ(decode_error(p, Limits{}).code, want);
-  EXPECT_TRUE(r.closed_by_peer());
+  EXPECT_TRUE(r.closed_by_server());
 }
 
 // A client that must still be served after each hostile connection.
@@ -166,8 +143,8 @@ TEST(OffloadFailures, MalformedFramesCloseOnlyThatConnection) {
     auto b = raw_header(kMagic, kVersion, 2, 0, 5, 100);
     b.resize(b.size() + 10);
     r.send(b);
-    r.sock.shutdown(tcp::socket::shutdown_send);
-    EXPECT_TRUE(r.closed_by_peer());
+    r.socket().shutdown(tcp::socket::shutdown_send);
+    EXPECT_TRUE(r.closed_by_server());
   }
   {
     Raw r(port);
