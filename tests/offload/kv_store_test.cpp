@@ -1,7 +1,11 @@
 // The KV store on its own: paging (appends in pieces that cross pages equal one bulk append),
 // idempotent repeats, gaps and geometry mismatches refused, attends that expect another length
-// refused, capacity errors that leave the layer as it was, memory returned on drop.
+// refused, capacity errors that leave the layer as it was, memory returned on drop; receive
+// buffers counted against the same limit; the operator's listing and a client's drop.
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
 
 #include "offload/kv_store.hpp"
 #include "offload_test_util.hpp"
@@ -111,6 +115,54 @@ TEST(KvStore, CapacityErrorsLeaveTheLayerAsItWasAndDropFrees) {
   // Freed pages are reused: the first client can fill its share again.
   st.open(0, Open{2, 1, 1, 16, DType::f32, 0});
   EXPECT_EQ(st.append(0, make_append(2, 0, kv, 0, 0, 64)), 64);
+}
+
+TEST(KvStore, ReceiveBuffersCountAgainstTheLimit) {
+  std::mt19937_64 rng(::longattn::test::fresh_seed());
+  test::DenseKv kv(rng, DType::f32, 1, 16, {64});
+  // Pages of 16 tokens are 2 KiB; the limit holds 16 of them.
+  KvStore st(KvStoreOptions{std::size_t{32} << 10, 0, 16});
+  PagePool& pool = st.pool();
+  const std::size_t buffer = (std::size_t{24} << 10) + 1 + rng() % 2047;  // more than 24 KiB: no room for 4 pages beside it
+  pool.reserve_buffer(buffer);
+  EXPECT_EQ(st.stats().receive_buffers, buffer);
+  EXPECT_THROW(pool.reserve_buffer((std::size_t{8} << 10) + 1 + rng() % 1024), Error);  // past the limit with the first
+  st.open(3, Open{1, 1, 1, 16, DType::f32, 0});
+  try {
+    st.append(3, make_append(1, 0, kv, 0, 0, 64));  // 8 KiB of pages do not fit beside the buffer
+    FAIL() << "KV was allocated past the limit that a receive buffer holds";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::out_of_capacity);
+    EXPECT_NE(std::string(e.what()).find("receive buffers"), std::string::npos) << e.what();
+  }
+  pool.release_buffer(buffer);
+  EXPECT_EQ(st.stats().receive_buffers, 0u);
+  EXPECT_EQ(st.append(3, make_append(1, 0, kv, 0, 0, 64)), 64);
+}
+
+TEST(KvStore, ListingAndDroppingAClientsSequences) {
+  std::mt19937_64 rng(::longattn::test::fresh_seed());
+  test::DenseKv kv(rng, DType::f32, 1, 16, {100});
+  KvStore st(KvStoreOptions{std::size_t{1} << 20, 0, 16});
+  const std::uint64_t a = 1 + rng() % 1000, b = a + 1 + rng() % 1000;
+  const std::uint32_t tokens = 17 + static_cast<std::uint32_t>(rng() % 80);
+  st.open(a, Open{10, 2, 1, 16, DType::f32, 0});
+  st.append(a, make_append(10, 0, kv, 0, 0, tokens));
+  st.append(a, make_append(10, 1, kv, 0, 0, 5));
+  st.open(a, Open{11, 1, 1, 16, DType::f32, 0});
+  st.open(b, Open{10, 1, 1, 16, DType::f32, 0});
+  const auto all = st.list();
+  ASSERT_EQ(all.size(), 3u);
+  const auto first = std::find_if(all.begin(), all.end(), [&](const SequenceInfo& i) { return i.client == a && i.seq == 10; });
+  ASSERT_NE(first, all.end());
+  EXPECT_EQ(first->layers, 2u);
+  EXPECT_EQ(first->token_layers, tokens + 5u);
+  EXPECT_EQ(first->bytes, ((tokens + 15) / 16 + 1) * std::size_t{2048});
+  EXPECT_EQ(st.drop_client(a), 2u);
+  EXPECT_EQ(st.drop_client(a), 0u);
+  ASSERT_EQ(st.list().size(), 1u);
+  EXPECT_EQ(st.list().front().client, b);
+  EXPECT_EQ(st.stats().tokens, 0u);
 }
 
 }  // namespace
