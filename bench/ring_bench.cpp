@@ -82,7 +82,7 @@ Measure measure(Communicator& comm, Communicator& host, std::int64_t seq, int he
   m.fwd_ms = median(f);
   m.fwdbwd_ms = backward ? median(fb) : 0;
   m.bwd_ms = backward ? median(b) : 0;
-  m.mem_gib = static_cast<double>(gpu_memory_used_bytes()) / (1 << 30);
+  if (dev == DeviceKind::cuda) m.mem_gib = static_cast<double>(gpu_memory_used_bytes()) / (1 << 30);
   if (profile) {
     // A profiled run: each local step synchronized and timed alone, for the overlap efficiency.
     RingOptions popt = opt;
