@@ -18,7 +18,8 @@ namespace cuda {
 // kernels take (head dim 128, no explicit positions; the backward also needs atomic dQ). auto: the
 // wgmma kernel on Hopper, mma.sync elsewhere. Both default to auto, because on Hopper the wgmma
 // kernels are the faster ones in both directions (bench/results/gpu_kernels_h100_2026-11-23.md).
-// Read per call (a getenv), so a test or a benchmark can compare both in one process.
+// Read per call (a getenv), so that a job can change them between calls like every other knob;
+// code that compares kernels passes a CudaKernelChoice instead.
 bool hopper_device() {
   int dev = 0, major = 0;
   return cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
@@ -108,7 +109,7 @@ using namespace cuda;
 
 class CudaBackend final : public AttentionBackend {
  public:
-  explicit CudaBackend(bool deterministic) : deterministic_(deterministic) { LONGATTN_CUDA_CHECK(cudaGetDevice(&device_)); }
+  explicit CudaBackend(const CudaKernelChoice& choice) : choice_(choice) { LONGATTN_CUDA_CHECK(cudaGetDevice(&device_)); }
   std::string name() const override { return "cuda"; }
   Device device() const override { return {DeviceKind::cuda, device_}; }
 
@@ -134,8 +135,8 @@ class CudaBackend final : public AttentionBackend {
     p.o = out.o.data;
     p.o_dtype = out.o.dtype;
     p.lse = out.lse.as<float>();
-    if (wgmma_requested("LONGATTN_CUDA_FWD_KERNEL") && flash_forward_wgmma_supports(p)) {
-      p.wgmma_schedule = wgmma_forward_schedule();
+    if (wgmma_chosen(choice_.forward, "LONGATTN_CUDA_FWD_KERNEL") && flash_forward_wgmma_supports(p)) {
+      p.wgmma_schedule = choice_.forward_schedule ? *choice_.forward_schedule : wgmma_forward_schedule();
       flash_forward_wgmma(p, static_cast<cudaStream_t>(a.stream));
     } else {
       flash_forward(p, static_cast<cudaStream_t>(a.stream));
@@ -157,11 +158,11 @@ class CudaBackend final : public AttentionBackend {
     p.grad_dtype_k = g.dk.dtype;
     p.grad_dtype_v = g.dv.dtype;
     p.accumulate = g.accumulate;
-    p.deterministic = deterministic_;
+    p.deterministic = choice_.deterministic;
     void* tmp = nullptr;
     void* dq_tmp = nullptr;
     const std::size_t dq_bytes = static_cast<std::size_t>(g.dq.numel()) * sizeof(float);
-    if (!deterministic_) {
+    if (!choice_.deterministic) {
       // Atomic dQ sums into fp32: the caller's fp32 dq directly (zeroed unless accumulating), or a
       // zeroed fp32 buffer converted to the caller's dtype afterwards.
       if (g.dq.dtype == DType::f32) {
@@ -180,7 +181,7 @@ class CudaBackend final : public AttentionBackend {
     } else {
       p.delta = g.delta.as<const float>();
     }
-    if (wgmma_requested("LONGATTN_CUDA_BWD_KERNEL") && flash_backward_wgmma_supports(p)) {
+    if (wgmma_chosen(choice_.backward, "LONGATTN_CUDA_BWD_KERNEL") && flash_backward_wgmma_supports(p)) {
       flash_backward_wgmma(p, st);
     } else {
       flash_backward(p, st);
@@ -218,7 +219,11 @@ class CudaBackend final : public AttentionBackend {
                          lp.numel() == la.numel(),
                      "merge_into: lse_acc {} and lse_part {} must be fp32 [H, T]", la.describe(), lp.describe());
   }
-  bool deterministic_ = false;
+  static bool wgmma_chosen(CudaKernelChoice::Kernel kernel, const char* variable) {
+    if (kernel == CudaKernelChoice::Kernel::from_environment) return wgmma_requested(variable);
+    return kernel == CudaKernelChoice::Kernel::wgmma;
+  }
+  CudaKernelChoice choice_;
   int device_ = 0;
 };
 
@@ -229,7 +234,12 @@ bool cuda_device_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-std::unique_ptr<AttentionBackend> make_cuda_backend() { return std::make_unique<CudaBackend>(false); }
-std::unique_ptr<AttentionBackend> make_cuda_backend_deterministic() { return std::make_unique<CudaBackend>(true); }
+std::unique_ptr<AttentionBackend> make_cuda_backend() { return make_cuda_backend(CudaKernelChoice{}); }
+std::unique_ptr<AttentionBackend> make_cuda_backend_deterministic() {
+  CudaKernelChoice choice;
+  choice.deterministic = true;
+  return make_cuda_backend(choice);
+}
+std::unique_ptr<AttentionBackend> make_cuda_backend(const CudaKernelChoice& choice) { return std::make_unique<CudaBackend>(choice); }
 
 }  // namespace longattn::kernels

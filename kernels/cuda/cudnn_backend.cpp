@@ -178,7 +178,7 @@ constexpr int kRaggedBucket = 64;  // max lengths of ragged batches round up to 
 
 class CudnnBackend final : public AttentionBackend {
  public:
-  CudnnBackend() : helpers_(make_cuda_backend()) {
+  CudnnBackend() : merge_and_delta_(make_cuda_backend()) {
     LONGATTN_CUDA_CHECK(cudaGetDevice(&device_));
     LONGATTN_CUDNN_CHECK(cudnnCreate(&handle_));
     deterministic_ = env_int("LONGATTN_DETERMINISTIC") != 0;
@@ -279,10 +279,10 @@ class CudnnBackend final : public AttentionBackend {
   }
 
   void merge_into(TensorView oa, TensorView la, TensorView op, TensorView lp, void* stream) override {
-    helpers_->merge_into(oa, la, op, lp, stream);
+    merge_and_delta_->merge_into(oa, la, op, lp, stream);
   }
   void compute_delta(TensorView o, TensorView d_o, TensorView delta, void* stream) override {
-    helpers_->compute_delta(o, d_o, delta, stream);
+    merge_and_delta_->compute_delta(o, d_o, delta, stream);
   }
 
  private:
@@ -401,7 +401,7 @@ class CudnnBackend final : public AttentionBackend {
     LONGATTN_REQUIRE(e.is_good(), ErrorCode::internal, "cuDNN SDPA execution failed: {}", e.get_message());
   }
 
-  std::unique_ptr<AttentionBackend> helpers_;
+  std::unique_ptr<AttentionBackend> merge_and_delta_;  // the own kernels' merge and delta (cuDNN has neither)
   cudnnHandle_t handle_ = nullptr;
   int device_ = 0;
   bool deterministic_ = false;

@@ -3,10 +3,10 @@
 // GQA/MQA, causal by explicit positions (ring-step views), bf16/fp16; outputs poisoned with NaN
 // before every run; accumulate mode; atomic-dQ (default) and deterministic backward, the latter
 // bit-identical across runs. "cuda" pins the mma.sync kernels; "cuda-wgmma" is the cuda backend
-// with the Hopper warpgroup forward (LONGATTN_CUDA_FWD_KERNEL=wgmma, its default overlap schedule),
+// with the Hopper warpgroup forward (kernels::CudaKernelChoice, its default overlap schedule),
 // "cuda-wgmma-pipeline" the same with its other warpgroup schedule, and "cuda-wgmma-bwd" with the
-// warpgroup backward (LONGATTN_CUDA_BWD_KERNEL=wgmma), each on the head-dim-128 shapes without
-// positions (others fall back to mma.sync).
+// warpgroup backward, each on the head-dim-128 shapes without positions (others fall back to
+// mma.sync).
 #include <stdlib.h>
 
 #include <algorithm>
@@ -116,19 +116,24 @@ TEST_P(GpuVsReference, ForwardAndBackward) {
   const bool det = param_name == "cuda-deterministic";
   const bool wgmma_bwd = param_name == "cuda-wgmma-bwd";
   const bool wgmma_fwd = !wgmma_bwd && param_name.rfind("cuda-wgmma", 0) == 0;
-  ScopedEnv schedule("LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", param_name == "cuda-wgmma-pipeline" ? "pipeline" : "overlap");
-  const std::string backend_name = wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
-  ScopedEnv fwd_kernel("LONGATTN_CUDA_FWD_KERNEL", wgmma_fwd ? "wgmma" : "mma");
-  ScopedEnv bwd_kernel("LONGATTN_CUDA_BWD_KERNEL", wgmma_bwd ? "wgmma" : "mma");
+  const std::string backend_name = det || wgmma_fwd || wgmma_bwd ? std::string("cuda") : param_name;
+  // The own kernels under test, chosen by parameter: mma.sync unless the case names a wgmma one.
+  using Kernel = kernels::CudaKernelChoice::Kernel;
+  kernels::CudaKernelChoice choice;
+  choice.forward = wgmma_fwd ? Kernel::wgmma : Kernel::mma;
+  choice.backward = wgmma_bwd ? Kernel::wgmma : Kernel::mma;
+  choice.forward_schedule = param_name == "cuda-wgmma-pipeline" ? kernels::cuda::WgmmaSchedule::pipeline
+                                                                : kernels::cuda::WgmmaSchedule::overlap;
+  choice.deterministic = det;
   const auto available = available_backends();
-  if (!det && backend_name != "auto" && std::find(available.begin(), available.end(), backend_name) == available.end())
+  if (backend_name != "auto" && std::find(available.begin(), available.end(), backend_name) == available.end())
     GTEST_SKIP() << "backend " << backend_name << " is not available in this build/machine";
   const auto seed = test::fresh_seed();
   SCOPED_TRACE(fmt::format("seed {}", seed));
   std::mt19937_64 rng(seed);
   auto p = make_problem(rng, c);
   const auto tq = p.cu_q.back(), tk = p.cu_k.back();
-  auto backend = det ? kernels::make_cuda_backend_deterministic() : make_backend(backend_name, DeviceKind::cuda);
+  auto backend = backend_name == "cuda" ? kernels::make_cuda_backend(choice) : make_backend(backend_name, DeviceKind::cuda);
 
   DeviceTensor q(p.q), k(p.k), v(p.v), d_o(p.d_o);
   DeviceInts cu_q(p.cu_q), cu_k(p.cu_k), pos_q(p.pos_q), pos_k(p.pos_k);
