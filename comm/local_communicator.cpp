@@ -23,8 +23,6 @@
 namespace longattn {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 // Completion state shared by the two sides of a matched transfer.
 struct Completion {
   bool matched = false;
