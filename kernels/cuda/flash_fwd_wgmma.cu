@@ -67,11 +67,18 @@ struct KvStages {
   std::int64_t stride;  // elements between tokens
   int len_k, n_end, tid;
 
+  // Tile n's stage, addressed as stage 0 plus whole tiles rather than as k[n % kStages]: nvcc
+  // compiles the two forms differently (with the array index it moves the stage address of the
+  // prefetch to uniform registers and allocates the mainloop's registers anew), and this form keeps
+  // the instruction stream the overlap schedule was tuned and measured on (the SASS comparison is in
+  // bench/results/house_ptxas_2026-12-05.md).
+  __device__ __forceinline__ T* k_tile(int n) const { return smem.k[0] + (n % kStages) * kBN * kD; }
+  __device__ __forceinline__ T* v_tile(int n) const { return smem.v[0] + (n % kStages) * kBN * kD; }
+
   __device__ __forceinline__ void load(int n) const {
-    const int st = n % kStages;
     const std::int64_t off = static_cast<std::int64_t>(n) * kBN * stride;
-    wgmma::load_sw128<kBN, kThreads>(smem.k[st], k + off, stride, len_k - n * kBN, tid);
-    wgmma::load_sw128<kBN, kThreads>(smem.v[st], v + off, stride, len_k - n * kBN, tid);
+    wgmma::load_sw128<kBN, kThreads>(k_tile(n), k + off, stride, len_k - n * kBN, tid);
+    wgmma::load_sw128<kBN, kThreads>(v_tile(n), v + off, stride, len_k - n * kBN, tid);
   }
   // Copies tile n (when it exists) into its stage once the stage is free, then arrives on its full
   // barrier when they land.
@@ -88,8 +95,8 @@ struct KvStages {
     wgmma::fence_proxy_async();
   }
   __device__ __forceinline__ void release(int n) const { wgmma::mbarrier_arrive(smem_addr(&smem.empty[n % kStages])); }
-  __device__ __forceinline__ std::uint32_t k_addr(int n) const { return smem_addr(smem.k[n % kStages]); }
-  __device__ __forceinline__ std::uint32_t v_addr(int n) const { return smem_addr(smem.v[n % kStages]); }
+  __device__ __forceinline__ std::uint32_t k_addr(int n) const { return smem_addr(k_tile(n)); }
+  __device__ __forceinline__ std::uint32_t v_addr(int n) const { return smem_addr(v_tile(n)); }
 };
 
 // What a warpgroup's mainloop works on: its rows' first Q address, where its thread's rows are,
