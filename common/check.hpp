@@ -32,37 +32,33 @@ namespace longattn {
 #define LONGATTN_INVALID(cond, ...) LONGATTN_REQUIRE(cond, ::longattn::ErrorCode::invalid_argument, __VA_ARGS__)
 #endif
 
-// A failing CUDA runtime call is a bug or a broken device, never the caller's input: internal.
-#define LONGATTN_CUDA_CHECK(call)                                                                     \
-  do {                                                                                                \
-    const cudaError_t longattn_cuda_status_ = (call);                                                 \
-    if (longattn_cuda_status_ != cudaSuccess)                                                         \
-      ::longattn::throw_call_failed(::longattn::ErrorCode::internal, #call,                           \
-                                    cudaGetErrorString(longattn_cuda_status_), __FILE__, __LINE__);   \
+// What the CUDA, cuDNN and NCCL checks share: the call evaluated once, and a status that is
+// neither `ok` nor `also_ok` thrown with the library's own text for it. `call_text` is the call as
+// written (stringified by each check, before any of the library's own macros expand in it).
+#define LONGATTN_LIBRARY_CHECK_(status_type, call, call_text, ok, also_ok, code, status_text)               \
+  do {                                                                                                   \
+    const status_type longattn_status_ = (call);                                                         \
+    if (longattn_status_ != (ok) && longattn_status_ != (also_ok))                                       \
+      ::longattn::throw_call_failed((code), call_text, status_text(longattn_status_), __FILE__, __LINE__); \
   } while (0)
+
+// A failing CUDA runtime or cuDNN call is a bug or a broken device or setup, never the caller's
+// input: internal.
+#define LONGATTN_CUDA_CHECK(call) \
+  LONGATTN_LIBRARY_CHECK_(cudaError_t, call, #call, cudaSuccess, cudaSuccess, ::longattn::ErrorCode::internal, cudaGetErrorString)
+#define LONGATTN_CUDNN_CHECK(call)                                                                       \
+  LONGATTN_LIBRARY_CHECK_(cudnnStatus_t, call, #call, CUDNN_STATUS_SUCCESS, CUDNN_STATUS_SUCCESS,                   \
+                          ::longattn::ErrorCode::internal, cudnnGetErrorString)
 
 // After a kernel launch: catches bad launch configurations at once (asynchronous faults surface
 // at the next synchronizing call).
 #define LONGATTN_CUDA_CHECK_LAUNCH() LONGATTN_CUDA_CHECK(cudaGetLastError())
 
-// A cuDNN status that is not success: a bug or a broken library setup, never the caller's input.
-#define LONGATTN_CUDNN_CHECK(call)                                                                    \
-  do {                                                                                                \
-    const cudnnStatus_t longattn_cudnn_status_ = (call);                                              \
-    if (longattn_cudnn_status_ != CUDNN_STATUS_SUCCESS)                                               \
-      ::longattn::throw_call_failed(::longattn::ErrorCode::internal, #call,                           \
-                                    cudnnGetErrorString(longattn_cudnn_status_), __FILE__, __LINE__); \
-  } while (0)
-
 // ncclInProgress is not a failure: a non-blocking communicator returns it while the operation
 // goes on, and the caller polls for its end.
-#define LONGATTN_NCCL_CHECK(call)                                                                     \
-  do {                                                                                                \
-    const ncclResult_t longattn_nccl_status_ = (call);                                                \
-    if (longattn_nccl_status_ != ncclSuccess && longattn_nccl_status_ != ncclInProgress)              \
-      ::longattn::throw_call_failed(::longattn::ErrorCode::communication, #call,                      \
-                                    ncclGetErrorString(longattn_nccl_status_), __FILE__, __LINE__);   \
-  } while (0)
+#define LONGATTN_NCCL_CHECK(call)                                                                         \
+  LONGATTN_LIBRARY_CHECK_(ncclResult_t, call, #call, ncclSuccess, ncclInProgress, ::longattn::ErrorCode::communication, \
+                          ncclGetErrorString)
 
 #define LONGATTN_MPI_CHECK(call)                                                                      \
   do {                                                                                                \
