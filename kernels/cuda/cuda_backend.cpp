@@ -80,24 +80,10 @@ void sequence_maxima(const AttentionArgs& a, const ProblemShape& s, int& max_q, 
 }
 
 FlashParams make_params(const AttentionArgs& a, const ProblemShape& s) {
-  FlashParams p;
-  p.q = a.q.data;
-  p.k = a.k.data;
-  p.v = a.v.data;
-  p.cu_q = a.cu_seqlens_q;
-  p.cu_k = a.cu_seqlens_k;
-  p.pos_q = a.q_positions;
-  p.pos_k = a.k_positions;
-  p.tq = s.tq;
-  p.tk = s.tk;
-  p.batch = a.batch;
-  p.hq = s.hq;
-  p.hkv = s.hkv;
-  p.d = s.d;
+  FlashParams p{.q = a.q.data, .k = a.k.data, .v = a.v.data, .cu_q = a.cu_seqlens_q, .cu_k = a.cu_seqlens_k,
+                .pos_q = a.q_positions, .pos_k = a.k_positions, .tq = s.tq, .tk = s.tk, .batch = a.batch, .hq = s.hq,
+                .hkv = s.hkv, .d = s.d, .causal = a.causal, .scale = a.effective_scale(), .dtype = a.q.dtype};
   sequence_maxima(a, s, p.max_len_q, p.max_len_k);
-  p.causal = a.causal;
-  p.scale = a.effective_scale();
-  p.dtype = a.q.dtype;
   return p;
 }
 
