@@ -80,35 +80,33 @@ TEST(CheckMacros, CudaFailureNamesTheCallTheStatusAndThePlace) {
   LONGATTN_CUDA_CHECK_LAUNCH();
 }
 
-TEST(CheckMacros, CudnnFailureIsInternal) {
-  using namespace fake_cudnn;
-  std::mt19937_64 rng(test::fresh_seed());
-  const auto status = static_cast<cudnnStatus_t>(random_failure(rng));
-  LONGATTN_CUDNN_CHECK(CUDNN_STATUS_SUCCESS);
-  const Error e = thrown_by([&] { LONGATTN_CUDNN_CHECK(status); });
-  EXPECT_EQ(e.code(), ErrorCode::internal);
-  EXPECT_NE(std::string(e.what()).find("status failed: " + status_text(status)), std::string::npos) << e.what();
+// Checks that a failing status thrown by `check` is an Error of `code` naming the status's text.
+template <class Check>
+void expect_failure_named(Check&& check, int status, ErrorCode code) {
+  const Error e = thrown_by(check);
+  EXPECT_EQ(e.code(), code);
+  EXPECT_NE(std::string(e.what()).find(" failed: " + status_text(status)), std::string::npos) << e.what();
 }
 
-TEST(CheckMacros, NcclInProgressIsNotAFailure) {
-  using namespace fake_nccl;
-  std::mt19937_64 rng(test::fresh_seed());
-  const auto status = static_cast<ncclResult_t>(random_failure(rng));
-  LONGATTN_NCCL_CHECK(ncclSuccess);
-  LONGATTN_NCCL_CHECK(ncclInProgress);
-  const Error e = thrown_by([&] { LONGATTN_NCCL_CHECK(status); });
-  EXPECT_EQ(e.code(), ErrorCode::communication);
-  EXPECT_NE(std::string(e.what()).find("status failed: " + status_text(status)), std::string::npos) << e.what();
-}
-
-TEST(CheckMacros, MpiFailureCarriesTheLibrarysMessage) {
-  using namespace fake_mpi;
+TEST(CheckMacros, CudnnNcclAndMpiFailuresCarryTheirCodeAndText) {
   std::mt19937_64 rng(test::fresh_seed());
   const int status = random_failure(rng);
-  LONGATTN_MPI_CHECK(MPI_SUCCESS);
-  const Error e = thrown_by([&] { LONGATTN_MPI_CHECK(status); });
-  EXPECT_EQ(e.code(), ErrorCode::communication);
-  EXPECT_NE(std::string(e.what()).find("status failed: " + status_text(status)), std::string::npos) << e.what();
+  {
+    using namespace fake_cudnn;
+    LONGATTN_CUDNN_CHECK(CUDNN_STATUS_SUCCESS);
+    expect_failure_named([&] { LONGATTN_CUDNN_CHECK(static_cast<cudnnStatus_t>(status)); }, status, ErrorCode::internal);
+  }
+  {
+    using namespace fake_nccl;
+    LONGATTN_NCCL_CHECK(ncclSuccess);
+    LONGATTN_NCCL_CHECK(ncclInProgress);  // a non-blocking operation still running
+    expect_failure_named([&] { LONGATTN_NCCL_CHECK(static_cast<ncclResult_t>(status)); }, status, ErrorCode::communication);
+  }
+  {
+    using namespace fake_mpi;
+    LONGATTN_MPI_CHECK(MPI_SUCCESS);
+    expect_failure_named([&] { LONGATTN_MPI_CHECK(status); }, status, ErrorCode::communication);
+  }
 }
 
 TEST(CheckMacros, UnsupportedKeepsTheMessage) {
