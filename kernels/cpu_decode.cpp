@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/check.hpp"
+#include "kernels/attention_state.hpp"
 #include "kernels/cpu_decode_internal.hpp"
 #include "longattn/config.hpp"
 
@@ -186,28 +187,19 @@ void cpu_decode(const DecodeArgs& a, DecodeIsa isa) {
       const int qi = (g.r0 + r) / G, gh = (g.r0 + r) % G;
       const std::int64_t row = sq.q_begin + qi;
       const int head = g.head * G + gh;
-      float M = kNegInf;
-      for (std::size_t i = g.first; i < g.last; ++i) M = std::max(M, parts.m[prow(i, r)]);
       float* out = a.o + (static_cast<std::size_t>(row) * L.q_heads + head) * D;
-      float& lse = a.lse[static_cast<std::size_t>(head) * a.total_q + row];
+      // Two passes: the largest max of the chunks first, then each chunk at its scale under it.
+      SoftmaxState<> merged;
+      for (std::size_t i = g.first; i < g.last; ++i) merged.max = std::max(merged.max, parts.m[prow(i, r)]);
       std::fill(out, out + D, 0.0f);
-      if (M == kNegInf) {
-        lse = kNegInf;
-        continue;
-      }
-      float Lsum = 0;
       for (std::size_t i = g.first; i < g.last; ++i) {
-        const float mi = parts.m[prow(i, r)];
-        if (mi != kNegInf) Lsum += parts.l[prow(i, r)] * std::exp(mi - M);
-      }
-      for (std::size_t i = g.first; i < g.last; ++i) {
-        const float mi = parts.m[prow(i, r)];
-        if (mi == kNegInf) continue;
-        const float w = std::exp(mi - M) / Lsum;
+        const float factor = merged.add({parts.m[prow(i, r)], parts.l[prow(i, r)]});
         const float* acc = &parts.acc[prow(i, r) * D];
-        for (int d = 0; d < D; ++d) out[d] += w * acc[d];
+        for (int d = 0; d < D; ++d) out[d] += weighted(factor, acc[d]);
       }
-      lse = M + std::log(Lsum);
+      const float normalizer = merged.normalizer();
+      for (int d = 0; d < D; ++d) out[d] *= normalizer;
+      a.lse[static_cast<std::size_t>(head) * a.total_q + row] = merged.lse();
     }
   }
 }

@@ -1,8 +1,6 @@
 // CPU merge of partial attention results and the backward's row-sum delta.
-#include <cmath>
-#include <limits>
-
 #include "common/check.hpp"
+#include "kernels/attention_state.hpp"
 #include "kernels/cpu_kernels.hpp"
 #include "longattn/dtype_convert.hpp"
 
@@ -23,24 +21,12 @@ void cpu_merge_into(TensorView o_acc, TensorView lse_acc, TensorView o_part, Ten
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < t; ++i) {
     for (std::int64_t hh = 0; hh < h; ++hh) {
-      const float l1 = la[hh * t + i], l2 = lp[hh * t + i];
+      float& lse = la[hh * t + i];
+      const ResultMerge m = merge_results(lse, lp[hh * t + i]);
       const std::size_t base = static_cast<std::size_t>((i * h + hh) * d);
-      if (l2 == -std::numeric_limits<float>::infinity()) {  // the part saw nothing
-        if (l1 == -std::numeric_limits<float>::infinity())     // nor did the accumulator: o = 0
-          for (std::int64_t x = 0; x < d; ++x) oa[base + x] = 0.0f;
-        continue;
-      }
-      if (l1 == -std::numeric_limits<float>::infinity()) {          // the accumulator saw nothing yet
-        for (std::int64_t x = 0; x < d; ++x) oa[base + x] = load_as_f32(o_part.data, o_part.dtype, base + x);
-        la[hh * t + i] = l2;
-        continue;
-      }
-      const float m = std::max(l1, l2);
-      const float e1 = std::exp(l1 - m), e2 = std::exp(l2 - m);
-      const float l = m + std::log(e1 + e2);
-      const float w1 = std::exp(l1 - l), w2 = std::exp(l2 - l);
-      for (std::int64_t x = 0; x < d; ++x) oa[base + x] = w1 * oa[base + x] + w2 * load_as_f32(o_part.data, o_part.dtype, base + x);
-      la[hh * t + i] = l;
+      for (std::int64_t x = 0; x < d; ++x)
+        oa[base + x] = mix(m.weights, oa[base + x], load_as_f32(o_part.data, o_part.dtype, base + x));
+      lse = m.lse;
     }
   }
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/check.hpp"
+#include "kernels/attention_state.hpp"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/decode.hpp"
 #include "kernels/cuda/flash_params.hpp"
@@ -188,20 +189,16 @@ template <class OutT>
 __global__ void decode_merge_kernel(const DecodeParams p, OutT* o, float* lse, int d) {
   const int hk = blockIdx.x, r = blockIdx.y, x = threadIdx.x;
   const std::int64_t base = static_cast<std::int64_t>(hk) * p.splits * p.rows + r;
-  float mx = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, p.part_lse[base + static_cast<std::int64_t>(s) * p.rows]);
-  const float mu = mx == -INFINITY ? 0.0f : mx;
-  float lsum = 0.0f, acc = 0.0f;
+  SoftmaxState<> merged;
+  for (int s = 0; s < p.splits; ++s) merged.max = fmaxf(merged.max, p.part_lse[base + static_cast<std::int64_t>(s) * p.rows]);
+  float acc = 0.0f;
   for (int s = 0; s < p.splits; ++s) {
     const std::int64_t pr = base + static_cast<std::int64_t>(s) * p.rows;
-    const float w = expf(p.part_lse[pr] - mu);
-    lsum += w;
-    acc += w * p.part_o[pr * d + x];
+    acc += weighted(merged.add(SoftmaxState<>::of_result(p.part_lse[pr])), p.part_o[pr * d + x]);
   }
   const int tok = r / p.group, h = hk * p.group + r % p.group;
-  const float val = lsum > 0.0f ? acc / lsum : 0.0f;
-  o[(static_cast<std::int64_t>(tok) * p.hq + h) * d + x] = static_cast<OutT>(val);
-  if (x == 0) lse[static_cast<std::int64_t>(h) * p.tq + tok] = lsum > 0.0f ? mx + logf(lsum) : -INFINITY;
+  o[(static_cast<std::int64_t>(tok) * p.hq + h) * d + x] = static_cast<OutT>(acc * merged.normalizer());
+  if (x == 0) lse[static_cast<std::int64_t>(h) * p.tq + tok] = merged.lse();
 }
 
 template <class T, int D, int R>

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "common/check.hpp"
+#include "kernels/attention_state.hpp"
 #include "kernels/cuda/flash_params.hpp"
 
 namespace longattn::kernels::cuda {
@@ -42,23 +43,11 @@ __global__ void merge_kernel(float* o_acc, float* lse_acc, const void* o_part, D
     const std::int64_t t = row / heads;
     const int h = static_cast<int>(row % heads);
     const std::int64_t li = static_cast<std::int64_t>(h) * tokens + t;
-    const float l1 = lse_acc[li], l2 = lse_part[li];
-    const float m = fmaxf(l1, l2);
-    float w1 = 0.0f, w2 = 0.0f, l = -INFINITY;
-    if (m != -INFINITY) {
-      const float e1 = expf(l1 - m), e2 = expf(l2 - m);
-      l = m + logf(e1 + e2);
-      w1 = expf(l1 - l);
-      w2 = expf(l2 - l);
-    }
+    const ResultMerge m = merge_results(lse_acc[li], lse_part[li]);
     float* o = o_acc + row * d;
-    for (int x = lane; x < d; x += 32) {
-      const float a = l1 == -INFINITY ? 0.0f : o[x];  // a -inf side contributes nothing, even if it holds NaN
-      const float b = l2 == -INFINITY ? 0.0f : load_f(o_part, pt, row * d + x);
-      o[x] = w1 * a + w2 * b;
-    }
+    for (int x = lane; x < d; x += 32) o[x] = mix(m.weights, o[x], load_f(o_part, pt, row * d + x));
     __syncwarp();
-    if (lane == 0) lse_acc[li] = l;
+    if (lane == 0) lse_acc[li] = m.lse;
   }
 }
 

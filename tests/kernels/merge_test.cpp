@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/attention_state.hpp"
 #include "kernels/cpu_kernels.hpp"
 #include "longattn/backend.hpp"
 #include "support/test_util.hpp"
@@ -101,6 +102,105 @@ TEST(Merge, RowThatSeesNothingHasZeroOutputAndMinusInfLse) {
       }
     EXPECT_TRUE(std::isfinite(l.at(3))) << b;
   }
+}
+
+// The merge's edge cases, one row per case, through the backend's merge and through the state type
+// every other merge site uses (online and two-pass forms).
+TEST(Merge, EdgeCasesFollowTheEmptyRowContract) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  enum Case { both_empty, acc_empty, part_empty, far_apart, large_and_close, cases };
+  const int h = 2, d = 16, t = cases;
+  auto o = test::random_tensor(rng, DType::f32, {t, h, d}, 2.0f), op = test::random_tensor(rng, DType::f32, {t, h, d}, 2.0f);
+  HostTensor l(DType::f32, {h, t}), lp(DType::f32, {h, t});
+  float* oa = o.view.as<float>();
+  float* ob = op.view.as<float>();
+  float* la = l.view.as<float>();
+  float* lb = lp.view.as<float>();
+  // What an empty side's o holds must not matter: +inf, -inf and NaN in turn.
+  const float junk[] = {inf, -inf, nan};
+  for (int i = 0; i < t; ++i)
+    for (int hh = 0; hh < h; ++hh) {
+      const int li = hh * t + i;
+      float* a = oa + (i * h + hh) * d;
+      float* b = ob + (i * h + hh) * d;
+      la[li] = u(rng);
+      lb[li] = u(rng);
+      if (i == both_empty || i == acc_empty) la[li] = -inf;
+      if (i == both_empty || i == part_empty) lb[li] = -inf;
+      if (i == far_apart) la[li] += 60.0f, lb[li] -= 60.0f;  // exp(-120) underflows float
+      if (i == large_and_close) la[li] += 1e4f, lb[li] = la[li] + u(rng) * 0.25f;
+      for (int x = 0; x < d; ++x) {
+        if (la[li] == -inf) a[x] = junk[(x + hh) % 3];
+        if (lb[li] == -inf) b[x] = junk[(x + hh + 1) % 3];
+      }
+    }
+  const std::vector<float> oa0 = o.to_f32(), ob0 = op.to_f32(), la0 = l.to_f32(), lb0 = lp.to_f32();
+
+  // Expected per row, in double: exact copies where one side is empty.
+  auto check_row = [&](int i, int hh, float got_lse, const float* got_o, const char* how) {
+    SCOPED_TRACE(testing::Message() << how << ", case " << i << ", head " << hh);
+    const int li = hh * t + i;
+    const double l1 = la0[static_cast<std::size_t>(li)], l2 = lb0[static_cast<std::size_t>(li)];
+    const float* a = &oa0[static_cast<std::size_t>((i * h + hh) * d)];
+    const float* b = &ob0[static_cast<std::size_t>((i * h + hh) * d)];
+    if (i == both_empty) {
+      EXPECT_EQ(got_lse, -inf);
+      for (int x = 0; x < d; ++x) EXPECT_EQ(got_o[x], 0.0f);
+      return;
+    }
+    if (i == acc_empty || i == part_empty) {
+      const float* kept = i == acc_empty ? b : a;
+      EXPECT_EQ(got_lse, static_cast<float>(i == acc_empty ? l2 : l1));
+      for (int x = 0; x < d; ++x) EXPECT_EQ(got_o[x], kept[x]);
+      return;
+    }
+    const double m = std::max(l1, l2), lse = m + std::log(std::exp(l1 - m) + std::exp(l2 - m));
+    EXPECT_NEAR(got_lse, lse, 1e-6 * std::max(1.0, std::abs(lse)));
+    for (int x = 0; x < d; ++x) {
+      const double want = std::exp(l1 - lse) * a[x] + std::exp(l2 - lse) * b[x];
+      EXPECT_TRUE(std::isfinite(got_o[x]));
+      EXPECT_NEAR(got_o[x], want, 1e-5);
+    }
+  };
+
+  make_backend("cpu")->merge_into(o.view, l.view, op.view, lp.view, nullptr);
+  for (int i = 0; i < t; ++i)
+    for (int hh = 0; hh < h; ++hh) check_row(i, hh, la[hh * t + i], oa + (i * h + hh) * d, "backend merge");
+
+  // The same rows through SoftmaxState: online (merge) and two-pass (add), accumulating raw o.
+  for (int i = 0; i < t; ++i)
+    for (int hh = 0; hh < h; ++hh) {
+      const std::size_t li = static_cast<std::size_t>(hh * t + i), base = static_cast<std::size_t>((i * h + hh) * d);
+      using State = kernels::SoftmaxState<>;
+      const State s1 = State::of_result(la0[li]), s2 = State::of_result(lb0[li]);
+      State online = s1;
+      const kernels::MergeFactors f = online.merge(s2);
+      State two_pass{std::max(s1.max, s2.max), 0.0f};
+      const float f1 = two_pass.add(s1), f2 = two_pass.add(s2);
+      float o_online[d], o_two_pass[d];
+      for (int x = 0; x < d; ++x) {
+        o_online[x] = kernels::mix(f, oa0[base + x], ob0[base + x]) * online.normalizer();
+        o_two_pass[x] = (kernels::weighted(f1, oa0[base + x]) + kernels::weighted(f2, ob0[base + x])) * two_pass.normalizer();
+      }
+      check_row(i, hh, online.lse(), o_online, "online state");
+      check_row(i, hh, two_pass.lse(), o_two_pass, "two-pass state");
+    }
+}
+
+// A NaN in a part that saw keys (a NaN input) is not hidden as an empty row.
+TEST(Merge, NaNInAPartThatSawKeysPropagates) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937_64 rng(test::fresh_seed());
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  const kernels::ResultMerge m = kernels::merge_results(nan, u(rng));
+  EXPECT_TRUE(std::isnan(m.lse));
+  EXPECT_TRUE(std::isnan(kernels::mix(m.weights, u(rng), u(rng))));
+  const kernels::ResultMerge m2 = kernels::merge_results(u(rng), u(rng));
+  EXPECT_TRUE(std::isnan(kernels::mix(m2.weights, u(rng), nan)));
 }
 
 }  // namespace
