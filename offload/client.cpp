@@ -1,4 +1,6 @@
-// The offload client (include/longattn/offload_client.hpp) and the in-process LocalEngine.
+// The offload client (include/longattn/offload_client.hpp): connections, requests, retries.
+// Where sequences live and how an attend is split and joined: attend_plan.cpp; the TCP stream:
+// tcp_byte_stream.cpp; the in-process LocalEngine: local_engine.cpp.
 // One I/O thread runs every connection of a client, so connection state needs no locks; the
 // public calls only encode (copying the caller's data), register, and post to that thread.
 // Per server connection: requests are written in order and answered in order; each has its own
@@ -25,9 +27,10 @@
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
-#include "offload/kv_store.hpp"
+#include "offload/attend_plan.hpp"
 #include "offload/protocol.hpp"
-#include "offload/server.hpp"
+#include "offload/server.hpp"  // parse_host_port
+#include "offload/tcp_byte_stream.hpp"
 #include "offload/transport.hpp"
 
 namespace longattn::offload {
@@ -38,10 +41,9 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr int kShardBits = 16;
-constexpr std::uint64_t kMaxSeqId = std::uint64_t{1} << (64 - kShardBits);
-
-std::uint64_t server_seq_id(std::uint64_t seq, std::uint64_t shard) { return (seq << kShardBits) | shard; }
+// How long the destructor waits for cancelled operations to deliver their completions; only a
+// resolver blocked in the system's name lookup can take longer.
+constexpr std::chrono::milliseconds kShutdownDrainLimit{5000};
 
 Limits client_limits() {
   Limits l;
@@ -87,48 +89,6 @@ struct Join {
   }
 };
 
-// The TCP ByteStream: Boost.Asio on the client's I/O thread.
-class TcpStream final : public ByteStream {
- public:
-  explicit TcpStream(asio::io_context& io) : sock_(io), resolver_(io) {}
-  void connect(const std::string& host, const std::string& port, Handler done) override {
-    resolver_.async_resolve(host, port, [this, done = std::move(done)](boost::system::error_code ec, tcp::resolver::results_type res) mutable {
-      if (ec) {
-        done("cannot resolve: " + ec.message(), 0);
-        return;
-      }
-      asio::async_connect(sock_, res, [this, done = std::move(done)](boost::system::error_code ec2, const tcp::endpoint&) {
-        if (ec2) {
-          done(ec2.message(), 0);
-          return;
-        }
-        boost::system::error_code e;
-        sock_.set_option(tcp::no_delay(true), e);
-        done("", 0);
-      });
-    });
-  }
-  void write(const void* data, std::size_t bytes, Handler done) override {
-    asio::async_write(sock_, asio::buffer(data, bytes), [done = std::move(done)](boost::system::error_code ec, std::size_t n) {
-      done(ec ? ec.message() : std::string(), n);
-    });
-  }
-  void read(void* data, std::size_t bytes, Handler done) override {
-    asio::async_read(sock_, asio::buffer(data, bytes), [done = std::move(done)](boost::system::error_code ec, std::size_t n) {
-      done(ec ? ec.message() : std::string(), n);
-    });
-  }
-  void close() override {
-    boost::system::error_code ec;
-    resolver_.cancel();
-    sock_.close(ec);
-  }
-
- private:
-  tcp::socket sock_;
-  tcp::resolver resolver_;
-};
-
 }  // namespace
 
 struct Client::Impl {
@@ -136,18 +96,21 @@ struct Client::Impl {
   asio::io_context io;
   std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
   std::thread thread;
+  std::promise<void> io_done;  // set when io.run() returns
+  std::future<void> io_drained;
   std::atomic<std::uint64_t> next_id{1};
   std::atomic<std::uint64_t> n_requests{0}, n_retries{0}, n_sent{0}, n_received{0}, n_errors{0};
 
   struct SeqState {
     SequenceSpec spec;
-    std::vector<std::int64_t> len;  // per layer, as the client has sent it
-    std::set<std::uint64_t> opened;  // shards opened
+    std::vector<std::int64_t> layer_lengths;  // tokens per layer, as the client has sent them
+    std::set<std::uint64_t> opened_shards;
     bool broken = false;
-    int home = 0;
+    int home = 0;  // server of shard 0
   };
-  std::mutex mu;
-  std::map<std::uint64_t, SeqState> seqs;
+  ShardLayout layout;
+  std::mutex seqs_mutex;
+  std::map<std::uint64_t, SeqState> seqs;  // guarded by seqs_mutex
 
   struct Conn : std::enable_shared_from_this<Conn> {
     Impl* cl;
@@ -390,7 +353,7 @@ struct Client::Impl {
 
   std::unique_ptr<ByteStream> make_stream() {
     if (ucx) return ucx->stream();
-    return std::make_unique<TcpStream>(io);
+    return make_tcp_byte_stream(io);
   }
 
   explicit Impl(ClientOptions o) : opt(std::move(o)) {
@@ -407,26 +370,34 @@ struct Client::Impl {
       std::random_device rd;
       opt.client_id = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ 1;
     }
+    layout = {opt.shard_tokens, opt.servers.size()};
     for (std::size_t i = 0; i < opt.servers.size(); ++i) conns.push_back(std::make_shared<Conn>(this, static_cast<int>(i), opt.servers[i]));
     work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
-    thread = std::thread([this] { io.run(); });
+    io_drained = io_done.get_future();
+    thread = std::thread([this] {
+      io.run();
+      io_done.set_value();
+    });
     if (opt.transport == "ucx") ucx = make_ucx_client([this](std::function<void()> fn) { asio::post(io, std::move(fn)); });
   }
 
+  // Shuts down by cancelling and then waiting: every connection closes its stream and fails what
+  // is pending, and the I/O thread runs until the cancelled operations have delivered their
+  // completions (they find a newer generation and do nothing). Only then do the streams go.
   ~Impl() {
-    std::promise<void> done;
-    asio::post(io, [this, &done] {
-      for (auto& c : conns) {
-        c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
-        c->stream.reset();  // before the UCX engine goes
-      }
-      done.set_value();
+    asio::post(io, [this] {
+      for (auto& c : conns) c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
     });
-    done.get_future().wait();
-    ucx.reset();  // its worker thread stops; completions it still posts are dropped with the io_context
     work.reset();
-    io.stop();
+    if (io_drained.wait_for(kShutdownDrainLimit) != std::future_status::ready) {
+      // A resolver still waiting on the system resolver; its handler is dropped unrun.
+      logger(Subsystem::offload).warn("offload client: pending operations did not finish within {} ms of shutdown; dropping them",
+                                      kShutdownDrainLimit.count());
+      io.stop();
+    }
     thread.join();
+    for (auto& c : conns) c->stream.reset();  // before the UCX engine goes
+    ucx.reset();  // its worker thread stops; completions it still posts are dropped with the io_context
   }
 
   // Sends one request to server `s`; `done` runs on the I/O thread.
@@ -449,22 +420,20 @@ struct Client::Impl {
     asio::post(io, [c, r] { c->submit(r); });
   }
 
-  int server_of(const SeqState& st, std::uint64_t shard) const {
-    return static_cast<int>((static_cast<std::uint64_t>(st.home) + shard) % conns.size());
-  }
+  int server_of(const SeqState& st, std::uint64_t shard) const { return layout.server_of(st.home, shard); }
 
-  // Sends an open for shard `k` unless done; caller holds mu.
+  // Sends an open for shard `k` unless done; caller holds seqs_mutex.
   template <class J>
   void ensure_open(SeqState& st, std::uint64_t k, const std::shared_ptr<J>& join) {
-    if (st.opened.count(k)) return;
-    st.opened.insert(k);
+    if (st.opened_shards.count(k)) return;
+    st.opened_shards.insert(k);
     Open m;
     m.seq = server_seq_id(st.spec.id, k);
     m.layers = static_cast<std::uint32_t>(st.spec.layers);
     m.kv_heads = static_cast<std::uint32_t>(st.spec.kv_heads);
     m.head_dim = static_cast<std::uint32_t>(st.spec.head_dim);
     m.dtype = st.spec.dtype;
-    m.kv_start = static_cast<std::int64_t>(k) * opt.shard_tokens;
+    m.kv_start = layout.first_token(k);
     join->left++;
     const auto seq = st.spec.id;
     send(server_of(st, k), MsgType::open, encode(m), true, [this, join, seq](const Error* e, std::vector<std::byte>&) {
@@ -477,7 +446,7 @@ struct Client::Impl {
   }
 
   void mark_broken(std::uint64_t seq) {
-    std::lock_guard lock(mu);
+    std::lock_guard lock(seqs_mutex);
     auto it = seqs.find(seq);
     if (it != seqs.end()) it->second.broken = true;
   }
@@ -487,15 +456,15 @@ Client::Client(ClientOptions opt) : impl_(std::make_unique<Impl>(std::move(opt))
 Client::~Client() = default;
 
 std::future<void> Client::open(const SequenceSpec& spec) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   LONGATTN_INVALID(spec.id < kMaxSeqId, "sequence id {} is too large (ids must be < 2^48)", spec.id);
   LONGATTN_INVALID(spec.layers >= 1 && spec.kv_heads >= 1 && spec.head_dim >= 1 && spec.head_dim <= 512,
                    "sequence {}: layers, kv_heads and head_dim must be positive (head_dim <= 512)", spec.id);
   auto join = std::make_shared<Join<void>>();
   join->finish = [](std::promise<void>& p) { p.set_value(); };
   auto fut = join->promise.get_future();
-  std::lock_guard lock(I.mu);
-  auto [it, fresh] = I.seqs.try_emplace(spec.id);
+  std::lock_guard lock(impl.seqs_mutex);
+  auto [it, fresh] = impl.seqs.try_emplace(spec.id);
   auto& st = it->second;
   if (!fresh) {
     const auto& s = st.spec;
@@ -503,100 +472,80 @@ std::future<void> Client::open(const SequenceSpec& spec) {
                      "sequence {} is already open with another geometry; drop it first", spec.id);
   } else {
     st.spec = spec;
-    st.len.assign(static_cast<std::size_t>(spec.layers), 0);
-    st.home = static_cast<int>(spec.id % I.conns.size());
+    st.layer_lengths.assign(static_cast<std::size_t>(spec.layers), 0);
+    st.home = static_cast<int>(spec.id % impl.conns.size());
   }
   join->left++;  // guard: finish only after every part was sent
-  I.ensure_open(st, 0, join);
+  impl.ensure_open(st, 0, join);
   join->part_done();
   return fut;
 }
 
 std::future<void> Client::append(std::uint64_t seq, int layer, const void* k, const void* v, std::int64_t tokens) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   auto join = std::make_shared<Join<void>>();
   join->finish = [](std::promise<void>& p) { p.set_value(); };
   auto fut = join->promise.get_future();
-  std::lock_guard lock(I.mu);
-  auto it = I.seqs.find(seq);
-  LONGATTN_INVALID(it != I.seqs.end(), "append: sequence {} was not opened by this client", seq);
+  std::lock_guard lock(impl.seqs_mutex);
+  auto it = impl.seqs.find(seq);
+  LONGATTN_INVALID(it != impl.seqs.end(), "append: sequence {} was not opened by this client", seq);
   auto& st = it->second;
   LONGATTN_REQUIRE(!st.broken, ErrorCode::communication,
                    "sequence {} is in an unknown state after a failed request; drop it and open it again", seq);
   LONGATTN_INVALID(layer >= 0 && layer < st.spec.layers, "append: layer {} outside [0, {})", layer, st.spec.layers);
   LONGATTN_INVALID(tokens > 0 && k && v, "append: needs tokens > 0 and k, v");
   const std::size_t row = static_cast<std::size_t>(st.spec.kv_heads) * st.spec.head_dim * dtype_size(st.spec.dtype);
-  std::int64_t& L = st.len[static_cast<std::size_t>(layer)];
-  const std::int64_t S = I.opt.shard_tokens;
+  std::int64_t& stored = st.layer_lengths[static_cast<std::size_t>(layer)];
+  const ShardLayout& layout = impl.layout;
   join->left++;
   for (std::int64_t done = 0; done < tokens;) {
-    const std::int64_t abs = L + done;
-    const std::uint64_t shard = S > 0 ? static_cast<std::uint64_t>(abs / S) : 0;
-    LONGATTN_INVALID(shard < (std::uint64_t{1} << kShardBits), "append: sequence {} needs more than 65536 shards; raise shard_tokens", seq);
+    const std::int64_t position = stored + done;
+    const std::uint64_t shard = layout.shard_of(position);
+    LONGATTN_INVALID(shard < kMaxShards, "append: sequence {} needs more than {} shards; raise shard_tokens", seq, kMaxShards);
     std::int64_t n = tokens - done;
-    if (S > 0) n = std::min(n, (static_cast<std::int64_t>(shard) + 1) * S - abs);
+    if (layout.shard_tokens > 0) n = std::min(n, layout.first_token(shard + 1) - position);
     // Frames stay well under the 256 MiB default limit: split bulk prefills.
     n = std::min<std::int64_t>(n, std::max<std::int64_t>(1, static_cast<std::int64_t>((64u << 20) / (2 * row))));
-    I.ensure_open(st, shard, join);
+    impl.ensure_open(st, shard, join);
     Append m;
     m.seq = server_seq_id(seq, shard);
     m.layer = static_cast<std::uint32_t>(layer);
     m.tokens = static_cast<std::uint32_t>(n);
-    m.start = abs - static_cast<std::int64_t>(shard) * S;
+    m.start = position - layout.first_token(shard);
     m.kv_heads = static_cast<std::uint32_t>(st.spec.kv_heads);
     m.head_dim = static_cast<std::uint32_t>(st.spec.head_dim);
     m.dtype = st.spec.dtype;
     m.k = std::span(static_cast<const std::byte*>(k) + static_cast<std::size_t>(done) * row, static_cast<std::size_t>(n) * row);
     m.v = std::span(static_cast<const std::byte*>(v) + static_cast<std::size_t>(done) * row, static_cast<std::size_t>(n) * row);
     join->left++;
-    Impl* ip = &I;
-    I.send_frame(I.server_of(st, shard), MsgType::append, [&m](std::uint64_t id) { return append_frame(id, m); }, false,
-                 [ip, join, seq](const Error* e, std::vector<std::byte>&) {
+    Impl* client = &impl;
+    impl.send_frame(impl.server_of(st, shard), MsgType::append, [&m](std::uint64_t id) { return append_frame(id, m); }, false,
+                    [client, join, seq](const Error* e, std::vector<std::byte>&) {
       if (e) {
-        ip->mark_broken(seq);
+        client->mark_broken(seq);
         join->fail(*e);
       }
       join->part_done();
     });
     done += n;
   }
-  L += tokens;
+  stored += tokens;
   join->part_done();
   return fut;
 }
 
 std::future<void> Client::attend(int layer, int q_heads, int head_dim, std::span<const DecodeQuery> queries, const float* q, float* o,
                                  float* lse) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   LONGATTN_INVALID(!queries.empty() && q && o && lse, "attend: needs queries, q, o and lse");
   LONGATTN_INVALID(q_heads >= 1 && head_dim >= 1, "attend: q_heads and head_dim must be positive");
-  const std::size_t nserv = I.conns.size();
-  // Per server: the request being built and, per entry, where its rows go in the caller's output.
-  struct Entry {
-    std::int64_t row0;  // first query row in the caller's batch
-    int rows;
-  };
-  struct Part {
-    Attend m;
-    std::vector<float> q;
-    std::vector<Entry> entries;
-    std::vector<std::byte> reply;
-  };
-  std::vector<Part> parts(nserv);
-  std::int64_t total_q = 0;
-  bool positions = false;
-  for (const auto& dq : queries) {
-    LONGATTN_INVALID(dq.q_count >= 1 && dq.q_count <= 256, "attend: q_count {} outside [1, 256]", dq.q_count);
-    total_q += dq.q_count;
-    positions |= dq.q_count > 1;
-  }
-  const std::size_t qrow = static_cast<std::size_t>(q_heads) * head_dim;
+  std::vector<QueriedSequence> queried;
+  queried.reserve(queries.size());
   {
-    std::lock_guard lock(I.mu);
-    std::int64_t row = 0;
+    std::lock_guard lock(impl.seqs_mutex);
     for (const auto& dq : queries) {
-      auto it = I.seqs.find(dq.seq);
-      LONGATTN_INVALID(it != I.seqs.end(), "attend: sequence {} was not opened by this client", dq.seq);
+      auto it = impl.seqs.find(dq.seq);
+      LONGATTN_INVALID(it != impl.seqs.end(), "attend: sequence {} was not opened by this client", dq.seq);
       const auto& st = it->second;
       LONGATTN_REQUIRE(!st.broken, ErrorCode::communication,
                        "sequence {} is in an unknown state after a failed request; drop it and open it again", dq.seq);
@@ -604,118 +553,74 @@ std::future<void> Client::attend(int layer, int q_heads, int head_dim, std::span
       LONGATTN_INVALID(head_dim == st.spec.head_dim && q_heads % st.spec.kv_heads == 0,
                        "attend: {} heads x {} do not fit sequence {} ({} kv heads x {})", q_heads, head_dim, dq.seq, st.spec.kv_heads,
                        st.spec.head_dim);
-      const std::int64_t len = st.len[static_cast<std::size_t>(layer)];
-      const std::int64_t S = I.opt.shard_tokens;
-      const std::uint64_t shards = S > 0 ? std::max<std::uint64_t>(1, static_cast<std::uint64_t>((len + S - 1) / S)) : 1;
-      for (std::uint64_t k = 0; k < shards; ++k) {
-        auto& p = parts[static_cast<std::size_t>(I.server_of(st, k))];
-        const std::int64_t local = S > 0 ? std::clamp<std::int64_t>(len - static_cast<std::int64_t>(k) * S, 0, S) : len;
-        p.m.seqs.push_back({server_seq_id(dq.seq, k), static_cast<std::uint32_t>(dq.q_count), local});
-        p.entries.push_back({row, dq.q_count});
-        p.q.insert(p.q.end(), q + static_cast<std::size_t>(row) * qrow, q + static_cast<std::size_t>(row + dq.q_count) * qrow);
-        for (int j = 0; j < dq.q_count; ++j) p.m.positions.push_back(len - dq.q_count + j);
-        p.m.total_q += static_cast<std::uint64_t>(dq.q_count);
-      }
-      row += dq.q_count;
+      queried.push_back({dq.seq, dq.q_count, st.layer_lengths[static_cast<std::size_t>(layer)], st.home});
     }
   }
-
-  auto shared = std::make_shared<std::vector<Part>>(std::move(parts));
+  auto plan = std::make_shared<AttendPlan>(plan_attend(impl.layout, layer, q_heads, head_dim, queried, q));
+  auto replies = std::make_shared<std::vector<std::vector<std::byte>>>(plan->servers.size());
   auto join = std::make_shared<Join<void>>();
   auto fut = join->promise.get_future();
-  join->finish = [shared, o, lse, total_q, q_heads, head_dim](std::promise<void>& pr) {
-    // LSE merge of every part's rows into fresh buffers, then one copy to the caller's.
-    const std::size_t D = static_cast<std::size_t>(head_dim), H = static_cast<std::size_t>(q_heads);
-    std::vector<float> O(static_cast<std::size_t>(total_q) * H * D, 0.0f);
-    std::vector<float> LSE(static_cast<std::size_t>(total_q) * H, -std::numeric_limits<float>::infinity());
-    for (auto& p : *shared) {
-      if (p.entries.empty()) continue;
-      const AttendReply r = decode_attend_reply(p.reply, client_limits());
-      LONGATTN_REQUIRE(r.total_q == p.m.total_q && r.q_heads == H && r.head_dim == D, ErrorCode::protocol,
-                       "a server answered an attend with the wrong shape");
-      std::vector<float> po(r.o.size() / 4), pl(r.lse.size() / 4);
-      std::memcpy(po.data(), r.o.data(), r.o.size());
-      std::memcpy(pl.data(), r.lse.data(), r.lse.size());
-      std::int64_t prow = 0;
-      for (const auto& e : p.entries) {
-        for (int j = 0; j < e.rows; ++j, ++prow) {
-          const std::size_t dst = static_cast<std::size_t>(e.row0 + j);
-          for (std::size_t h = 0; h < H; ++h) {
-            const float l2 = pl[h * r.total_q + static_cast<std::size_t>(prow)];
-            float& l1 = LSE[h * static_cast<std::size_t>(total_q) + dst];
-            if (l2 == -std::numeric_limits<float>::infinity()) continue;
-            const float* o2 = &po[(static_cast<std::size_t>(prow) * H + h) * D];
-            float* o1 = &O[(dst * H + h) * D];
-            if (l1 == -std::numeric_limits<float>::infinity()) {
-              std::memcpy(o1, o2, D * 4);
-              l1 = l2;
-              continue;
-            }
-            const float m = std::max(l1, l2);
-            const float l = m + std::log(std::exp(l1 - m) + std::exp(l2 - m));
-            const float w1 = std::exp(l1 - l), w2 = std::exp(l2 - l);
-            for (std::size_t d = 0; d < D; ++d) o1[d] = w1 * o1[d] + w2 * o2[d];
-            l1 = l;
-          }
-        }
-      }
-    }
-    std::memcpy(o, O.data(), O.size() * 4);
-    std::memcpy(lse, LSE.data(), LSE.size() * 4);
+  join->finish = [plan, replies, o, lse](std::promise<void>& pr) {
+    std::vector<AttendReply> decoded(plan->servers.size());
+    for (std::size_t s = 0; s < plan->servers.size(); ++s)
+      if (plan->servers[s].asked()) decoded[s] = decode_attend_reply((*replies)[s], client_limits());
+    // Merged into buffers of our own first: the caller's are written only on success.
+    const std::size_t rows = static_cast<std::size_t>(plan->total_q) * static_cast<std::size_t>(plan->q_heads);
+    std::vector<float> merged_o(rows * static_cast<std::size_t>(plan->head_dim)), merged_lse(rows);
+    merge_attend_replies(*plan, decoded, merged_o.data(), merged_lse.data());
+    std::memcpy(o, merged_o.data(), merged_o.size() * sizeof(float));
+    std::memcpy(lse, merged_lse.data(), merged_lse.size() * sizeof(float));
     pr.set_value();
   };
   join->left = 1;
-  for (std::size_t s = 0; s < nserv; ++s) {
-    auto& p = (*shared)[s];
-    if (p.entries.empty()) continue;
-    p.m.layer = static_cast<std::uint32_t>(layer);
-    p.m.q_heads = static_cast<std::uint32_t>(q_heads);
-    p.m.head_dim = static_cast<std::uint32_t>(head_dim);
-    p.m.flags = positions ? kAttendHasPositions : 0;
-    p.m.q = std::as_bytes(std::span(p.q));
+  for (std::size_t s = 0; s < plan->servers.size(); ++s) {
+    auto& part = plan->servers[s];
+    if (!part.asked()) continue;
+    part.request.q = std::as_bytes(std::span(part.q));
     join->left++;
-    I.send(static_cast<int>(s), MsgType::attend, encode(p.m), true, [shared, s, join](const Error* e, std::vector<std::byte>& payload) {
-      if (e) {
-        join->fail(*e);
-      } else {
-        (*shared)[s].reply = std::move(payload);
-      }
-      join->part_done();
-    });
+    impl.send(static_cast<int>(s), MsgType::attend, encode(part.request), true,
+              [replies, s, join](const Error* e, std::vector<std::byte>& payload) {
+                if (e) {
+                  join->fail(*e);
+                } else {
+                  (*replies)[s] = std::move(payload);
+                }
+                join->part_done();
+              });
   }
-  asio::post(I.io, [join] { join->part_done(); });  // the guard, released on the I/O thread
+  asio::post(impl.io, [join] { join->part_done(); });  // the guard, released on the I/O thread
   return fut;
 }
 
 std::future<void> Client::drop(std::uint64_t seq) {
-  auto& I = *impl_;
+  auto& impl = *impl_;
   auto join = std::make_shared<Join<void>>();
   join->finish = [](std::promise<void>& p) { p.set_value(); };
   auto fut = join->promise.get_future();
-  std::lock_guard lock(I.mu);
-  auto it = I.seqs.find(seq);
+  std::lock_guard lock(impl.seqs_mutex);
+  auto it = impl.seqs.find(seq);
   join->left = 1;
-  if (it != I.seqs.end()) {
-    for (auto k : it->second.opened) {
+  if (it != impl.seqs.end()) {
+    for (auto k : it->second.opened_shards) {
       join->left++;
-      I.send(I.server_of(it->second, k), MsgType::drop, encode(Drop{server_seq_id(seq, k)}), true,
+      impl.send(impl.server_of(it->second, k), MsgType::drop, encode(Drop{server_seq_id(seq, k)}), true,
              [join](const Error* e, std::vector<std::byte>&) {
                if (e) join->fail(*e);
                join->part_done();
              });
     }
-    I.seqs.erase(it);
+    impl.seqs.erase(it);
   }
-  asio::post(I.io, [join] { join->part_done(); });
+  asio::post(impl.io, [join] { join->part_done(); });
   return fut;
 }
 
 std::future<std::string> Client::server_stats(int server) {
-  auto& I = *impl_;
-  LONGATTN_INVALID(server >= 0 && static_cast<std::size_t>(server) < I.conns.size(), "server_stats: no server {}", server);
+  auto& impl = *impl_;
+  LONGATTN_INVALID(server >= 0 && static_cast<std::size_t>(server) < impl.conns.size(), "server_stats: no server {}", server);
   auto pr = std::make_shared<std::promise<std::string>>();
   auto fut = pr->get_future();
-  I.send(server, MsgType::stats, {}, true, [pr](const Error* e, std::vector<std::byte>& payload) {
+  impl.send(server, MsgType::stats, {}, true, [pr](const Error* e, std::vector<std::byte>& payload) {
     if (e) {
       pr->set_exception(std::make_exception_ptr(*e));
     } else {
@@ -726,87 +631,8 @@ std::future<std::string> Client::server_stats(int server) {
 }
 
 ClientStats Client::stats() const {
-  const auto& I = *impl_;
-  return {I.n_requests.load(), I.n_retries.load(), I.n_sent.load(), I.n_received.load(), I.n_errors.load()};
-}
-
-// ---- LocalEngine ----
-struct LocalEngine::Impl {
-  KvStore store;
-  int threads;
-  std::map<std::uint64_t, std::vector<std::int64_t>> len;
-  std::map<std::uint64_t, SequenceSpec> specs;
-  Impl(std::size_t limit, int t) : store(KvStoreOptions{limit, 0, 64}), threads(t) {}
-};
-
-LocalEngine::LocalEngine(std::size_t memory_limit, int threads) : impl_(std::make_unique<Impl>(memory_limit, threads)) {}
-LocalEngine::~LocalEngine() = default;
-
-void LocalEngine::open(const SequenceSpec& spec) {
-  Open m;
-  m.seq = spec.id;
-  m.layers = static_cast<std::uint32_t>(spec.layers);
-  m.kv_heads = static_cast<std::uint32_t>(spec.kv_heads);
-  m.head_dim = static_cast<std::uint32_t>(spec.head_dim);
-  m.dtype = spec.dtype;
-  impl_->store.open(0, m);
-  impl_->len.try_emplace(spec.id, static_cast<std::size_t>(spec.layers), 0);
-  impl_->specs[spec.id] = spec;
-}
-
-void LocalEngine::append(std::uint64_t seq, int layer, const void* k, const void* v, std::int64_t tokens) {
-  auto it = impl_->specs.find(seq);
-  LONGATTN_INVALID(it != impl_->specs.end(), "append: sequence {} is not open", seq);
-  LONGATTN_INVALID(layer >= 0 && layer < it->second.layers && tokens > 0 && tokens < (std::int64_t{1} << 31), "append: bad layer or tokens");
-  const auto& sp = it->second;
-  const std::size_t bytes = static_cast<std::size_t>(tokens) * sp.kv_heads * sp.head_dim * dtype_size(sp.dtype);
-  Append m;
-  m.seq = seq;
-  m.layer = static_cast<std::uint32_t>(layer);
-  m.tokens = static_cast<std::uint32_t>(tokens);
-  m.start = impl_->len[seq][static_cast<std::size_t>(layer)];
-  m.kv_heads = static_cast<std::uint32_t>(sp.kv_heads);
-  m.head_dim = static_cast<std::uint32_t>(sp.head_dim);
-  m.dtype = sp.dtype;
-  m.k = std::span(static_cast<const std::byte*>(k), bytes);
-  m.v = std::span(static_cast<const std::byte*>(v), bytes);
-  impl_->len[seq][static_cast<std::size_t>(layer)] = impl_->store.append(0, m);
-}
-
-LocalEngine::Timing LocalEngine::attend(int layer, int q_heads, int head_dim, std::span<const DecodeQuery> queries, const float* q,
-                                        float* o, float* lse) {
-  Attend m;
-  m.layer = static_cast<std::uint32_t>(layer);
-  m.q_heads = static_cast<std::uint32_t>(q_heads);
-  m.head_dim = static_cast<std::uint32_t>(head_dim);
-  bool pos = false;
-  for (const auto& dq : queries) {
-    auto it = impl_->len.find(dq.seq);
-    LONGATTN_INVALID(it != impl_->len.end() && layer >= 0 && static_cast<std::size_t>(layer) < it->second.size(),
-                     "attend: sequence {} / layer {} is not open", dq.seq, layer);
-    const std::int64_t len = it->second[static_cast<std::size_t>(layer)];
-    m.seqs.push_back({dq.seq, static_cast<std::uint32_t>(dq.q_count), len});
-    for (int j = 0; j < dq.q_count; ++j) m.positions.push_back(len - dq.q_count + j);
-    m.total_q += static_cast<std::uint64_t>(dq.q_count);
-    pos |= dq.q_count > 1;
-  }
-  m.flags = pos ? kAttendHasPositions : 0;
-  m.q = std::span(reinterpret_cast<const std::byte*>(q), static_cast<std::size_t>(m.total_q) * q_heads * head_dim * 4);
-  const auto st = impl_->store.attend(0, m, o, lse, impl_->threads);
-  return {st.kernel_seconds, st.kv_bytes_read};
-}
-
-void LocalEngine::drop(std::uint64_t seq) {
-  impl_->store.drop(0, seq);
-  impl_->len.erase(seq);
-  impl_->specs.erase(seq);
-}
-
-std::int64_t LocalEngine::length(std::uint64_t seq, int layer) const {
-  auto it = impl_->len.find(seq);
-  LONGATTN_INVALID(it != impl_->len.end() && layer >= 0 && static_cast<std::size_t>(layer) < it->second.size(), "no sequence {} layer {}",
-                   seq, layer);
-  return it->second[static_cast<std::size_t>(layer)];
+  const auto& impl = *impl_;
+  return {impl.n_requests.load(), impl.n_retries.load(), impl.n_sent.load(), impl.n_received.load(), impl.n_errors.load()};
 }
 
 }  // namespace longattn::offload
