@@ -6,7 +6,6 @@
 #include <charconv>
 #include <cstring>
 #include <fstream>
-#include <regex>
 
 #include <fmt/ranges.h>
 
@@ -25,6 +24,27 @@ constexpr std::int64_t kMaxElements = std::int64_t{1} << 40;
 std::string trimmed(const std::string& s) {
   const auto first = s.find_first_not_of(" \t"), last = s.find_last_not_of(" \t");
   return first == std::string::npos ? "" : s.substr(first, last - first + 1);
+}
+
+// The value of 'key' in the header's dictionary text: between `open` and `close` when open is not
+// 0 ('descr': '<f4', 'shape': (2, 3)), else up to `close` or the closing brace ('fortran_order':
+// False), trimmed.
+std::string header_value(const std::string& path, const std::string& header, const std::string& key, char open, char close) {
+  const auto at = header.find("'" + key + "'");
+  if (at == std::string::npos) fail(path, fmt::format("header has no '{}'", key));
+  auto pos = header.find_first_not_of(" \t", at + key.size() + 2);
+  if (pos == std::string::npos || header[pos] != ':') fail(path, fmt::format("header has no value for '{}'", key));
+  pos = header.find_first_not_of(" \t", pos + 1);
+  if (pos == std::string::npos) fail(path, fmt::format("header has no value for '{}'", key));
+  if (open) {
+    if (header[pos] != open) fail(path, fmt::format("header's '{}' does not start with {}", key, open));
+    const auto end = header.find(close, pos + 1);
+    if (end == std::string::npos) fail(path, fmt::format("header's '{}' has no closing {}", key, close));
+    return header.substr(pos + 1, end - pos - 1);
+  }
+  auto end = header.find_first_of(std::string(1, close) + "}", pos);
+  if (end == std::string::npos) end = header.size();
+  return trimmed(header.substr(pos, end - pos));
 }
 
 // The text between the parentheses of 'shape': (d0, d1, ...): decimal integers separated by
@@ -78,15 +98,13 @@ NpyReader::NpyReader(const std::string& path) : path_(path), in_(path, std::ios:
   std::string header(header_len, '\0');
   if (!in.read(header.data(), header_len)) fail(path, "truncated header");
 
-  std::smatch m;
-  if (!std::regex_search(header, m, std::regex("'descr'\\s*:\\s*'([^']*)'"))) fail(path, "header has no 'descr'");
-  if (m[1] != "<f4" && m[1] != "=f4")
-    fail(path, fmt::format("dtype '{}' is not float32; save with np.save(path, a.astype(np.float32))", m[1].str()));
-  if (!std::regex_search(header, m, std::regex("'fortran_order'\\s*:\\s*(True|False)"))) fail(path, "header has no 'fortran_order'");
-  if (m[1] == "True") fail(path, "Fortran-ordered arrays are not supported; save np.ascontiguousarray(a)");
-  if (!std::regex_search(header, m, std::regex("'shape'\\s*:\\s*\\(([^)]*)\\)"))) fail(path, "header has no 'shape'");
-
-  shape_ = parse_shape(path, m[1]);
+  const std::string descr = header_value(path, header, "descr", '\'', '\'');
+  if (descr != "<f4" && descr != "=f4")
+    fail(path, fmt::format("dtype '{}' is not float32; save with np.save(path, a.astype(np.float32))", descr));
+  const std::string fortran = header_value(path, header, "fortran_order", 0, ',');
+  if (fortran != "True" && fortran != "False") fail(path, fmt::format("header has 'fortran_order': {}, not True or False", fortran));
+  if (fortran == "True") fail(path, "Fortran-ordered arrays are not supported; save np.ascontiguousarray(a)");
+  shape_ = parse_shape(path, header_value(path, header, "shape", '(', ')'));
   std::int64_t count = 1;
   for (const auto d : shape_) {
     if (d != 0 && count > kMaxElements / d)

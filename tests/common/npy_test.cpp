@@ -69,6 +69,12 @@ TEST(Npy, MalformedFilesAreRefused) {
   expect_io_error(temp_path("f8.npy"), "not float32");
   write(temp_path("fortran.npy"), header("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }") + std::string(16, '\0'));
   expect_io_error(temp_path("fortran.npy"), "Fortran");
+  write(temp_path("order.npy"), header("{'descr': '<f4', 'fortran_order': Maybe, 'shape': (2, 2), }") + std::string(16, '\0'));
+  expect_io_error(temp_path("order.npy"), "not True or False");
+  write(temp_path("noshape.npy"), header("{'descr': '<f4', 'fortran_order': False, }") + std::string(16, '\0'));
+  expect_io_error(temp_path("noshape.npy"), "no 'shape'");
+  write(temp_path("open.npy"), header("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2 }") + std::string(16, '\0'));
+  expect_io_error(temp_path("open.npy"), "no closing )");
   write(temp_path("short.npy"), header("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 4), }") + std::string(20, '\0'));
   expect_io_error(temp_path("short.npy"), "truncated data");
   write(temp_path("hdr.npy"), std::string("\x93NUMPY\x01\x00\xff", 9));
