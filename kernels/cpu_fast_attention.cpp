@@ -251,8 +251,7 @@ void scores_t(Scratch& w, int nk, int Dp, Vis vis) {
 }  // namespace
 
 void cpu_fast_forward(const AttentionArgs& a, const ForwardOutputs& out) {
-  const auto sh = validate_inputs(a);
-  validate_forward(a, out, sh);
+  const auto sh = validate_call(a, out);
   const Common c = make_common(a, sh);
   const int Dp = c.Dp, group = sh.group();
 
@@ -372,8 +371,7 @@ void probs_and_ds(Scratch& w, int nk, int Dp, float scale) {
 }  // namespace
 
 void cpu_fast_backward(const AttentionArgs& a, const BackwardArgs& g) {
-  const auto sh = validate_inputs(a);
-  validate_backward(a, g, sh);
+  const auto sh = validate_call(a, g);
   const Common c = make_common(a, sh);
   const int Dp = c.Dp, group = sh.group();
 

@@ -59,8 +59,7 @@ void scores(const AttentionArgs& a, const Context& c, int b, std::int64_t i, int
 }  // namespace
 
 void reference_forward(const AttentionArgs& a, const ForwardOutputs& out) {
-  const auto sh = validate_inputs(a);
-  validate_forward(a, out, sh);
+  const auto sh = validate_call(a, out);
   const auto c = make_context(a, sh);
   Row row;
   std::vector<double> acc(static_cast<std::size_t>(sh.d));
@@ -89,8 +88,7 @@ void reference_forward(const AttentionArgs& a, const ForwardOutputs& out) {
 }
 
 void reference_backward(const AttentionArgs& a, const BackwardArgs& g) {
-  const auto sh = validate_inputs(a);
-  validate_backward(a, g, sh);
+  const auto sh = validate_call(a, g);
   const auto c = make_context(a, sh);
   const auto o = to_double(g.o), d_o = to_double(g.d_o);
   std::vector<double> dq(c.q.size(), 0.0), dk(c.k.size(), 0.0), dv(c.v.size(), 0.0);

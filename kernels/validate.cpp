@@ -87,6 +87,18 @@ std::vector<std::int32_t> host_cu_seqlens(const std::int32_t* cu, int batch, std
   return out;
 }
 
+ProblemShape validate_call(const AttentionArgs& args, const ForwardOutputs& out) {
+  const ProblemShape s = validate_inputs(args);
+  validate_forward(args, out, s);
+  return s;
+}
+
+ProblemShape validate_call(const AttentionArgs& args, const BackwardArgs& g) {
+  const ProblemShape s = validate_inputs(args);
+  validate_backward(args, g, s);
+  return s;
+}
+
 }  // namespace longattn::kernels
 
 namespace longattn {

@@ -19,6 +19,10 @@ struct ProblemShape {
 ProblemShape validate_inputs(const AttentionArgs& args);
 void validate_forward(const AttentionArgs& args, const ForwardOutputs& out, const ProblemShape& s);
 void validate_backward(const AttentionArgs& args, const BackwardArgs& g, const ProblemShape& s);
+// What every backend checks first: validate_inputs, then the forward's outputs (or the backward's
+// gradients) against that shape.
+ProblemShape validate_call(const AttentionArgs& args, const ForwardOutputs& out);
+ProblemShape validate_call(const AttentionArgs& args, const BackwardArgs& g);
 
 // Host-side sequence boundaries: the caller's cu_seqlens checked (monotone, ending at the token
 // count), or {0, T} when none was given. Only for host-resident arguments.

@@ -108,8 +108,7 @@ class CudaBackend final : public AttentionBackend {
   }
 
   void forward(const AttentionArgs& a, const ForwardOutputs& out) override {
-    const auto s = validate_inputs(a);
-    validate_forward(a, out, s);
+    const auto s = validate_call(a, out);
     require(a);
     // Few query rows against a long KV: the split-KV decode kernel reads the KV at memory speed,
     // where the fused kernel would leave most SMs idle.
@@ -130,8 +129,7 @@ class CudaBackend final : public AttentionBackend {
   }
 
   void backward(const AttentionArgs& a, const BackwardArgs& g) override {
-    const auto s = validate_inputs(a);
-    validate_backward(a, g, s);
+    const auto s = validate_call(a, g);
     require(a);
     auto st = static_cast<cudaStream_t>(a.stream);
     FlashParams p = make_params(a, s);

@@ -207,8 +207,7 @@ class CudnnBackend final : public AttentionBackend {
   }
 
   void forward(const AttentionArgs& user, const ForwardOutputs& out) override {
-    const auto s = validate_inputs(user);
-    validate_forward(user, out, s);
+    const auto s = validate_call(user, out);
     auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
     const auto& [a, key, graph] = plan_call(user, s, false, scratch);
@@ -229,8 +228,7 @@ class CudnnBackend final : public AttentionBackend {
   }
 
   void backward(const AttentionArgs& user, const BackwardArgs& g) override {
-    const auto s = validate_inputs(user);
-    validate_backward(user, g, s);
+    const auto s = validate_call(user, g);
     auto st = static_cast<cudaStream_t>(user.stream);
     Scratch scratch(st);
     const auto& [a, key, graph] = plan_call(user, s, true, scratch);
