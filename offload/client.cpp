@@ -51,6 +51,15 @@ Limits client_limits() {
   return l;
 }
 
+// A server's error reply; one that cannot be decoded is itself a protocol error.
+ErrorReply error_reply_in(const std::vector<std::byte>& payload) {
+  try {
+    return decode_error(payload, client_limits());
+  } catch (const Error& e) {
+    return {ErrorCode::protocol, e.what()};
+  }
+}
+
 // Called on the I/O thread with the outcome: err == nullptr means success with `payload`.
 using Done = std::function<void(const Error* err, std::vector<std::byte>& payload)>;
 
@@ -261,12 +270,7 @@ struct Client::Impl {
     void on_reply(const FrameHeader& h) {
       if (h.request_id == hello_id && state == State::handshaking) {
         if (h.type == MsgType::error) {
-          ErrorReply er;
-          try {
-            er = decode_error(rbuf, client_limits());
-          } catch (const Error& e) {
-            er = {ErrorCode::protocol, e.what()};
-          }
+          const ErrorReply er = error_reply_in(rbuf);
           // A refused token is permanent: fail everything, no retries.
           lost(Error(er.code, fmt::format("server {} refused the connection: {}", name, er.message)), false, false);
           return;
@@ -281,12 +285,7 @@ struct Client::Impl {
       if (it != pending.end()) {
         auto r = it->second;
         if (h.type == MsgType::error) {
-          ErrorReply er;
-          try {
-            er = decode_error(rbuf, client_limits());
-          } catch (const Error& e) {
-            er = {ErrorCode::protocol, e.what()};
-          }
+          const ErrorReply er = error_reply_in(rbuf);
           complete(*r, Error(er.code, fmt::format("server {}: {}", name, er.message)));
         } else if (h.type != r->type) {
           complete(*r, Error(ErrorCode::protocol, fmt::format("server {} answered a {} request with {}", name, to_string(r->type), to_string(h.type))));
