@@ -53,7 +53,9 @@ struct ClientStats {
 class Client {
  public:
   explicit Client(ClientOptions opt);  // connects lazily; the first call authenticates
-  ~Client();                           // fails what is still pending (Error(communication))
+  // Fails what is still pending (Error(communication)), then waits until the cancelled transfers
+  // have finished: after it returns, no attend writes to its o and lse any more.
+  ~Client();
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
