@@ -122,7 +122,7 @@ struct Client::Impl {
   std::map<std::uint64_t, SeqState> seqs;  // guarded by seqs_mutex
 
   struct Conn : std::enable_shared_from_this<Conn> {
-    Impl* cl;
+    Impl* client;
     int index;
     std::string host, port, name;
     std::unique_ptr<ByteStream> stream;  // one per connection attempt
@@ -133,35 +133,28 @@ struct Client::Impl {
     bool writing = false;
     std::uint64_t hello_id = 0;
     std::vector<std::byte> hello_frame;
-    std::array<std::byte, kHeaderBytes> hbuf{};
-    std::vector<std::byte> rbuf;
+    std::array<std::byte, kHeaderBytes> header_bytes{};  // of the frame being read
+    std::vector<std::byte> payload_bytes;                // of the frame being read
     int generation = 0;
     int connect_failures = 0;
 
-    Conn(Impl* c, int i, const std::string& where)
-        : cl(c), index(i), name(where), backoff(c->io) {
+    Conn(Impl* owner, int i, const std::string& where)
+        : client(owner), index(i), name(where), backoff(owner->io) {
       const auto [h, p] = parse_host_port(where);
       host = h;
       port = std::to_string(p);
     }
 
     void submit(std::shared_ptr<Request> r) {
-      r->timer = std::make_unique<asio::steady_timer>(cl->io);
+      r->timer = std::make_unique<asio::steady_timer>(client->io);
       r->timer->expires_at(r->deadline);
       std::weak_ptr<Request> w = r;
       auto self = shared_from_this();
       r->timer->async_wait([self, w](boost::system::error_code ec) {
         if (ec) return;
         if (auto rq = w.lock()) {
-          // No hello reply at all usually means the port speaks something else: say which transport was tried.
-          const std::string hint =
-              self->state == State::ready
-                  ? ""
-                  : fmt::format("; it never answered this connection's hello over {}: check that it is a longattn offload server "
-                                "started with --transport {} (a server on the other transport does not answer)",
-                                self->cl->opt.transport, self->cl->opt.transport);
-          self->complete(*rq, Error(ErrorCode::timeout, fmt::format("server {} did not answer a {} request within {} ms{}", self->name,
-                                                                    to_string(rq->type), self->cl->opt.timeout.count(), hint)));
+          self->complete(*rq, Error(ErrorCode::timeout, fmt::format("server {} did not answer a {} request within {} ms", self->name,
+                                                                    to_string(rq->type), self->client->opt.timeout.count())));
         }
       });
       pending[r->id] = r;
@@ -183,7 +176,7 @@ struct Client::Impl {
       if (r.timer) r.timer->cancel();
       auto keep = pending[r.id];  // `r` may be owned only by the map
       pending.erase(r.id);
-      if (e) cl->n_errors++;
+      if (e) client->n_errors++;
       r.done(e, payload);
     }
 
@@ -191,7 +184,7 @@ struct Client::Impl {
       state = State::connecting;
       const int gen = generation;
       auto self = shared_from_this();
-      stream = cl->make_stream();
+      stream = client->make_stream();
       stream->connect(host, port, [self, gen](const std::string& err, std::size_t) {
         if (gen != self->generation) return;
         if (!err.empty()) {
@@ -204,13 +197,13 @@ struct Client::Impl {
 
     void handshake() {
       state = State::handshaking;
-      hello_id = cl->next_id++;
-      hello_frame = frame(MsgType::hello, 0, hello_id, encode(Hello{cl->opt.token, cl->opt.client_id}));
+      hello_id = client->next_id++;
+      hello_frame = frame(MsgType::hello, 0, hello_id, encode(Hello{client->opt.token, client->opt.client_id}));
       const int gen = generation;
       auto self = shared_from_this();
       stream->write(hello_frame.data(), hello_frame.size(), [self, gen](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
-        self->cl->n_sent += n;
+        self->client->n_sent += n;
         if (!err.empty()) self->lost(Error(ErrorCode::communication, fmt::format("server {}: {}", self->name, err)), true);
       });
       read_header();
@@ -229,7 +222,7 @@ struct Client::Impl {
       stream->write(r->frame.data(), r->frame.size(), [self, gen, r](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
         self->writing = false;
-        self->cl->n_sent += n;
+        self->client->n_sent += n;
         if (!err.empty()) {
           self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)), false);
           return;
@@ -241,34 +234,34 @@ struct Client::Impl {
     void read_header() {
       const int gen = generation;
       auto self = shared_from_this();
-      stream->read(hbuf.data(), hbuf.size(), [self, gen](const std::string& err, std::size_t n) {
+      stream->read(header_bytes.data(), header_bytes.size(), [self, gen](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
         if (!err.empty()) {
           self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)),
                      self->state != State::ready);
           return;
         }
-        self->cl->n_received += n;
+        self->client->n_received += n;
         FrameHeader h;
         try {
-          h = decode_header(self->hbuf, client_limits());
+          h = decode_header(self->header_bytes, client_limits());
           if (!(h.flags & kFlagResponse)) throw Error(ErrorCode::protocol, "the server sent a request frame");
         } catch (const Error& e) {
           self->lost(Error(ErrorCode::protocol, fmt::format("server {}: {}", self->name, e.what())), false, false);
           return;
         }
-        self->rbuf.resize(h.payload_bytes);
+        self->payload_bytes.resize(h.payload_bytes);
         if (h.payload_bytes == 0) {
           self->on_reply(h);
           return;
         }
-        self->stream->read(self->rbuf.data(), self->rbuf.size(), [self, gen, h](const std::string& err2, std::size_t n2) {
+        self->stream->read(self->payload_bytes.data(), self->payload_bytes.size(), [self, gen, h](const std::string& err2, std::size_t n2) {
           if (gen != self->generation) return;
           if (!err2.empty()) {
             self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err2)), false);
             return;
           }
-          self->cl->n_received += n2;
+          self->client->n_received += n2;
           self->on_reply(h);
         });
       });
@@ -277,9 +270,9 @@ struct Client::Impl {
     void on_reply(const FrameHeader& h) {
       if (h.request_id == hello_id && state == State::handshaking) {
         if (h.type == MsgType::error) {
-          const ErrorReply er = error_reply_in(rbuf);
+          const ErrorReply reply = error_reply_in(payload_bytes);
           // A refused token is permanent: fail everything, no retries.
-          lost(Error(er.code, fmt::format("server {} refused the connection: {}", name, er.message)), false, false);
+          lost(Error(reply.code, fmt::format("server {} refused the connection: {}", name, reply.message)), false, false);
           return;
         }
         state = State::ready;
@@ -292,12 +285,12 @@ struct Client::Impl {
       if (it != pending.end()) {
         auto r = it->second;
         if (h.type == MsgType::error) {
-          const ErrorReply er = error_reply_in(rbuf);
-          complete(*r, Error(er.code, fmt::format("server {}: {}", name, er.message)));
+          const ErrorReply reply = error_reply_in(payload_bytes);
+          complete(*r, Error(reply.code, fmt::format("server {}: {}", name, reply.message)));
         } else if (h.type != r->type) {
           complete(*r, Error(ErrorCode::protocol, fmt::format("server {} answered a {} request with {}", name, to_string(r->type), to_string(h.type))));
         } else {
-          finish(*r, nullptr, rbuf);
+          finish(*r, nullptr, payload_bytes);
         }
       }  // else: the answer to a request that already timed out
       read_header();
@@ -322,7 +315,7 @@ struct Client::Impl {
         if (may && (!costs || r->attempts_left > 0)) {
           if (costs) {
             --r->attempts_left;
-            cl->n_retries++;
+            client->n_retries++;
           }
           r->sent = false;
           keep.push_back(r);
