@@ -153,8 +153,15 @@ struct Client::Impl {
       r->timer->async_wait([self, w](boost::system::error_code ec) {
         if (ec) return;
         if (auto rq = w.lock()) {
-          self->complete(*rq, Error(ErrorCode::timeout, fmt::format("server {} did not answer a {} request within {} ms", self->name,
-                                                                    to_string(rq->type), self->client->opt.timeout.count())));
+          // No hello reply at all usually means the port speaks something else: say which transport was tried.
+          const std::string hint =
+              self->state == State::ready
+                  ? ""
+                  : fmt::format("; it never answered this connection's hello over {}: check that it is a longattn offload server "
+                                "started with --transport {} (a server on the other transport does not answer)",
+                                self->client->opt.transport, self->client->opt.transport);
+          self->complete(*rq, Error(ErrorCode::timeout, fmt::format("server {} did not answer a {} request within {} ms{}", self->name,
+                                                                    to_string(rq->type), self->client->opt.timeout.count(), hint)));
         }
       });
       pending[r->id] = r;
