@@ -184,7 +184,8 @@ Connection::Connection(TcpServer& server, FrameService& service, tcp::socket soc
 
 void Connection::evict_before_hello(int limit) {
   if (closed_ || session_.authed) return;
-  log().info("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
+  // debug, not info: a flood of strangers would otherwise be a flood of log lines.
+  log().debug("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
              session_.peer, limit);
   close();
 }

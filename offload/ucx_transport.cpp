@@ -299,7 +299,7 @@ class UcxServer final : public ServerTransport, public WorkerThread {
     for (auto id : evict) {
       Conn* oldest = find(id);
       logger(Subsystem::offload)
-          .info("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
+          .debug("connection {}: closed before hello to make room ({} connections before hello is the limit, --max-unauthenticated)",
                 oldest->session.peer, limit);
       close(*oldest, true);
       reap(id);  // one without a request in flight (replied, waiting for its peer) goes now; others when UCX returns theirs
