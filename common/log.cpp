@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
 
 #include <fmt/format.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 
 #include "common/check.hpp"
 #include "longattn/config.hpp"
@@ -25,9 +27,11 @@ constexpr std::array<spdlog::level::level_enum, 6> kSpdlogLevels = {spdlog::leve
                                                                     spdlog::level::info,  spdlog::level::warn,
                                                                     spdlog::level::err,   spdlog::level::off};
 
+// The public Logger holds only its subsystem and threshold; the spdlog objects behind it live here.
 struct Registry {
   std::mutex mu;
-  std::array<std::shared_ptr<spdlog::logger>, kSubsystemNames.size()> loggers{};
+  std::array<std::shared_ptr<spdlog::logger>, kSubsystemNames.size()> sinks{};
+  std::array<std::unique_ptr<Logger>, kSubsystemNames.size()> loggers{};
   int rank = -1;
 };
 
@@ -86,28 +90,38 @@ bool log_subsystem_enabled(Subsystem s) {
   return all || selected;
 }
 
-spdlog::logger& logger(Subsystem s) {
+const Logger& logger(Subsystem s) {
   auto& reg = registry();
   const auto i = static_cast<std::size_t>(s);
   std::lock_guard lock(reg.mu);
   if (!reg.loggers[i]) {
-    const auto level = kSpdlogLevels[static_cast<std::size_t>(log_level_from_environment())];
-    const bool enabled = log_subsystem_enabled(s);
+    const LogLevel level = log_subsystem_enabled(s) ? log_level_from_environment() : LogLevel::off;
     auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
     auto lg = std::make_shared<spdlog::logger>(std::string(kSubsystemNames[i]), sink);
     lg->set_pattern(pattern(reg.rank));
-    lg->set_level(enabled ? level : spdlog::level::off);
-    reg.loggers[i] = lg;
+    lg->set_level(kSpdlogLevels[static_cast<std::size_t>(level)]);
+    reg.sinks[i] = std::move(lg);
+    reg.loggers[i] = std::make_unique<Logger>(s, level);
   }
   return *reg.loggers[i];
+}
+
+void Logger::write(LogLevel level, std::string_view message) const {
+  auto& reg = registry();
+  std::shared_ptr<spdlog::logger> sink;
+  {
+    std::lock_guard lock(reg.mu);
+    sink = reg.sinks[static_cast<std::size_t>(subsystem_)];
+  }
+  if (sink) sink->log(kSpdlogLevels[static_cast<std::size_t>(level)], message);
 }
 
 void set_log_rank(int rank) {
   auto& reg = registry();
   std::lock_guard lock(reg.mu);
   reg.rank = rank;
-  for (auto& lg : reg.loggers)
-    if (lg) lg->set_pattern(pattern(rank));
+  for (auto& sink : reg.sinks)
+    if (sink) sink->set_pattern(pattern(rank));
 }
 
 }  // namespace longattn

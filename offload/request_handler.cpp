@@ -13,7 +13,7 @@
 namespace longattn::offload {
 namespace {
 
-spdlog::logger& log() { return logger(Subsystem::offload); }
+const Logger& log() { return logger(Subsystem::offload); }
 
 }  // namespace
 

@@ -26,7 +26,7 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 
-spdlog::logger& log() { return logger(Subsystem::offload); }
+const Logger& log() { return logger(Subsystem::offload); }
 
 Clock::duration seconds(double s) { return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s)); }
 
