@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <deque>
+#include <memory>
 #include <future>
 #include <optional>
 #include <random>
@@ -14,6 +15,7 @@
 
 #include "longattn/error.hpp"
 #include "longattn/offload_client.hpp"
+#include "offload/transport.hpp"
 #include "offload_test_util.hpp"
 #include "support/test_util.hpp"
 
@@ -24,11 +26,22 @@ constexpr int kSeqs = 4, kLayers = 2, kKvHeads = 2, kHeadDim = 64, kQHeads = 8;
 constexpr std::int64_t kContext = 4096;
 constexpr int kAttempts = 8;
 
-ClientOptions options_for(const Server& s) {
-  ClientOptions co;
-  co.servers = {test::addr(s)};
-  co.token = test::kToken;
-  return co;
+class OffloadClientShutdown : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::unique_ptr<Server> start_server() const { return test::start_server(std::size_t{4} << 20, 0, "", GetParam()); }
+  ClientOptions options_for(const Server& s) const {
+    ClientOptions co;
+    co.servers = {test::addr(s)};
+    co.token = test::kToken;
+    co.transport = GetParam();
+    return co;
+  }
+};
+
+std::vector<std::string> transports() {
+  std::vector<std::string> t{"tcp"};
+  if (ucx_available()) t.push_back("ucx");
+  return t;
 }
 
 // The error of the first future that fails, waiting for them in order as a program would.
@@ -64,7 +77,7 @@ void expect_capacity_error(const std::optional<Error>& e) {
   EXPECT_NE(std::string(e->what()).find("out of capacity"), std::string::npos) << e->what();
 }
 
-TEST(OffloadClientShutdown, ErrorMidPrefillIsReportedAndTheClientGoesWhileWritesAreInFlight) {
+TEST_P(OffloadClientShutdown, ErrorMidPrefillIsReportedAndTheClientGoesWhileWritesAreInFlight) {
   const auto seed = ::longattn::test::fresh_seed();
   SCOPED_TRACE(seed);
   std::mt19937_64 rng(seed);
@@ -72,7 +85,7 @@ TEST(OffloadClientShutdown, ErrorMidPrefillIsReportedAndTheClientGoesWhileWrites
   test::DenseKv kv(rng, DType::bf16, kKvHeads, kHeadDim, std::vector<std::int64_t>(kSeqs, kContext));
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     SCOPED_TRACE(attempt);
-    auto server = test::start_server(std::size_t{4} << 20);
+    auto server = start_server();
     std::optional<Error> error;
     {
       Client client(options_for(*server));
@@ -92,7 +105,7 @@ TEST(OffloadClientShutdown, ErrorMidPrefillIsReportedAndTheClientGoesWhileWrites
   }
 }
 
-TEST(OffloadClientShutdown, ErrorMidDecodeIsReportedAndTheClientGoesWhileAttendsAreInFlight) {
+TEST_P(OffloadClientShutdown, ErrorMidDecodeIsReportedAndTheClientGoesWhileAttendsAreInFlight) {
   const auto seed = ::longattn::test::fresh_seed();
   SCOPED_TRACE(seed);
   std::mt19937_64 rng(seed);
@@ -106,7 +119,7 @@ TEST(OffloadClientShutdown, ErrorMidDecodeIsReportedAndTheClientGoesWhileAttends
   for (int s = 0; s < kSeqs; ++s) queries.push_back({static_cast<std::uint64_t>(s), 1});
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     SCOPED_TRACE(attempt);
-    auto server = test::start_server(std::size_t{4} << 20);
+    auto server = start_server();
     std::optional<Error> error;
     // Outputs of every attend in flight: they outlive the client, as a caller's buffers must.
     std::vector<std::vector<float>> outputs(static_cast<std::size_t>(steps * kLayers * 2));
@@ -143,6 +156,9 @@ TEST(OffloadClientShutdown, ErrorMidDecodeIsReportedAndTheClientGoesWhileAttends
     expect_capacity_error(error);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, OffloadClientShutdown, ::testing::ValuesIn(transports()),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
 
 }  // namespace
 }  // namespace longattn::offload
