@@ -85,4 +85,27 @@ void convert_from_f32(const float* src, void* dst, DType t, std::size_t n) noexc
   }
 }
 
+namespace {
+// All-ones exponent marks infinity and NaN in every IEEE format.
+template <class Bits>
+std::size_t first_with_exponent(const void* p, std::size_t n, Bits exponent_mask) noexcept {
+  const auto* x = static_cast<const Bits*>(p);
+  for (std::size_t i = 0; i < n; ++i) {
+    Bits v;
+    std::memcpy(&v, x + i, sizeof v);
+    if ((v & exponent_mask) == exponent_mask) return i;
+  }
+  return n;
+}
+}  // namespace
+
+std::size_t first_non_finite(const void* p, DType t, std::size_t n) noexcept {
+  switch (t) {
+    case DType::f32: return first_with_exponent<std::uint32_t>(p, n, 0x7f800000u);
+    case DType::bf16: return first_with_exponent<std::uint16_t>(p, n, 0x7f80u);
+    case DType::f16: return first_with_exponent<std::uint16_t>(p, n, 0x7c00u);
+  }
+  return n;
+}
+
 }  // namespace longattn

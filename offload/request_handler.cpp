@@ -8,12 +8,26 @@
 
 #include <fmt/format.h>
 
+#include "longattn/dtype_convert.hpp"
 #include "longattn/log.hpp"
 
 namespace longattn::offload {
 namespace {
 
 const Logger& log() { return logger(Subsystem::offload); }
+
+// Non-finite values are refused, not computed: a NaN or infinite key would poison every later
+// answer of its sequence, and the sender learns which element of which request was wrong. The
+// connection stays usable.
+void require_finite(std::span<const std::byte> data, DType dtype, std::uint32_t heads, std::uint32_t head_dim, const char* what) {
+  const std::size_t n = data.size() / dtype_size(dtype);
+  const std::size_t i = first_non_finite(data.data(), dtype, n);
+  if (i == n) return;
+  const std::size_t row = static_cast<std::size_t>(heads) * head_dim;
+  throw Error(ErrorCode::invalid_argument,
+              fmt::format("{} holds a non-finite value (NaN or infinity) at [token {}, head {}, dim {}]; send finite values only",
+                          what, i / row, i % row / head_dim, i % head_dim));
+}
 
 }  // namespace
 
@@ -111,7 +125,10 @@ void RequestHandler::on_frame(Session& s, const FrameHeader& h, std::vector<std:
         return;
       }
       case MsgType::append: {
-        const AppendReply r{store_.append(s.client, decode_append(payload, lim))};
+        const Append m = decode_append(payload, lim);
+        require_finite(m.k, m.dtype, m.kv_heads, m.head_dim, "the appended k");
+        require_finite(m.v, m.dtype, m.kv_heads, m.head_dim, "the appended v");
+        const AppendReply r{store_.append(s.client, m)};
         reply(encode(r));
         return;
       }
@@ -129,6 +146,7 @@ void RequestHandler::on_frame(Session& s, const FrameHeader& h, std::vector<std:
       }
       case MsgType::attend: {
         auto m = std::make_shared<Attend>(decode_attend(payload, lim));
+        require_finite(m->q, DType::f32, m->q_heads, m->head_dim, "the attend's q");
         auto keep = std::make_shared<std::vector<std::byte>>(std::move(payload));  // m's spans point into it
         compute_.submit([this, m, keep, client = s.client, peer = s.peer, id = h.request_id, respond] {
           respond(run_attend(client, peer, id, *m), false);

@@ -44,6 +44,10 @@ inline void store_from_f32(void* p, DType t, std::size_t i, float v) noexcept {
   }
 }
 
+// Index of the first NaN or infinity among n elements of type t, or n when all are finite: a bit
+// test of the exponent, with no conversion, so a server can check every byte it is sent.
+std::size_t first_non_finite(const void* p, DType t, std::size_t n) noexcept;
+
 void convert_to_f32(const void* src, DType t, float* dst, std::size_t n) noexcept;
 void convert_from_f32(const float* src, void* dst, DType t, std::size_t n) noexcept;
 
