@@ -23,7 +23,10 @@ class FallbackBackend final : public AttentionBackend {
     std::lock_guard<std::mutex> lock(mutex_);
     std::string out;
     for (const auto& c : candidates_)
-      if (used_.empty() || used_.count(c->name())) out += (out.empty() ? "" : used_.empty() ? ">" : "+") + c->name();
+      if (used_.empty() || used_.count(c->name())) {
+        if (!out.empty()) out += used_.empty() ? ">" : "+";
+        out += c->name();
+      }
     return out;
   }
   Device device() const override { return candidates_.back()->device(); }

@@ -57,7 +57,7 @@ TEST(EnvironmentValues, LogLevelInAnyCase) {
                                                      {"info", LogLevel::info},   {"warn", LogLevel::warn},
                                                      {"error", LogLevel::error}, {"off", LogLevel::off}};
   for (const auto& [name, level] : levels) {
-    for (const std::string spelled : {std::string(name), random_case(name, rng), random_case(name, rng)}) {
+    for (const std::string& spelled : {std::string(name), random_case(name, rng), random_case(name, rng)}) {
       ScopedEnv env("LONGATTN_LOG", spelled);
       EXPECT_EQ(log_level_from_environment(), level) << spelled;
     }
@@ -70,7 +70,7 @@ TEST(EnvironmentValues, LogLevelInAnyCase) {
 
 TEST(EnvironmentValues, UnknownLogLevelIsRefusedWithTheList) {
   std::mt19937 rng(std::random_device{}());
-  for (const std::string bad : {std::string("verbose"), std::string("warning2"), "lvl" + std::to_string(rng() % 1000 + 1)}) {
+  for (const std::string& bad : {std::string("verbose"), std::string("warning2"), "lvl" + std::to_string(rng() % 1000 + 1)}) {
     ScopedEnv env("LONGATTN_LOG", bad);
     const std::string message = error_of([] { log_level_from_environment(); });
     EXPECT_NE(message.find("LONGATTN_LOG='" + bad + "'"), std::string::npos) << message;
@@ -88,7 +88,7 @@ TEST(EnvironmentValues, SubsystemListInAnyCaseWithSpaces) {
     EXPECT_FALSE(log_subsystem_enabled(Subsystem::kernels));
     EXPECT_FALSE(log_subsystem_enabled(Subsystem::offload));
   }
-  for (const std::string every : {std::string("all"), random_case("all", rng), std::string("")}) {
+  for (const std::string& every : {std::string("all"), random_case("all", rng), std::string("")}) {
     ScopedEnv env("LONGATTN_LOG_SUBSYS", every);
     EXPECT_TRUE(log_subsystem_enabled(Subsystem::partition)) << "'" << every << "'";
     EXPECT_TRUE(log_subsystem_enabled(Subsystem::app)) << "'" << every << "'";
@@ -105,7 +105,7 @@ TEST(EnvironmentValues, UnknownSubsystemIsRefusedWithTheList) {
 
 TEST(EnvironmentValues, NegativeThreadCountIsRefused) {
   std::mt19937 rng(std::random_device{}());
-  const std::string negative = "-" + std::to_string(rng() % 64 + 1);
+  const std::string negative = std::to_string(-static_cast<int>(rng() % 64 + 1));
   ScopedEnv env("LONGATTN_NUM_THREADS", negative);
   const std::string message = error_of([] { cpu_threads_per_process(1); });
   EXPECT_NE(message.find("LONGATTN_NUM_THREADS=" + negative), std::string::npos) << message;

@@ -124,7 +124,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cpu, BackendVsReference, ::testing::Combine(::testing::Values("cpu"), ::testing::ValuesIn(cases())),
-                         [](const auto& info) { return name(std::get<1>(info.param)); });
+                         [](const auto& test_info) { return name(std::get<1>(test_info.param)); });
 
 TEST(AttentionInputs, RejectsHeadsNotDivisibleByKvHeads) {
   std::mt19937_64 rng(test::fresh_seed());

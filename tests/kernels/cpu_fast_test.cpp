@@ -81,8 +81,9 @@ void check_against_reference(const Shape& s, DType out_dtype = DType::f32) {
   // Rows that see nothing: exactly lse = -inf and o = 0.
   for (int h = 0; h < s.hq; ++h)
     for (std::int64_t i = 0; i < tq; ++i)
-      if (std::isinf(lse_ref.at(static_cast<std::size_t>(h * tq + i))))
+      if (std::isinf(lse_ref.at(static_cast<std::size_t>(h * tq + i)))) {
         for (int x = 0; x < s.d; ++x) ASSERT_EQ(o.at(static_cast<std::size_t>((i * s.hq + h) * s.d + x)), 0.0f);
+      }
 
   HostTensor dq_ref(DType::f32, {tq, s.hq, s.d}), dk_ref(DType::f32, {tk, s.hkv, s.d}), dv_ref(DType::f32, {tk, s.hkv, s.d});
   kernels::reference_backward(in.args, {o_ref.view, lse_ref.view, in.d_o.view, {}, dq_ref.view, dk_ref.view, dv_ref.view, false});
