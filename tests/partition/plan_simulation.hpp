@@ -17,6 +17,7 @@ struct PlanCoverage {
   int heads = 0;
   std::vector<int> times;                   // [head][query token][key token]: how often computed
   std::vector<std::int64_t> pairs_of_rank;  // (query, key, head) triples each rank computes
+  std::vector<std::vector<std::int64_t>> pairs_of_step;  // [rank][step]: the same per step
   int& at(int h, std::int64_t i, std::int64_t j) { return times[(static_cast<std::size_t>(h) * tokens + i) * tokens + j]; }
 };
 
@@ -41,6 +42,7 @@ inline PlanCoverage simulate_plan(const partition::Plan& plan, const ShardPlan& 
   cov.heads = plan.q_heads;
   cov.times.assign(static_cast<std::size_t>(cov.heads * cov.tokens * cov.tokens), 0);
   cov.pairs_of_rank.assign(static_cast<std::size_t>(plan.world), 0);
+  cov.pairs_of_step.assign(static_cast<std::size_t>(plan.world), {});
   const TokenPlaces places(shards.cu_seqlens());
   std::vector<RankShard> shard_of;
   for (int r = 0; r < plan.world; ++r) shard_of.push_back(shards.shard(r));
@@ -50,7 +52,8 @@ inline PlanCoverage simulate_plan(const partition::Plan& plan, const ShardPlan& 
     return rows;
   }();
   for (int r = 0; r < plan.world; ++r)
-    for (const auto& step : plan.ranks[static_cast<std::size_t>(r)].steps)
+    for (const auto& step : plan.ranks[static_cast<std::size_t>(r)].steps) {
+      auto& step_pairs = cov.pairs_of_step[static_cast<std::size_t>(r)].emplace_back(0);
       for (const auto& call : step.calls) {
         const bool gathered = step.rows == partition::RowSpace::gathered;
         const auto& q_rows = gathered ? all_rows : shard_of[static_cast<std::size_t>(r)].global_index;
@@ -79,8 +82,10 @@ inline PlanCoverage simulate_plan(const partition::Plan& plan, const ShardPlan& 
             if (!visible) continue;
             for (int h = call.heads.begin; h < call.heads.begin + call.heads.count; ++h) ++cov.at(h, qi, kj);
             cov.pairs_of_rank[static_cast<std::size_t>(r)] += call.heads.count;
+            step_pairs += call.heads.count;
           }
       }
+    }
   return cov;
 }
 

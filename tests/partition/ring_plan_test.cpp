@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <random>
 #include <sstream>
 #include <string>
@@ -134,6 +135,21 @@ TEST(RingPlan, PerRankWorkIsWhatTheLayoutPromises) {
           // most about two full rows (2 (L + 2P) pairs) per sequence of length L, against
           // L^2 / (2P) per rank.
           EXPECT_LE(*hi - *lo, balance_bound);
+        }
+        // Zigzag balances every step, not just the sum: at step s every rank computes against a
+        // whole pair of chunks (about 2 (L/2P)^2 pairs), off by at most one token per chunk side.
+        if (layout == Layout::zigzag) {
+          std::int64_t step_bound = 0;
+          for (std::size_t b = 0; b + 1 < cu.size(); ++b) step_bound += 4 * ((cu[b + 1] - cu[b]) / (2 * world) + 1);
+          for (int s = 1; s < world; ++s) {
+            std::int64_t step_lo = INT64_MAX, step_hi = 0;
+            for (int r = 0; r < world; ++r) {
+              const auto pairs = causal.pairs_of_step[static_cast<std::size_t>(r)][static_cast<std::size_t>(s)];
+              step_lo = std::min(step_lo, pairs);
+              step_hi = std::max(step_hi, pairs);
+            }
+            EXPECT_LE(step_hi - step_lo, step_bound) << "step " << s;
+          }
         }
       }
 }
