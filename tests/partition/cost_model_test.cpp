@@ -187,6 +187,16 @@ TEST(CostModelStrategies, RingByHand) {
   EXPECT_NEAR(e.backward_seconds, std::max(step_bwd, move_bwd) + step_bwd + home + 2 * linear, 1e-12);
   EXPECT_NEAR(e.attention_compute_seconds, 2 * (step_fwd + step_bwd), 1e-12);
 
+  // Causal: zigzag shards, so step 0 is the diagonal (causal by index) and step 1 sees half the keys.
+  auto causal = shape;
+  causal.causal = true;
+  const double diagonal_fwd = 4 * (n * (n + 1) / 2) * 128 * 8 / fwd_rate, half_fwd = 4 * n * (n / 2) * 128 * 8 / fwd_rate;
+  const auto c = estimate_strategy(m, causal, {.ranks = 2, .gpus_per_node = 1}, 1);
+  EXPECT_NEAR(c.forward_seconds, std::max(diagonal_fwd, move_fwd) + half_fwd + linear, 1e-12);
+  EXPECT_NEAR(c.backward_seconds, std::max(2.5 * diagonal_fwd * fwd_rate / bwd_rate, move_bwd) +
+                                      2.5 * half_fwd * fwd_rate / bwd_rate + home + 2 * linear,
+              1e-12);
+
   // On one node the same ring runs over the intra-node link.
   const auto same_node = estimate_strategy(m, shape, {.ranks = 2, .gpus_per_node = 2}, 1);
   EXPECT_EQ(same_node.ring_tier, Tier::intra_node);
