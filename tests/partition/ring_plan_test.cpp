@@ -20,11 +20,12 @@ namespace {
 using partition::MaskKind;
 using partition::Plan;
 
-// The batches a case runs on: two odd single lengths and a random packed batch (with an empty and
-// a one-token sequence among them, see random_cu_seqlens).
+// The batches a case runs on: three odd single lengths (short ones leave ranks without a token)
+// and a random packed batch (with an empty and a one-token sequence among them, see
+// random_cu_seqlens).
 std::vector<std::vector<std::int32_t>> batches_for(std::mt19937_64& rng, int world) {
   auto odd = [&](int at_least) { return static_cast<std::int32_t>(2 * (at_least + static_cast<int>(rng() % 30)) + 1); };
-  return {{0, odd(1)}, {0, odd(2 * world)}, test::random_cu_seqlens(rng, 2 + static_cast<int>(rng() % 3), 40)};
+  return {{0, odd(1)}, {0, odd(2 * world)}, {0, odd(40)}, test::random_cu_seqlens(rng, 2 + static_cast<int>(rng() % 3), 40)};
 }
 
 std::string describe(const ShardPlan& shards, bool causal) {
