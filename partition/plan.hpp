@@ -58,6 +58,8 @@ struct AllToAll {
   PlanTensor tensor = PlanTensor::q;
   std::vector<std::int64_t> send_counts, recv_counts;  // [world]
   std::vector<HeadRange> send_heads, recv_heads;       // [world]: the heads sent to / received from each peer
+
+  bool operator==(const AllToAll&) const = default;
 };
 
 struct Step {
@@ -66,10 +68,13 @@ struct Step {
   std::optional<RingTransfer> ring;     // none on the last ring step and outside rings
   std::vector<AllToAll> all_to_all;     // exchanges completed before the calls
   std::vector<KernelCall> calls;
+
+  bool operator==(const Step&) const = default;
 };
 
 struct RankPlan {
   std::vector<Step> steps;
+  bool operator==(const RankPlan&) const = default;
 };
 
 enum class Strategy { ring, ulysses };

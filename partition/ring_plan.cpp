@@ -42,31 +42,34 @@ void add_sequence_calls(const SequenceRows& q, const SequenceRows& k, bool causa
 
 }  // namespace
 
-Plan ring_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
+RankPlan ring_rank_plan(const ShardPlan& shards, bool causal, int rank, int q_heads, int kv_heads) {
   LONGATTN_INVALID(q_heads >= 1 && kv_heads >= 1 && q_heads % kv_heads == 0,
                    "query heads ({}) must be a positive multiple of key/value heads ({})", q_heads, kv_heads);
   const int world = shards.world();
+  LONGATTN_INVALID(rank >= 0 && rank < world, "rank {} is outside [0, {})", rank, world);
   std::vector<std::vector<SequenceRows>> rows;
   rows.reserve(static_cast<std::size_t>(world));
   for (int r = 0; r < world; ++r) rows.push_back(rows_by_sequence(shards, r));
 
-  Plan plan{Strategy::ring, world, causal, q_heads, kv_heads, {}};
-  plan.ranks.resize(static_cast<std::size_t>(world));
-  for (int r = 0; r < world; ++r) {
-    auto& steps = plan.ranks[static_cast<std::size_t>(r)].steps;
-    steps.resize(static_cast<std::size_t>(world));
-    for (int s = 0; s < world; ++s) {
-      auto& step = steps[static_cast<std::size_t>(s)];
-      step.rows = RowSpace::shards;
-      step.key_shard = (r - s + world) % world;
-      if (s + 1 < world)
-        step.ring = RingTransfer{(r + 1) % world, step.key_shard, (r - 1 + world) % world, (r - s - 1 + world) % world};
-      const auto& own = rows[static_cast<std::size_t>(r)];
-      const auto& keys = rows[static_cast<std::size_t>(step.key_shard)];
-      for (std::size_t b = 0; b < own.size(); ++b)
-        add_sequence_calls(own[b], keys[b], causal, step.key_shard == r, HeadRange{0, q_heads}, step.calls);
-    }
+  RankPlan plan;
+  plan.steps.resize(static_cast<std::size_t>(world));
+  for (int s = 0; s < world; ++s) {
+    auto& step = plan.steps[static_cast<std::size_t>(s)];
+    step.rows = RowSpace::shards;
+    step.key_shard = (rank - s + world) % world;
+    if (s + 1 < world)
+      step.ring = RingTransfer{(rank + 1) % world, step.key_shard, (rank - 1 + world) % world, (rank - s - 1 + world) % world};
+    const auto& own = rows[static_cast<std::size_t>(rank)];
+    const auto& keys = rows[static_cast<std::size_t>(step.key_shard)];
+    for (std::size_t b = 0; b < own.size(); ++b)
+      add_sequence_calls(own[b], keys[b], causal, step.key_shard == rank, HeadRange{0, q_heads}, step.calls);
   }
+  return plan;
+}
+
+Plan ring_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
+  Plan plan{Strategy::ring, shards.world(), causal, q_heads, kv_heads, {}};
+  for (int r = 0; r < shards.world(); ++r) plan.ranks.push_back(ring_rank_plan(shards, causal, r, q_heads, kv_heads));
   return plan;
 }
 

@@ -14,4 +14,8 @@ namespace longattn::partition {
 // mask every sequence is one unmasked call per step. q_heads % kv_heads must be 0.
 Plan ring_plan(const ShardPlan& shards, bool causal, int q_heads = 1, int kv_heads = 1);
 
+// One rank's part of ring_plan, for a rank that executes only its own: the same steps, in time
+// that grows with the ranks and sequences but not with the other ranks' plans.
+RankPlan ring_rank_plan(const ShardPlan& shards, bool causal, int rank, int q_heads = 1, int kv_heads = 1);
+
 }  // namespace longattn::partition

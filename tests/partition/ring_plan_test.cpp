@@ -67,7 +67,9 @@ TEST(RingPlan, TransfersFormARingThatBringsEveryShardOnce) {
     const auto layout = static_cast<Layout>(rng() % 3);
     const ShardPlan shards(test::random_cu_seqlens(rng, 3, 30), layout, world);
     SCOPED_TRACE(describe(shards, true));
-    const Plan plan = partition::ring_plan(shards, true);
+    // Each rank makes its own part, as an executing rank does; together they must form the ring.
+    Plan plan;
+    for (int r = 0; r < world; ++r) plan.ranks.push_back(partition::ring_rank_plan(shards, true, r));
     for (int r = 0; r < world; ++r) {
       const auto& steps = plan.ranks[static_cast<std::size_t>(r)].steps;
       ASSERT_EQ(steps.size(), static_cast<std::size_t>(world));
@@ -93,6 +95,7 @@ TEST(RingPlan, TransfersFormARingThatBringsEveryShardOnce) {
       }
       EXPECT_EQ(seen, std::vector<int>(static_cast<std::size_t>(world), 1)) << "rank " << r;
     }
+    EXPECT_EQ(plan.ranks, partition::ring_plan(shards, true).ranks) << "one rank's part differs from the whole plan's";
   }
 }
 
