@@ -138,6 +138,17 @@ double visible_pairs(std::int64_t query_rows, std::int64_t key_rows, bool causal
   return m * (m + 1) / 2 + (q - m) * k;
 }
 
+double visible_pairs_with_offset(std::int64_t query_rows, std::int64_t key_rows, std::int64_t causal_offset) {
+  LONGATTN_INVALID(query_rows >= 0 && key_rows >= 0, "block sides must not be negative, got {} x {}", query_rows, key_rows);
+  // Row i sees min(k, max(0, i + offset + 1)) keys: none before row `first`, a growing count up
+  // to row `full`, all k from there on.
+  const double q = static_cast<double>(query_rows), k = static_cast<double>(key_rows), offset = static_cast<double>(causal_offset);
+  const double first = std::clamp(-offset, 0.0, q);
+  const double full = std::clamp(k - offset - 1, first, q);
+  const double growing = (full - first) * (offset + 1) + (first + full - 1) * (full - first) / 2;
+  return growing + (q - full) * k;
+}
+
 double forward_flops(std::int64_t query_rows, std::int64_t key_rows, bool causal, int head_dim, int query_heads) {
   return 4.0 * visible_pairs(query_rows, key_rows, causal) * head_dim * query_heads;
 }
@@ -311,6 +322,96 @@ std::vector<StrategyEstimate> rank_strategies(const MachineModel& machine, const
   std::stable_sort(ranked.begin(), ranked.end(),
                    [](const StrategyEstimate& a, const StrategyEstimate& b) { return a.total_seconds() < b.total_seconds(); });
   return ranked;
+}
+
+// ---- plans ---------------------------------------------------------------------------------
+
+namespace {
+
+double call_seconds(const MachineModel& m, const KernelCall& call, int head_dim) {
+  if (call.q_count == 0 || call.k_count == 0 || call.heads.count == 0) return 0;
+  double pairs = 0;
+  bool causal = true;
+  switch (call.mask) {
+    case MaskKind::none:
+      pairs = visible_pairs(call.q_count, call.k_count, false);
+      causal = false;
+      break;
+    case MaskKind::causal_by_index:
+      pairs = visible_pairs_with_offset(call.q_count, call.k_count, call.causal_offset);
+      causal = pairs < static_cast<double>(call.q_count) * static_cast<double>(call.k_count);
+      break;
+    case MaskKind::positions: pairs = visible_pairs(call.q_count, call.k_count, false) / 2; break;
+  }
+  return 4.0 * pairs * head_dim * call.heads.count /
+         (m.rates.forward_tflops(call.q_count, call.k_count, causal, head_dim) * 1e12);
+}
+
+double all_to_all_seconds(const MachineModel& m, const AllToAll& exchange, int rank, const PlanCostInputs& in) {
+  const double bytes_per_count = exchange.tensor == PlanTensor::lse ? 4.0 : static_cast<double>(in.head_dim) * in.element_bytes;
+  double bytes[2] = {0, 0};
+  int messages[2] = {0, 0};
+  for (std::size_t peer = 0; peer < exchange.send_counts.size(); ++peer) {
+    const auto count = std::max(exchange.send_counts[peer], exchange.recv_counts[peer]);
+    if (static_cast<int>(peer) == rank || count == 0) continue;
+    const int tier = static_cast<int>(tier_between(rank, static_cast<int>(peer), in.gpus_per_node));
+    bytes[tier] += static_cast<double>(count) * bytes_per_count;
+    ++messages[tier];
+  }
+  double seconds = 0;
+  for (const Tier tier : {Tier::intra_node, Tier::inter_node}) {
+    const int t = static_cast<int>(tier);
+    if (messages[t] > 0) seconds = std::max(seconds, m.transfer_seconds(bytes[t], tier, messages[t]));
+  }
+  return seconds;
+}
+
+}  // namespace
+
+PlanEstimate estimate_plan_forward(const MachineModel& m, const Plan& plan, const PlanCostInputs& in) {
+  LONGATTN_INVALID(in.head_dim > 0 && in.element_bytes > 0 && in.gpus_per_node > 0,
+                   "plan cost: head dim, element bytes and GPUs per node must be positive");
+  LONGATTN_INVALID(static_cast<int>(plan.ranks.size()) == plan.world,
+                   "plan cost: the plan has {} rank plans for a world of {}", plan.ranks.size(), plan.world);
+  PlanEstimate e;
+  // Ranks go in lockstep (a step's receive waits for its sender's send), so the plan takes, step by
+  // step, the slowest rank's time.
+  std::vector<double> slowest_step;
+  for (int rank = 0; rank < plan.world; ++rank) {
+    double total = 0, compute_total = 0;
+    const auto& steps = plan.ranks[rank].steps;
+    if (slowest_step.size() < steps.size()) slowest_step.resize(steps.size(), 0.0);
+    for (std::size_t s = 0; s < steps.size(); ++s) {
+      const Step& step = steps[s];
+      double step_total = 0;
+      for (const auto& exchange : step.all_to_all) step_total += all_to_all_seconds(m, exchange, rank, in);
+      double compute = 0;
+      for (const auto& call : step.calls) compute += call_seconds(m, call, in.head_dim);
+      double transfer = 0;
+      if (step.ring) {
+        const auto& ring = *step.ring;
+        LONGATTN_INVALID(ring.send_shard >= 0 && ring.recv_shard >= 0 &&
+                             std::max(ring.send_shard, ring.recv_shard) < static_cast<int>(in.shard_tokens.size()),
+                         "plan cost: a ring step of rank {} moves shard {} / {}, but shard_tokens has {} entries; give one "
+                         "per rank",
+                         rank, ring.send_shard, ring.recv_shard, in.shard_tokens.size());
+        const double per_token = 2.0 * plan.kv_heads * in.head_dim * in.element_bytes;  // k and v
+        const double sent = m.transfer_seconds(static_cast<double>(in.shard_tokens[ring.send_shard]) * per_token,
+                                               tier_between(rank, ring.send_to, in.gpus_per_node), 2);
+        const double received = m.transfer_seconds(static_cast<double>(in.shard_tokens[ring.recv_shard]) * per_token,
+                                                   tier_between(rank, ring.recv_from, in.gpus_per_node), 2);
+        transfer = std::max(sent, received);
+      }
+      step_total += std::max(compute, transfer);
+      slowest_step[s] = std::max(slowest_step[s], step_total);
+      total += step_total;
+      compute_total += compute;
+    }
+    e.rank_seconds.push_back(total);
+    e.rank_compute_seconds.push_back(compute_total);
+  }
+  for (const double t : slowest_step) e.step_seconds += t;
+  return e;
 }
 
 // ---- built-in machines -----------------------------------------------------------------------

@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "partition/plan.hpp"
+
 namespace longattn::partition {
 
 // ---- kernel rates ----------------------------------------------------------------------------
@@ -66,6 +68,8 @@ KernelRateTable load_rate_table(const std::string& path);
 // (query, key) pairs a block computes: all of them, or, causal by index (key j visible to query i
 // iff j <= i), the lower triangle: about half on a square diagonal block.
 double visible_pairs(std::int64_t query_rows, std::int64_t key_rows, bool causal);
+// Causal by index with an offset: key j visible to query i iff j <= i + causal_offset.
+double visible_pairs_with_offset(std::int64_t query_rows, std::int64_t key_rows, std::int64_t causal_offset);
 // Forward: two products of 2 * d FLOPs per visible pair and query head (QK^T and PV).
 double forward_flops(std::int64_t query_rows, std::int64_t key_rows, bool causal, int head_dim, int query_heads);
 // The backward does five such products where the forward does two (FlashAttention's count, the
@@ -172,5 +176,27 @@ StrategyEstimate estimate_strategy(const MachineModel& machine, const AttentionS
 // smaller degree. Throws Error(invalid_argument) on a layout or shape that is not positive.
 std::vector<StrategyEstimate> rank_strategies(const MachineModel& machine, const AttentionShape& shape,
                                               const NodeLayout& layout);
+
+// ---- plans ---------------------------------------------------------------------------------
+
+// What a plan leaves out and its cost needs.
+struct PlanCostInputs {
+  int head_dim = 0;
+  int element_bytes = 2;
+  int gpus_per_node = 0;
+  std::vector<std::int64_t> shard_tokens;  // [world]: rows of each rank's key/value shard (ring transfers)
+};
+
+struct PlanEstimate {
+  std::vector<double> rank_seconds;          // [world]
+  std::vector<double> rank_compute_seconds;  // [world]: the local calls alone
+  double step_seconds = 0;                   // sum over steps of the slowest rank's step (lockstep)
+};
+
+// The forward of a plan, rank by rank: per step, the all-to-alls exposed (each rank's exchanges
+// over NVLink and the network at once, so the slower of the two), then the calls with the ring
+// transfer behind them. Calls with explicit positions are counted as half their pairs at the
+// causal rate: the plan does not say which pairs their positions leave visible.
+PlanEstimate estimate_plan_forward(const MachineModel& machine, const Plan& plan, const PlanCostInputs& inputs);
 
 }  // namespace longattn::partition

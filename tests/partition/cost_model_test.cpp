@@ -8,7 +8,10 @@
 #include <sstream>
 
 #include "longattn/error.hpp"
+#include "longattn/layout.hpp"
 #include "partition/cost_model.hpp"
+#include "partition/ring_plan.hpp"
+#include "partition/ulysses_plan.hpp"
 #include "support/test_util.hpp"
 
 namespace longattn {
@@ -109,6 +112,21 @@ TEST(CostModelFlops, FullCausalAndBackward) {
   EXPECT_DOUBLE_EQ(backward_flops(q, k, true, d, h), 2.5 * forward_flops(q, k, true, d, h));
   // Large causal squares cost about half of full ones.
   EXPECT_NEAR(forward_flops(100000, 100000, true, d, h) / forward_flops(100000, 100000, false, d, h), 0.5, 1e-4);
+}
+
+TEST(CostModelFlops, CausalOffsetAgainstCounting) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int q = uniform_int(rng, 0, 40), k = uniform_int(rng, 0, 40), offset = uniform_int(rng, -50, 50);
+    std::int64_t counted = 0;
+    for (int i = 0; i < q; ++i)
+      for (int j = 0; j < k; ++j) counted += j <= i + offset ? 1 : 0;
+    ASSERT_DOUBLE_EQ(visible_pairs_with_offset(q, k, offset), static_cast<double>(counted))
+        << q << " x " << k << " offset " << offset;
+  }
+  EXPECT_DOUBLE_EQ(visible_pairs_with_offset(37, 23, 0), visible_pairs(37, 23, true));
 }
 
 TEST(CostModelLinks, TierAndTransferTime) {
@@ -244,6 +262,134 @@ TEST(CostModelStrategies, HybridBeatsRingOverSlowNetwork) {
   EXPECT_EQ(ranked.back().name(), "ring");
   EXPECT_LT(2 * ranked.front().total_seconds(), ranked.back().total_seconds());
   for (std::size_t i = 1; i < ranked.size(); ++i) EXPECT_LE(ranked[i - 1].total_seconds(), ranked[i].total_seconds());
+}
+
+// The plan generators' plans, priced call by call, agree with the closed-form strategy estimate
+// (with one flat rate, the two differ only in how the diagonal step is cut, which keeps its pairs).
+TEST(CostModelPlans, RingPlanMatchesStrategyEstimate) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  auto m = flat_machine(rng);
+  m.linear_seconds_per_token = 0;
+  const int world = uniform_int(rng, 2, 6);
+  for (const bool causal : {false, true})
+    for (const int gpus_per_node : {1, uniform_int(rng, 1, world), world}) {
+      const std::int64_t seq_len = 2LL * world * uniform_int(rng, 50, 400);
+      const AttentionShape shape{.seq_len = seq_len, .query_heads = 4, .kv_heads = 2, .head_dim = 128, .causal = causal};
+      const auto shards = ShardPlan::single_sequence(seq_len, causal ? Layout::zigzag : Layout::contiguous, world);
+      const Plan plan = ring_plan(shards, causal, shape.query_heads, shape.kv_heads);
+      PlanCostInputs inputs{.head_dim = 128, .element_bytes = 2, .gpus_per_node = gpus_per_node, .shard_tokens = {}};
+      for (int r = 0; r < world; ++r) inputs.shard_tokens.push_back(shards.local_tokens(r));
+      const auto priced = estimate_plan_forward(m, plan, inputs);
+      const auto closed = estimate_strategy(m, shape, {.ranks = world, .gpus_per_node = gpus_per_node}, 1);
+      SCOPED_TRACE(::testing::Message() << world << " ranks, " << gpus_per_node << " per node, causal " << causal);
+      EXPECT_NEAR(priced.step_seconds, closed.forward_seconds, 1e-9 * closed.forward_seconds);
+      ASSERT_EQ(priced.rank_compute_seconds.size(), static_cast<std::size_t>(world));
+      // Zigzag balances: every rank computes the same.
+      for (const double c : priced.rank_compute_seconds) EXPECT_NEAR(c, priced.rank_compute_seconds[0], 1e-9 * c);
+    }
+}
+
+TEST(CostModelPlans, UlyssesPlanMatchesStrategyEstimate) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  auto m = flat_machine(rng);
+  m.linear_seconds_per_token = 0;
+  // The plan sends q, k, v and o, lse as separate exchanges, the estimate as one each: compare bytes.
+  m.intra_node.latency_seconds = m.inter_node.latency_seconds = 0;
+  const int world = 4;
+  const std::int64_t seq_len = world * uniform_int(rng, 100, 2000);
+  const AttentionShape shape{.seq_len = seq_len, .query_heads = 8, .kv_heads = 4, .head_dim = 128, .causal = false};
+  const auto shards = ShardPlan::single_sequence(seq_len, Layout::contiguous, world);
+  const Plan plan = ulysses_plan(shards, false, shape.query_heads, shape.kv_heads);
+  auto estimates = [&](int gpus_per_node) {
+    const PlanCostInputs inputs{.head_dim = 128, .element_bytes = 2, .gpus_per_node = gpus_per_node, .shard_tokens = {}};
+    return std::pair{estimate_plan_forward(m, plan, inputs),
+                     estimate_strategy(m, shape, {.ranks = world, .gpus_per_node = gpus_per_node}, world)};
+  };
+  {
+    const auto [priced, closed] = estimates(world);  // one node
+    EXPECT_NEAR(priced.step_seconds, closed.forward_seconds, 1e-9 * closed.forward_seconds);
+  }
+  const auto [priced, closed] = estimates(2);
+  // Across two nodes a rank's exchange goes to one peer over NVLink and two over the network at
+  // once, so each exchange takes the slower of the two; the closed form sends all over the network.
+  EXPECT_LT(priced.step_seconds, closed.forward_seconds);
+  const double local = static_cast<double>(seq_len) / world;
+  double by_hand = 4.0 * seq_len * seq_len * 128 * 2 / (m.rates.curves()[0].points[0].forward_tflops * 1e12);
+  // q: 2 heads, k and v: 1 head each, o: 2 heads of 128 elements; lse: 2 heads of one fp32.
+  for (const double bytes_per_peer : {local * 2 * 256, local * 256, local * 256, local * 2 * 256, local * 2 * 4})
+    by_hand += std::max(bytes_per_peer / m.intra_node.bytes_per_second, 2 * bytes_per_peer / m.inter_node.bytes_per_second);
+  EXPECT_NEAR(priced.step_seconds, by_hand, 1e-9 * by_hand);
+}
+
+TEST(CostModelPlans, CallsPricedByTheirMask) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  MachineModel m;
+  const double causal_rate = uniform(rng, 100, 300), full_rate = uniform(rng, 400, 700);
+  m.rates.add(true, 64, {4096, causal_rate, causal_rate});
+  m.rates.add(false, 64, {4096, full_rate, full_rate});
+  const std::int64_t q = uniform_int(rng, 100, 900), k = uniform_int(rng, 100, 900);
+  const int heads = uniform_int(rng, 1, 8);
+  auto price = [&](KernelCall call) {
+    call.heads = {0, heads};
+    Plan plan;
+    plan.ranks.resize(1);
+    plan.ranks[0].steps.push_back({.rows = RowSpace::gathered, .key_shard = -1, .ring = {}, .all_to_all = {}, .calls = {call}});
+    return estimate_plan_forward(m, plan, {.head_dim = 64, .element_bytes = 2, .gpus_per_node = 1, .shard_tokens = {}})
+        .step_seconds;
+  };
+  const double per_pair = 4.0 * 64 * heads / 1e12;
+  const KernelCall none{.q_begin = 0, .q_count = q, .k_begin = 0, .k_count = k, .mask = MaskKind::none, .causal_offset = 0, .heads = {}};
+  EXPECT_NEAR(price(none), q * k * per_pair / full_rate, 1e-15);
+  auto diagonal = none;
+  diagonal.mask = MaskKind::causal_by_index;
+  EXPECT_NEAR(price(diagonal), visible_pairs(q, k, true) * per_pair / causal_rate, 1e-15);
+  auto all_visible = diagonal;  // an offset past the last key hides nothing: a full block's speed
+  all_visible.causal_offset = k;
+  EXPECT_NEAR(price(all_visible), q * k * per_pair / full_rate, 1e-15);
+  auto positions = none;
+  positions.mask = MaskKind::positions;
+  EXPECT_NEAR(price(positions), q * k / 2.0 * per_pair / causal_rate, 1e-15);
+}
+
+TEST(CostModelPlans, BadInputsRefused) {
+  const auto m = default_machine("h200");
+  const auto shards = ShardPlan::single_sequence(64, Layout::zigzag, 2);
+  const Plan plan = ring_plan(shards, true, 2, 2);
+  expect_error([&] { estimate_plan_forward(m, plan, {.head_dim = 128, .element_bytes = 2, .gpus_per_node = 8, .shard_tokens = {}}); },
+               ErrorCode::invalid_argument, {"shard_tokens has 0 entries"});
+  expect_error([&] { estimate_plan_forward(m, plan, {.head_dim = 0, .element_bytes = 2, .gpus_per_node = 8, .shard_tokens = {}}); },
+               ErrorCode::invalid_argument, {"head dim"});
+}
+
+TEST(CostModelPlans, LockstepTakesTheSlowestRankOfEachStep) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  MachineModel m;
+  m.rates.add(false, 64, {4096, uniform(rng, 100, 700), uniform(rng, 100, 700)});
+  const std::int64_t big = uniform_int(rng, 500, 900), small = uniform_int(rng, 10, 100);
+  auto step = [](std::int64_t rows) {
+    return Step{.rows = RowSpace::gathered, .key_shard = -1, .ring = {}, .all_to_all = {},
+                .calls = {{.q_begin = 0, .q_count = rows, .k_begin = 0, .k_count = rows, .mask = MaskKind::none,
+                           .causal_offset = 0, .heads = {0, 1}}}};
+  };
+  // Rank 0 is slow at step 0, rank 1 at step 1: the plan waits for each in turn.
+  Plan plan;
+  plan.world = 2;
+  plan.ranks.resize(2);
+  plan.ranks[0].steps = {step(big), step(small)};
+  plan.ranks[1].steps = {step(small), step(big)};
+  const auto e = estimate_plan_forward(m, plan, {.head_dim = 64, .element_bytes = 2, .gpus_per_node = 2, .shard_tokens = {}});
+  const double one_big = m.forward_seconds(big, big, false, 64, 1), one_small = m.forward_seconds(small, small, false, 64, 1);
+  EXPECT_NEAR(e.step_seconds, 2 * one_big, 1e-15);
+  EXPECT_NEAR(e.rank_seconds[0], one_big + one_small, 1e-15);
+  EXPECT_NEAR(e.rank_compute_seconds[1], one_big + one_small, 1e-15);
 }
 
 TEST(CostModelStrategies, InvalidDegreeNamesValidOnes) {
