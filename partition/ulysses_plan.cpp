@@ -54,7 +54,7 @@ AllToAll to_sequence(PlanTensor tensor, int rank, const std::vector<std::int64_t
 
 }  // namespace
 
-Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
+RankPlan ulysses_rank_plan(const ShardPlan& shards, bool causal, int rank, int q_heads, int kv_heads) {
   const int world = shards.world();
   LONGATTN_INVALID(q_heads >= 1 && kv_heads >= 1 && q_heads % kv_heads == 0,
                    "query heads ({}) must be a positive multiple of key/value heads ({})", q_heads, kv_heads);
@@ -62,6 +62,7 @@ Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_head
                    "Ulysses splits the {} query heads over a group of {} ranks, which does not divide them: use a "
                    "group size of {} (or the ring strategy)",
                    q_heads, world, valid_ulysses_group_sizes(q_heads));
+  LONGATTN_INVALID(rank >= 0 && rank < world, "rank {} is outside [0, {})", rank, world);
   std::vector<std::int64_t> tokens(static_cast<std::size_t>(world));
   std::vector<HeadRange> q_of(static_cast<std::size_t>(world)), kv_of(static_cast<std::size_t>(world));
   for (int r = 0; r < world; ++r) {
@@ -70,26 +71,28 @@ Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_head
     kv_of[static_cast<std::size_t>(r)] = ulysses_kv_heads(q_heads, kv_heads, world, r);
   }
   const auto& cu = shards.cu_seqlens();
-  Plan plan{Strategy::ulysses, world, causal, q_heads, kv_heads, {}};
-  plan.ranks.resize(static_cast<std::size_t>(world));
-  for (int r = 0; r < world; ++r) {
-    auto& steps = plan.ranks[static_cast<std::size_t>(r)].steps;
-    steps.resize(2);
-    auto& attend = steps[0];
-    attend.rows = RowSpace::gathered;
-    attend.all_to_all = {to_heads(PlanTensor::q, r, tokens, q_of), to_heads(PlanTensor::k, r, tokens, kv_of),
-                         to_heads(PlanTensor::v, r, tokens, kv_of)};
-    // Whole sequences in global order: positions are row indices inside each sequence.
-    for (int b = 0; b < shards.batch(); ++b) {
-      const std::int64_t begin = cu[static_cast<std::size_t>(b)], count = cu[static_cast<std::size_t>(b) + 1] - begin;
-      if (count > 0)
-        attend.calls.push_back(
-            {begin, count, begin, count, causal ? MaskKind::causal_by_index : MaskKind::none, 0, q_of[static_cast<std::size_t>(r)]});
-    }
-    auto& back = steps[1];
-    back.rows = RowSpace::gathered;
-    back.all_to_all = {to_sequence(PlanTensor::o, r, tokens, q_of), to_sequence(PlanTensor::lse, r, tokens, q_of)};
+  RankPlan plan;
+  plan.steps.resize(2);
+  auto& attend = plan.steps[0];
+  attend.rows = RowSpace::gathered;
+  attend.all_to_all = {to_heads(PlanTensor::q, rank, tokens, q_of), to_heads(PlanTensor::k, rank, tokens, kv_of),
+                       to_heads(PlanTensor::v, rank, tokens, kv_of)};
+  // Whole sequences in global order: positions are row indices inside each sequence.
+  for (int b = 0; b < shards.batch(); ++b) {
+    const std::int64_t begin = cu[static_cast<std::size_t>(b)], count = cu[static_cast<std::size_t>(b) + 1] - begin;
+    if (count > 0)
+      attend.calls.push_back(
+          {begin, count, begin, count, causal ? MaskKind::causal_by_index : MaskKind::none, 0, q_of[static_cast<std::size_t>(rank)]});
   }
+  auto& back = plan.steps[1];
+  back.rows = RowSpace::gathered;
+  back.all_to_all = {to_sequence(PlanTensor::o, rank, tokens, q_of), to_sequence(PlanTensor::lse, rank, tokens, q_of)};
+  return plan;
+}
+
+Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
+  Plan plan{Strategy::ulysses, shards.world(), causal, q_heads, kv_heads, {}};
+  for (int r = 0; r < shards.world(); ++r) plan.ranks.push_back(ulysses_rank_plan(shards, causal, r, q_heads, kv_heads));
   return plan;
 }
 

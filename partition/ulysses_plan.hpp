@@ -34,4 +34,7 @@ std::string valid_ulysses_group_sizes(int q_heads);
 // exchanges o and lse back.
 Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads);
 
+// One rank's part of ulysses_plan (the same checks), for a rank that executes only its own.
+RankPlan ulysses_rank_plan(const ShardPlan& shards, bool causal, int rank, int q_heads, int kv_heads);
+
 }  // namespace longattn::partition

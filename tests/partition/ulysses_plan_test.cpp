@@ -90,7 +90,10 @@ TEST(UlyssesPlan, AllToAllCountsAgreeAndDeliverEveryTokenHead) {
   for (const auto& c : random_cases(rng)) {
     SCOPED_TRACE(c.describe());
     const ShardPlan shards(c.cu, c.layout, c.world);
-    const Plan plan = partition::ulysses_plan(shards, c.causal, c.q_heads, c.kv_heads);
+    // Each rank makes its own part, as an executing rank does; the parts must agree with each other.
+    Plan plan;
+    for (int r = 0; r < c.world; ++r) plan.ranks.push_back(partition::ulysses_rank_plan(shards, c.causal, r, c.q_heads, c.kv_heads));
+    EXPECT_EQ(plan.ranks, partition::ulysses_plan(shards, c.causal, c.q_heads, c.kv_heads).ranks);
     const struct {
       int step;
       PlanTensor tensor;
