@@ -98,6 +98,14 @@ struct Join {
   }
 };
 
+// A join for a request with no value: the future is ready when every part is done.
+std::pair<std::shared_ptr<Join<void>>, std::future<void>> void_join() {
+  auto join = std::make_shared<Join<void>>();
+  join->finish = [](std::promise<void>& p) { p.set_value(); };
+  auto fut = join->promise.get_future();
+  return {std::move(join), std::move(fut)};
+}
+
 }  // namespace
 
 struct Client::Impl {
@@ -466,9 +474,7 @@ std::future<void> Client::open(const SequenceSpec& spec) {
   LONGATTN_INVALID(spec.id < kMaxSeqId, "sequence id {} is too large (ids must be < 2^48)", spec.id);
   LONGATTN_INVALID(spec.layers >= 1 && spec.kv_heads >= 1 && spec.head_dim >= 1 && spec.head_dim <= 512,
                    "sequence {}: layers, kv_heads and head_dim must be positive (head_dim <= 512)", spec.id);
-  auto join = std::make_shared<Join<void>>();
-  join->finish = [](std::promise<void>& p) { p.set_value(); };
-  auto fut = join->promise.get_future();
+  auto [join, fut] = void_join();
   std::lock_guard lock(impl.seqs_mutex);
   auto [it, fresh] = impl.seqs.try_emplace(spec.id);
   auto& st = it->second;
@@ -489,9 +495,7 @@ std::future<void> Client::open(const SequenceSpec& spec) {
 
 std::future<void> Client::append(std::uint64_t seq, int layer, const void* k, const void* v, std::int64_t tokens) {
   auto& impl = *impl_;
-  auto join = std::make_shared<Join<void>>();
-  join->finish = [](std::promise<void>& p) { p.set_value(); };
-  auto fut = join->promise.get_future();
+  auto [join, fut] = void_join();
   std::lock_guard lock(impl.seqs_mutex);
   auto it = impl.seqs.find(seq);
   LONGATTN_INVALID(it != impl.seqs.end(), "append: sequence {} was not opened by this client", seq);
@@ -600,9 +604,7 @@ std::future<void> Client::attend(int layer, int q_heads, int head_dim, std::span
 
 std::future<void> Client::drop(std::uint64_t seq) {
   auto& impl = *impl_;
-  auto join = std::make_shared<Join<void>>();
-  join->finish = [](std::promise<void>& p) { p.set_value(); };
-  auto fut = join->promise.get_future();
+  auto [join, fut] = void_join();
   std::lock_guard lock(impl.seqs_mutex);
   auto it = impl.seqs.find(seq);
   join->left = 1;
