@@ -341,6 +341,12 @@ struct RingAttention::Impl {
   // Host-measured compute time is real only where the backend runs synchronously (CPU) or when
   // each step is synchronized on purpose (profile_steps).
   bool timing_steps() const { return backend->device().kind == DeviceKind::cpu || opt.profile_steps; }
+  // Adds a step's local compute to the stats where it is measured (see timing_steps).
+  void count_compute_since(Clock::time_point started) {
+    if (!timing_steps()) return;
+    backend->device_ops().synchronize(opt.stream);
+    stats.compute_ms += ms_since(started);
+  }
 
   void forward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse) {
     const auto t0 = Clock::now();
@@ -379,10 +385,7 @@ struct RingAttention::Impl {
       } else {
         ++stats.skipped_steps;
       }
-      if (timing_steps()) {
-        backend->device_ops().synchronize(opt.stream);
-        stats.compute_ms += ms_since(tc);
-      }
+      count_compute_since(tc);
       wait(pending);
       if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
       ++stats.steps;
@@ -532,10 +535,7 @@ struct RingAttention::Impl {
       } else {
         ++stats.skipped_steps;
       }
-      if (timing_steps()) {
-        backend->device_ops().synchronize(opt.stream);
-        stats.compute_ms += ms_since(tc);
-      }
+      count_compute_since(tc);
       wait(pending);
       if (step > 0) {
         auto [ik, iv] = grad_views(incoming, src);
