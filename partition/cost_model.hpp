@@ -73,7 +73,7 @@ double visible_pairs_with_offset(std::int64_t query_rows, std::int64_t key_rows,
 // Forward: two products of 2 * d FLOPs per visible pair and query head (QK^T and PV).
 double forward_flops(std::int64_t query_rows, std::int64_t key_rows, bool causal, int head_dim, int query_heads);
 // The backward does five such products where the forward does two (FlashAttention's count, the
-// one bench/results/ and ../shared/DEVICE.md use): 2.5x the forward.
+// one bench/results/ uses): 2.5x the forward.
 inline constexpr double kBackwardFlopFactor = 2.5;
 double backward_flops(std::int64_t query_rows, std::int64_t key_rows, bool causal, int head_dim, int query_heads);
 

@@ -15,7 +15,7 @@ namespace longattn::partition {
 namespace {
 
 // Backward rate from a forward rate and a combined forward+backward rate, both counted with the
-// backward as kBackwardFlopFactor x forward FLOPs (how ../shared/DEVICE.md reports them).
+// backward as kBackwardFlopFactor x forward FLOPs, which is how the length curve was reported.
 double backward_from_combined(double forward_tflops, double combined_tflops) {
   return kBackwardFlopFactor / ((1 + kBackwardFlopFactor) / combined_tflops - 1 / forward_tflops);
 }
@@ -25,9 +25,9 @@ struct CombinedPoint {
   double forward_tflops, forward_backward_tflops;
 };
 
-// cuDNN through PyTorch SDPA, causal, bf16, 32 heads, head dim 128, one H200: the table "Causal
-// attention efficiency by sequence length" of ../shared/DEVICE.md (2026-12-05), forward / forward+
-// backward. It is the only curve that reaches short blocks, so the other curves borrow its shape.
+// cuDNN through PyTorch SDPA, causal, bf16, 32 heads, head dim 128, one H200, forward / forward+
+// backward by block length: bench/results/cost_model_defaults_2026-12-05.md, first table. It is
+// the only curve that reaches short blocks, so the other curves borrow its shape.
 constexpr CombinedPoint kH200CausalD128[] = {
     {128, 138, 58},     {256, 269, 115},    {512, 381, 200},    {1024, 487, 300},
     {2048, 545, 378},   {4096, 557, 448},   {8192, 572, 495},   {16384, 577, 518},
@@ -72,16 +72,16 @@ void add_h100_curve(KernelRateTable& table, const MeasuredCurve& measured) {
   for (const auto& p : {measured.at_8k, measured.at_32k, measured.at_128k}) table.add(measured.causal, measured.head_dim, p);
 }
 
-// NVLink inside a node: NCCL send/recv per direction per GPU measured on the H200 pair
-// (../shared/DEVICE.md, "Ceilings measured there"); H100 and H200 share NVLink 4, so H100 takes the
-// same. Across nodes: one 400 Gb/s NIC per GPU, the top of the range issue 13 names and the figure
-// issue 14's first estimate uses; override it where the cluster is slower. Latencies are
-// typical NCCL small-message figures, not measured here: a startup probe should replace them.
+// Links: bench/results/cost_model_defaults_2026-12-05.md, "Links and linear layers". Inside a
+// node, NCCL send/recv per direction per GPU measured on the H200 pair (H100 and H200 share NVLink
+// 4, so H100 takes the same). Across nodes nothing was measured: one 400 Gb/s NIC per GPU, the top
+// of the range issue 13 names; override it where the cluster is slower. The latencies are assumed,
+// not measured: a startup probe should replace them.
 constexpr Link kNvlink{348e9, 5e-6};
 constexpr Link kNetwork{50e9, 10e-6};
 
-// Linear layers of a hidden-4096 layer (32 heads x 128) at the bf16 GEMM rate of ../shared/DEVICE.md
-// ("Ceilings measured there"): a lower bound on their time until a trainer gives its own coefficient.
+// Linear layers of a hidden-4096 layer (32 heads x 128) at the bf16 GEMM rate measured on each GPU
+// (same file, same section): a lower bound on their time until a trainer gives its own coefficient.
 constexpr std::int64_t kDefaultHidden = 4096;
 
 }  // namespace

@@ -450,7 +450,7 @@ TEST(CostModelFile, MalformedLinesRefusedWithFileAndLine) {
 
 TEST(CostModelDefaults, BuiltInCurvesFromTheMeasurements) {
   const auto h200 = default_machine("h200");
-  // ../shared/DEVICE.md, cuDNN causal on one H200: forward at 2k and 128 tokens, and the backward
+  // bench/results/cost_model_defaults_2026-12-05.md, cuDNN causal on one H200: forward at 2k and 128 tokens, and the backward
   // derived from forward / forward+backward (counted 2.5x): 2.5 / (3.5 / 378 - 1 / 545) at 2k.
   EXPECT_DOUBLE_EQ(h200.rates.forward_tflops(2048, 2048, true, 128), 545);
   EXPECT_DOUBLE_EQ(h200.rates.forward_tflops(128, 128, true, 128), 138);
