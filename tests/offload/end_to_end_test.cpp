@@ -7,11 +7,11 @@
 #include <chrono>
 #include <utility>
 
-#include <boost/asio.hpp>
 #include <fmt/format.h>
 
 #include "longattn/offload_client.hpp"
 #include "offload/transport.hpp"
+#include "http_request.hpp"
 #include "offload_test_util.hpp"
 #include "support/test_util.hpp"
 
@@ -223,24 +223,11 @@ TEST(OffloadEndToEnd, MetricsOverHttp) {
   const std::string via_protocol = c.server_stats(0).get();
   EXPECT_NE(via_protocol.find("longattn_offload_requests_total{type=\"attend\"} 1"), std::string::npos) << via_protocol;
 
-  namespace asio = boost::asio;
-  asio::io_context io;
-  asio::ip::tcp::socket sock(io);
-  sock.connect({asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(s->metrics_port())});
-  const std::string req = "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-  asio::write(sock, asio::buffer(req));
-  std::string resp;
-  boost::system::error_code ec;
-  std::array<char, 4096> buf;
-  for (;;) {
-    const auto n = sock.read_some(asio::buffer(buf), ec);
-    resp.append(buf.data(), n);
-    if (ec) break;
-  }
-  EXPECT_NE(resp.find("200 OK"), std::string::npos);
-  EXPECT_NE(resp.find("longattn_offload_kernel_gbps"), std::string::npos);
-  EXPECT_NE(resp.find("longattn_offload_bytes_received_total"), std::string::npos);
-  EXPECT_NE(resp.find("longattn_offload_errors_total{kind=\"protocol\"}"), std::string::npos);
+  const auto resp = test::http(s->metrics_port(), "GET", "/metrics");
+  EXPECT_NE(resp.status_line.find("200 OK"), std::string::npos) << resp.status_line;
+  EXPECT_NE(resp.body.find("longattn_offload_kernel_gbps"), std::string::npos);
+  EXPECT_NE(resp.body.find("longattn_offload_bytes_received_total"), std::string::npos);
+  EXPECT_NE(resp.body.find("longattn_offload_errors_total{kind=\"protocol\"}"), std::string::npos);
 }
 
 }  // namespace

@@ -14,9 +14,9 @@
 #include <vector>
 #include <thread>
 
-#include <boost/asio.hpp>
 
 #include "longattn/offload_client.hpp"
+#include "http_request.hpp"
 #include "offload_test_util.hpp"
 #include "support/test_util.hpp"
 
@@ -24,7 +24,6 @@ namespace longattn::offload {
 namespace {
 
 using namespace std::chrono_literals;
-namespace asio = boost::asio;
 
 std::unique_ptr<Server> start(double orphan_timeout_s, std::size_t memory_limit) {
   ServerOptions o;
@@ -75,32 +74,7 @@ void fill(Client& c, std::uint64_t seq, std::uint32_t tokens, std::mt19937_64& r
   c.append(seq, 0, kv.k_at(0, 0), kv.v_at(0, 0), tokens).get();
 }
 
-struct HttpReply {
-  std::string status_line, body;
-};
-
-HttpReply http(int port, const std::string& method, const std::string& target, const std::string& token) {
-  asio::io_context io;
-  asio::ip::tcp::socket sock(io);
-  sock.connect({asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)});
-  std::string req = method + " " + target + " HTTP/1.1\r\nHost: x\r\n";
-  if (!token.empty()) req += "Authorization: Bearer " + token + "\r\n";
-  req += "\r\n";
-  asio::write(sock, asio::buffer(req));
-  std::string resp;
-  boost::system::error_code ec;
-  std::array<char, 4096> buf;
-  for (;;) {
-    const auto n = sock.read_some(asio::buffer(buf), ec);
-    resp.append(buf.data(), n);
-    if (ec) break;
-  }
-  HttpReply r;
-  r.status_line = resp.substr(0, resp.find("\r\n"));
-  const auto body = resp.find("\r\n\r\n");
-  if (body != std::string::npos) r.body = resp.substr(body + 4);
-  return r;
-}
+using test::http;
 
 TEST(OffloadOrphans, SequencesOfAVanishedClientAreReleasedAfterTheOrphanTimeout) {
   const auto seed = ::longattn::test::fresh_seed();
