@@ -185,6 +185,7 @@ struct PlanCostInputs {
   int element_bytes = 2;
   int gpus_per_node = 0;
   std::vector<std::int64_t> shard_tokens;  // [world]: rows of each rank's key/value shard (ring transfers)
+  int gradient_bytes = 4;                  // dK/dV travelling around a ring in the backward
 };
 
 struct PlanEstimate {
@@ -198,5 +199,10 @@ struct PlanEstimate {
 // transfer behind them. Calls with explicit positions are counted as half their pairs at the
 // causal rate: the plan does not say which pairs their positions leave visible.
 PlanEstimate estimate_plan_forward(const MachineModel& machine, const Plan& plan, const PlanCostInputs& inputs);
+// The backward of the same plan: its exchanges carry the gradients the other way (dO and
+// rowsum(dO * O) in, dq, dk, dv out: the same counts), its calls run at the backward rate (2.5x the
+// FLOPs), each ring transfer carries the shard's dK/dV (gradient_bytes) with it, and a rank whose
+// last step read another rank's shard sends those dK/dV home after it, exposed.
+PlanEstimate estimate_plan_backward(const MachineModel& machine, const Plan& plan, const PlanCostInputs& inputs);
 
 }  // namespace longattn::partition

@@ -128,7 +128,7 @@ std::vector<StrategyEstimate> rank_strategies(const MachineModel& machine, const
 
 namespace {
 
-double call_seconds(const MachineModel& m, const KernelCall& call, int head_dim) {
+double call_seconds(const MachineModel& m, const KernelCall& call, int head_dim, bool backward) {
   if (call.q_count == 0 || call.k_count == 0 || call.heads.count == 0) return 0;
   double pairs = 0;
   bool causal = true;
@@ -143,8 +143,9 @@ double call_seconds(const MachineModel& m, const KernelCall& call, int head_dim)
       break;
     case MaskKind::positions: pairs = visible_pairs(call.q_count, call.k_count, false) / 2; break;
   }
-  return 4.0 * pairs * head_dim * call.heads.count /
-         (m.rates.forward_tflops(call.q_count, call.k_count, causal, head_dim) * 1e12);
+  const double flops = 4.0 * pairs * head_dim * call.heads.count;
+  return backward ? kBackwardFlopFactor * flops / (m.rates.backward_tflops(call.q_count, call.k_count, causal, head_dim) * 1e12)
+                  : flops / (m.rates.forward_tflops(call.q_count, call.k_count, causal, head_dim) * 1e12);
 }
 
 double all_to_all_seconds(const MachineModel& m, const AllToAll& exchange, int rank, const PlanCostInputs& in) {
@@ -168,9 +169,14 @@ double all_to_all_seconds(const MachineModel& m, const AllToAll& exchange, int r
 
 }  // namespace
 
-PlanEstimate estimate_plan_forward(const MachineModel& m, const Plan& plan, const PlanCostInputs& in) {
-  LONGATTN_INVALID(in.head_dim > 0 && in.element_bytes > 0 && in.gpus_per_node > 0,
-                   "plan cost: head dim, element bytes and GPUs per node must be positive");
+namespace {
+
+// The forward as the plan says; the backward mirrors it: the same exchanges carry gradients (dO and
+// rowsum(dO * O) in, dq, dk, dv out), the calls run at the backward rate, every ring transfer
+// carries the travelling dK/dV with the shard, and after the last step they take one more hop home.
+PlanEstimate estimate_plan(const MachineModel& m, const Plan& plan, const PlanCostInputs& in, bool backward) {
+  LONGATTN_INVALID(in.head_dim > 0 && in.element_bytes > 0 && in.gradient_bytes > 0 && in.gpus_per_node > 0,
+                   "plan cost: head dim, element and gradient bytes and GPUs per node must be positive");
   LONGATTN_INVALID(static_cast<int>(plan.ranks.size()) == plan.world,
                    "plan cost: the plan has {} rank plans for a world of {}", plan.ranks.size(), plan.world);
   PlanEstimate e;
@@ -186,7 +192,7 @@ PlanEstimate estimate_plan_forward(const MachineModel& m, const Plan& plan, cons
       double step_total = 0;
       for (const auto& exchange : step.all_to_all) step_total += all_to_all_seconds(m, exchange, rank, in);
       double compute = 0;
-      for (const auto& call : step.calls) compute += call_seconds(m, call, in.head_dim);
+      for (const auto& call : step.calls) compute += call_seconds(m, call, in.head_dim, backward);
       double transfer = 0;
       if (step.ring) {
         const auto& ring = *step.ring;
@@ -195,14 +201,26 @@ PlanEstimate estimate_plan_forward(const MachineModel& m, const Plan& plan, cons
                          "plan cost: a ring step of rank {} moves shard {} / {}, but shard_tokens has {} entries; give one "
                          "per rank",
                          rank, ring.send_shard, ring.recv_shard, in.shard_tokens.size());
-        const double per_token = 2.0 * plan.kv_heads * in.head_dim * in.element_bytes;  // k and v
+        const double per_token = 2.0 * plan.kv_heads * in.head_dim *  // k and v, and dK and dV going backward
+                                 (in.element_bytes + (backward ? in.gradient_bytes : 0));
+        const int messages = backward ? 4 : 2;
         const double sent = m.transfer_seconds(static_cast<double>(in.shard_tokens[ring.send_shard]) * per_token,
-                                               tier_between(rank, ring.send_to, in.gpus_per_node), 2);
+                                               tier_between(rank, ring.send_to, in.gpus_per_node), messages);
         const double received = m.transfer_seconds(static_cast<double>(in.shard_tokens[ring.recv_shard]) * per_token,
-                                                   tier_between(rank, ring.recv_from, in.gpus_per_node), 2);
+                                                   tier_between(rank, ring.recv_from, in.gpus_per_node), messages);
         transfer = std::max(sent, received);
       }
       step_total += std::max(compute, transfer);
+      const bool last_ring_step = s + 1 == steps.size() && step.rows == RowSpace::shards && step.key_shard >= 0 &&
+                                  step.key_shard != rank;
+      if (backward && last_ring_step) {
+        LONGATTN_INVALID(step.key_shard < static_cast<int>(in.shard_tokens.size()),
+                         "plan cost: rank {} ends on shard {}, but shard_tokens has {} entries; give one per rank", rank,
+                         step.key_shard, in.shard_tokens.size());
+        const double gradient_bytes =
+            2.0 * plan.kv_heads * in.head_dim * in.gradient_bytes * static_cast<double>(in.shard_tokens[step.key_shard]);
+        step_total += m.transfer_seconds(gradient_bytes, tier_between(rank, step.key_shard, in.gpus_per_node), 2);
+      }
       slowest_step[s] = std::max(slowest_step[s], step_total);
       total += step_total;
       compute_total += compute;
@@ -212,6 +230,16 @@ PlanEstimate estimate_plan_forward(const MachineModel& m, const Plan& plan, cons
   }
   for (const double t : slowest_step) e.step_seconds += t;
   return e;
+}
+
+}  // namespace
+
+PlanEstimate estimate_plan_forward(const MachineModel& machine, const Plan& plan, const PlanCostInputs& inputs) {
+  return estimate_plan(machine, plan, inputs, false);
+}
+
+PlanEstimate estimate_plan_backward(const MachineModel& machine, const Plan& plan, const PlanCostInputs& inputs) {
+  return estimate_plan(machine, plan, inputs, true);
 }
 
 }  // namespace longattn::partition

@@ -285,6 +285,8 @@ TEST(CostModelPlans, RingPlanMatchesStrategyEstimate) {
       const auto closed = estimate_strategy(m, shape, {.ranks = world, .gpus_per_node = gpus_per_node}, 1);
       SCOPED_TRACE(::testing::Message() << world << " ranks, " << gpus_per_node << " per node, causal " << causal);
       EXPECT_NEAR(priced.step_seconds, closed.forward_seconds, 1e-9 * closed.forward_seconds);
+      const double backward = estimate_plan_backward(m, plan, inputs).step_seconds;
+      EXPECT_NEAR(backward, closed.backward_seconds, 1e-9 * closed.backward_seconds);
       ASSERT_EQ(priced.rank_compute_seconds.size(), static_cast<std::size_t>(world));
       // Zigzag balances: every rank computes the same.
       for (const double c : priced.rank_compute_seconds) EXPECT_NEAR(c, priced.rank_compute_seconds[0], 1e-9 * c);
@@ -304,14 +306,18 @@ TEST(CostModelPlans, UlyssesPlanMatchesStrategyEstimate) {
   const AttentionShape shape{.seq_len = seq_len, .query_heads = 8, .kv_heads = 4, .head_dim = 128, .causal = false};
   const auto shards = ShardPlan::single_sequence(seq_len, Layout::contiguous, world);
   const Plan plan = ulysses_plan(shards, false, shape.query_heads, shape.kv_heads);
+  auto inputs = [](int gpus_per_node) {
+    return PlanCostInputs{.head_dim = 128, .element_bytes = 2, .gpus_per_node = gpus_per_node, .shard_tokens = {}};
+  };
   auto estimates = [&](int gpus_per_node) {
-    const PlanCostInputs inputs{.head_dim = 128, .element_bytes = 2, .gpus_per_node = gpus_per_node, .shard_tokens = {}};
-    return std::pair{estimate_plan_forward(m, plan, inputs),
+    return std::pair{estimate_plan_forward(m, plan, inputs(gpus_per_node)),
                      estimate_strategy(m, shape, {.ranks = world, .gpus_per_node = gpus_per_node}, world)};
   };
   {
     const auto [priced, closed] = estimates(world);  // one node
     EXPECT_NEAR(priced.step_seconds, closed.forward_seconds, 1e-9 * closed.forward_seconds);
+    const double backward = estimate_plan_backward(m, plan, inputs(world)).step_seconds;
+    EXPECT_NEAR(backward, closed.backward_seconds, 1e-9 * closed.backward_seconds);
   }
   const auto [priced, closed] = estimates(2);
   // Across two nodes a rank's exchange goes to one peer over NVLink and two over the network at
