@@ -88,4 +88,13 @@ struct Plan {
   std::vector<RankPlan> ranks;  // [world]
 };
 
+// A whole plan from the generator of one rank's part (rank -> RankPlan): what each rank builds
+// for itself, assembled for tests and the cost model.
+template <class RankPlanOf>
+Plan whole_plan(Strategy strategy, int world, bool causal, int q_heads, int kv_heads, RankPlanOf&& rank_plan_of) {
+  Plan plan{strategy, world, causal, q_heads, kv_heads, {}};
+  for (int r = 0; r < world; ++r) plan.ranks.push_back(rank_plan_of(r));
+  return plan;
+}
+
 }  // namespace longattn::partition

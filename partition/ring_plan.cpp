@@ -68,9 +68,8 @@ RankPlan ring_rank_plan(const ShardPlan& shards, bool causal, int rank, int q_he
 }
 
 Plan ring_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
-  Plan plan{Strategy::ring, shards.world(), causal, q_heads, kv_heads, {}};
-  for (int r = 0; r < shards.world(); ++r) plan.ranks.push_back(ring_rank_plan(shards, causal, r, q_heads, kv_heads));
-  return plan;
+  return whole_plan(Strategy::ring, shards.world(), causal, q_heads, kv_heads,
+                    [&](int rank) { return ring_rank_plan(shards, causal, rank, q_heads, kv_heads); });
 }
 
 }  // namespace longattn::partition

@@ -91,9 +91,8 @@ RankPlan ulysses_rank_plan(const ShardPlan& shards, bool causal, int rank, int q
 }
 
 Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
-  Plan plan{Strategy::ulysses, shards.world(), causal, q_heads, kv_heads, {}};
-  for (int r = 0; r < shards.world(); ++r) plan.ranks.push_back(ulysses_rank_plan(shards, causal, r, q_heads, kv_heads));
-  return plan;
+  return whole_plan(Strategy::ulysses, shards.world(), causal, q_heads, kv_heads,
+                    [&](int rank) { return ulysses_rank_plan(shards, causal, rank, q_heads, kv_heads); });
 }
 
 }  // namespace longattn::partition
