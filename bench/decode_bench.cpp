@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -37,13 +36,10 @@ struct Options {
 };
 
 Options parse(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--help")) {
-      std::printf("longattn-bench decode [--batch 4] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128]\n"
-                  "  [--dtype bf16|fp16|fp32] [--threads cores] [--reps 10] [--q-per-seq 1] [--stream-mib N]\n");
-      std::exit(0);
-    }
-  const examples::Flags f(argc, argv,
+  static const char* const kUsage =
+      "longattn-bench decode [--batch 4] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128]\n"
+      "  [--dtype bf16|fp16|fp32] [--threads cores] [--reps 10] [--q-per-seq 1] [--stream-mib N]\n";
+  const examples::Flags f(argc, argv, kUsage,
                           {"batch", "context", "heads", "kv-heads", "head-dim", "threads", "reps", "q-per-seq", "dtype", "stream-mib"}, {});
   constexpr int kMax = std::numeric_limits<int>::max();
   Options o;

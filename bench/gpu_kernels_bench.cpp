@@ -49,14 +49,10 @@ std::vector<std::string> words(const std::string& s) {
 }
 
 Options parse(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) {
-      std::printf(
-          "longattn-bench gpu-kernels [--seqs 8192,32768,131072] [--dims 64,128] [--backends cuda,cudnn]\n"
-          "                           [--heads 32] [--reps 5] [--causal 0|1|both] [--decode-kv 1048576]\n");
-      std::exit(0);
-    }
-  const examples::Flags f(argc, argv, {"seqs", "dims", "backends", "heads", "reps", "causal", "decode-kv"}, {});
+  static const char* const kUsage =
+      "longattn-bench gpu-kernels [--seqs 8192,32768,131072] [--dims 64,128] [--backends cuda,cudnn]\n"
+      "                           [--heads 32] [--reps 5] [--causal 0|1|both] [--decode-kv 1048576]\n";
+  const examples::Flags f(argc, argv, kUsage, {"seqs", "dims", "backends", "heads", "reps", "causal", "decode-kv"}, {});
   constexpr int kMax = std::numeric_limits<int>::max();
   auto int_list = [&](const char* name, const std::vector<int>& fallback) {
     const auto v = f.integers(name, std::vector<long long>(fallback.begin(), fallback.end()), 1, kMax);

@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -54,14 +53,11 @@ struct Options {
 };
 
 Options parse(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--help")) {
-      std::printf("longattn-bench offload [--batch 32] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16]\n"
-                  "  [--reps 10] [--threads cores] [--clients 64] [--seconds 60] [--load-context 4096] [--memory-limit 16G]\n"
-                  "  [--no-latency] [--no-load] [--transport tcp|ucx]\n");
-      std::exit(0);
-    }
-  const examples::Flags f(argc, argv,
+  static const char* const kUsage =
+      "longattn-bench offload [--batch 32] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16]\n"
+      "  [--reps 10] [--threads cores] [--clients 64] [--seconds 60] [--load-context 4096] [--memory-limit 16G]\n"
+      "  [--no-latency] [--no-load] [--transport tcp|ucx]\n";
+  const examples::Flags f(argc, argv, kUsage,
                           {"batch", "context", "heads", "kv-heads", "head-dim", "dtype", "reps", "threads", "clients", "seconds",
                            "load-context", "memory-limit", "transport"},
                           {"no-latency", "no-load"});

@@ -229,14 +229,10 @@ int run_cpu(const Config& cfg) {
 }
 
 int run(int argc, char** argv) {
-  examples::Flags f(argc, argv,
+  examples::Flags f(argc, argv, kUsage,
                     {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
                      "shard-tokens", "timeout-ms", "seed", "transport", "device"},
-                    {"check", "help", "local-attention"});
-  if (f.flag("help")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
+                    {"check", "local-attention"});
   Config c;
   const std::string device = f.str("device", "cpu");
   if (device != "cpu" && device != "cuda") throw Error(ErrorCode::invalid_argument, "--device must be cpu or cuda, got '" + device + "'");

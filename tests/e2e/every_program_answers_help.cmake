@@ -1,18 +1,21 @@
-# Every program, and every longattn-bench subcommand, answers --help: exit 0 and a usage text (at
-# least one --flag) on stdout. The subcommands are read from `longattn-bench --help`, so a new one
+# Every program, and every longattn-bench subcommand, answers --help and -h: exit 0 and a usage
+# text (at least one --flag) on stdout. The subcommands are read from `longattn-bench --help`, so a new one
 # is covered without editing this file. Run as
 #   cmake -DPROGRAMS="<path>;<path>..." -DBENCH=<longattn-bench path> -P every_program_answers_help.cmake
 set(failures "")
 
 function(expect_help what)
-  execute_process(COMMAND ${ARGN} --help RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 60)
-  if(NOT rc STREQUAL "0")
-    set(failures "${failures}\n  ${what} --help: exit ${rc}, stderr: ${err}" PARENT_SCOPE)
-  elseif(NOT out MATCHES "--[a-z]")
-    set(failures "${failures}\n  ${what} --help: exit 0 but no usage text with flags on stdout: '${out}'" PARENT_SCOPE)
-  else()
-    message(STATUS "${what} --help: ok")
-  endif()
+  foreach(spelling --help -h)
+    execute_process(COMMAND ${ARGN} ${spelling} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 60)
+    if(NOT rc STREQUAL "0")
+      set(failures "${failures}\n  ${what} ${spelling}: exit ${rc}, stderr: ${err}")
+    elseif(NOT out MATCHES "--[a-z]")
+      set(failures "${failures}\n  ${what} ${spelling}: exit 0 but no usage text with flags on stdout: '${out}'")
+    else()
+      message(STATUS "${what} ${spelling}: ok")
+    endif()
+  endforeach()
+  set(failures "${failures}" PARENT_SCOPE)
   set(last_help_output "${out}" PARENT_SCOPE)
 endfunction()
 
@@ -32,5 +35,5 @@ foreach(item IN LISTS listed)
 endforeach()
 
 if(failures)
-  message(FATAL_ERROR "programs that do not answer --help:${failures}")
+  message(FATAL_ERROR "programs that do not answer --help or -h:${failures}")
 endif()
