@@ -75,12 +75,34 @@ ShardPlan::ShardPlan(std::vector<std::int32_t> cu_seqlens, Layout layout, int wo
                      cu_seqlens_[b], cu_seqlens_[b - 1]);
 }
 
+ShardPlan::ShardPlan(std::vector<std::int32_t> cu_seqlens, Layout layout, int world, int group_size)
+    : ShardPlan(std::move(cu_seqlens), layout, world) {
+  LONGATTN_INVALID(group_size >= 1 && world % group_size == 0,
+                   "a group of {} ranks does not divide the {} ranks into equal groups: use one of {}", group_size, world,
+                   [&] {
+                     std::string sizes;
+                     for (int d = 1; d <= world; ++d)
+                       if (world % d == 0) sizes += (sizes.empty() ? "" : ", ") + std::to_string(d);
+                     return sizes;
+                   }());
+  group_size_ = group_size;
+}
+
+ShardPlan ShardPlan::group_plan() const { return ShardPlan(cu_seqlens_, layout_, groups()); }
+
+std::int64_t ShardPlan::group_row_begin(int rank) const {
+  LONGATTN_INVALID(rank >= 0 && rank < world_, "rank {} is outside [0, {})", rank, world_);
+  if (group_size_ == 1) return 0;
+  return piece_start(group_plan().local_tokens(rank / group_size_), group_size_, rank % group_size_);
+}
+
 ShardPlan ShardPlan::single_sequence(std::int64_t seq_len, Layout layout, int world) {
   LONGATTN_INVALID(seq_len >= 1 && seq_len < (std::int64_t{1} << 31), "sequence length must be in [1, 2^31), got {}", seq_len);
   return ShardPlan({0, static_cast<std::int32_t>(seq_len)}, layout, world);
 }
 
 std::int64_t ShardPlan::local_tokens(int rank) const {
+  if (group_size_ > 1) return piece_size(group_plan().local_tokens(rank / group_size_), group_size_, rank % group_size_);
   std::int64_t n = 0;
   for (int b = 0; b < batch(); ++b) n += local_count(layout_, cu_seqlens_[b + 1] - cu_seqlens_[b], world_, rank);
   return n;
@@ -94,6 +116,7 @@ std::int64_t ShardPlan::max_local_tokens() const {
 
 RankShard ShardPlan::shard(int rank) const {
   LONGATTN_INVALID(rank >= 0 && rank < world_, "rank {} is outside [0, {})", rank, world_);
+  if (group_size_ > 1) return shard_from_runs(rank);
   RankShard s;
   const auto n = local_tokens(rank);
   s.global_index.reserve(static_cast<std::size_t>(n));
@@ -111,8 +134,37 @@ RankShard ShardPlan::shard(int rank) const {
   return s;
 }
 
+RankShard ShardPlan::shard_from_runs(int rank) const {
+  RankShard s;
+  s.cu_seqlens.assign(cu_seqlens_.size(), 0);
+  for (const auto& run : runs(rank)) {
+    for (std::int64_t i = 0; i < run.count; ++i) {
+      const auto p = static_cast<std::int32_t>(run.first + i * run.stride);
+      s.global_index.push_back(cu_seqlens_[static_cast<std::size_t>(run.seq)] + p);
+      s.positions.push_back(p);
+    }
+    s.cu_seqlens[static_cast<std::size_t>(run.seq) + 1] += static_cast<std::int32_t>(run.count);
+  }
+  for (std::size_t b = 1; b < s.cu_seqlens.size(); ++b) s.cu_seqlens[b] += s.cu_seqlens[b - 1];
+  return s;
+}
+
+// Rows [begin, begin + count) of a list of runs, rebased to start at row 0: runs cut where the
+// range cuts them stay arithmetic progressions.
+static std::vector<TokenRun> slice_runs(const std::vector<TokenRun>& runs, std::int64_t begin, std::int64_t count) {
+  std::vector<TokenRun> out;
+  const std::int64_t end = begin + count;
+  for (const auto& r : runs) {
+    const std::int64_t lo = std::max(begin, r.row), hi = std::min(end, r.row + r.count);
+    if (lo >= hi) continue;
+    out.push_back({r.seq, lo - begin, hi - lo, static_cast<std::int32_t>(r.first + (lo - r.row) * r.stride), r.stride});
+  }
+  return out;
+}
+
 std::vector<TokenRun> ShardPlan::runs(int rank) const {
   LONGATTN_INVALID(rank >= 0 && rank < world_, "rank {} is outside [0, {})", rank, world_);
+  if (group_size_ > 1) return slice_runs(group_plan().runs(rank / group_size_), group_row_begin(rank), local_tokens(rank));
   std::vector<TokenRun> out;
   std::int64_t row = 0;
   auto add = [&](int seq, std::int64_t first, std::int64_t count, std::int64_t stride) {

@@ -39,6 +39,15 @@ class ShardPlan {
  public:
   // cu_seqlens: prefix sums of the global batch (batch + 1 entries, starting at 0).
   ShardPlan(std::vector<std::int32_t> cu_seqlens, Layout layout, int world);
+  // A two-level plan, what the Ulysses and hybrid strategies run on: the ranks form
+  // world / group_size groups of group_size consecutive ranks (a node's GPUs); `layout` spreads the
+  // tokens over the groups (group g holds what rank g of the world / group_size-rank plan holds),
+  // and inside a group its tokens, in the group's local order, are cut into group_size contiguous
+  // slices differing by at most one token (rank g * group_size + u holds slice u). An all-to-all
+  // inside the group therefore gathers the group's tokens in order by concatenating the members'
+  // rows. group_size 1 is the one-level plan; group_size == world puts the whole batch, in global
+  // order, in one group. group_size must divide world.
+  ShardPlan(std::vector<std::int32_t> cu_seqlens, Layout layout, int world, int group_size);
   static ShardPlan single_sequence(std::int64_t seq_len, Layout layout, int world);
 
   RankShard shard(int rank) const;
@@ -46,15 +55,23 @@ class ShardPlan {
   std::int64_t local_tokens(int rank) const;  // without building the index lists
   std::int64_t max_local_tokens() const;
   int world() const noexcept { return world_; }
+  int group_size() const noexcept { return group_size_; }
+  int groups() const noexcept { return world_ / group_size_; }
+  // The one-level plan over the groups: its rank g holds group g's tokens in the group's order.
+  ShardPlan group_plan() const;
+  // Where rank's slice starts among its group's rows (0 for one-level plans).
+  std::int64_t group_row_begin(int rank) const;
   Layout layout() const noexcept { return layout_; }
   int batch() const noexcept { return static_cast<int>(cu_seqlens_.size()) - 1; }
   std::int64_t total_tokens() const noexcept { return cu_seqlens_.back(); }
   const std::vector<std::int32_t>& cu_seqlens() const noexcept { return cu_seqlens_; }
 
  private:
+  RankShard shard_from_runs(int rank) const;
   std::vector<std::int32_t> cu_seqlens_;
   Layout layout_;
   int world_;
+  int group_size_ = 1;
 };
 
 // Gather the rows (row_bytes each) a rank holds out of the full batch, and scatter them back.

@@ -127,5 +127,58 @@ TEST(Layouts, BadInputIsRefused) {
   EXPECT_THROW(ShardPlan::single_sequence(8, Layout::zigzag, 2).shard(2), Error);
 }
 
+// Two-level plans (Ulysses groups inside a ring of groups): a group's members hold contiguous slices
+// of what the group holds under the one-level plan over groups, in order, so concatenating the
+// members' rows gives the group's rows; runs, shards and counts agree.
+TEST(TwoLevelLayouts, MembersSliceTheirGroupsShardInOrder) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_int_distribution<int> len(0, 60);
+  for (Layout layout : {Layout::contiguous, Layout::zigzag, Layout::striped}) {
+    for (auto [world, group] : {std::pair{4, 2}, std::pair{6, 3}, std::pair{8, 4}, std::pair{4, 4}, std::pair{3, 1}}) {
+      std::vector<std::int32_t> cu{0};
+      for (int b = 0; b < 5; ++b) cu.push_back(cu.back() + (b == 0 ? 0 : b == 1 ? 1 : len(rng)));
+      const ShardPlan plan(cu, layout, world, group);
+      EXPECT_EQ(plan.groups(), world / group);
+      const ShardPlan over_groups = plan.group_plan();
+      for (int g = 0; g < plan.groups(); ++g) {
+        std::vector<std::int64_t> members;
+        std::int64_t lo = INT64_MAX, hi = 0;
+        for (int u = 0; u < group; ++u) {
+          const int r = g * group + u;
+          const auto s = plan.shard(r);
+          EXPECT_EQ(s.tokens(), plan.local_tokens(r));
+          EXPECT_EQ(plan.group_row_begin(r), static_cast<std::int64_t>(members.size()));
+          EXPECT_EQ(s.cu_seqlens.back(), s.tokens());
+          members.insert(members.end(), s.global_index.begin(), s.global_index.end());
+          lo = std::min(lo, s.tokens());
+          hi = std::max(hi, s.tokens());
+          // The runs spell out the same tokens, rows counted from the member's first row.
+          std::int64_t row = 0;
+          for (const auto& run : plan.runs(r)) {
+            EXPECT_EQ(run.row, row);
+            for (std::int64_t i = 0; i < run.count; ++i, ++row) {
+              EXPECT_EQ(s.positions[static_cast<std::size_t>(row)], run.first + i * run.stride);
+              EXPECT_EQ(s.global_index[static_cast<std::size_t>(row)], cu[static_cast<std::size_t>(run.seq)] + run.first + i * run.stride);
+            }
+          }
+          EXPECT_EQ(row, s.tokens());
+        }
+        EXPECT_EQ(members, over_groups.shard(g).global_index) << to_string(layout) << " world " << world << " group " << group;
+        EXPECT_LE(hi - lo, 1);
+      }
+    }
+  }
+}
+
+TEST(TwoLevelLayouts, GroupSizeMustDivideTheRanks) {
+  try {
+    ShardPlan({0, 16}, Layout::zigzag, 6, 4);
+    FAIL() << "a group of 4 in 6 ranks was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("1, 2, 3, 6"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(ShardPlan({0, 16}, Layout::zigzag, 4, 0), Error);
+}
+
 }  // namespace
 }  // namespace longattn
