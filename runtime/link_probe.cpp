@@ -1,0 +1,1 @@
+// Placeholder: filled in by the engineer who owns this file this session.
