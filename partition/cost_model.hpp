@@ -117,7 +117,8 @@ struct MachineModel {
 // hidden^2 projections and an MLP of 4x width: 12 hidden^2 weights, 2 FLOPs each) at a GEMM rate.
 double linear_seconds_per_token(std::int64_t hidden, double gemm_tflops);
 
-// Built-in machines: "h100" and "h200" (sources beside their definitions, cost_model_machines.cpp).
+// Built-in machines: "h100", "h200" and "cpu" (one thread of the CPU backend; sources beside their
+// definitions, cost_model_machines.cpp).
 // Throws Error(invalid_argument) naming the known machines for any other name.
 MachineModel default_machine(std::string_view name);
 std::vector<std::string> default_machine_names();

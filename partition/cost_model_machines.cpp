@@ -1,5 +1,5 @@
 // The built-in machines: kernel-rate curves, links and linear-layer coefficients of the GPUs we
-// measured, each with its source beside it.
+// measured and of one CPU thread, each with its source beside it.
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -84,9 +84,31 @@ constexpr Link kNetwork{50e9, 10e-6};
 // (same file, same section): a lower bound on their time until a trainer gives its own coefficient.
 constexpr std::int64_t kDefaultHidden = 4096;
 
+// The CPU machine: one thread of the fast CPU backend, fp32, 4 heads, best of 3 after a warm-up,
+// by `longattn-bench kernels` (bench/results/cpu_machine_2026-12-05.md, the points marked "used").
+// The build machine was shared with other builds while it ran, so the figures are rough; only the
+// runs that were not visibly disturbed went in. A rank with more threads scales them (the caller's
+// job: the model knows no threads). Short causal blocks lose to their diagonal as on GPUs.
+struct CpuPoint {
+  bool causal;
+  int head_dim;
+  RatePoint point;
+};
+constexpr CpuPoint kCpuOneThread[] = {
+    {false, 64, {128, 0.128, 0.112}},  {false, 64, {1024, 0.115, 0.116}},
+    {true, 64, {128, 0.0465, 0.0504}}, {true, 64, {1024, 0.0965, 0.0814}},
+    {false, 128, {128, 0.148, 0.110}}, {true, 128, {128, 0.0644, 0.0644}},
+};
+// Links of CPU ranks are assumed, not measured: MPI over shared memory inside a node, a 10 Gb/s
+// network across nodes. The startup probe replaces both wherever a job has the ranks to measure.
+constexpr Link kSharedMemory{10e9, 2e-6};
+constexpr Link kTenGigabitEthernet{1.25e9, 20e-6};
+// The OpenBLAS sgemm rate of the same thread in the same runs.
+constexpr double kCpuGemmTflops = 0.178;
+
 }  // namespace
 
-std::vector<std::string> default_machine_names() { return {"h100", "h200"}; }
+std::vector<std::string> default_machine_names() { return {"h100", "h200", "cpu"}; }
 
 MachineModel default_machine(std::string_view name) {
   MachineModel m;
@@ -100,6 +122,11 @@ MachineModel default_machine(std::string_view name) {
   } else if (name == "h100") {
     for (const auto& c : kH100Cudnn) add_h100_curve(m.rates, c);
     m.linear_seconds_per_token = linear_seconds_per_token(kDefaultHidden, 761);
+  } else if (name == "cpu") {
+    for (const auto& p : kCpuOneThread) m.rates.add(p.causal, p.head_dim, p.point);
+    m.intra_node = kSharedMemory;
+    m.inter_node = kTenGigabitEthernet;
+    m.linear_seconds_per_token = linear_seconds_per_token(kDefaultHidden, kCpuGemmTflops);
   } else {
     throw Error(ErrorCode::invalid_argument, fmt::format("unknown machine `{}`: use one of {}, or load a kernel-rate table",
                                                          name, fmt::join(default_machine_names(), ", ")));
