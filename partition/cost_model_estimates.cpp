@@ -9,6 +9,8 @@
 
 #include "common/check.hpp"
 #include "partition/cost_model.hpp"
+#include "partition/hybrid_plan.hpp"
+#include "partition/ulysses_plan.hpp"
 
 namespace longattn::partition {
 // ---- strategies ------------------------------------------------------------------------------
@@ -41,11 +43,8 @@ std::vector<int> valid_degrees(const AttentionShape& shape, const NodeLayout& la
 std::string hybrid_unsupported_reason(const AttentionShape& shape, const NodeLayout& layout, int ulysses) {
   if (ulysses <= 0 || layout.ranks % ulysses != 0)
     return fmt::format("Ulysses size {} does not divide the {} ranks", ulysses, layout.ranks);
-  if (shape.query_heads % ulysses != 0)
-    return fmt::format("Ulysses size {} does not divide the {} query heads", ulysses, shape.query_heads);
-  if (shape.kv_heads % ulysses != 0 && ulysses % shape.kv_heads != 0)
-    return fmt::format("Ulysses size {} and the {} kv heads do not divide one another", ulysses, shape.kv_heads);
-  return {};
+  // The plans' own rule, so that the model never offers a degree the plans refuse.
+  return hybrid_heads_unsupported_reason(shape.query_heads, shape.kv_heads, ulysses);
 }
 
 StrategyEstimate estimate_strategy(const MachineModel& m, const AttentionShape& shape, const NodeLayout& layout,
@@ -167,6 +166,26 @@ double all_to_all_seconds(const MachineModel& m, const AllToAll& exchange, int r
   return seconds;
 }
 
+// Rows of the key/value shard a ring step names: a rank's shard, or for RowSpace::group the rows
+// of the group, its members' shards together.
+double shard_rows(const Plan& plan, RowSpace rows, int shard, int rank, const PlanCostInputs& in) {
+  const int width = rows == RowSpace::group ? plan.group_size : 1;
+  const auto first = static_cast<std::size_t>(shard) * static_cast<std::size_t>(width);
+  LONGATTN_INVALID(shard >= 0 && first + static_cast<std::size_t>(width) <= in.shard_tokens.size(),
+                   "plan cost: a ring step of rank {} reads shard {} of {} rank(s), but shard_tokens has {} entries; "
+                   "give one per rank",
+                   rank, shard, width, in.shard_tokens.size());
+  std::int64_t total = 0;
+  for (int m = 0; m < width; ++m) total += in.shard_tokens[first + static_cast<std::size_t>(m)];
+  return static_cast<double>(total);
+}
+
+// The kv heads a rank's ring carries: all of them, or in a group only those its query heads read.
+int ring_kv_heads(const Plan& plan, int rank) {
+  if (plan.group_size <= 1) return plan.kv_heads;
+  return ulysses_kv_heads(plan.q_heads, plan.kv_heads, plan.group_size, rank % plan.group_size).count;
+}
+
 }  // namespace
 
 namespace {
@@ -194,32 +213,28 @@ PlanEstimate estimate_plan(const MachineModel& m, const Plan& plan, const PlanCo
       double compute = 0;
       for (const auto& call : step.calls) compute += call_seconds(m, call, in.head_dim, backward);
       double transfer = 0;
+      const double kv_bytes_per_token = 2.0 * ring_kv_heads(plan, rank) * in.head_dim;  // k and v (or dK and dV)
       if (step.ring) {
         const auto& ring = *step.ring;
-        LONGATTN_INVALID(ring.send_shard >= 0 && ring.recv_shard >= 0 &&
-                             std::max(ring.send_shard, ring.recv_shard) < static_cast<int>(in.shard_tokens.size()),
-                         "plan cost: a ring step of rank {} moves shard {} / {}, but shard_tokens has {} entries; give one "
-                         "per rank",
-                         rank, ring.send_shard, ring.recv_shard, in.shard_tokens.size());
-        const double per_token = 2.0 * plan.kv_heads * in.head_dim *  // k and v, and dK and dV going backward
-                                 (in.element_bytes + (backward ? in.gradient_bytes : 0));
+        const double per_token = kv_bytes_per_token * (in.element_bytes + (backward ? in.gradient_bytes : 0));
         const int messages = backward ? 4 : 2;
-        const double sent = m.transfer_seconds(static_cast<double>(in.shard_tokens[ring.send_shard]) * per_token,
+        const double sent = m.transfer_seconds(shard_rows(plan, step.rows, ring.send_shard, rank, in) * per_token,
                                                tier_between(rank, ring.send_to, in.gpus_per_node), messages);
-        const double received = m.transfer_seconds(static_cast<double>(in.shard_tokens[ring.recv_shard]) * per_token,
+        const double received = m.transfer_seconds(shard_rows(plan, step.rows, ring.recv_shard, rank, in) * per_token,
                                                    tier_between(rank, ring.recv_from, in.gpus_per_node), messages);
         transfer = std::max(sent, received);
       }
       step_total += std::max(compute, transfer);
-      const bool last_ring_step = s + 1 == steps.size() && step.rows == RowSpace::shards && step.key_shard >= 0 &&
-                                  step.key_shard != rank;
-      if (backward && last_ring_step) {
-        LONGATTN_INVALID(step.key_shard < static_cast<int>(in.shard_tokens.size()),
-                         "plan cost: rank {} ends on shard {}, but shard_tokens has {} entries; give one per rank", rank,
-                         step.key_shard, in.shard_tokens.size());
+      // The last ring step (no transfer after it) on a shard from elsewhere leaves that shard's
+      // dK/dV one hop from home, with nothing left to hide behind.
+      const bool grouped = step.rows == RowSpace::group;
+      const int own_shard = grouped ? rank / plan.group_size : rank;
+      const bool ends_away = step.rows != RowSpace::gathered && !step.ring && step.key_shard >= 0 && step.key_shard != own_shard;
+      if (backward && ends_away) {
+        const int home = grouped ? step.key_shard * plan.group_size + rank % plan.group_size : step.key_shard;
         const double gradient_bytes =
-            2.0 * plan.kv_heads * in.head_dim * in.gradient_bytes * static_cast<double>(in.shard_tokens[step.key_shard]);
-        step_total += m.transfer_seconds(gradient_bytes, tier_between(rank, step.key_shard, in.gpus_per_node), 2);
+            kv_bytes_per_token * in.gradient_bytes * shard_rows(plan, step.rows, step.key_shard, rank, in);
+        step_total += m.transfer_seconds(gradient_bytes, tier_between(rank, home, in.gpus_per_node), 2);
       }
       slowest_step[s] = std::max(slowest_step[s], step_total);
       total += step_total;

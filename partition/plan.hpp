@@ -1,7 +1,8 @@
 // Parallel attention strategies as plain data. A Plan says, for every rank, the steps it runs: the
 // communication of each step (a ring send/receive of a key/value shard, or all-to-all(v) exchanges
 // with per-peer counts) and the local kernel calls of each step (query rows against key rows under
-// a mask). Plans are made once per shape by the generators (ring_plan.hpp, ulysses_plan.hpp) and
+// a mask). Plans are made once per shape by the generators (ring_plan.hpp, ulysses_plan.hpp,
+// hybrid_plan.hpp) and
 // are meant to be cached and executed by runtime/; being data, they are tested without devices by
 // simulating which (query, key) pairs they compute. Pure: no devices, no communication.
 #pragma once
@@ -23,6 +24,10 @@ const char* to_string(MaskKind kind) noexcept;
 enum class RowSpace {
   shards,    // queries: the rank's own shard rows; keys: rows of the shard named by Step::key_shard
   gathered,  // both: rows of the whole packed batch (global token order), after an all-to-all
+  // After an all-to-all inside a group of Plan::group_size ranks (a two-level ShardPlan): queries:
+  // the rows of the rank's own group in the group's order (its members' rows concatenated);
+  // keys: the rows of group Step::key_shard, which travel a ring over the groups.
+  group,
 };
 
 // A half-open range of global head numbers.
@@ -42,7 +47,9 @@ struct KernelCall {
 };
 
 // A ring step's transfer, posted together with the step's calls so that it hides behind them: the
-// shard computed on now goes to the next rank while the shard of the next step arrives.
+// shard computed on now goes to the next rank while the shard of the next step arrives. Peers are
+// ranks; shards are numbered as the step's row space numbers them (ranks, or groups for
+// RowSpace::group, whose ring links the ranks of one member index, group_size apart).
 struct RingTransfer {
   int send_to = 0, send_shard = 0;      // peer, and whose shard is sent
   int recv_from = 0, recv_shard = 0;    // peer, and whose shard arrives (the next step's keys)
@@ -64,7 +71,7 @@ struct AllToAll {
 
 struct Step {
   RowSpace rows = RowSpace::shards;
-  int key_shard = -1;                   // RowSpace::shards: the rank whose key/value shard the calls read
+  int key_shard = -1;                   // shards: the rank whose key/value shard the calls read; group: the group
   std::optional<RingTransfer> ring;     // none on the last ring step and outside rings
   std::vector<AllToAll> all_to_all;     // exchanges completed before the calls
   std::vector<KernelCall> calls;
@@ -77,7 +84,7 @@ struct RankPlan {
   bool operator==(const RankPlan&) const = default;
 };
 
-enum class Strategy { ring, ulysses };
+enum class Strategy { ring, ulysses, hybrid };
 const char* to_string(Strategy strategy) noexcept;
 
 struct Plan {
@@ -86,6 +93,7 @@ struct Plan {
   bool causal = false;
   int q_heads = 1, kv_heads = 1;
   std::vector<RankPlan> ranks;  // [world]
+  int group_size = 1;           // ranks per all-to-all group (RowSpace::group): U of a U x R hybrid
 };
 
 // A whole plan from the generator of one rank's part (rank -> RankPlan): what each rank builds

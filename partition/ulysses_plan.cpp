@@ -1,8 +1,9 @@
-// See ulysses_plan.hpp. A rank's counts toward peer b are (tokens of the sequence-sharded side) x
-// (heads of the head-sharded side): what rank a sends to b is what b receives from a by construction.
+// See ulysses_plan.hpp. The head shares of a group; the plan itself is the hybrid plan's with one
+// group, so the two strategies cannot drift apart.
 #include "partition/ulysses_plan.hpp"
 
 #include "common/check.hpp"
+#include "partition/hybrid_plan.hpp"
 
 namespace longattn::partition {
 
@@ -26,34 +27,6 @@ std::string valid_ulysses_group_sizes(int q_heads) {
   return sizes;
 }
 
-namespace {
-
-// tokens(a) x heads(b) toward every peer b; `heads_here` are the heads the local rank holds after
-// the exchange (head-sharded side) and `tokens` the sequence shard sizes.
-AllToAll to_heads(PlanTensor tensor, int rank, const std::vector<std::int64_t>& tokens, const std::vector<HeadRange>& heads) {
-  const auto world = tokens.size();
-  AllToAll a{tensor, std::vector<std::int64_t>(world), std::vector<std::int64_t>(world), std::vector<HeadRange>(world),
-             std::vector<HeadRange>(world)};
-  const auto me = static_cast<std::size_t>(rank);
-  for (std::size_t b = 0; b < world; ++b) {
-    a.send_counts[b] = tokens[me] * heads[b].count;
-    a.send_heads[b] = heads[b];
-    a.recv_counts[b] = tokens[b] * heads[me].count;
-    a.recv_heads[b] = heads[me];
-  }
-  return a;
-}
-
-// The reverse exchange: head shards back to sequence shards.
-AllToAll to_sequence(PlanTensor tensor, int rank, const std::vector<std::int64_t>& tokens, const std::vector<HeadRange>& heads) {
-  AllToAll a = to_heads(tensor, rank, tokens, heads);
-  std::swap(a.send_counts, a.recv_counts);
-  std::swap(a.send_heads, a.recv_heads);
-  return a;
-}
-
-}  // namespace
-
 RankPlan ulysses_rank_plan(const ShardPlan& shards, bool causal, int rank, int q_heads, int kv_heads) {
   const int world = shards.world();
   LONGATTN_INVALID(q_heads >= 1 && kv_heads >= 1 && q_heads % kv_heads == 0,
@@ -62,37 +35,19 @@ RankPlan ulysses_rank_plan(const ShardPlan& shards, bool causal, int rank, int q
                    "Ulysses splits the {} query heads over a group of {} ranks, which does not divide them: use a "
                    "group size of {} (or the ring strategy)",
                    q_heads, world, valid_ulysses_group_sizes(q_heads));
-  LONGATTN_INVALID(rank >= 0 && rank < world, "rank {} is outside [0, {})", rank, world);
-  std::vector<std::int64_t> tokens(static_cast<std::size_t>(world));
-  std::vector<HeadRange> q_of(static_cast<std::size_t>(world)), kv_of(static_cast<std::size_t>(world));
-  for (int r = 0; r < world; ++r) {
-    tokens[static_cast<std::size_t>(r)] = shards.local_tokens(r);
-    q_of[static_cast<std::size_t>(r)] = ulysses_q_heads(q_heads, world, r);
-    kv_of[static_cast<std::size_t>(r)] = ulysses_kv_heads(q_heads, kv_heads, world, r);
-  }
-  const auto& cu = shards.cu_seqlens();
-  RankPlan plan;
-  plan.steps.resize(2);
-  auto& attend = plan.steps[0];
-  attend.rows = RowSpace::gathered;
-  attend.all_to_all = {to_heads(PlanTensor::q, rank, tokens, q_of), to_heads(PlanTensor::k, rank, tokens, kv_of),
-                       to_heads(PlanTensor::v, rank, tokens, kv_of)};
-  // Whole sequences in global order: positions are row indices inside each sequence.
-  for (int b = 0; b < shards.batch(); ++b) {
-    const std::int64_t begin = cu[static_cast<std::size_t>(b)], count = cu[static_cast<std::size_t>(b) + 1] - begin;
-    if (count > 0)
-      attend.calls.push_back(
-          {begin, count, begin, count, causal ? MaskKind::causal_by_index : MaskKind::none, 0, q_of[static_cast<std::size_t>(rank)]});
-  }
-  auto& back = plan.steps[1];
-  back.rows = RowSpace::gathered;
-  back.all_to_all = {to_sequence(PlanTensor::o, rank, tokens, q_of), to_sequence(PlanTensor::lse, rank, tokens, q_of)};
-  return plan;
+  LONGATTN_INVALID(shards.group_size() == world,
+                   "the Ulysses plan runs on the two-level shards of one group of all {0} ranks, "
+                   "ShardPlan(cu_seqlens, layout, {0}, {0}), not on groups of {1}: shard with that plan (or use the "
+                   "hybrid plan for groups of {1})",
+                   world, shards.group_size());
+  return hybrid_rank_plan(shards, causal, rank, q_heads, kv_heads);
 }
 
 Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads) {
-  return whole_plan(Strategy::ulysses, shards.world(), causal, q_heads, kv_heads,
-                    [&](int rank) { return ulysses_rank_plan(shards, causal, rank, q_heads, kv_heads); });
+  Plan plan = whole_plan(Strategy::ulysses, shards.world(), causal, q_heads, kv_heads,
+                         [&](int rank) { return ulysses_rank_plan(shards, causal, rank, q_heads, kv_heads); });
+  plan.group_size = shards.world();
+  return plan;
 }
 
 }  // namespace longattn::partition

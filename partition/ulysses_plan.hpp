@@ -1,8 +1,8 @@
 // The Ulysses (head-parallel) strategy as a plan: an all-to-all turns each rank's sequence shard of
 // q, k and v into whole sequences for a share of the heads, local attention runs on them, and a
 // second all-to-all turns o and lse back into sequence shards. Shards may be uneven (all-to-allv
-// counts); any ShardPlan layout and packed varlen batches work, since after the exchange every
-// rank holds the whole batch in global token order.
+// counts); packed varlen batches work, since after the exchange every rank holds the whole batch in
+// global token order.
 #pragma once
 
 #include <string>
@@ -28,9 +28,13 @@ HeadRange ulysses_kv_heads(int q_heads, int kv_heads, int world, int rank);
 // The group sizes Ulysses can use for this many query heads (its divisors), as "1, 2, 4, 8".
 std::string valid_ulysses_group_sizes(int q_heads);
 
-// Throws Error(invalid_argument) naming the valid group sizes when q_heads % world != 0, and when
-// q_heads is not a positive multiple of kv_heads. Two steps per rank: step 0 exchanges q, k, v and
-// runs one call per non-empty sequence on the rank's heads (causal by index, or unmasked); step 1
+// The hybrid plan (hybrid_plan.hpp) with one group of all ranks: `shards` must be the two-level
+// ShardPlan(cu_seqlens, layout, world, world), which holds the batch in global order cut into world
+// contiguous slices, so the exchange needs no permutation (the layout does not matter with one
+// group). Throws Error(invalid_argument) naming the valid group sizes when q_heads % world != 0,
+// when the kv heads and the world do not divide one another (hybrid_heads_unsupported_reason), and
+// on one-level shards of more than one rank. Two steps per rank: step 0 exchanges q, k, v and runs
+// one call per non-empty sequence on the rank's heads (causal by index, or unmasked); step 1
 // exchanges o and lse back.
 Plan ulysses_plan(const ShardPlan& shards, bool causal, int q_heads, int kv_heads);
 

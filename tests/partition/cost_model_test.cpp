@@ -10,6 +10,7 @@
 #include "longattn/error.hpp"
 #include "longattn/layout.hpp"
 #include "partition/cost_model.hpp"
+#include "partition/hybrid_plan.hpp"
 #include "partition/ring_plan.hpp"
 #include "partition/ulysses_plan.hpp"
 #include "support/test_util.hpp"
@@ -304,7 +305,7 @@ TEST(CostModelPlans, UlyssesPlanMatchesStrategyEstimate) {
   const int world = 4;
   const std::int64_t seq_len = world * uniform_int(rng, 100, 2000);
   const AttentionShape shape{.seq_len = seq_len, .query_heads = 8, .kv_heads = 4, .head_dim = 128, .causal = false};
-  const auto shards = ShardPlan::single_sequence(seq_len, Layout::contiguous, world);
+  const ShardPlan shards({0, static_cast<std::int32_t>(seq_len)}, Layout::contiguous, world, world);
   const Plan plan = ulysses_plan(shards, false, shape.query_heads, shape.kv_heads);
   auto inputs = [](int gpus_per_node) {
     return PlanCostInputs{.head_dim = 128, .element_bytes = 2, .gpus_per_node = gpus_per_node, .shard_tokens = {}};
@@ -329,6 +330,42 @@ TEST(CostModelPlans, UlyssesPlanMatchesStrategyEstimate) {
   for (const double bytes_per_peer : {local * 2 * 256, local * 256, local * 256, local * 2 * 256, local * 2 * 4})
     by_hand += std::max(bytes_per_peer / m.intra_node.bytes_per_second, 2 * bytes_per_peer / m.inter_node.bytes_per_second);
   EXPECT_NEAR(priced.step_seconds, by_hand, 1e-9 * by_hand);
+}
+
+// The hybrid plan, priced call by call, agrees with the closed-form estimate for U x R on nodes of 8
+// GPUs (groups inside a node, the ring across nodes for 16 ranks). With one flat rate the two
+// differ only in latency: the plan posts q, k, v and o, lse as five exchanges of U - 1 messages
+// where the closed form counts one each way, so the plan is 3 (U - 1) intra-node latencies slower
+// in each direction, and otherwise equal to 1e-9.
+TEST(CostModelPlans, HybridPlanMatchesStrategyEstimate) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  auto m = flat_machine(rng);
+  m.linear_seconds_per_token = 0;
+  const int gpus_per_node = 8;
+  for (const int world : {8, 16})
+    for (const int ulysses : {1, 2, 4, 8})
+      for (const bool causal : {false, true}) {
+        const int kv_heads = rng() % 2 == 0 ? 4 : 1;
+        const std::int64_t seq_len = 2LL * world * uniform_int(rng, 20, 100);
+        const AttentionShape shape{.seq_len = seq_len, .query_heads = 16, .kv_heads = kv_heads, .head_dim = 128, .causal = causal};
+        const ShardPlan shards({0, static_cast<std::int32_t>(seq_len)}, causal ? Layout::zigzag : Layout::contiguous, world,
+                               ulysses);
+        const Plan plan = hybrid_plan(shards, causal, shape.query_heads, shape.kv_heads);
+        PlanCostInputs inputs{.head_dim = 128, .element_bytes = 2, .gpus_per_node = gpus_per_node, .shard_tokens = {}};
+        for (int r = 0; r < world; ++r) inputs.shard_tokens.push_back(shards.local_tokens(r));
+        const auto closed = estimate_strategy(m, shape, {.ranks = world, .gpus_per_node = gpus_per_node}, ulysses);
+        SCOPED_TRACE(::testing::Message() << ulysses << " x " << world / ulysses << ", kv heads " << kv_heads << ", causal "
+                                          << causal << ", length " << seq_len);
+        const double extra_latency = 3.0 * (ulysses - 1) * m.intra_node.latency_seconds;
+        const auto priced = estimate_plan_forward(m, plan, inputs);
+        EXPECT_NEAR(priced.step_seconds, closed.forward_seconds + extra_latency, 1e-9 * closed.forward_seconds);
+        const double backward = estimate_plan_backward(m, plan, inputs).step_seconds;
+        EXPECT_NEAR(backward, closed.backward_seconds + extra_latency, 1e-9 * closed.backward_seconds);
+        // Every rank computes the same: zigzag over the groups, an equal share of heads inside them.
+        for (const double c : priced.rank_compute_seconds) EXPECT_NEAR(c, priced.rank_compute_seconds[0], 1e-9 * c);
+      }
 }
 
 TEST(CostModelPlans, CallsPricedByTheirMask) {

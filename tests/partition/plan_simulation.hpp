@@ -34,7 +34,8 @@ struct TokenPlaces {
   }
 };
 
-// Fails the test (and stops counting) on a call whose rows or heads fall outside what it may read.
+// Fails the test (and stops counting) on a call whose rows or heads fall outside what it may read,
+// and on a plan whose groups (Plan::group_size) are not the shards' groups.
 inline PlanCoverage simulate_plan(const partition::Plan& plan, const ShardPlan& shards) {
   using partition::MaskKind;
   PlanCoverage cov;
@@ -44,24 +45,42 @@ inline PlanCoverage simulate_plan(const partition::Plan& plan, const ShardPlan& 
   cov.pairs_of_rank.assign(static_cast<std::size_t>(plan.world), 0);
   cov.pairs_of_step.assign(static_cast<std::size_t>(plan.world), {});
   const TokenPlaces places(shards.cu_seqlens());
-  std::vector<RankShard> shard_of;
-  for (int r = 0; r < plan.world; ++r) shard_of.push_back(shards.shard(r));
+  std::vector<std::vector<std::int64_t>> shard_of_rows;
+  for (int r = 0; r < plan.world; ++r) shard_of_rows.push_back(shards.shard(r).global_index);
   const std::vector<std::int64_t> all_rows = [&] {
     std::vector<std::int64_t> rows(static_cast<std::size_t>(cov.tokens));
     for (std::int64_t t = 0; t < cov.tokens; ++t) rows[static_cast<std::size_t>(t)] = t;
     return rows;
   }();
+  // RowSpace::group: a group's rows are its members' rows concatenated, the group plan's shard.
+  std::vector<std::vector<std::int64_t>> group_rows;
+  bool uses_groups = false;
+  for (const auto& rank : plan.ranks)
+    for (const auto& step : rank.steps) uses_groups = uses_groups || step.rows == partition::RowSpace::group;
+  if (uses_groups) {
+    if (shards.group_size() != plan.group_size) {
+      ADD_FAILURE() << "a plan for groups of " << plan.group_size << " ranks simulated on shards in groups of "
+                    << shards.group_size();
+      return cov;
+    }
+    const ShardPlan by_group = shards.group_plan();
+    for (int g = 0; g < by_group.world(); ++g) group_rows.push_back(by_group.shard(g).global_index);
+  }
   for (int r = 0; r < plan.world; ++r)
     for (const auto& step : plan.ranks[static_cast<std::size_t>(r)].steps) {
       auto& step_pairs = cov.pairs_of_step[static_cast<std::size_t>(r)].emplace_back(0);
       for (const auto& call : step.calls) {
         const bool gathered = step.rows == partition::RowSpace::gathered;
-        const auto& q_rows = gathered ? all_rows : shard_of[static_cast<std::size_t>(r)].global_index;
-        if (!gathered && (step.key_shard < 0 || step.key_shard >= plan.world)) {
-          ADD_FAILURE() << "rank " << r << ": a step reads the shard of rank " << step.key_shard;
+        const bool grouped = step.rows == partition::RowSpace::group;
+        const auto& key_shards = grouped ? group_rows : shard_of_rows;
+        if (!gathered && (step.key_shard < 0 || step.key_shard >= static_cast<int>(key_shards.size()))) {
+          ADD_FAILURE() << "rank " << r << ": a step reads the shard of " << (grouped ? "group " : "rank ") << step.key_shard;
           return cov;
         }
-        const auto& k_rows = gathered ? all_rows : shard_of[static_cast<std::size_t>(step.key_shard)].global_index;
+        const auto& q_rows = gathered ? all_rows
+                             : grouped ? group_rows[static_cast<std::size_t>(r / plan.group_size)]
+                                       : shard_of_rows[static_cast<std::size_t>(r)];
+        const auto& k_rows = gathered ? all_rows : key_shards[static_cast<std::size_t>(step.key_shard)];
         const auto nq = static_cast<std::int64_t>(q_rows.size()), nk = static_cast<std::int64_t>(k_rows.size());
         if (call.q_begin < 0 || call.q_count < 1 || call.q_begin + call.q_count > nq || call.k_begin < 0 || call.k_count < 1 ||
             call.k_begin + call.k_count > nk || call.heads.begin < 0 || call.heads.count < 1 ||

@@ -1,8 +1,8 @@
 // ulysses_plan as data: every head's every allowed (query, key) pair computed exactly once and no
 // other, for every layout x causal/full x group sizes 1..8 x odd lengths and varlen batches; the
 // all-to-all counts agree between sender and receiver and bring every token-head where it belongs;
-// GQA/MQA kv heads go to exactly the ranks that read them; heads the group does not divide are
-// refused with the valid sizes.
+// GQA/MQA kv heads go to exactly the ranks that read them; heads the group does not divide, kv
+// heads that do not divide the group (nor it them), and one-level shards are refused.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -36,7 +36,8 @@ struct Case {
   }
 };
 
-// Random shapes Ulysses accepts: q_heads a multiple of the group, kv_heads any divisor of q_heads.
+// Random shapes Ulysses accepts: q_heads a multiple of the group, kv_heads a divisor of q_heads that
+// divides the group or is divisible by it.
 std::vector<Case> random_cases(std::mt19937_64& rng) {
   std::vector<Case> cases;
   for (Layout layout : {Layout::contiguous, Layout::zigzag, Layout::striped})
@@ -45,7 +46,7 @@ std::vector<Case> random_cases(std::mt19937_64& rng) {
         const int q_heads = world * (1 + static_cast<int>(rng() % 2));
         std::vector<int> divisors;
         for (int d = 1; d <= q_heads; ++d)
-          if (q_heads % d == 0) divisors.push_back(d);
+          if (q_heads % d == 0 && (d % world == 0 || world % d == 0)) divisors.push_back(d);
         const int kv_heads = divisors[rng() % divisors.size()];
         const auto odd = static_cast<std::int32_t>(2 * (static_cast<int>(rng() % 20) + world) + 1);
         cases.push_back({{0, odd}, layout, world, q_heads, kv_heads, causal});
@@ -65,7 +66,7 @@ TEST(UlyssesPlan, EveryHeadsEveryAllowedPairOnce) {
   std::mt19937_64 rng(seed);
   for (const auto& c : random_cases(rng)) {
     SCOPED_TRACE(c.describe() + ", seed " + std::to_string(seed));
-    const ShardPlan shards(c.cu, c.layout, c.world);
+    const ShardPlan shards(c.cu, c.layout, c.world, c.world);
     const Plan plan = partition::ulysses_plan(shards, c.causal, c.q_heads, c.kv_heads);
     auto cov = test::simulate_plan(plan, shards);
     test::expect_every_allowed_pair_once(cov, shards, c.causal);
@@ -89,7 +90,7 @@ TEST(UlyssesPlan, AllToAllCountsAgreeAndDeliverEveryTokenHead) {
   std::mt19937_64 rng(test::fresh_seed());
   for (const auto& c : random_cases(rng)) {
     SCOPED_TRACE(c.describe());
-    const ShardPlan shards(c.cu, c.layout, c.world);
+    const ShardPlan shards(c.cu, c.layout, c.world, c.world);
     // Each rank makes its own part, as an executing rank does; the parts must agree with each other.
     Plan plan;
     for (int r = 0; r < c.world; ++r) plan.ranks.push_back(partition::ulysses_rank_plan(shards, c.causal, r, c.q_heads, c.kv_heads));
@@ -176,7 +177,7 @@ TEST(UlyssesPlan, RefusesHeadsTheGroupDoesNotDivideNamingTheValidSizes) {
   std::mt19937_64 rng(test::fresh_seed());
   const int q_heads = 12 * (1 + static_cast<int>(rng() % 2));  // 12 or 24
   const int world = q_heads == 12 ? 5 : 9;
-  const ShardPlan shards = ShardPlan::single_sequence(31, Layout::zigzag, world);
+  const ShardPlan shards({0, 31}, Layout::zigzag, world, world);
   const std::string valid = q_heads == 12 ? "1, 2, 3, 4, 6, 12" : "1, 2, 3, 4, 6, 8, 12, 24";
   try {
     partition::ulysses_plan(shards, true, q_heads, 1 + static_cast<int>(rng() % 2) * 2);
@@ -185,6 +186,38 @@ TEST(UlyssesPlan, RefusesHeadsTheGroupDoesNotDivideNamingTheValidSizes) {
     EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
     EXPECT_NE(std::string(e.what()).find(valid), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find(std::to_string(world)), std::string::npos) << e.what();
+  }
+}
+
+TEST(UlyssesPlan, RefusesKvHeadsThatSplitAcrossTheGroupNamingTheValidSizes) {
+  std::mt19937_64 rng(test::fresh_seed());
+  // 12 query heads over 4 kv heads on 6 ranks: 2 query heads a rank, 3 to a kv head, so ranks 1 and 4
+  // would read two kv heads each, one shared with each neighbour. Of the sizes that divide 6 ranks,
+  // only 1 and 2 divide the 4 kv heads.
+  const int world = 6;
+  const ShardPlan shards({0, static_cast<std::int32_t>(13 + rng() % 20)}, Layout::zigzag, world, world);
+  try {
+    partition::ulysses_plan(shards, rng() % 2 == 0, 12, 4);
+    FAIL() << "4 kv heads were accepted on a group of 6";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("Ulysses size 6 and the 4 kv heads do not divide one another"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("use a Ulysses size of 1, 2 for"), std::string::npos) << e.what();
+  }
+}
+
+TEST(UlyssesPlan, RefusesOneLevelShardsNamingTheTwoLevelPlan) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int world = 2 + static_cast<int>(rng() % 3);
+  const ShardPlan one_level({0, static_cast<std::int32_t>(9 + rng() % 20)}, Layout::zigzag, world);
+  try {
+    partition::ulysses_plan(one_level, true, world, world);
+    FAIL() << "one-level shards over " << world << " ranks were accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    const std::string two_level = "ShardPlan(cu_seqlens, layout, " + std::to_string(world) + ", " + std::to_string(world) + ")";
+    EXPECT_NE(std::string(e.what()).find(two_level), std::string::npos) << e.what();
   }
 }
 
