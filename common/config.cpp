@@ -23,6 +23,7 @@ const std::vector<EnvVarInfo>& environment_variables() {
       {"LONGATTN_NODE_SIZE", "0", "simulate nodes: group every N consecutive ranks into one node (0 = real hostnames)"},
       {"LONGATTN_MPI_PROGRESS", "1", "1 = a thread drives MPI progress while transfers are pending (overlap on CPUs)"},
       {"LONGATTN_COMM_TIMEOUT_S", "300", "seconds a communication may wait before it is reported as a hang"},
+      {"LONGATTN_LINK_PROBE", "1", "1 = strategy auto measures link bandwidth and latency at startup (a few ping-pongs inside and across nodes); 0 = use the machine model's figures"},
       {"LONGATTN_CUDA_FWD_KERNEL", "auto", "forward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions; other shapes fall back to mma)"},
       {"LONGATTN_CUDA_BWD_KERNEL", "auto", "backward kernel of the cuda backend: auto (wgmma on Hopper, else mma), mma (mma.sync, every shape) or wgmma (Hopper warpgroup kernel for head dim 128 without explicit positions, atomic dQ; other calls, deterministic mode included, fall back to mma)"},
       {"LONGATTN_CUDA_WGMMA_FWD_SCHEDULE", "overlap", "how the wgmma forward's warpgroups schedule their work: overlap (three K/V stages with per-stage barriers so the two warpgroups drift apart, and each computes the next tile's scores while its P V product runs; the fastest) or pipeline (the same without the overlap inside a warpgroup; fewer registers)"},
@@ -56,6 +57,7 @@ constexpr IntegerRange kIntegerRanges[] = {
     {"LONGATTN_COMM_TIMEOUT_S", 1, 100'000'000, "seconds"},
     {"LONGATTN_DETERMINISTIC", 0, 1, "1 = deterministic GPU backward"},
     {"LONGATTN_MPI_PROGRESS", 0, 1, "1 = a progress thread"},
+    {"LONGATTN_LINK_PROBE", 0, 1, "1 = probe the links for strategy auto"},
 };
 
 }  // namespace
