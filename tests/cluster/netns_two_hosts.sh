@@ -102,15 +102,17 @@ run_case() {
   while [ "$1" != "--" ]; do expectations+=("$1"); shift; done
   shift
   echo "== $name"
-  local out=$work/$name.out status=0
-  mpirun_on_hosts "$@" >"$out" 2>&1 || status=$?
+  # stdout apart from stderr: the RESULT line ends stdout, while log lines on stderr may arrive
+  # through mpirun after it.
+  local out=$work/$name.out err=$work/$name.err status=0
+  mpirun_on_hosts "$@" >"$out" 2>"$err" || status=$?
   if [ $status -ne 0 ]; then
     echo "FAIL: $name: mpirun exited with $status$([ $status -eq 124 ] && echo " (timed out after ${run_limit_s}s)")"
-    tail -n 25 "$out"
+    tail -n 25 "$out" "$err"
     failures=$((failures + 1))
   elif ! $result_check "$out" "${expectations[@]}"; then
     echo "FAIL: $name: unexpected RESULT"
-    tail -n 25 "$out"
+    tail -n 25 "$out" "$err"
     failures=$((failures + 1))
   fi
 }
@@ -130,6 +132,8 @@ if "$ring_attention" --help 2>/dev/null | grep -q -- "--strategy"; then
   # U = 0 takes the node size from the topology: two ranks per host.
   run_case hybrid_node_size "${checked[@]}" strategy='"hybrid"' ulysses_size=2 ring_size=2 -- \
     "$ring_attention" "${job[@]}" --strategy hybrid --ulysses-size 0
+  # auto probes the links inside and across the hosts; whichever split it picks must be exact.
+  run_case auto "${checked[@]}" requested_strategy='"auto"' -- "$ring_attention" "${job[@]}" --strategy auto
 else
   echo "note: ring_attention has no --strategy flag yet: the hybrid cases did not run"
 fi
