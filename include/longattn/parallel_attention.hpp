@@ -8,6 +8,17 @@
 //   automatic: U and R from the cost model for this shape and the machine (topology, kernel rates,
 //            link speeds), the candidates and their modelled times logged.
 // Which tokens a rank holds depends on the strategy: shards() says, and callers shard with it.
+//
+// What Ulysses groups cost (U > 1), per call and rank, with n the rank's tokens and N its group's:
+//   forward:  q, k and v out (n tokens x the other members' heads), o and lse back (the other
+//             members' N - n tokens x this rank's heads);
+//   backward: q, k, v, o, dO and lse out again (nothing is kept from the forward, so a forward and
+//             its backward need not be paired, and no memory is held between them), dQ back, and
+//             dK/dV back in fp32.
+// GQA/MQA: a member receives only the kv heads its query heads read. With fewer kv heads than
+// members (U a multiple of the kv heads), a kv head is replicated onto the U / kv_heads members
+// that read it: each of them receives its k and v, and in the backward each computes a partial
+// dK/dV of it, which the tokens' home ranks sum (in fp32) on the way back.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +58,8 @@ struct ParallelOptions {
   RingOptions ring;  // causal is taken from the problem; scale, stream, profiling, on_step apply
 };
 
-// Timings of the last call, in milliseconds: the ring part's, plus the all-to-alls.
+// Timings of the last call, in milliseconds: the ring part's, plus the all-to-alls (whose host
+// time on stream-ordered GPU communicators is the time to queue them, not to run them).
 struct ParallelStats {
   RingStats ring;
   double exchange_ms = 0;  // host time in the head all-to-alls (Ulysses and hybrid)
@@ -58,7 +70,11 @@ struct ParallelStats {
 class ParallelAttention {
  public:
   // Collective: every rank constructs it with the same problem and options (checked). Throws
-  // Error(invalid_argument) with the valid sizes when the strategy cannot run the shape.
+  // Error(invalid_argument) on every rank, naming the Ulysses sizes that can, when the strategy
+  // cannot run the shape: U must divide the ranks and the query heads, and the kv heads must
+  // divide U or be divisible by it. Ulysses ignores the layout (its one group holds the batch in
+  // order); hybrid spreads the layout over its R groups. Hybrid with ulysses_size 0 needs nodes of
+  // one size. The backend runs the local attention; its device is where the tensors live.
   ParallelAttention(Communicator& comm, AttentionProblem problem, ParallelOptions options,
                     std::unique_ptr<AttentionBackend> backend = nullptr);
   ~ParallelAttention();
@@ -72,7 +88,10 @@ class ParallelAttention {
   // Why this strategy: for automatic the candidates with modelled times, else the request.
   const std::string& choice_reason() const noexcept;
 
-  // Same tensors and contracts as RingAttention::forward/backward, on shards().
+  // Same tensors and contracts as RingAttention::forward/backward, on shards(): q, k, v in the
+  // problem's dtype; o, d_o, dq, dk, dv in it or fp32; lse fp32 [q_heads, n]. Collective. A tensor
+  // of the wrong shape or dtype on any rank is one Error(invalid_argument) on every rank, before
+  // any exchange (naming the rank).
   void forward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse);
   void backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o, TensorView dq,
                 TensorView dk, TensorView dv);

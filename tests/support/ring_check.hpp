@@ -1,6 +1,7 @@
-// One ring-attention check shared by the MPI, in-process (threads) and GPU suites: every rank
-// builds the same random global batch, runs the ring forward and backward on its shard with the
-// given backend, and compares its rows with the single-process double-precision reference.
+// One distributed-attention check shared by the MPI, in-process (threads) and GPU suites: every
+// rank builds the same random global batch, runs the ring (or a ParallelAttention strategy)
+// forward and backward on its shard with the given backend, and compares its rows with the
+// single-process double-precision reference.
 #pragma once
 
 #include <string>
@@ -8,6 +9,7 @@
 
 #include "longattn/communicator.hpp"
 #include "longattn/layout.hpp"
+#include "longattn/parallel_attention.hpp"
 #include "longattn/tensor.hpp"
 
 namespace longattn::test {
@@ -18,6 +20,7 @@ struct RingCase {
   std::vector<std::int32_t> cu;  // global batch
   int hq, hkv, d;
   DType dtype;
+  DType grad_dtype = DType::f32;  // of dq, dk, dv
 };
 
 std::string describe(const RingCase& c);
@@ -27,5 +30,20 @@ std::string describe(const RingCase& c);
 void check_ring_against_reference(Communicator& comm, const RingCase& c, std::uint64_t seed,
                                   const std::string& backend = "cpu", DeviceKind device = DeviceKind::cpu,
                                   void* stream = nullptr);
+
+// A RingCase run through ParallelAttention with this strategy (and Ulysses size, for hybrid).
+struct ParallelCase {
+  RingCase shape;
+  Strategy strategy = Strategy::ring;
+  int ulysses_size = 0;
+};
+
+std::string describe(const ParallelCase& c);
+
+// As check_ring_against_reference, through ParallelAttention on its shards(). Returns the
+// Ulysses size the strategy ran with.
+int check_parallel_against_reference(Communicator& comm, const ParallelCase& c, std::uint64_t seed,
+                                     const std::string& backend = "cpu", DeviceKind device = DeviceKind::cpu,
+                                     void* stream = nullptr);
 
 }  // namespace longattn::test
