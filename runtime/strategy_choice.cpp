@@ -150,7 +150,7 @@ std::string describe_choice(const partition::MachineModel& machine, const Machin
   const auto& best = candidates.front();
   const int ranks = best.ulysses * best.ring;
   std::string text = fmt::format(
-      "automatic: {} (U = {} ranks of Ulysses per group, R = {} ring steps) for {} ranks in {} node{} of {}, {} tokens, "
+      "automatic: {} (U = {} ranks per Ulysses group, a ring of R = {} groups) for {} ranks in {} node{} of {}, {} tokens, "
       "{} / {} heads, dim {}{}; machine {} (kernel rates {}; intra-node link {}: {}; inter-node link {}: {})",
       best.name(), best.ulysses, best.ring, ranks, nodes.count, nodes.count == 1 ? "" : "s", nodes.ranks_per_node,
       problem.cu_seqlens.back(), problem.q_heads, problem.kv_heads, problem.head_dim, problem.causal ? ", causal" : "",
@@ -159,7 +159,7 @@ std::string describe_choice(const partition::MachineModel& machine, const Machin
   if (!note.empty()) text += "; " + note;
   if (problem.cu_seqlens.size() > 2) text += "; the batch priced as one sequence of its total length";
   for (const auto& c : candidates)
-    text += fmt::format("\n  {} {:<16} modelled fwd {:.3f} ms, bwd {:.3f} ms (linear layers {:.3f} ms of it, alike for all)",
+    text += fmt::format("\n  {} {:<16} modelled fwd {:.3f} ms, bwd {:.3f} ms (of which linear layers {:.3f} ms, alike for all)",
                         &c == &best ? "*" : " ", c.name(), c.forward_seconds * 1e3, c.backward_seconds * 1e3,
                         c.linear_seconds * 1e3);
   return text;

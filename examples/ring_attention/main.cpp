@@ -1,8 +1,9 @@
-// ring_attention: an mpirun job running ring attention forward (and backward) over a sequence
-// sharded across the ranks, optionally checked against a single-process oracle on rank 0.
+// ring_attention: an mpirun job running sequence-parallel attention forward (and backward) over a
+// sequence sharded across the ranks, by the strategy asked for (a ring, Ulysses, their hybrid, or
+// the cost model's choice), optionally checked against a single-process oracle on rank 0.
 //
 //   mpirun -np 4 build/bin/ring_attention --seq-len 16384 --heads 8 --kv-heads 2 --head-dim 64
-//          --layout zigzag --causal --backward --check
+//          --layout zigzag --causal --backward --check [--strategy hybrid --ulysses-size 2]
 //
 // Ends with one line: RESULT {json}.
 #include <algorithm>
@@ -28,6 +29,7 @@
 #include "longattn/layout.hpp"
 #include "longattn/log.hpp"
 #include "longattn/npy.hpp"
+#include "longattn/parallel_attention.hpp"
 #include "longattn/ring.hpp"
 #include "memory_estimate.hpp"
 #include "options.hpp"
@@ -112,13 +114,14 @@ double median(std::vector<double> v) {
 
 // One pass's timings on this rank, one entry per iteration (reported as medians).
 struct PassTimes {
-  std::vector<double> wall, compute, wait;
+  std::vector<double> wall, compute, wait, exchange;
   int skipped = 0;
-  void add(const RingStats& s) {
+  void add(const ParallelStats& s) {
     wall.push_back(s.wall_ms);
-    compute.push_back(s.compute_ms);
-    wait.push_back(s.wait_ms);
-    skipped = s.skipped_steps;
+    compute.push_back(s.ring.compute_ms);
+    wait.push_back(s.ring.wait_ms);
+    exchange.push_back(s.exchange_ms);
+    skipped = s.ring.skipped_steps;
   }
 };
 
@@ -130,7 +133,7 @@ struct Job {
   RankShard shard;  // this rank's tokens
   std::unique_ptr<Communicator> nccl;
   std::unique_ptr<AttentionBackend> backend;
-  std::unique_ptr<RingAttention> ring;
+  std::unique_ptr<ParallelAttention> attention;
   std::optional<DeviceTensor> q, k, v, o, lse, d_o, dq, dk, dv;
   int iteration = 0;  // of the pass running now, for the progress lines
 };
@@ -154,22 +157,17 @@ int run(int argc, char** argv) {
   const Topology topo = world->topology();
   if (!setup_stage(*world, [&] { flags.emplace(read_flags(argc, argv)); })) return 2;
   if (!setup_stage(*world, [&] { require_same_on_all_ranks(*world, "command-line flags", flags->canonical()); })) return 2;
-  // Flags, files and the memory estimate: local work on every rank, nothing the size of the
-  // sequence built before the estimate says it fits.
+  // Flags and files: local work on every rank, nothing the size of the sequence built yet.
   if (!setup_stage(*world, [&] {
         opt = parse_options(*flags);
         job.in = open_inputs(opt);
         check_shape(opt);
-        require_memory(opt, nranks, topo.local_size, rank == 0);
         // --dump's folder is made now, so that an unwritable path fails before the work, not after.
         std::error_code dump_error;
         if (rank == 0 && !opt.dump.empty() && !std::filesystem::is_directory(opt.dump) &&
             !std::filesystem::create_directories(opt.dump, dump_error))
           throw Error(ErrorCode::io, fmt::format("--dump {}: cannot create the folder ({})", opt.dump,
                                                  dump_error ? dump_error.message() : "a file of that name exists"));
-        job.plan.emplace(ShardPlan::single_sequence(opt.seq_len, opt.layout, nranks));
-        job.shard = job.plan->shard(rank);
-        read_inputs(job.in, job.shard, opt.dtype);
       }))
     return 2;
   omp_set_num_threads(cpu_threads_per_process(topo.local_size));
@@ -179,9 +177,10 @@ int run(int argc, char** argv) {
         job.backend = make_backend(opt.backend, opt.device);
       }))
     return 2;
+  // The strategy (and so which tokens each rank holds): collective, and cheap: nothing the size of
+  // the sequence is allocated before the first pass.
   if (!setup_stage(*world, [&] {
         RingOptions ropt;
-        ropt.causal = opt.causal;
         const bool progress = rank == 0 && static_cast<double>(opt.seq_len) * static_cast<double>(opt.seq_len) * opt.heads *
                                                    opt.head_dim >= static_cast<double>(1LL << 36);
         // Long runs report every step; short ones only at debug level.
@@ -191,9 +190,34 @@ int run(int argc, char** argv) {
           if (progress) log.info(kLine, phase, job.iteration, job.opt.iters, step, steps);
           else log.debug(kLine, phase, job.iteration, job.opt.iters, step, steps);
         };
-        Communicator& ring_comm = job.nccl ? *job.nccl : *world;
-        job.ring = std::make_unique<RingAttention>(ring_comm, *job.plan, ropt, std::move(job.backend));
-        AttentionBackend& be = job.ring->backend();
+        Communicator& comm = job.nccl ? *job.nccl : *world;
+        AttentionProblem problem;
+        problem.cu_seqlens = {0, static_cast<std::int32_t>(opt.seq_len)};
+        problem.q_heads = opt.heads;
+        problem.kv_heads = opt.kv_heads;
+        problem.head_dim = opt.head_dim;
+        problem.dtype = opt.dtype;
+        problem.causal = opt.causal;
+        problem.layout = opt.layout;
+        ParallelOptions popt;
+        popt.strategy = opt.strategy;
+        popt.ulysses_size = opt.ulysses_size;
+        popt.machine_file = opt.machine_file;
+        popt.ring = std::move(ropt);
+        job.attention = std::make_unique<ParallelAttention>(comm, std::move(problem), std::move(popt), std::move(job.backend));
+      }))
+    return 2;
+  // The memory estimate for the strategy that runs, then this rank's rows: nothing the size of the
+  // sequence is read before the estimate says it fits.
+  if (!setup_stage(*world, [&] {
+        job.plan.emplace(job.attention->shards());
+        require_memory(opt, nranks, job.attention->ulysses_size(), topo.local_size, rank == 0);
+        job.shard = job.plan->shard(rank);
+        read_inputs(job.in, job.shard, opt.dtype);
+      }))
+    return 2;
+  if (!setup_stage(*world, [&] {
+        AttentionBackend& be = job.attention->backend();
         const RankShard& shard = job.shard;
         const std::int64_t n = shard.tokens(), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
         auto make = [&](std::optional<DeviceTensor>& t, DType type, std::int64_t a, std::int64_t b, std::int64_t c) {
@@ -238,14 +262,22 @@ int run_job(Communicator& world, Job& job) {
   const ShardPlan& plan = *job.plan;
   const int rank = world.rank(), nranks = world.size();
   auto& log = logger(Subsystem::app);
-  RingAttention& ring = *job.ring;
-  AttentionBackend& be = ring.backend();
+  ParallelAttention& attention = *job.attention;
+  AttentionBackend& be = attention.backend();
   const std::string backend_name = be.name();
   const std::int64_t n = plan.local_tokens(rank), H = opt.heads, K = opt.kv_heads, D = opt.head_dim;
+  const int ulysses = attention.ulysses_size(), ring_size = nranks / ulysses;
 
-  if (rank == 0)
-    log.info("ring attention: {}, {}, {} heads / {} kv heads, dim {}, {}, {}{}, backend {}", plural(nranks, "rank"), token_spread(plan),
-             H, K, D, to_string(opt.layout), to_string(opt.dtype), opt.causal ? ", causal" : "", backend_name);
+  if (rank == 0) {
+    log.info("{} attention: {}, {}, {} heads / {} kv heads, dim {}, {}, {}{}, backend {}", to_string(attention.strategy()),
+             plural(nranks, "rank"), token_spread(plan), H, K, D, to_string(opt.layout), to_string(opt.dtype),
+             opt.causal ? ", causal" : "", backend_name);
+    // auto's candidates were logged where they were priced; a requested strategy says what it runs.
+    if (opt.strategy == Strategy::automatic)
+      log.info("strategy auto chose {}: U = {}, R = {}", to_string(attention.strategy()), ulysses, ring_size);
+    else
+      log.info("strategy {}: U = {}, R = {}; {}", to_string(attention.strategy()), ulysses, ring_size, attention.choice_reason());
+  }
 
   // Device memory in use on this rank's GPU (whole device: context, libraries, pools included).
   auto log_memory = [&](const char* when) {
@@ -256,26 +288,26 @@ int run_job(Communicator& world, Job& job) {
   PassTimes fwd, bwd;
   for (job.iteration = 1; job.iteration <= opt.iters; ++job.iteration) {
     world.barrier();
-    ring.forward(job.q->view, job.k->view, job.v->view, job.o->view, job.lse->view);
-    fwd.add(ring.last_stats());
+    attention.forward(job.q->view, job.k->view, job.v->view, job.o->view, job.lse->view);
+    fwd.add(attention.last_stats());
   }
   std::size_t mem_peak = gpu_memory_used_bytes();
   log_memory("after forward");
   if (opt.backward) {
     for (job.iteration = 1; job.iteration <= opt.iters; ++job.iteration) {
       world.barrier();
-      ring.backward(job.q->view, job.k->view, job.v->view, job.o->view, job.lse->view, job.d_o->view, job.dq->view, job.dk->view,
-                    job.dv->view);
-      bwd.add(ring.last_stats());
+      attention.backward(job.q->view, job.k->view, job.v->view, job.o->view, job.lse->view, job.d_o->view, job.dq->view,
+                         job.dk->view, job.dv->view);
+      bwd.add(attention.last_stats());
     }
     mem_peak = std::max(mem_peak, gpu_memory_used_bytes());
     log_memory("after backward");
   }
   // Each column is a median over the iterations on each rank, then the largest over the ranks (the
   // slowest rank defines the step time); peak device memory is the largest over ranks.
-  double summary[] = {median(fwd.wall), median(fwd.compute), median(fwd.wait), static_cast<double>(fwd.skipped),
-                      median(bwd.wall), median(bwd.compute), median(bwd.wait), static_cast<double>(bwd.skipped),
-                      static_cast<double>(mem_peak)};
+  double summary[] = {median(fwd.wall),     median(fwd.compute), median(fwd.wait),     static_cast<double>(fwd.skipped),
+                      median(bwd.wall),     median(bwd.compute), median(bwd.wait),     static_cast<double>(bwd.skipped),
+                      static_cast<double>(mem_peak), median(fwd.exchange), median(bwd.exchange)};
   world.allreduce(summary, std::size(summary), ReduceType::f64, ReduceOp::max);
 
   // Gather results on rank 0 for --check and --dump.
@@ -309,9 +341,11 @@ int run_job(Communicator& world, Job& job) {
   }
 
   if (rank == 0)
-    print_report(opt, nranks, RunSummary{{summary[0], summary[1], summary[2], static_cast<int>(summary[3])},
-                                         {summary[4], summary[5], summary[6], static_cast<int>(summary[7])},
-                                         summary[8]},
+    print_report(opt, nranks,
+                 RunSummary{{summary[0], summary[1], summary[2], static_cast<int>(summary[3]), summary[9]},
+                            {summary[4], summary[5], summary[6], static_cast<int>(summary[7]), summary[10]},
+                            summary[8],
+                            {attention.strategy(), ulysses, ring_size}},
                  fwd_flops, be.name(), check);
   std::int64_t bad = check.status == "failed" ? 1 : 0;
   world.allreduce(&bad, 1, ReduceType::i64, ReduceOp::max);

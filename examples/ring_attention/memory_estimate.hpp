@@ -3,6 +3,7 @@
 // growing until the machine runs out.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <string>
@@ -23,19 +24,39 @@ struct MemoryNeed {
   double host_rank0 = 0;  // rank 0's extra host memory for --check and --dump (whole tensors)
 };
 
-inline MemoryNeed estimate_memory(const Options& o, int nranks) {
-  const ShardPlan plan = ShardPlan::single_sequence(o.seq_len, o.layout, nranks);
+// The most kv heads one member of a Ulysses group of `ulysses` reads: its query heads' kv heads,
+// a kv head replicated onto every member whose query heads share it (GQA/MQA).
+inline int kv_heads_per_member(int heads, int kv_heads, int ulysses) {
+  const int per_member = heads / ulysses, group = heads / kv_heads;
+  int most = 0;
+  for (int u = 0; u < ulysses; ++u) most = std::max(most, ((u + 1) * per_member - 1) / group - u * per_member / group + 1);
+  return most;
+}
+
+// `ulysses`: the Ulysses group size U of the strategy (1 for a ring, the ranks for Ulysses).
+inline MemoryNeed estimate_memory(const Options& o, int nranks, int ulysses = 1) {
+  const ShardPlan plan({0, static_cast<std::int32_t>(o.seq_len)}, o.layout, nranks, ulysses);
   const double n = static_cast<double>(plan.max_local_tokens()), T = static_cast<double>(o.seq_len);
   const double H = o.heads, K = o.kv_heads, D = o.head_dim, es = static_cast<double>(dtype_size(o.dtype));
   const double q_rows = H * D, kv_rows = K * D;
   MemoryNeed m;
   m.tensors = n * (2 * q_rows + 2 * kv_rows) * es + n * H * 4;
   if (o.backward) m.tensors += n * (2 * q_rows + 2 * kv_rows) * es;
+  // The ring runs over the groups, on each member's heads: with U > 1 a member also holds its
+  // group's rows of q, k, v, o, lse (and dO, dq, dk, dv, the dk/dv sums) for its heads.
+  const ShardPlan ring_plan = ulysses > 1 ? plan.group_plan() : plan;
+  const int member_heads = o.heads / ulysses, member_kv_heads = kv_heads_per_member(o.heads, o.kv_heads, ulysses);
   int fullest = 0;
-  for (int r = 0; r < nranks; ++r)
-    if (plan.local_tokens(r) > plan.local_tokens(fullest)) fullest = r;
-  m.workspaces = static_cast<double>(
-      RingAttention::workspace_bytes(plan, fullest, o.heads, o.kv_heads, o.head_dim, o.dtype, o.backward));
+  for (int r = 0; r < ring_plan.world(); ++r)
+    if (ring_plan.local_tokens(r) > ring_plan.local_tokens(fullest)) fullest = r;
+  m.workspaces = static_cast<double>(RingAttention::workspace_bytes(ring_plan, fullest, member_heads, member_kv_heads, o.head_dim,
+                                                                    o.dtype, o.backward));
+  if (ulysses > 1) {
+    const double group_rows = static_cast<double>(ring_plan.max_local_tokens());
+    const double member_q = member_heads * D, member_kv = member_kv_heads * D;
+    m.tensors += group_rows * (2 * member_q + 2 * member_kv) * es + group_rows * member_heads * 4;
+    if (o.backward) m.tensors += group_rows * (2 * member_q + 4 * member_kv) * es + group_rows * 2 * member_kv * 4;
+  }
   // With --load a rank keeps its own rows of the files (read through a 32 MiB piece); filling the
   // device stages 32 MiB at most; the shard's index lists cost 12 bytes a token.
   const double file_values = T * (2 * q_rows + 2 * kv_rows) + (o.backward ? T * q_rows : 0);
@@ -65,8 +86,8 @@ inline std::string gib(double bytes) { return fmt::format("{:.1f} GiB", bytes / 
 // Throws with the numbers when the ranks sharing this host need more host memory than it has
 // available. On GPUs the tensors and workspaces live in device memory, whose allocation fails
 // cleanly; on CPUs they are host memory too.
-inline void require_memory(const Options& o, int nranks, int ranks_on_host, bool rank0_here) {
-  const MemoryNeed m = estimate_memory(o, nranks);
+inline void require_memory(const Options& o, int nranks, int ulysses, int ranks_on_host, bool rank0_here) {
+  const MemoryNeed m = estimate_memory(o, nranks, ulysses);
   const bool on_host = o.device == DeviceKind::cpu;
   const double per_rank = m.host_rank + (on_host ? m.tensors + m.workspaces : 0);
   const double need = ranks_on_host * per_rank + (rank0_here ? m.host_rank0 : 0);

@@ -13,6 +13,7 @@
 #include "longattn/communicator.hpp"
 #include "longattn/error.hpp"
 #include "longattn/layout.hpp"
+#include "longattn/parallel_attention.hpp"
 
 namespace longattn::ring_job {
 
@@ -21,7 +22,13 @@ constexpr const char* kUsage = R"(usage: mpirun -np P ring_attention [flags]
   --heads H          query heads (default 8; with --load, from the files)
   --kv-heads K       key/value heads, H % K == 0 (default = heads; with --load, from the files)
   --head-dim D       head dimension (default 64; with --load, from the files)
-  --layout L         contiguous | zigzag | striped (default zigzag)
+  --layout L         contiguous | zigzag | striped (default zigzag; hybrid: over the ring of groups)
+  --strategy S       ring | ulysses | hybrid | auto (default ring): a ring over all ranks, an all-to-all
+                     over heads, Ulysses groups of U ranks with a ring of R = P / U groups, or U and R
+                     picked by the cost model (README, "Choosing a strategy")
+  --ulysses-size U   hybrid: ranks per Ulysses group; U divides P and the heads (default 0 = one node)
+  --machine-file F   auto: links and kernel rates of this machine, instead of the built-in model and
+                     the startup link probe (format: README, "Choosing a strategy")
   --causal           causal mask
   --dtype T          fp32 | bf16 | fp16 (default fp32 on cpu, bf16 on cuda)
   --device D         cpu | cuda (default cuda where GPUs and NCCL exist): one GPU per rank, NCCL ring
@@ -40,6 +47,9 @@ struct Options {
   std::int64_t seq_len = 4096;
   int heads = 8, kv_heads = 8, head_dim = 64;
   Layout layout = Layout::zigzag;
+  Strategy strategy = Strategy::ring;
+  int ulysses_size = 0;  // hybrid's U; 0 = the ranks of one node
+  std::string machine_file;
   bool causal = false, backward = false, check = false;
   DType dtype = DType::f32;
   std::string backend = "auto", oracle = "auto", load, dump;
@@ -52,8 +62,8 @@ struct Options {
 
 inline examples::Flags read_flags(int argc, char** argv) {
   return examples::Flags(argc, argv,
-                         {"seq-len", "heads", "kv-heads", "head-dim", "layout", "dtype", "device", "backend", "check-oracle", "load",
-                          "dump", "seed", "iters"},
+                         {"seq-len", "heads", "kv-heads", "head-dim", "layout", "strategy", "ulysses-size", "machine-file", "dtype",
+                          "device", "backend", "check-oracle", "load", "dump", "seed", "iters"},
                          {"causal", "backward", "check"});
 }
 
@@ -81,6 +91,17 @@ inline Options parse_options(const examples::Flags& f) {
   o.kv_heads = static_cast<int>(f.integer("kv-heads", o.heads, 1, 4096));
   o.head_dim = static_cast<int>(f.integer("head-dim", o.head_dim, 1, 1024));
   o.layout = parse_layout(f.str("layout", "zigzag"));
+  o.strategy = parse_strategy(f.str("strategy", "ring"));
+  o.ulysses_size = static_cast<int>(f.integer("ulysses-size", 0, 0, 1 << 20));
+  o.machine_file = f.str("machine-file", "");
+  // Flags the chosen strategy would ignore are refused: they say the user expects something else.
+  if (f.has("ulysses-size") && o.strategy != Strategy::hybrid)
+    throw Error(ErrorCode::invalid_argument, fmt::format("--ulysses-size applies to --strategy hybrid only (ring uses U = 1, ulysses "
+                                                         "U = all ranks, auto picks U); got --strategy {}",
+                                                         to_string(o.strategy)));
+  if (f.has("machine-file") && o.strategy != Strategy::automatic)
+    throw Error(ErrorCode::invalid_argument,
+                fmt::format("--machine-file is read by --strategy auto only; got --strategy {}", to_string(o.strategy)));
   o.causal = f.flag("causal");
   o.backward = f.flag("backward");
   o.check = f.flag("check");
