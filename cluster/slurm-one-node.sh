@@ -33,19 +33,21 @@ cannot_start() {
 }
 
 namespaces=(unshare --pid --fork --kill-child --mount-proc --uts --net)
-if [ "${ONE_NODE_SLURM_INSIDE:-}" != 1 ]; then
+if [ -z "${ONE_NODE_SLURM_INSIDE:-}" ]; then
   [ "$(id -u)" -eq 0 ] || cannot_start "slurmctld, slurmd and munged run as root here; run as root (or sudo)"
   for tool in munged slurmctld slurmd sbatch srun sinfo ip unshare; do
     command -v "$tool" >/dev/null ||
       cannot_start "'$tool' is not installed (bash scripts/setup-deps.sh installs slurm-wlm, munge, iproute2)"
   done
   probe_error=$("${namespaces[@]}" true 2>&1) || cannot_start "no private namespaces (${namespaces[*]}): $probe_error"
-  ONE_NODE_SLURM_INSIDE=1 exec "${namespaces[@]}" "$0" --cpus "$cpus" -- "$@"
+  # The node's name carries this process's id: Open MPI and PMIx name their session files after the
+  # hostname and the job id, which two concurrent runs would otherwise share.
+  ONE_NODE_SLURM_INSIDE=$$ exec "${namespaces[@]}" "$0" --cpus "$cpus" -- "$@"
 fi
+node=longattn-slurm-$ONE_NODE_SLURM_INSIDE
 unset ONE_NODE_SLURM_INSIDE
 
 # Inside the namespaces, this script is process 1: when it exits, the kernel ends every daemon.
-node=longattn-slurm
 address=10.214.0.1
 hostname "$node"
 ip link set lo up
@@ -76,9 +78,12 @@ show_logs() {
 
 chmod 755 "$work"
 mkdir -p "$work/munge" "$work/state" "$work/spool" "$work/log" "$work/tmp"
-# The mount namespace is private: this hosts file is seen by this run only.
+# The mount namespace is private: this hosts file and this /dev/shm are seen by this run only, and
+# the jobs' temporary files (Open MPI's session folders among them) go to the run's own folder.
 printf '127.0.0.1 localhost\n%s %s\n' "$address" "$node" >"$work/hosts"
 mount --bind "$work/hosts" /etc/hosts
+mount -t tmpfs -o size=1g,mode=1777 longattn-slurm-shm /dev/shm
+export TMPDIR=$work/tmp
 
 # munged insists on a key readable by its user only and a socket folder everyone may enter.
 chmod 755 "$work/munge"
