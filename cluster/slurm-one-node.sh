@@ -51,8 +51,8 @@ unset ONE_NODE_SLURM_INSIDE
 address=10.214.0.1
 hostname "$node"
 ip link set lo up
-# Slurm resolves addresses with AI_ADDRCONFIG, which ignores loopback: the node needs an interface
-# with an IPv4 address. This one leads nowhere (its peer end sits in the same namespace).
+# Slurm resolves IPv4 addresses with AI_ADDRCONFIG, which finds none where loopback is the only
+# IPv4 interface: the node needs another one. This one leads nowhere (both ends sit in here).
 ip link add slurm0 type veth peer name slurm1
 ip addr add "$address/24" dev slurm0
 ip link set slurm0 up
