@@ -1,0 +1,71 @@
+// The groups a varlen plan may use and how a plan is put together from one group per sequence:
+// shared by the hierarchical planner, its exact check and the whole-sequence baseline.
+#pragma once
+
+#include <span>
+#include <string>
+#include <vector>
+
+#include "partition/varlen_planner.hpp"
+
+namespace longattn::partition {
+
+struct GroupSlot {
+  int first_rank = 0;
+  int size = 1;
+};
+
+// Group sizes in increasing order: 1, 2, 4, ... inside a node up to the node itself, then 2, 4, ...
+// whole nodes up to all of them. Groups of a size are aligned to it, so a group inside a node never
+// straddles two, and two groups of one size never overlap.
+std::vector<int> candidate_group_sizes(int ranks, int gpus_per_node);
+// How many aligned groups of `size` ranks the layout holds.
+int groups_of_size(int ranks, int gpus_per_node, int size);
+VarlenTier tier_of_group(int size, int gpus_per_node);
+
+// A plan running sequence s on slot_of_sequence[s], priced. Sequences of one slot form one group;
+// groups are ordered largest first, then by first rank, so every rank runs its groups in one order.
+VarlenPlan assemble_ring_plan(std::string planner, const VarlenProblem& problem, const MachineModel& machine,
+                              std::span<const GroupSlot> slot_of_sequence);
+
+}  // namespace longattn::partition
+
+namespace longattn::partition {
+
+// Per-rank time of each sequence on each candidate group size (one ring member's share, the
+// sequence alone), computed on first use: most sequences of a batch are only ever priced whole.
+class SequenceGroupCosts {
+ public:
+  SequenceGroupCosts(const VarlenProblem& problem, const MachineModel& machine);
+  const std::vector<int>& sizes() const noexcept { return sizes_; }
+  double operator()(int sequence, int size_index);
+
+ private:
+  const VarlenProblem& problem_;
+  const MachineModel& machine_;
+  std::vector<int> sizes_;
+  std::vector<double> cache_;  // [sequence][size index]; negative: not computed yet
+};
+
+// Sequence indices longest first, ties by index: the order every planner places in.
+std::vector<int> longest_first(const std::vector<std::int64_t>& lengths);
+
+// One group per sequence and the slowest rank's time, summing each sequence's share on its group
+// (what the planners optimise; pricing a finished plan batches a group's sequences into one ring,
+// which can only be as fast or faster).
+struct SlotPlacement {
+  std::vector<GroupSlot> slots;  // [sequence]
+  double makespan = 0;
+};
+SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs);
+
+}  // namespace longattn::partition
+
+namespace longattn::partition {
+
+// Improves a placement by local moves while they lower the slowest rank: one of its sequences to
+// any other group (of any size), or a whole sequence of it swapped with a shorter whole one of
+// another rank. Stops when no move helps or after `max_moves`. Deterministic.
+void improve_placement(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement, int max_moves);
+
+}  // namespace longattn::partition

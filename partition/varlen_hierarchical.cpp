@@ -1,0 +1,291 @@
+// The hierarchical planner: a target step time found by bisection, and for each target a greedy
+// placement, longest sequence first, into the smallest group that keeps its ranks under the target.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <queue>
+#include <set>
+#include <utility>
+
+#include "common/check.hpp"
+#include "partition/varlen_cost.hpp"
+#include "partition/varlen_groups.hpp"
+#include "partition/varlen_planner.hpp"
+
+namespace longattn::partition {
+
+SequenceGroupCosts::SequenceGroupCosts(const VarlenProblem& problem, const MachineModel& machine)
+    : problem_(problem),
+      machine_(machine),
+      sizes_(candidate_group_sizes(problem.ranks, problem.gpus_per_node)),
+      cache_(problem.lengths.size() * sizes_.size(), -1.0) {}
+
+double SequenceGroupCosts::operator()(int sequence, int size_index) {
+  double& cached = cache_[static_cast<std::size_t>(sequence) * sizes_.size() + static_cast<std::size_t>(size_index)];
+  if (cached < 0) {
+    const int size = sizes_[static_cast<std::size_t>(size_index)];
+    const Tier tier = size <= problem_.gpus_per_node ? Tier::intra_node : Tier::inter_node;
+    cached = zigzag_member_cost(machine_, problem_.shape, problem_.lengths[static_cast<std::size_t>(sequence)], size, tier)
+                 .total_seconds();
+  }
+  return cached;
+}
+
+std::vector<int> longest_first(const std::vector<std::int64_t>& lengths) {
+  std::vector<int> order(lengths.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return lengths[static_cast<std::size_t>(a)] > lengths[static_cast<std::size_t>(b)];
+  });
+  return order;
+}
+
+namespace {
+
+// Which group takes a sequence: of the smallest size that meets the target, the least loaded one
+// (keeps room everywhere) or the most loaded one that stays under the target (best fit: keeps whole
+// ranks free for what comes later); or, of any size, the one that finishes soonest (spreads a
+// sequence wider when that leaves a better fit for the next ones). None wins on every batch.
+enum class Fit { least_loaded, best, earliest_finish };
+
+// Loads (modelled seconds) and tokens of every rank while sequences are placed, with the most
+// loaded member of every aligned group of every size kept up to date (loads only grow) and the
+// ranks ordered by load.
+class Placer {
+ public:
+  Placer(const VarlenProblem& problem, SequenceGroupCosts& costs, const std::vector<int>& order, Fit fit)
+      : problem_(problem), costs_(costs), order_(order), fit_(fit) {
+    cap_ = problem.cap_tokens > 0 ? problem.cap_tokens : std::numeric_limits<std::int64_t>::max();
+    for (const int size : costs.sizes()) counts_.push_back(groups_of_size(problem.ranks, problem.gpus_per_node, size));
+  }
+
+  // Places every sequence with no rank above `target`; false when some sequence finds no group.
+  bool place(double target, SlotPlacement& out) {
+    reset();
+    out.slots.assign(problem_.lengths.size(), GroupSlot{});
+    for (const int s : order_) {
+      const std::int64_t length = problem_.lengths[static_cast<std::size_t>(s)];
+      if (length == 0) {
+        out.slots[static_cast<std::size_t>(s)] = {rank_with_room(0, 0), 1};
+        continue;
+      }
+      // The smallest group size that meets the target, or under earliest finish the group (of any
+      // size) whose slowest member ends soonest.
+      GroupSlot chosen{-1, 0};
+      double chosen_finish = 0, chosen_seconds = 0;
+      for (std::size_t i = 0; i < costs_.sizes().size(); ++i) {
+        const double seconds = costs_(s, static_cast<int>(i));
+        if (seconds > target) continue;
+        const int size = costs_.sizes()[i];
+        int first = -1;
+        double load = 0;
+        if (size == 1) {
+          first = rank_with_room(length, target - seconds);
+          if (first >= 0) load = loads_[static_cast<std::size_t>(first)];
+        } else {
+          // No group is less loaded than the least loaded rank: skip the scan when even that is too full.
+          if (least_load() + seconds > target) continue;
+          const std::int64_t share = zigzag_max_member_tokens(length, size);
+          for (int b = 0; b < counts_[i]; ++b) {
+            const auto block = static_cast<std::size_t>(b);
+            if (block_tokens_[i][block] > cap_ - share) continue;
+            const double l = block_load_[i][block];
+            const bool better = fit_ == Fit::best && l + seconds <= target ? (first < 0 || load + seconds > target || l > load)
+                                                                             : (first < 0 || l < load);
+            if (better) {
+              first = b * size;
+              load = block_load_[i][block];
+            }
+          }
+        }
+        if (first < 0 || load + seconds > target) continue;
+        if (chosen.first_rank < 0 || load + seconds < chosen_finish) {
+          chosen = {first, size};
+          chosen_finish = load + seconds;
+          chosen_seconds = seconds;
+        }
+        if (fit_ != Fit::earliest_finish) break;
+      }
+      if (chosen.first_rank < 0) return false;
+      assign(chosen.first_rank, chosen.size, chosen_seconds, length);
+      out.slots[static_cast<std::size_t>(s)] = chosen;
+    }
+    out.makespan = *std::max_element(loads_.begin(), loads_.end());
+    return true;
+  }
+
+ private:
+  void reset() {
+    const auto P = static_cast<std::size_t>(problem_.ranks);
+    loads_.assign(P, 0.0);
+    tokens_.assign(P, 0);
+    block_load_.assign(counts_.size(), {});
+    block_tokens_.assign(counts_.size(), {});
+    for (std::size_t i = 0; i < counts_.size(); ++i) {
+      block_load_[i].assign(static_cast<std::size_t>(counts_[i]), 0.0);
+      block_tokens_[i].assign(static_cast<std::size_t>(counts_[i]), 0);
+    }
+    by_load_.clear();
+    least_loaded_ = {};
+    for (int r = 0; r < problem_.ranks; ++r) {
+      if (fit_ == Fit::best) by_load_.insert({0.0, r});
+      least_loaded_.push({0.0, r});
+    }
+  }
+
+  double least_load() {
+    while (least_loaded_.top().first != loads_[static_cast<std::size_t>(least_loaded_.top().second)]) least_loaded_.pop();
+    return least_loaded_.top().first;
+  }
+
+  bool has_room(int rank, std::int64_t length) const { return tokens_[static_cast<std::size_t>(rank)] <= cap_ - length; }
+
+  // A rank that can take `length` more tokens, or -1: the least loaded (lowest number on ties), or
+  // under best fit the most loaded whose load stays at most `load_limit`, else the least loaded.
+  int rank_with_room(std::int64_t length, double load_limit) {
+    if (fit_ == Fit::best) {
+      for (auto it = by_load_.upper_bound({load_limit, problem_.ranks}); it != by_load_.begin();) {
+        --it;
+        if (has_room(it->second, length)) return it->second;
+      }
+    }
+    // The lazy heap's current entries, least loaded first; those without room wait aside.
+    set_aside_.clear();
+    int found = -1;
+    while (!least_loaded_.empty()) {
+      const auto [load, rank] = least_loaded_.top();
+      if (load == loads_[static_cast<std::size_t>(rank)]) {
+        if (has_room(rank, length)) {
+          found = rank;
+          break;
+        }
+        set_aside_.push_back(least_loaded_.top());
+      }
+      least_loaded_.pop();
+    }
+    for (const auto& entry : set_aside_) least_loaded_.push(entry);
+    return found;
+  }
+
+  void assign(int first, int size, double seconds, std::int64_t length) {
+    for (int u = 0; u < size; ++u) {
+      const int rank = first + u;
+      const auto r = static_cast<std::size_t>(rank);
+      if (fit_ == Fit::best) by_load_.erase({loads_[r], rank});
+      loads_[r] += seconds;
+      if (fit_ == Fit::best) by_load_.insert({loads_[r], rank});
+      if (seconds > 0) least_loaded_.push({loads_[r], rank});
+      tokens_[r] += size == 1 ? length : zigzag_member_tokens(length, size, u);
+      for (std::size_t i = 1; i < counts_.size(); ++i) {
+        const auto block = static_cast<std::size_t>(rank / costs_.sizes()[i]);
+        if (block >= block_load_[i].size()) continue;
+        block_load_[i][block] = std::max(block_load_[i][block], loads_[r]);
+        block_tokens_[i][block] = std::max(block_tokens_[i][block], tokens_[r]);
+      }
+    }
+  }
+
+  const VarlenProblem& problem_;
+  SequenceGroupCosts& costs_;
+  const std::vector<int>& order_;
+  Fit fit_;
+  std::int64_t cap_ = 0;
+  std::vector<int> counts_;  // [size index]: aligned groups of that size
+  std::vector<double> loads_;
+  std::vector<std::int64_t> tokens_;
+  std::vector<std::vector<double>> block_load_;          // [size index][group]: its most loaded member
+  std::vector<std::vector<std::int64_t>> block_tokens_;  // [size index][group]: its fullest member
+  using Entry = std::pair<double, int>;  // (load, rank)
+  std::set<Entry> by_load_;              // best fit only
+  // Least loaded first; an entry is current while its load is still the rank's load.
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<>> least_loaded_;
+  std::vector<Entry> set_aside_;
+};
+
+// The search for a target stops when it is known to within this ratio.
+constexpr double kTargetTolerance = 2e-3;
+constexpr int kMaxProbes = 40;
+// Local moves after the greedy: enough to settle a small batch, bounded for large ones.
+constexpr int kMaxLocalMoves = 64;
+// Sequences x ranks up to which the earliest-finish placement is tried as well.
+constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 18;
+
+}  // namespace
+
+namespace {
+
+// The least target step time the greedy meets, searched between a lower bound and the whole-sequence
+// packing.
+SlotPlacement bisect_target(const VarlenProblem& problem, SequenceGroupCosts& costs, const std::vector<int>& order, Fit fit) {
+  Placer placer(problem, costs, order, fit);
+  // With no target every sequence stays whole on the least loaded rank with room (the whole-sequence
+  // packing), splitting only what the cap forces: the plan to beat.
+  SlotPlacement best;
+  LONGATTN_INVALID(placer.place(std::numeric_limits<double>::infinity(), best),
+                   "no placement of the {} sequences keeps every rank under the cap of {} tokens: raise the cap or add "
+                   "ranks",
+                   problem.lengths.size(), problem.cap_tokens);
+  // No target below the longest sequence's best share can be met, nor one below the mean whole-sequence
+  // work per rank unless splitting saves work, which it rarely does (shorter blocks run slower and
+  // rings add transfers).
+  double lower = 0, whole_work = 0;
+  const std::size_t longest = std::min<std::size_t>(order.size(), 4);
+  for (std::size_t j = 0; j < order.size(); ++j) {
+    whole_work += costs(order[j], 0);
+    if (j >= longest) continue;
+    double share = std::numeric_limits<double>::infinity();
+    for (std::size_t i = 0; i < costs.sizes().size(); ++i) share = std::min(share, costs(order[j], static_cast<int>(i)));
+    lower = std::max(lower, share);
+  }
+  lower = std::max(lower, whole_work / problem.ranks);
+  // Most batches balance within a fraction of a percent of the bound: probe upward from it in
+  // doubling steps until a target is met, then bisect.
+  double upper = best.makespan, gallop = kTargetTolerance;
+  bool galloping = true;
+  SlotPlacement trial;
+  for (int step = 0; step < kMaxProbes && lower > 0 && upper > lower * (1 + kTargetTolerance); ++step) {
+    const double middle = std::sqrt(lower * upper);
+    const double target = galloping ? std::min(lower * (1 + gallop), middle) : middle;
+    if (placer.place(target, trial)) {
+      galloping = false;
+      upper = std::min(target, trial.makespan);
+      if (trial.makespan < best.makespan) std::swap(best, trial);
+    } else {
+      lower = target;
+      gallop *= 2;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs) {
+  const auto order = longest_first(problem.lengths);
+  auto best = bisect_target(problem, costs, order, Fit::least_loaded);
+  for (const Fit fit : {Fit::best, Fit::earliest_finish}) {
+    // Earliest finish scans every group size for every sequence: worth it on small batches, where
+    // a few sequences must share few ranks, and too slow on large ones.
+    if (fit == Fit::earliest_finish && problem.lengths.size() * static_cast<std::size_t>(problem.ranks) > kEarliestFinishWork)
+      continue;
+    auto other = bisect_target(problem, costs, order, fit);
+    if (other.makespan < best.makespan) std::swap(best, other);
+  }
+  improve_placement(problem, costs, best, kMaxLocalMoves);
+  return best;
+}
+
+VarlenPlan plan_hierarchical(const VarlenProblem& problem, const MachineModel& machine) {
+  const auto start = std::chrono::steady_clock::now();
+  check_problem(problem);
+  SequenceGroupCosts costs(problem, machine);
+  const auto placement = hierarchical_placement(problem, costs);
+  auto plan = assemble_ring_plan("hierarchical", problem, machine, placement.slots);
+  plan.planner_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  return plan;
+}
+
+}  // namespace longattn::partition
