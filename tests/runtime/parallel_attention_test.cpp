@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -279,6 +280,22 @@ TEST(ParallelAttention, InputsOfAnotherDtypeThanTheProblemAreRefused) {
     FAIL() << "f32 inputs accepted for a bf16 problem";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("q must be a contiguous bf16"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ParallelAttention, ThreadRanksOverInProcessCommunicators) {
+  // The path the GPU suite takes (ranks as threads, sub-communicators split in process), on host
+  // memory; each MPI process runs its own set of threads.
+  for (const auto& [strategy, u] : {std::pair{Strategy::ulysses, 0}, std::pair{Strategy::hybrid, 2}}) {
+    const auto seed = test::fresh_seed();
+    auto comms = make_local_communicators(4);
+    std::vector<std::thread> threads;
+    for (auto& c : comms)
+      threads.emplace_back([&, comm = c.get()] {
+        test::check_parallel_against_reference(*comm, {{Layout::striped, true, {0, 1, 70, 113}, 8, 2, 16, DType::f32}, strategy, u},
+                                               seed);
+      });
+    for (auto& t : threads) t.join();
   }
 }
 
