@@ -175,7 +175,7 @@ struct ParallelAttention::Impl {
     if (const auto why = partition::hybrid_unsupported_reason(shape, layout, ulysses); !why.empty())
       throw Error(ErrorCode::invalid_argument,
                   fmt::format("the {} strategy cannot run {} query / {} kv heads on {} ranks: {}; Ulysses sizes that can: {} "
-                              "(use --strategy hybrid --ulysses-size U with one of them, or ring)",
+                              "(run hybrid with one of them as the Ulysses size, --ulysses-size in ring_attention, or ring)",
                               to_string(strategy), problem.q_heads, problem.kv_heads, P, why,
                               partition::valid_hybrid_group_sizes(problem.q_heads, problem.kv_heads, P)));
   }
