@@ -50,6 +50,8 @@ MachineFile parse_machine_file(std::istream& in, const std::string& source_name)
   bool any_rate = false, any_line = false;
   std::string line;
   for (int line_number = 1; std::getline(in, line); ++line_number) {
+    // A '#' starts a comment anywhere on a line, so each line can say where its figure came from.
+    line = line.substr(0, line.find('#'));
     const auto first = line.find_first_not_of(" \t\r");
     const bool blank = first == std::string::npos || line[first] == '#';
     std::string keyword;

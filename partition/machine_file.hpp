@@ -2,7 +2,7 @@
 // `auto` strategy choice can be told a cluster's links and kernel rates instead of probing and
 // guessing them. It extends the kernel-rate table format (cost_model.hpp) with a few more lines:
 //
-//   # comments and blank lines are skipped
+//   # comments (from '#' to the end of a line) and blank lines are skipped
 //   causal 128 8192 586 504          kernel rates: causal|full <head_dim> <length> <fwd> <bwd> TFLOP/s
 //   link intra_node 348 5            a link tier: <GB/s per GPU, one direction> <latency in us>
 //   link inter_node 50 10

@@ -48,8 +48,8 @@ TEST(MachineFile, EveryLineKindWithItsUnits) {
   const double fwd_short = uniform(rng, 50, 200), bwd_short = uniform(rng, 20, 150);
   const double fwd_long = uniform(rng, 300, 600), bwd_long = uniform(rng, 200, 500);
   const auto text = fmt::format(
-      "# a two-node test cluster\n\n  causal 128 1024 {} {}\ncausal 128 65536 {} {}\n"
-      "link intra_node {} {}\n\tlink inter_node {} {}  \nlinear_seconds_per_token {}\n",
+      "# a two-node test cluster\n\n  causal 128 1024 {} {} # short blocks\ncausal 128 65536 {} {}\n"
+      "link intra_node {} {}  # NVLink\n\tlink inter_node {} {}  \nlinear_seconds_per_token {}#no space\n",
       fwd_short, bwd_short, fwd_long, bwd_long, intra_gbs, intra_us, inter_gbs, inter_us, linear);
   const MachineFile file = parse(text);
   EXPECT_EQ(file.source, "cluster.machine");
