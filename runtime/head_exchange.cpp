@@ -12,7 +12,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-char* bytes_at(const TensorView& t, std::size_t offset) { return static_cast<char*>(t.data) + offset; }
+// A tensor with no rows may come without memory: nothing is read from or written to it then.
+char* bytes_at(const TensorView& t, std::size_t offset) { return t.data ? static_cast<char*>(t.data) + offset : nullptr; }
 
 // Bytes of `heads` heads of one token of a [tokens, heads, dim] tensor.
 std::size_t head_bytes(const TensorView& t, int heads) {
