@@ -1,8 +1,10 @@
-// Ring attention forward and backward over any Communicator and AttentionBackend.
+// Ring attention forward and backward over any Communicator and AttentionBackend, executing the
+// ring plan (partition/ring_plan.hpp): which shard each step computes against, the transfer that
+// hides behind it, and the kernel calls of the step, which the causal classification lives in.
 //
 // Forward, on rank r with P ranks: at step s the rank holds the key/value shard of rank
 // src = (r - s) mod P; it posts the receive of the next shard from r-1 and the send of the current
-// one to r+1, computes its queries against the current shard, merges (o, lse) by the LSE identity,
+// one to r+1, runs the step's launches (ring_launches.hpp), merges (o, lse) by the LSE identity,
 // then waits for the transfers (double buffer: compute on one, receive into the other).
 //
 // Backward: delta = rowsum(dO * O) once; dQ accumulates at home. dK/dV of a shard follow the shard:
@@ -12,15 +14,17 @@
 #include <algorithm>
 #include <chrono>
 #include <limits>
+#include <map>
+#include <optional>
 #include <span>
 #include <vector>
-
-#include <optional>
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
 #include "longattn/ring.hpp"
-#include "partition/step_blocks.hpp"
+#include "partition/ring_plan.hpp"
+#include "runtime/ring_launches.hpp"
+#include "runtime/ring_workspace.hpp"
 
 namespace longattn {
 namespace {
@@ -30,43 +34,24 @@ double ms_since(Clock::time_point t) { return std::chrono::duration<double, std:
 
 enum Tag : int { kTagK = 11, kTagV = 12, kTagGrad = 13 };
 
-// What every rank knows about every rank's shard, without any data and without anything per token:
-// sizes, sequence boundaries, the position range per sequence (to skip steps the causal mask
-// hides), and the runs that give the positions where a step needs them.
-struct ShardMeta {
-  std::int64_t tokens = 0;
-  std::vector<TokenRun> runs;                // ShardPlan::runs: a few per sequence
-  std::vector<std::int32_t> cu_seqlens_host;  // int32 [batch + 1]
-  std::unique_ptr<DeviceBuffer> cu_seqlens;  // the same on the backend's device
-  std::vector<std::int32_t> min_pos, max_pos;  // per sequence; empty sequence => min > max
-  int max_len = 1;  // longest local piece of a sequence: the kernels' grid hint (avoids a readback)
-  // Positions are just the index inside each sequence (one rank, or a contiguous first shard):
-  // then the kernels get no position arrays and take their plain causal path.
-  bool identity_positions = false;
-};
+using partition::MaskKind;
+using runtime::Launch;
 
-ShardMeta describe_shard(std::vector<TokenRun> runs, int batch) {
-  ShardMeta m;
-  const auto nb = static_cast<std::size_t>(batch);
-  m.cu_seqlens_host.assign(nb + 1, 0);
-  m.min_pos.assign(nb, std::numeric_limits<std::int32_t>::max());
-  m.max_pos.assign(nb, -1);
-  m.identity_positions = true;
-  for (const auto& r : runs) {
-    const auto seq = static_cast<std::size_t>(r.seq);
-    const auto held = m.cu_seqlens_host[seq + 1];  // tokens of this sequence before the run
-    m.tokens += r.count;
-    m.cu_seqlens_host[seq + 1] += static_cast<std::int32_t>(r.count);
-    m.min_pos[seq] = std::min(m.min_pos[seq], r.first);
-    m.max_pos[seq] = std::max(m.max_pos[seq], static_cast<std::int32_t>(r.first + (r.count - 1) * r.stride));
-    if (r.first != held || (r.count > 1 && r.stride != 1)) m.identity_positions = false;
-  }
-  for (std::size_t b = 0; b < nb; ++b) {
-    m.max_len = std::max(m.max_len, m.cu_seqlens_host[b + 1]);
-    m.cu_seqlens_host[b + 1] += m.cu_seqlens_host[b];
-  }
-  m.runs = std::move(runs);
-  return m;
+// Prefix sums of the tokens each sequence has in a rank's shard (batch + 1 entries).
+std::vector<std::int32_t> local_cu_seqlens(const ShardPlan& plan, int rank) {
+  std::vector<std::int32_t> cu(static_cast<std::size_t>(plan.batch()) + 1, 0);
+  for (const auto& run : plan.runs(rank)) cu[static_cast<std::size_t>(run.seq) + 1] += static_cast<std::int32_t>(run.count);
+  for (std::size_t b = 1; b < cu.size(); ++b) cu[b] += cu[b - 1];
+  return cu;
+}
+
+// Positions of rank r's tokens in local order, spelled out from its runs.
+std::vector<std::int32_t> positions_of(const ShardPlan& plan, int r) {
+  std::vector<std::int32_t> pos;
+  pos.reserve(static_cast<std::size_t>(plan.local_tokens(r)));
+  for (const auto& run : plan.runs(r))
+    for (std::int64_t i = 0; i < run.count; ++i) pos.push_back(static_cast<std::int32_t>(run.first + i * run.stride));
+  return pos;
 }
 
 // Rows [begin, begin + count) of a [tokens, heads, dim] tensor.
@@ -75,27 +60,6 @@ TensorView rows_of(const TensorView& t, std::int64_t begin, std::int64_t count) 
   return TensorView(static_cast<char*>(t.data) + static_cast<std::size_t>(begin) * row_bytes, t.dtype,
                     {count, t.dim(1), t.dim(2)}, t.device);
 }
-
-// Bytes of each workspace a rank holding n tokens allocates when the fullest rank holds n_max (a
-// travelling shard must fit the largest one). ensure_workspaces allocates exactly these, and
-// RingAttention::workspace_bytes adds them up, so a job can check a run fits before building it.
-struct WorkspaceSizes {
-  std::size_t kv_shard, kv_grad, q_f32, q_input, rows_f32;
-  WorkspaceSizes(std::int64_t n, std::int64_t n_max, int hq, int hkv, int d, DType dtype) {
-    const auto kv_elems = static_cast<std::size_t>(n_max) * static_cast<std::size_t>(hkv) * static_cast<std::size_t>(d);
-    const auto q_elems = static_cast<std::size_t>(n) * static_cast<std::size_t>(hq) * static_cast<std::size_t>(d);
-    auto at_least = [](std::size_t bytes) { return std::max<std::size_t>(bytes, 64); };
-    kv_shard = at_least(2 * kv_elems * dtype_size(dtype));  // [k | v]
-    kv_grad = at_least(2 * kv_elems * 4);                   // [dk | dv] in f32
-    q_f32 = at_least(q_elems * 4);
-    q_input = at_least(q_elems * dtype_size(dtype));
-    rows_f32 = at_least(static_cast<std::size_t>(n) * static_cast<std::size_t>(hq) * 4);
-  }
-  std::size_t total(bool backward) const {
-    const std::size_t forward = 2 * kv_shard + q_f32 + q_input + 2 * rows_f32;
-    return backward ? forward + 2 * rows_f32 + q_f32 + 3 * kv_grad : forward;
-  }
-};
 
 TensorView view_of(DeviceBuffer& buf, DType t, std::initializer_list<std::int64_t> dims, Device dev) {
   TensorView v(buf.data(), t, dims, dev);
@@ -110,7 +74,6 @@ struct RingAttention::Impl {
   ShardPlan plan;
   RingOptions opt;
   std::unique_ptr<AttentionBackend> backend;
-  std::vector<ShardMeta> meta;
   RingStats stats;
   int rank, world;
 
@@ -125,12 +88,26 @@ struct RingAttention::Impl {
   // kernels compute it in f32 and round once, the merge widens it again, and 16-bit partials halve
   // the largest forward workspace (and cuDNN writes 16-bit outputs anyway).
   std::unique_ptr<DeviceBuffer> o_acc, o_part, lse_part;
-  std::unique_ptr<DeviceBuffer> delta, dq_acc, grad_buf[2], grad_in;  // f32
-  std::unique_ptr<DeviceBuffer> lse_rows, delta_rows;  // f32 [H, rows] copies for row-range blocks
-  // Causal single-sequence plans: each step as plain blocks (partition/step_blocks.hpp), by source
-  // rank; nullopt where the positions need passing.
-  std::vector<std::optional<std::vector<partition::StepBlock>>> blocks;
-  // Positions for steps that pass them to the kernels: this rank's, and one buffer the current
+  std::unique_ptr<DeviceBuffer> delta, dq_acc;  // f32
+  // Travelling dK/dV (ring_workspace.hpp): grad_acc f32 (two alternating with an f32 transport, one
+  // otherwise); grad_out the rounded copy sent on (16-bit transport only); grad_in the transport
+  // dtype.
+  std::unique_ptr<DeviceBuffer> grad_acc[2], grad_out, grad_in;
+  std::unique_ptr<DeviceBuffer> lse_rows, delta_rows;  // f32 [H, rows] copies for row-range launches
+
+  // This rank's part of the ring plan for the current head counts, with each step's launches and
+  // their sequence offsets on the device: built once per shape, since a plan depends on the shards
+  // and heads only.
+  struct Schedule {
+    int hq = 0, hkv = 0;
+    partition::RankPlan plan;
+    std::vector<std::vector<Launch>> launches;  // per step
+    // Per step and launch: where its cu_q and cu_k start in `offsets` (int32 elements).
+    std::vector<std::vector<std::pair<std::size_t, std::size_t>>> offsets_at;
+    std::unique_ptr<DeviceBuffer> offsets;
+  };
+  std::optional<Schedule> schedule;
+  // Positions for launches that pass them to the kernels: this rank's, and one buffer the current
   // step's key shard's are written into (built from its runs), so no rank holds every shard's.
   std::unique_ptr<DeviceBuffer> own_positions, key_positions;
   std::vector<std::int32_t> key_positions_host;
@@ -139,55 +116,11 @@ struct RingAttention::Impl {
       : comm(c), plan(std::move(p)), opt(std::move(o)), backend(std::move(b)), rank(c.rank()), world(c.size()) {
     if (!backend) backend = make_backend("auto");
     LONGATTN_INVALID(plan.world() == world, "the shard plan is for {} ranks but the communicator has {}", plan.world(), world);
-    require_same_on_all_ranks(comm, "ring attention settings (layout, world, batch, tokens, causal)",
-                              fmt::format("{} {} {} {} {}", to_string(plan.layout()), plan.world(), plan.batch(),
-                                          plan.total_tokens(), opt.causal));
-    meta.reserve(static_cast<std::size_t>(world));
-    for (int r = 0; r < world; ++r) {
-      meta.push_back(describe_shard(plan.runs(r), plan.batch()));
-      auto& m = meta.back();
-      m.cu_seqlens = upload(m.cu_seqlens_host.data(), m.cu_seqlens_host.size() * 4);
-    }
-    blocks.resize(static_cast<std::size_t>(world));
-    if (opt.causal && plan.batch() == 1)
-      for (int r = 0; r < world; ++r)
-        blocks[static_cast<std::size_t>(r)] = partition::causal_step_blocks(std::span<const TokenRun>(of(rank).runs),
-                                                                            std::span<const TokenRun>(of(r).runs));
-    // Position arrays go to the device only when some step passes them to the kernels (causal
-    // steps not cut into plain blocks, see step_args); a single-sequence ring passes none.
-    bool any = false;
-    for (int r = 0; r < world; ++r) any = any || passes_positions(r);
-    if (any) {
-      const auto own = positions_of(rank);
-      own_positions = upload(own.data(), own.size() * 4);
-      key_positions = backend->device_ops().allocate(static_cast<std::size_t>(std::max<std::int64_t>(plan.max_local_tokens(), 1)) * 4);
-    }
-  }
-
-  // Positions of rank r's tokens in local order, spelled out from its runs.
-  std::vector<std::int32_t> positions_of(int r) const {
-    std::vector<std::int32_t> pos;
-    pos.reserve(static_cast<std::size_t>(of(r).tokens));
-    for (const auto& run : of(r).runs)
-      for (std::int64_t i = 0; i < run.count; ++i) pos.push_back(static_cast<std::int32_t>(run.first + i * run.stride));
-    return pos;
-  }
-
-  // Device positions of rank src's keys for this step: written into the one key buffer (stream
-  // order keeps the previous step's kernels reading it before the copy).
-  const std::int32_t* key_positions_of(int src) {
-    if (src == rank) return static_cast<const std::int32_t*>(own_positions->data());
-    key_positions_host = positions_of(src);
-    backend->device_ops().copy_bytes(key_positions->data(), key_positions_host.data(), key_positions_host.size() * 4, opt.stream);
-    return static_cast<const std::int32_t*>(key_positions->data());
-  }
-
-  // Whether the step that computes against rank src's shard hands positions to the kernels.
-  bool passes_positions(int src) const {
-    const auto& a = meta[static_cast<std::size_t>(rank)];
-    const auto& b = meta[static_cast<std::size_t>(src)];
-    const auto& plain = blocks[static_cast<std::size_t>(src)];
-    return opt.causal && src != rank && !(plain && !plain->empty()) && !(a.identity_positions && b.identity_positions);
+    LONGATTN_INVALID(opt.gradient_transport == DType::f32 || opt.gradient_transport == DType::bf16,
+                     "RingOptions::gradient_transport must be f32 or bf16, got {}", to_string(opt.gradient_transport));
+    require_same_on_all_ranks(comm, "ring attention settings (layout, world, batch, tokens, causal, gradient transport)",
+                              fmt::format("{} {} {} {} {} {}", to_string(plan.layout()), plan.world(), plan.batch(),
+                                          plan.total_tokens(), opt.causal, to_string(opt.gradient_transport)));
   }
 
   std::unique_ptr<DeviceBuffer> upload(const void* src, std::size_t bytes) {
@@ -196,33 +129,66 @@ struct RingAttention::Impl {
     return buf;
   }
 
-  const ShardMeta& of(int r) const { return meta[static_cast<std::size_t>(r)]; }
-  std::int64_t local() const { return of(rank).tokens; }
-
-  // True when some query of this rank may see some key of rank src (always without a causal mask).
-  bool has_work(int src) const {
-    if (!opt.causal) return true;
-    if (const auto& b = blocks[static_cast<std::size_t>(src)]) return !b->empty();
-    for (int b = 0; b < plan.batch(); ++b) {
-      const auto ub = static_cast<std::size_t>(b);
-      if (of(src).min_pos[ub] <= of(rank).max_pos[ub]) return true;
+  // The schedule for these head counts: the rank plan, its launches, and (only where some launch
+  // passes positions) the position buffers.
+  const Schedule& schedule_for(int hq, int hkv) {
+    if (schedule && schedule->hq == hq && schedule->hkv == hkv) return *schedule;
+    Schedule sch;
+    sch.hq = hq;
+    sch.hkv = hkv;
+    sch.plan = partition::ring_rank_plan(plan, opt.causal, rank, hq, hkv);
+    const auto own_cu = local_cu_seqlens(plan, rank);
+    // Offsets shared by launches (a step's queries often split alike) are stored once.
+    std::vector<std::int32_t> offsets;
+    std::map<std::vector<std::int32_t>, std::size_t> stored;
+    auto store = [&](const std::vector<std::int32_t>& cu) {
+      const auto [it, added] = stored.try_emplace(cu, offsets.size());
+      if (added) offsets.insert(offsets.end(), cu.begin(), cu.end());
+      return it->second;
+    };
+    bool any_positions = false;
+    int held = rank;  // the shard whose keys are in hand
+    for (const auto& step : sch.plan.steps) {
+      LONGATTN_REQUIRE(step.rows == partition::RowSpace::shards && step.all_to_all.empty() && step.key_shard == held,
+                       ErrorCode::internal, "the ring executor got a step that is not a ring step over the shards");
+      for (const auto& call : step.calls)
+        LONGATTN_REQUIRE(call.heads.begin == 0 && call.heads.count == hq, ErrorCode::internal,
+                         "the ring executor runs every head in each call");
+      auto launches = runtime::group_into_launches(step.calls, own_cu);
+      auto& at = sch.offsets_at.emplace_back();
+      for (const auto& l : launches) {
+        at.emplace_back(l.cu_q.empty() ? 0 : store(l.cu_q), l.cu_k.empty() ? 0 : store(l.cu_k));
+        any_positions = any_positions || l.mask == MaskKind::positions;
+      }
+      sch.launches.push_back(std::move(launches));
+      if (step.ring) held = step.ring->recv_shard;
     }
-    return false;
+    if (!offsets.empty()) sch.offsets = upload(offsets.data(), offsets.size() * 4);
+    if (any_positions && !own_positions) {
+      const auto own = positions_of(plan, rank);
+      own_positions = upload(own.data(), own.size() * 4);
+      key_positions = backend->device_ops().allocate(static_cast<std::size_t>(std::max<std::int64_t>(plan.max_local_tokens(), 1)) * 4);
+    }
+    schedule = std::move(sch);
+    return *schedule;
   }
 
-  // True when every key of rank src precedes (or equals) every query of this rank, sequence by
-  // sequence: the causal mask hides nothing.
-  bool fully_visible(int src) const {
-    for (int b = 0; b < plan.batch(); ++b) {
-      const auto ub = static_cast<std::size_t>(b);
-      const bool empty = of(src).min_pos[ub] > of(src).max_pos[ub] || of(rank).min_pos[ub] > of(rank).max_pos[ub];
-      if (!empty && of(src).max_pos[ub] > of(rank).min_pos[ub]) return false;
-    }
-    return true;
+  // Device positions of rank src's keys for this step: written into the one key buffer (stream
+  // order keeps the previous step's kernels reading it before the copy). Null where no launch of
+  // the step passes positions.
+  const std::int32_t* step_key_positions(const std::vector<Launch>& launches, int src) {
+    const bool needed = std::any_of(launches.begin(), launches.end(), [](const Launch& l) { return l.mask == MaskKind::positions; });
+    if (!needed) return nullptr;
+    if (src == rank) return static_cast<const std::int32_t*>(own_positions->data());
+    key_positions_host = positions_of(plan, src);
+    backend->device_ops().copy_bytes(key_positions->data(), key_positions_host.data(), key_positions_host.size() * 4, opt.stream);
+    return static_cast<const std::int32_t*>(key_positions->data());
   }
+
+  std::int64_t local() const { return plan.local_tokens(rank); }
 
   void ensure_workspaces(const Shape& s, bool for_backward) {
-    const WorkspaceSizes size(local(), plan.max_local_tokens(), s.hq, s.hkv, s.d, s.dtype);
+    const runtime::RingWorkspaceSizes size(local(), plan.max_local_tokens(), s.hq, s.hkv, s.d, s.dtype, opt.gradient_transport);
     auto need = [&](std::unique_ptr<DeviceBuffer>& b, std::size_t bytes) {
       if (!b || b->bytes() < bytes || !(shape == s)) b = backend->device_ops().allocate(bytes);
     };
@@ -235,11 +201,18 @@ struct RingAttention::Impl {
       need(delta_rows, size.rows_f32);
       need(delta, size.rows_f32);
       need(dq_acc, size.q_f32);
-      for (auto& b : grad_buf) need(b, size.kv_grad);
-      need(grad_in, size.kv_grad);
+      need(grad_acc[0], size.kv_grad);
+      if (narrow_transport()) {
+        need(grad_out, size.kv_grad_transport);
+      } else {
+        need(grad_acc[1], size.kv_grad);
+      }
+      need(grad_in, size.kv_grad_transport);
     }
     shape = s;
   }
+
+  bool narrow_transport() const { return opt.gradient_transport != DType::f32; }
 
   Shape check_inputs(const TensorView& q, const TensorView& k, const TensorView& v) {
     LONGATTN_INVALID(q.ndim == 3 && k.ndim == 3 && v.ndim == 3, "ring attention takes q, k, v as [tokens, heads, dim], got {}, {}, {}",
@@ -251,49 +224,32 @@ struct RingAttention::Impl {
     Shape s{static_cast<int>(q.dim(1)), static_cast<int>(k.dim(1)), static_cast<int>(q.dim(2)), q.dtype};
     require_same_on_all_ranks(comm, "ring attention tensor shapes (heads, kv heads, head dim, dtype)",
                               fmt::format("{} {} {} {}", s.hq, s.hkv, s.d, to_string(s.dtype)));
+    LONGATTN_INVALID(s.hkv >= 1 && s.hq % s.hkv == 0, "query heads ({}) must be a multiple of key/value heads ({})", s.hq, s.hkv);
     return s;
   }
 
-  // Local attention arguments: this rank's queries against the given key/value shard of rank src.
-  AttentionArgs step_args(const TensorView& q, const TensorView& k, const TensorView& v, int src) {
+  // The local attention arguments of one launch: rows of this rank's queries against rows of the
+  // key/value shard in hand. Explicit positions cost the kernels their plain path (and cuDNN
+  // cannot take them), so they go only to the launches the plan marks as needing them.
+  AttentionArgs launch_args(const TensorView& q, const TensorView& k, const TensorView& v, const Launch& l,
+                            std::pair<std::size_t, std::size_t> offsets_at, const std::int32_t* key_pos) const {
     AttentionArgs a;
-    a.q = q;
-    a.k = k;
-    a.v = v;
-    a.batch = plan.batch();
-    if (a.batch > 1) {  // one sequence needs no boundaries
-      a.cu_seqlens_q = static_cast<const std::int32_t*>(of(rank).cu_seqlens->data());
-      a.cu_seqlens_k = static_cast<const std::int32_t*>(of(src).cu_seqlens->data());
+    a.q = rows_of(q, l.q_begin, l.q_count);
+    a.k = rows_of(k, l.k_begin, l.k_count);
+    a.v = rows_of(v, l.k_begin, l.k_count);
+    if (!l.cu_q.empty()) {
+      const auto* offsets = static_cast<const std::int32_t*>(schedule->offsets->data());
+      a.batch = l.batch();
+      a.cu_seqlens_q = offsets + offsets_at.first;
+      a.cu_seqlens_k = offsets + offsets_at.second;
     }
-    a.max_seqlen_q = of(rank).max_len;
-    a.max_seqlen_k = of(src).max_len;
-    a.causal = opt.causal;
-    // Explicit positions cost the kernels their plain path (and cuDNN cannot take them), so they
-    // are passed only where the mask needs them. Not needed: identity positions on both sides; the
-    // diagonal step (queries and keys are the same shard, positions increase inside each sequence,
-    // so "key position <= query position" is "key index <= query index"); and a shard whose keys
-    // all precede every query of the same sequence (no mask at all: contiguous layouts).
-    if (a.causal && fully_visible(src)) a.causal = false;
-    const bool same_shard = src == rank;
-    if (a.causal && !same_shard && !(of(rank).identity_positions && of(src).identity_positions)) {
-      a.q_positions = static_cast<const std::int32_t*>(own_positions->data());
-      a.k_positions = key_positions_of(src);
+    a.max_seqlen_q = std::max(l.max_seqlen_q, 1);
+    a.max_seqlen_k = std::max(l.max_seqlen_k, 1);
+    a.causal = l.mask != MaskKind::none;
+    if (l.mask == MaskKind::positions) {
+      a.q_positions = static_cast<const std::int32_t*>(own_positions->data()) + l.q_begin;
+      a.k_positions = key_pos + l.k_begin;
     }
-    a.scale = opt.scale;
-    a.stream = opt.stream;
-    return a;
-  }
-
-  // One plain block of a step: rows of the queries against rows of the keys, no positions.
-  AttentionArgs block_args(const TensorView& q, const TensorView& k, const TensorView& v,
-                           const partition::StepBlock& b) const {
-    AttentionArgs a;
-    a.q = rows_of(q, b.q_begin, b.q_count);
-    a.k = rows_of(k, b.k_begin, b.k_count);
-    a.v = rows_of(v, b.k_begin, b.k_count);
-    a.max_seqlen_q = static_cast<int>(b.q_count);
-    a.max_seqlen_k = static_cast<int>(b.k_count);
-    a.causal = b.causal;
     a.scale = opt.scale;
     a.stream = opt.stream;
     return a;
@@ -308,7 +264,7 @@ struct RingAttention::Impl {
 
   // Views of the key/value halves of a travelling buffer holding rank src's shard.
   std::pair<TensorView, TensorView> kv_views(DeviceBuffer& buf, int src) const {
-    const auto n = of(src).tokens;
+    const auto n = plan.local_tokens(src);
     const auto half = static_cast<std::size_t>(n) * static_cast<std::size_t>(shape.hkv) * static_cast<std::size_t>(shape.d) *
                       dtype_size(shape.dtype);
     const Device dev = backend->device();
@@ -317,14 +273,14 @@ struct RingAttention::Impl {
     return {k, v};
   }
 
-  // The operations that bring shard next_src here while sending the current one onward.
-  void rotate_kv(std::vector<P2POp>& ops, const TensorView& k, const TensorView& v, DeviceBuffer& into, int next_src) {
-    const int next = (rank + 1) % world, prev = (rank - 1 + world) % world;
-    auto [rk, rv] = kv_views(into, next_src);
-    ops.push_back({P2POp::Kind::recv, rk.data, rk.bytes(), prev, kTagK});
-    ops.push_back({P2POp::Kind::recv, rv.data, rv.bytes(), prev, kTagV});
-    ops.push_back({P2POp::Kind::send, k.data, k.bytes(), next, kTagK});
-    ops.push_back({P2POp::Kind::send, v.data, v.bytes(), next, kTagV});
+  // The operations of a step's ring transfer: the shard in hand goes on while the next arrives.
+  void rotate_kv(std::vector<P2POp>& ops, const TensorView& k, const TensorView& v, DeviceBuffer& into,
+                 const partition::RingTransfer& t) {
+    auto [rk, rv] = kv_views(into, t.recv_shard);
+    ops.push_back({P2POp::Kind::recv, rk.data, rk.bytes(), t.recv_from, kTagK});
+    ops.push_back({P2POp::Kind::recv, rv.data, rv.bytes(), t.recv_from, kTagV});
+    ops.push_back({P2POp::Kind::send, k.data, k.bytes(), t.send_to, kTagK});
+    ops.push_back({P2POp::Kind::send, v.data, v.bytes(), t.send_to, kTagV});
     stats.bytes_sent += k.bytes() + v.bytes();
   }
 
@@ -348,48 +304,46 @@ struct RingAttention::Impl {
     stats.compute_ms += ms_since(started);
   }
 
+  // A step with no launch: the causal mask hid every key (an empty shard counts too, as it always
+  // did under a causal mask; without one it computes nothing and is not called skipped).
+  void count_if_skipped(const std::vector<Launch>& launches) {
+    if (launches.empty() && opt.causal) ++stats.skipped_steps;
+  }
+
   void forward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse) {
     const auto t0 = Clock::now();
     stats = {};
     const Shape s = check_inputs(q, k, v);
     ensure_workspaces(s, false);
+    const Schedule& sch = schedule_for(s.hq, s.hkv);
     const auto n = local();
     const Device dev = backend->device();
     LONGATTN_INVALID(lse.dtype == DType::f32 && lse.ndim == 2 && lse.dim(0) == s.hq && lse.dim(1) == n,
                      "lse must be fp32 [{}, {}], got {}", s.hq, n, lse.describe());
     TensorView oacc = view_of(*o_acc, DType::f32, {n, s.hq, s.d}, dev);
-    TensorView opart = view_of(*o_part, s.dtype, {n, s.hq, s.d}, dev);
-    TensorView lpart = view_of(*lse_part, DType::f32, {s.hq, n}, dev);
     backend->device_ops().fill(oacc, 0.0f, opt.stream);
     backend->device_ops().fill(lse, -std::numeric_limits<float>::infinity(), opt.stream);
 
     TensorView cur_k = k, cur_v = v;
     bool first = true;
     for (int step = 0; step < world; ++step) {
-      const int src = (rank - step + world) % world;
+      const auto& plan_step = sch.plan.steps[static_cast<std::size_t>(step)];
+      const auto& launches = sch.launches[static_cast<std::size_t>(step)];
+      const int src = plan_step.key_shard;
       std::vector<P2POp> ops;
-      if (step + 1 < world) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
+      if (plan_step.ring) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], *plan_step.ring);
       Request pending = post(ops);
       const auto tc = Clock::now();
-      if (const auto& plain = blocks[static_cast<std::size_t>(src)]; plain && !plain->empty()) {
-        for (const auto& b : *plain) forward_block(q, cur_k, cur_v, b, oacc, lse, first);
-      } else if (has_work(src)) {
-        const auto a = step_args(q, cur_k, cur_v, src);
-        if (first) {  // nothing to merge with yet: write the accumulator directly
-          backend->forward(a, {oacc, lse});
-          first = false;
-        } else {
-          backend->forward(a, {opart, lpart});
-          backend->merge_into(oacc, lse, opart, lpart, opt.stream);
-        }
-      } else {
-        ++stats.skipped_steps;
-      }
+      const std::int32_t* key_pos = step_key_positions(launches, src);
+      for (std::size_t i = 0; i < launches.size(); ++i)
+        forward_launch(launch_args(q, cur_k, cur_v, launches[i], sch.offsets_at[static_cast<std::size_t>(step)][i], key_pos),
+                       launches[i], oacc, lse, first);
+      count_if_skipped(launches);
       count_compute_since(tc);
       wait(pending);
-      if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], (rank - step - 1 + 2 * world) % world);
+      if (plan_step.ring) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], plan_step.ring->recv_shard);
       ++stats.steps;
-      logger(Subsystem::ring).debug("forward step {}/{} (kv of rank {})", step + 1, world, src);
+      logger(Subsystem::ring).debug("forward step {}/{} (kv of rank {}, {} launches)", step + 1, world, src, launches.size());
       if (opt.on_step) opt.on_step("forward", step + 1, world);
     }
     backend->device_ops().convert(o, oacc, opt.stream);
@@ -397,58 +351,55 @@ struct RingAttention::Impl {
     stats.wall_ms = ms_since(t0);
   }
 
-  // Forward of one block into the accumulator: written directly when it is the first result and
+  // Forward of one launch into the accumulator: written directly when it is the first result and
   // covers every query, else computed aside and merged into its rows (whose lse entries are
   // strided in [H, n], hence the copies).
-  void forward_block(const TensorView& q, const TensorView& k, const TensorView& v, const partition::StepBlock& b,
-                     const TensorView& oacc, const TensorView& lse, bool& first) {
+  void forward_launch(const AttentionArgs& a, const Launch& l, const TensorView& oacc, const TensorView& lse, bool& first) {
     const auto n = local();
     const Device dev = backend->device();
-    const auto a = block_args(q, k, v, b);
-    if (first && b.q_count == n) {
+    if (first && l.q_count == n) {
       backend->forward(a, {oacc, lse});
       first = false;
       return;
     }
     first = false;
-    TensorView opart = view_of(*o_part, shape.dtype, {b.q_count, shape.hq, shape.d}, dev);
-    TensorView lpart = view_of(*lse_part, DType::f32, {shape.hq, b.q_count}, dev);
+    TensorView opart = view_of(*o_part, shape.dtype, {l.q_count, shape.hq, shape.d}, dev);
+    TensorView lpart = view_of(*lse_part, DType::f32, {shape.hq, l.q_count}, dev);
     backend->forward(a, {opart, lpart});
-    if (b.q_count == n) {
+    if (l.q_count == n) {
       backend->merge_into(oacc, lse, opart, lpart, opt.stream);
       return;
     }
-    TensorView lrows = view_of(*lse_rows, DType::f32, {shape.hq, b.q_count}, dev);
-    const auto cols = static_cast<std::size_t>(n), count = static_cast<std::size_t>(b.q_count);
-    float* lse_at = lse.as<float>() + b.q_begin;
+    TensorView lrows = view_of(*lse_rows, DType::f32, {shape.hq, l.q_count}, dev);
+    const auto cols = static_cast<std::size_t>(n), count = static_cast<std::size_t>(l.q_count);
+    float* lse_at = lse.as<float>() + l.q_begin;
     copy_token_range(lrows.as<float>(), count, lse_at, cols, count, shape.hq);
-    backend->merge_into(rows_of(oacc, b.q_begin, b.q_count), lrows, opart, lpart, opt.stream);
+    backend->merge_into(rows_of(oacc, l.q_begin, l.q_count), lrows, opart, lpart, opt.stream);
     copy_token_range(lse_at, cols, lrows.as<float>(), count, count, shape.hq);
   }
 
-  // Backward of one block: gradients of its query rows (dq) and key rows (dk, dv) accumulate.
-  void backward_block(const TensorView& q, const TensorView& k, const TensorView& v, const partition::StepBlock& b,
-                      const BackwardArgs& whole) {
+  // Backward of one launch: gradients of its query rows (dq) and key rows (dk, dv) accumulate.
+  void backward_launch(const AttentionArgs& a, const Launch& l, const BackwardArgs& whole) {
     const auto n = local();
     const Device dev = backend->device();
     BackwardArgs g;
-    g.o = rows_of(whole.o, b.q_begin, b.q_count);
-    g.d_o = rows_of(whole.d_o, b.q_begin, b.q_count);
-    g.dq = rows_of(whole.dq, b.q_begin, b.q_count);
-    g.dk = rows_of(whole.dk, b.k_begin, b.k_count);
-    g.dv = rows_of(whole.dv, b.k_begin, b.k_count);
+    g.o = rows_of(whole.o, l.q_begin, l.q_count);
+    g.d_o = rows_of(whole.d_o, l.q_begin, l.q_count);
+    g.dq = rows_of(whole.dq, l.q_begin, l.q_count);
+    g.dk = rows_of(whole.dk, l.k_begin, l.k_count);
+    g.dv = rows_of(whole.dv, l.k_begin, l.k_count);
     g.accumulate = true;
-    if (b.q_count == n) {
+    if (l.q_count == n) {
       g.lse = whole.lse;
       g.delta = whole.delta;
     } else {
-      const auto cols = static_cast<std::size_t>(n), count = static_cast<std::size_t>(b.q_count);
-      g.lse = view_of(*lse_rows, DType::f32, {shape.hq, b.q_count}, dev);
-      g.delta = view_of(*delta_rows, DType::f32, {shape.hq, b.q_count}, dev);
-      copy_token_range(g.lse.as<float>(), count, whole.lse.as<const float>() + b.q_begin, cols, count, shape.hq);
-      copy_token_range(g.delta.as<float>(), count, whole.delta.as<const float>() + b.q_begin, cols, count, shape.hq);
+      const auto cols = static_cast<std::size_t>(n), count = static_cast<std::size_t>(l.q_count);
+      g.lse = view_of(*lse_rows, DType::f32, {shape.hq, l.q_count}, dev);
+      g.delta = view_of(*delta_rows, DType::f32, {shape.hq, l.q_count}, dev);
+      copy_token_range(g.lse.as<float>(), count, whole.lse.as<const float>() + l.q_begin, cols, count, shape.hq);
+      copy_token_range(g.delta.as<float>(), count, whole.delta.as<const float>() + l.q_begin, cols, count, shape.hq);
     }
-    backend->backward(block_args(q, k, v, b), g);
+    backend->backward(a, g);
   }
 
   // Waits for the device and the communicator, turning a stuck peer into an error.
@@ -457,15 +408,26 @@ struct RingAttention::Impl {
     backend->device_ops().synchronize(opt.stream);
   }
 
+  // [dk | dv] of rank src's shard in a gradient buffer, in the given dtype.
+  std::pair<TensorView, TensorView> grad_views(DeviceBuffer& buf, int src, DType dtype) const {
+    const auto m = plan.local_tokens(src);
+    const auto half = static_cast<std::size_t>(m) * static_cast<std::size_t>(shape.hkv) * static_cast<std::size_t>(shape.d) *
+                      dtype_size(dtype);
+    const Device dev = backend->device();
+    TensorView gk(buf.data(), dtype, {m, shape.hkv, shape.d}, dev);
+    TensorView gv(static_cast<char*>(buf.data()) + half, dtype, {m, shape.hkv, shape.d}, dev);
+    return {gk, gv};
+  }
+
   void backward(TensorView q, TensorView k, TensorView v, TensorView o, TensorView lse, TensorView d_o, TensorView dq,
                 TensorView dk, TensorView dv) {
     const auto t0 = Clock::now();
     stats = {};
     const Shape s = check_inputs(q, k, v);
     ensure_workspaces(s, true);
+    const Schedule& sch = schedule_for(s.hq, s.hkv);
     const auto n = local();
     const Device dev = backend->device();
-    const int next = (rank + 1) % world, prev = (rank - 1 + world) % world;
     for (const auto* t : {&o, &d_o, &dq})
       LONGATTN_INVALID(t->ndim == 3 && t->dim(0) == n && t->dim(1) == s.hq && t->dim(2) == s.d,
                        "o, d_o and dq must be [{}, {}, {}], got {}", n, s.hq, s.d, t->describe());
@@ -478,87 +440,84 @@ struct RingAttention::Impl {
     backend->compute_delta(o, d_o, delta_v, opt.stream);
     backend->device_ops().fill(dq_v, 0.0f, opt.stream);
 
-    // Gradient buffer of rank src's shard: [dk | dv] in fp32.
-    auto grad_views = [&](DeviceBuffer& buf, int src) {
-      const auto m = of(src).tokens;
-      const auto half = static_cast<std::size_t>(m) * static_cast<std::size_t>(s.hkv) * static_cast<std::size_t>(s.d);
-      TensorView gk(buf.data(), DType::f32, {m, s.hkv, s.d}, dev);
-      TensorView gv(static_cast<float*>(buf.data()) + half, DType::f32, {m, s.hkv, s.d}, dev);
-      return std::pair{gk, gv};
-    };
-    auto grad_bytes = [&](int src) { return 2 * grad_views(*grad_in, src).first.bytes(); };
+    // Gradients travel the way the key/value shards do: to the next rank, from the previous one.
+    const DType transport = opt.gradient_transport;
+    const bool narrow = narrow_transport();
+    const auto& ring_link = sch.plan.steps.front().ring;
+    const int next = ring_link ? ring_link->send_to : rank, prev = ring_link ? ring_link->recv_from : rank;
+    auto sent_bytes = [&](int src) { return 2 * grad_views(*grad_in, src, transport).first.bytes(); };
 
-    // Step s posts one batch: the key/value shard for step s+1, the gradient this rank computed at
+    // Step s posts one batch: the key/value shard for step s+1, the gradient this rank finished at
     // step s-1 (to the next rank) and the partial gradient of the shard it computes now (from the
     // previous rank, who computed it at its step s-1). Every rank posts the same sequence of
     // batches, so stream-ordered communicators cannot deadlock. A last batch brings each shard's
     // gradient home.
     TensorView cur_k = k, cur_v = v;
-    int sent_src = -1;  // shard whose gradient (in grad_buf[(step - 1) % 2]) goes out this step
+    int sent_src = -1;                // shard whose gradient goes out this step
+    DeviceBuffer* outgoing = nullptr;  // and the buffer holding it (transport dtype)
     for (int step = 0; step < world; ++step) {
-      const int src = (rank - step + world) % world;
-      const int next_src = (rank - step - 1 + 2 * world) % world;
+      const auto& plan_step = sch.plan.steps[static_cast<std::size_t>(step)];
+      const auto& launches = sch.launches[static_cast<std::size_t>(step)];
+      const int src = plan_step.key_shard;
       // One incoming buffer suffices: the batch that refills it is posted after this step's add_into
-      // was queued, and stream order (or the host wait on CPUs) keeps them apart.
+      // was queued, and stream order (or the host wait on CPUs) keeps them apart. The same holds
+      // for the one 16-bit outgoing buffer: this step's rounding into it is queued after the wait
+      // for the send that read it.
       DeviceBuffer& incoming = *grad_in;
       std::vector<P2POp> ops;
-      if (step + 1 < world) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], next_src);
+      if (plan_step.ring) rotate_kv(ops, cur_k, cur_v, *kv_buf[step % 2], *plan_step.ring);
       if (step > 0) {
-        ops.push_back({P2POp::Kind::send, grad_buf[(step - 1) % 2]->data(), grad_bytes(sent_src), next, kTagGrad});
-        ops.push_back({P2POp::Kind::recv, incoming.data(), grad_bytes(src), prev, kTagGrad});
-        stats.bytes_sent += grad_bytes(sent_src);
+        ops.push_back({P2POp::Kind::send, outgoing->data(), sent_bytes(sent_src), next, kTagGrad});
+        ops.push_back({P2POp::Kind::recv, incoming.data(), sent_bytes(src), prev, kTagGrad});
+        stats.bytes_sent += sent_bytes(sent_src);
       }
       Request pending = post(ops);
 
-      DeviceBuffer& gbuf = *grad_buf[step % 2];
-      auto [gk, gv] = grad_views(gbuf, src);
+      // With an f32 transport the buffer computed into is the one sent on, so two alternate.
+      DeviceBuffer& gbuf = *grad_acc[narrow ? 0 : step % 2];
+      auto [gk, gv] = grad_views(gbuf, src, DType::f32);
       // dq accumulates across steps (accumulate); dk/dv of this step start from zero.
       backend->device_ops().fill(gk, 0.0f, opt.stream);
       backend->device_ops().fill(gv, 0.0f, opt.stream);
       const auto tc = Clock::now();
-      if (has_work(src)) {
-        const auto& plain = blocks[static_cast<std::size_t>(src)];
-        BackwardArgs g;
-        g.o = o;
-        g.lse = lse;
-        g.d_o = d_o;
-        g.delta = delta_v;
-        g.dq = dq_v;
-        g.dk = gk;
-        g.dv = gv;
-        g.accumulate = true;
-        if (plain) {
-          for (const auto& b : *plain) backward_block(q, cur_k, cur_v, b, g);
-        } else {
-          backend->backward(step_args(q, cur_k, cur_v, src), g);
-        }
-      } else {
-        ++stats.skipped_steps;
-      }
+      const std::int32_t* key_pos = step_key_positions(launches, src);
+      const BackwardArgs whole{o, lse, d_o, delta_v, dq_v, gk, gv, true};
+      for (std::size_t i = 0; i < launches.size(); ++i)
+        backward_launch(launch_args(q, cur_k, cur_v, launches[i], sch.offsets_at[static_cast<std::size_t>(step)][i], key_pos),
+                        launches[i], whole);
+      count_if_skipped(launches);
       count_compute_since(tc);
       wait(pending);
       if (step > 0) {
-        auto [ik, iv] = grad_views(incoming, src);
+        auto [ik, iv] = grad_views(incoming, src, transport);
         backend->device_ops().add_into(gk, ik, opt.stream);
         backend->device_ops().add_into(gv, iv, opt.stream);
       }
+      outgoing = &gbuf;
+      if (narrow) {
+        auto [ok, ov] = grad_views(*grad_out, src, transport);
+        backend->device_ops().convert(ok, gk, opt.stream);
+        backend->device_ops().convert(ov, gv, opt.stream);
+        outgoing = grad_out.get();
+      }
       sent_src = src;
-      if (step + 1 < world) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], next_src);
+      if (plan_step.ring) std::tie(cur_k, cur_v) = kv_views(*kv_buf[step % 2], plan_step.ring->recv_shard);
       ++stats.steps;
-      logger(Subsystem::ring).debug("backward step {}/{} (kv of rank {})", step + 1, world, src);
+      logger(Subsystem::ring).debug("backward step {}/{} (kv of rank {}, {} launches)", step + 1, world, src, launches.size());
       if (opt.on_step) opt.on_step("backward", step + 1, world);
     }
     // After P steps our own shard's gradient comes home from the previous rank.
-    DeviceBuffer* home = grad_buf[(world - 1) % 2].get();
+    TensorView hk, hv;
     if (world > 1) {
       DeviceBuffer& incoming = *grad_in;
-      Request last = post({{P2POp::Kind::send, grad_buf[(world - 1) % 2]->data(), grad_bytes(sent_src), next, kTagGrad},
-                           {P2POp::Kind::recv, incoming.data(), grad_bytes(rank), prev, kTagGrad}});
-      stats.bytes_sent += grad_bytes(sent_src);
+      Request last = post({{P2POp::Kind::send, outgoing->data(), sent_bytes(sent_src), next, kTagGrad},
+                           {P2POp::Kind::recv, incoming.data(), sent_bytes(rank), prev, kTagGrad}});
+      stats.bytes_sent += sent_bytes(sent_src);
       wait(last);
-      home = &incoming;
+      std::tie(hk, hv) = grad_views(incoming, rank, transport);
+    } else {
+      std::tie(hk, hv) = grad_views(*grad_acc[0], rank, DType::f32);
     }
-    auto [hk, hv] = grad_views(*home, rank);
     backend->device_ops().convert(dk, hk, opt.stream);
     backend->device_ops().convert(dv, hv, opt.stream);
     backend->device_ops().convert(dq, dq_v, opt.stream);
@@ -579,8 +538,10 @@ void RingAttention::backward(TensorView q, TensorView k, TensorView v, TensorVie
   impl_->backward(q, k, v, o, lse, d_o, dq, dk, dv);
 }
 std::size_t RingAttention::workspace_bytes(const ShardPlan& plan, int rank, int heads, int kv_heads, int head_dim, DType dtype,
-                                           bool backward) {
-  return WorkspaceSizes(plan.local_tokens(rank), plan.max_local_tokens(), heads, kv_heads, head_dim, dtype).total(backward);
+                                           bool backward, DType gradient_transport) {
+  return runtime::RingWorkspaceSizes(plan.local_tokens(rank), plan.max_local_tokens(), heads, kv_heads, head_dim, dtype,
+                                     gradient_transport)
+      .total(backward);
 }
 const RingStats& RingAttention::last_stats() const noexcept { return impl_->stats; }
 AttentionBackend& RingAttention::backend() noexcept { return *impl_->backend; }

@@ -22,6 +22,10 @@ struct RingOptions {
   bool profile_steps = false;
   // Called after each ring step on every rank: (phase "forward"/"backward", step, steps).
   std::function<void(const char*, int, int)> on_step;
+  // The dtype in which the backward's partial dK/dV travel the ring: f32, or bf16 to halve that
+  // traffic and the buffers in transit (each hop still adds in f32; README.md's ring section gives
+  // the error this adds). The same on every rank.
+  DType gradient_transport = DType::f32;
 };
 
 // Timings of the last call, in milliseconds (host wall clock; on GPUs measured with events).
@@ -51,9 +55,10 @@ class RingAttention {
                 TensorView dk, TensorView dv);
 
   // Device bytes of workspace forward (and backward) allocate on `rank` for these shapes, without
-  // allocating anything: to refuse a run that cannot fit before building it.
+  // allocating anything: to refuse a run that cannot fit before building it. gradient_transport as
+  // in RingOptions.
   static std::size_t workspace_bytes(const ShardPlan& plan, int rank, int heads, int kv_heads, int head_dim, DType dtype,
-                                     bool backward);
+                                     bool backward, DType gradient_transport = DType::f32);
 
   const RingStats& last_stats() const noexcept;
   AttentionBackend& backend() noexcept;

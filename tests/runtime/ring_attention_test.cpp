@@ -36,6 +36,17 @@ TEST_P(RingVsReference, VarlenBatchWithEmptyAndTinySequences) {
   run_case({layout, causal, {0, 0, 1, 58, 129, 133}, 4, 1, 64, DType::f32});
 }
 
+// Sixteen sequences: a step's calls run grouped into one varlen launch per mask kind, with filler
+// sequences between the rows they skip.
+TEST_P(RingVsReference, SixteenSequenceBatch) {
+  const auto [layout, causal] = GetParam();
+  auto comm = make_mpi_world_communicator();
+  std::uint64_t seed = test::fresh_seed();  // the same batch on every rank
+  comm->broadcast(&seed, sizeof seed, 0);
+  std::mt19937_64 rng(seed);
+  run_case({layout, causal, test::random_cu_seqlens(rng, 16, 37), 4, 2, 16, DType::f32});
+}
+
 TEST_P(RingVsReference, Bf16Inputs) {
   const auto [layout, causal] = GetParam();
   run_case({layout, causal, {0, 97}, 2, 2, 64, DType::bf16});

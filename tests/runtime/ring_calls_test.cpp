@@ -94,7 +94,8 @@ TEST(RingCalls, SingleSequenceZigzagRunsOnePlainBlockPerStep) {
 }
 
 // Sixteen sequences (an empty one and a one-token one among them) in every layout: at most one
-// call per step, forward and backward.
+// call per step, forward and backward; and since every layout's steps cut into plain blocks per
+// sequence, no call passes positions.
 TEST(RingCalls, SixteenSequenceBatchCostsAtMostOneCallPerStep) {
   auto comm = make_mpi_world_communicator();
   const int world = comm->size();
@@ -111,6 +112,8 @@ TEST(RingCalls, SixteenSequenceBatchCostsAtMostOneCallPerStep) {
       for (int step = 0; step < world; ++step) {
         EXPECT_LE(calls.forward[static_cast<std::size_t>(step)].size(), 1u) << "forward step " << step;
         EXPECT_LE(calls.backward[static_cast<std::size_t>(step)].size(), 1u) << "backward step " << step;
+        for (const auto& call : calls.forward[static_cast<std::size_t>(step)])
+          EXPECT_FALSE(call.positions) << "step " << step << ": " << describe(call);
       }
     }
 }
