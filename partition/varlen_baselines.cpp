@@ -29,7 +29,7 @@ VarlenPlan plan_per_sequence_zigzag(const VarlenProblem& problem, const MachineM
   plan.ranks = problem.ranks;
   plan.gpus_per_node = problem.gpus_per_node;
   plan.lengths = problem.lengths;
-  VarlenGroup all{0, problem.ranks, tier_of_group(problem.ranks, problem.gpus_per_node),
+  VarlenGroup all{0, problem.ranks, 1, tier_of_group(problem.ranks, problem.gpus_per_node),
                   problem.ranks == 1 ? Sharding::whole : Sharding::zigzag, {}};
   const std::int64_t multiple = 2LL * problem.ranks;
   for (std::size_t s = 0; s < problem.lengths.size(); ++s) {

@@ -158,7 +158,7 @@ VarlenPlan plan_flat_minheap(const VarlenProblem& problem, const MachineModel& m
     const double step = std::max(forward[r], forward_traffic[r].seconds(m)) + std::max(backward[r], backward_traffic[r].seconds(m));
     cost.exposed_comm_seconds = step - cost.attention_seconds;
   }
-  VarlenGroup all{0, P, tier_of_group(P, problem.gpus_per_node), Sharding::chunks, {}};
+  VarlenGroup all{0, P, 1, tier_of_group(P, problem.gpus_per_node), Sharding::chunks, {}};
   for (std::size_t s = 0; s < problem.lengths.size(); ++s) all.sequences.push_back(static_cast<int>(s));
   plan.groups.push_back(std::move(all));
   plan.group_of.assign(problem.lengths.size(), 0);

@@ -22,6 +22,9 @@ std::vector<int> candidate_group_sizes(int ranks, int gpus_per_node);
 // How many aligned groups of `size` ranks the layout holds.
 int groups_of_size(int ranks, int gpus_per_node, int size);
 VarlenTier tier_of_group(int size, int gpus_per_node);
+// The Ulysses size a group of `size` ranks would run the hybrid with (the node's ranks, or the whole
+// group inside one node), or 0 where the heads do not split that way.
+int hybrid_ulysses_size(const VarlenProblem& problem, int size);
 
 // A plan running sequence s on slot_of_sequence[s], priced. Sequences of one slot form one group;
 // groups are ordered largest first, then by first rank, so every rank runs its groups in one order.

@@ -27,9 +27,17 @@ double SequenceGroupCosts::operator()(int sequence, int size_index) {
   double& cached = cache_[static_cast<std::size_t>(sequence) * sizes_.size() + static_cast<std::size_t>(size_index)];
   if (cached < 0) {
     const int size = sizes_[static_cast<std::size_t>(size_index)];
-    const Tier tier = size <= problem_.gpus_per_node ? Tier::intra_node : Tier::inter_node;
-    cached = zigzag_member_cost(machine_, problem_.shape, problem_.lengths[static_cast<std::size_t>(sequence)], size, tier)
-                 .total_seconds();
+    const std::int64_t length = problem_.lengths[static_cast<std::size_t>(sequence)];
+    const auto lengths = std::span<const std::int64_t>(&length, 1);
+    // Groups are aligned to their size, so the tiers of the first group are every group's.
+    const auto ring = group_tiers(0, size, 1, problem_.gpus_per_node);
+    cached = group_member_cost(machine_, problem_.shape, lengths, size, 1, ring.ring, ring.all_to_all).total_seconds();
+    if (const int ulysses = hybrid_ulysses_size(problem_, size); ulysses > 1) {
+      const auto hybrid = group_tiers(0, size, ulysses, problem_.gpus_per_node);
+      cached = std::min(cached, group_member_cost(machine_, problem_.shape, lengths, size, ulysses, hybrid.ring,
+                                                  hybrid.all_to_all)
+                                    .total_seconds());
+    }
   }
   return cached;
 }
@@ -211,7 +219,7 @@ constexpr int kMaxProbes = 40;
 // Local moves after the greedy: enough to settle a small batch, bounded for large ones.
 constexpr int kMaxLocalMoves = 64;
 // Sequences x ranks up to which the earliest-finish placement is tried as well.
-constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 18;
+constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 14;
 
 }  // namespace
 

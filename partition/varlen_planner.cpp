@@ -27,6 +27,7 @@ const char* to_string(Sharding sharding) noexcept {
   switch (sharding) {
     case Sharding::whole: return "whole";
     case Sharding::zigzag: return "zigzag";
+    case Sharding::hybrid: return "hybrid";
     case Sharding::chunks: return "chunks";
   }
   return "?";
@@ -112,6 +113,7 @@ ShardPlan VarlenPlan::group_shard_plan(int group) const {
                    "group {} is chunked (flat-minheap), not a ring: it has no shard plan; read its runs instead", group);
   std::vector<std::int32_t> cu{0};
   for (const int s : g.sequences) cu.push_back(cu.back() + static_cast<std::int32_t>(lengths[static_cast<std::size_t>(s)]));
+  if (g.sharding == Sharding::hybrid) return ShardPlan(std::move(cu), Layout::zigzag, g.size, g.ulysses);
   return ShardPlan(std::move(cu), g.size == 1 ? Layout::contiguous : Layout::zigzag, g.size);
 }
 
@@ -162,6 +164,12 @@ std::vector<int> candidate_group_sizes(int ranks, int gpus_per_node) {
   return sizes;
 }
 
+int hybrid_ulysses_size(const VarlenProblem& problem, int size) {
+  const int ulysses = std::min(size, std::min(problem.ranks, problem.gpus_per_node));
+  if (ulysses <= 1 || !hybrid_group_unsupported_reason(problem.shape, size, ulysses).empty()) return 0;
+  return ulysses;
+}
+
 int groups_of_size(int ranks, int gpus_per_node, int size) {
   const int node = std::min(ranks, gpus_per_node);
   if (size <= node) return ranks / size;
@@ -185,11 +193,26 @@ VarlenPlan assemble_ring_plan(std::string planner, const VarlenProblem& problem,
   for (std::size_t s = 0; s < slot_of_sequence.size(); ++s)
     members[{-slot_of_sequence[s].size, slot_of_sequence[s].first_rank}].push_back(static_cast<int>(s));
   plan.group_of.assign(problem.lengths.size(), -1);
+  std::vector<std::int64_t> lengths;
   for (auto& [key, sequences] : members) {
     const int size = -key.first;
     for (const int s : sequences) plan.group_of[static_cast<std::size_t>(s)] = static_cast<int>(plan.groups.size());
-    plan.groups.push_back({key.second, size, tier_of_group(size, problem.gpus_per_node),
-                           size == 1 ? Sharding::whole : Sharding::zigzag, std::move(sequences)});
+    VarlenGroup group{key.second, size, 1, tier_of_group(size, problem.gpus_per_node),
+                      size == 1 ? Sharding::whole : Sharding::zigzag, std::move(sequences)};
+    // The hybrid where the heads allow it and the model finds it faster for these sequences together.
+    const int ulysses = hybrid_ulysses_size(problem, size);
+    if (ulysses > 1) {
+      lengths.clear();
+      for (const int s : group.sequences) lengths.push_back(problem.lengths[static_cast<std::size_t>(s)]);
+      const auto ring = group_tiers(group.first_rank, size, 1, problem.gpus_per_node);
+      const auto hybrid = group_tiers(group.first_rank, size, ulysses, problem.gpus_per_node);
+      if (group_member_cost(machine, problem.shape, lengths, size, ulysses, hybrid.ring, hybrid.all_to_all).total_seconds() <
+          group_member_cost(machine, problem.shape, lengths, size, 1, ring.ring, ring.all_to_all).total_seconds()) {
+        group.sharding = Sharding::hybrid;
+        group.ulysses = ulysses;
+      }
+    }
+    plan.groups.push_back(std::move(group));
   }
   price_ring_groups(plan, machine, problem.shape);
   return plan;

@@ -50,16 +50,20 @@ const char* to_string(VarlenTier tier) noexcept;
 enum class Sharding {
   whole,   // the group is one rank holding its sequences whole
   zigzag,  // a ring over the group; each sequence cut into 2 x size chunks, member u holds u and 2 size-1-u
+  hybrid,  // Ulysses inside groups of `ulysses` consecutive ranks (heads split by all-to-alls), a zigzag
+           // ring over those groups: bigger ring blocks and fewer ring steps where a ring over every
+           // rank would wait on its transfers
   chunks,  // fixed-size chunks placed one by one (flat-minheap); keys fetched from the chunks' owners
 };
 const char* to_string(Sharding sharding) noexcept;
 
 // Ranks [first_rank, first_rank + size) running the listed sequences together: for a zigzag group
 // one ring (its sub-communicator holds exactly these ranks, in this order) over the packed batch of
-// its sequences.
+// its sequences; for a hybrid group the strategy of the same name with U = ulysses on them.
 struct VarlenGroup {
   int first_rank = 0;
   int size = 1;
+  int ulysses = 1;  // hybrid only: ranks per Ulysses group
   VarlenTier tier = VarlenTier::one_rank;
   Sharding sharding = Sharding::whole;
   std::vector<int> sequences;  // increasing batch indices
@@ -97,13 +101,16 @@ struct VarlenPlan {
   // The tokens of `rank` in local order, group by group: runs of one sequence (first position,
   // count, stride), never one entry per token.
   std::vector<TokenRun> runs(int rank) const;
-  // The shard plan a zigzag or whole group runs over its members: its sequences packed in the
-  // group's order (sequence b of the shard plan is groups[g].sequences[b]).
+  // The shard plan a whole, zigzag or hybrid group runs over its members: its sequences packed in
+  // the group's order (sequence b of the shard plan is groups[g].sequences[b]); for a hybrid group
+  // the two-level plan with group_size = ulysses.
   ShardPlan group_shard_plan(int group) const;
 };
 
 // The hierarchical plan: groups of 1, 2, 4, ... ranks inside a node (up to the node) and then 1, 2,
-// 4, ... whole nodes (up to all of them), aligned to their size. Longest sequence first, each goes
+// 4, ... whole nodes (up to all of them), aligned to their size; a group of several ranks runs a
+// zigzag ring or, where the heads allow and the model finds it faster, the hybrid with Ulysses
+// over the node's ranks (or the whole group inside one node). Longest sequence first, each goes
 // into the smallest group size that keeps every rank under a target step time, on the least loaded
 // group of that size (a min-heap of ranks for single ranks); the target is searched by bisection
 // between a lower bound and the whole-sequence packing. Deterministic for the same input.

@@ -15,7 +15,9 @@
 #include "longattn/error.hpp"
 #include "longattn/layout.hpp"
 #include "partition/cost_model.hpp"
+#include "partition/hybrid_plan.hpp"
 #include "partition/ring_plan.hpp"
+#include "partition/varlen_cost.hpp"
 #include "partition/varlen_planner.hpp"
 #include "support/test_util.hpp"
 #include "partition/plan_simulation.hpp"
@@ -95,8 +97,9 @@ void expect_every_pair_once(const VarlenPlan& plan, bool causal, int heads, int 
     for (const int s : group.sequences) ++groups_naming[static_cast<std::size_t>(s)];
     if (group.sequences.empty()) continue;
     const auto shards = plan.group_shard_plan(static_cast<int>(g));
-    const auto ring = ring_plan(shards, causal, heads, kv_heads);
-    auto coverage = test::simulate_plan(ring, shards);
+    const auto group_plan = group.sharding == Sharding::hybrid ? hybrid_plan(shards, causal, heads, kv_heads)
+                                                               : ring_plan(shards, causal, heads, kv_heads);
+    auto coverage = test::simulate_plan(group_plan, shards);
     test::expect_every_allowed_pair_once(coverage, shards, causal);
   }
   for (std::size_t s = 0; s < groups_naming.size(); ++s) EXPECT_EQ(groups_naming[s], 1) << "sequence " << s;
@@ -109,14 +112,30 @@ TEST(VarlenPlanner, EveryTokenOnceAndEveryPairOnce) {
   const auto machine = default_machine("h200");
   for (const auto& [ranks, node] : std::vector<std::pair<int, int>>{{1, 1}, {2, 2}, {4, 2}, {8, 4}, {6, 3}}) {
     for (const bool causal : {true, false}) {
-      auto problem = problem_of(random_lengths(rng, uniform_int(rng, 3, 7), 12, true), ranks, node, 2, 1);
+      auto problem = problem_of(random_lengths(rng, uniform_int(rng, 3, 7), 12, true), ranks, node, 4, 2);
       problem.shape.causal = causal;
       SCOPED_TRACE(::testing::Message() << ranks << " ranks, " << node << " per node, causal " << causal);
-      for (const auto& plan : {plan_hierarchical(problem, machine), plan_whole_sequences(problem, machine),
-                               plan_per_sequence_zigzag(problem, machine)}) {
+      const auto hierarchical = plan_hierarchical(problem, machine);
+      const auto per_sequence = plan_per_sequence_zigzag(problem, machine);
+      // The same groups run as hybrids wherever the heads split over the node: the model picks
+      // them only for long sequences, but their shards and plans must cover the batch as well.
+      auto as_hybrids = [&](VarlenPlan plan) {
+        plan.planner += " as hybrids";
+        for (auto& group : plan.groups) {
+          const int ulysses = std::min(group.size, node);
+          if (ulysses > 1 && group.size % ulysses == 0 && 4 % ulysses == 0) {
+            group.sharding = Sharding::hybrid;
+            group.ulysses = ulysses;
+          }
+        }
+        price_ring_groups(plan, machine, problem.shape);
+        return plan;
+      };
+      for (const auto& plan : {hierarchical, as_hybrids(hierarchical), plan_whole_sequences(problem, machine), per_sequence,
+                               as_hybrids(per_sequence)}) {
         SCOPED_TRACE(plan.planner);
         expect_every_token_once(plan);
-        expect_every_pair_once(plan, causal, 2, 1);
+        expect_every_pair_once(plan, causal, 4, 2);
       }
       expect_every_token_once(plan_flat_minheap(problem, machine, uniform_int(rng, 3, 9)));
     }
@@ -231,6 +250,48 @@ TEST(VarlenCost, RingAgreesWithTheStrategyEstimateAndBytesByHand) {
     EXPECT_NEAR(plan.bytes_inter_node, sent * crossing, 1e-6 * sent);
     EXPECT_NEAR(plan.bytes_intra_node, sent * (ranks - crossing), 1e-6 * sent);
   }
+}
+
+TEST(VarlenCost, HybridAgreesWithTheStrategyEstimate) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const auto machine = default_machine("h200");
+  // Ulysses over a node and a ring over nodes, a smaller Ulysses group in one node, pure Ulysses.
+  for (const auto& [size, ulysses] : std::vector<std::pair<int, int>>{{16, 8}, {32, 8}, {8, 4}, {8, 8}}) {
+    const int ring = size / ulysses;
+    const std::int64_t l = 2LL * size * uniform_int(rng, 100, 20000);
+    const VarlenShape shape{32, 8, 128, 2, 4, true};
+    const auto tiers = group_tiers(0, size, ulysses, 8);
+    const std::vector<std::int64_t> lengths{l};
+    const auto member = group_member_cost(machine, shape, lengths, size, ulysses, tiers.ring, tiers.all_to_all);
+    const auto closed_form = estimate_strategy(machine, AttentionShape{l, 32, 8, 128, true, 2, 4}, NodeLayout{size, 8}, ulysses);
+    EXPECT_NEAR(member.total_seconds(), closed_form.total_seconds(), 1e-9 * closed_form.total_seconds())
+        << ulysses << " x " << ring;
+    EXPECT_EQ(tiers.ring, closed_form.ring_tier);
+    EXPECT_EQ(tiers.all_to_all, closed_form.all_to_all_tier);
+  }
+}
+
+TEST(VarlenPlanner, TheGiantRunsAsAHybridAcrossNodes) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const auto machine = default_machine("h200");
+  // One sequence of a few hundred thousand tokens per node and some short ones on 4 nodes: a ring
+  // over 32 ranks would wait on the network at every step, Ulysses in the node cuts the steps to 4.
+  auto lengths = random_lengths(rng, 50, 2000, false);
+  lengths.push_back(1'000'000 + uniform_int(rng, 0, 100000));
+  const auto problem = problem_of(lengths, 32, 8, 32, 8);
+  const auto plan = plan_hierarchical(problem, machine);
+  const auto& giant = plan.groups[static_cast<std::size_t>(plan.group_of.back())];
+  EXPECT_EQ(giant.tier, VarlenTier::nodes);
+  EXPECT_EQ(giant.sharding, Sharding::hybrid);
+  EXPECT_EQ(giant.ulysses, 8);
+  const auto shards = plan.group_shard_plan(plan.group_of.back());
+  EXPECT_EQ(shards.group_size(), 8);
+  EXPECT_EQ(shards.world(), giant.size);
+  EXPECT_LT(plan.step_seconds(), plan_per_sequence_zigzag(problem, machine).step_seconds());
 }
 
 TEST(VarlenCost, FlatMinheapFetchesEarlierChunksByHand) {
