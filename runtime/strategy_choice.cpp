@@ -189,6 +189,11 @@ StrategyChoice choose_strategy(Communicator& comm, const AttentionProblem& probl
     log_reason(comm, choice.reason);
     return choice;
   }
+  if (problem.cu_seqlens.empty() || problem.cu_seqlens.back() <= 0) {
+    choice.reason = "automatic: ring, because the batch holds no token (nothing to price)";
+    log_reason(comm, choice.reason);
+    return choice;
+  }
 
   // The machine file is read on rank 0 alone (it need not exist on the other hosts); whether links
   // are probed is rank 0's call too, so that an environment that differs between hosts cannot

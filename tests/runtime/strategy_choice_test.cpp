@@ -236,6 +236,21 @@ TEST(StrategyChoice, NodesOfUnequalSizeFallBackToTheRingWithTheReason) {
   expect_same_everywhere(*comm, choice);
 }
 
+TEST(StrategyChoice, AnEmptyBatchRunsTheRing) {
+  auto comm = make_mpi_world_communicator();
+  const auto seed = shared_seed(*comm);
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  AttentionProblem problem = random_problem(rng, 2 * comm->size(), 2);
+  problem.cu_seqlens = {0, 0, 0};
+  ParallelOptions options;
+  options.strategy = Strategy::automatic;
+  const auto choice = runtime::choose_strategy(*comm, problem, options, DeviceKind::cpu);
+  EXPECT_EQ(choice.strategy, Strategy::ring);
+  EXPECT_EQ(choice.ulysses_size, 1);
+  EXPECT_NE(choice.reason.find("no token"), std::string::npos) << choice.reason;
+}
+
 TEST(StrategyChoice, ProbedLinksOrBuiltInOnesAsTheEnvironmentSays) {
   auto comm = make_mpi_world_communicator();
   const auto seed = shared_seed(*comm);
