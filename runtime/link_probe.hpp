@@ -30,7 +30,9 @@ struct LinkProbeResult {
 // `ranks_per_node` to a node (the caller checked this). Rank 0 ping-pongs with rank 1 (inside its
 // node) and with rank ranks_per_node (first rank of the next node); the others wait. Latency is half
 // a round trip of a tiny message, bandwidth the large message's bytes over its one-way time less
-// that latency. Every rank returns rank 0's figures.
+// that latency. Every rank returns rank 0's figures. A pair alone measures its own path: where the
+// whole job shares a link (one NIC for a node's GPUs), each GPU gets less under load than the
+// probe saw, and a machine file's `link` lines are the way to say so.
 LinkProbeResult probe_links(Communicator& comm, DeviceOps& memory, int ranks_per_node, const LinkProbeOptions& options = {});
 
 }  // namespace longattn::runtime
