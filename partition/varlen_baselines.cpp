@@ -1,6 +1,5 @@
 // Two of the baselines the hierarchical plan is measured against, as plans of the same structure:
 // TransformerEngine's per-sequence zigzag over all ranks, and whole sequences packed greedily.
-#include <chrono>
 #include <functional>
 #include <limits>
 #include <queue>
@@ -11,18 +10,12 @@
 #include "partition/varlen_cost.hpp"
 #include "partition/varlen_groups.hpp"
 #include "partition/varlen_planner.hpp"
+#include "partition/varlen_timer.hpp"
 
 namespace longattn::partition {
-namespace {
-
-double elapsed_ms(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-}
-
-}  // namespace
 
 VarlenPlan plan_per_sequence_zigzag(const VarlenProblem& problem, const MachineModel& machine) {
-  const auto start = std::chrono::steady_clock::now();
+  const PlannerTimer timer;
   check_problem(problem);
   VarlenPlan plan;
   plan.planner = "per-sequence-zigzag";
@@ -43,12 +36,12 @@ VarlenPlan plan_per_sequence_zigzag(const VarlenProblem& problem, const MachineM
   LONGATTN_INVALID(problem.cap_tokens == 0 || plan.max_rank_tokens() <= problem.cap_tokens,
                    "per-sequence zigzag puts {} tokens on one rank, over the cap of {}: raise the cap",
                    plan.max_rank_tokens(), problem.cap_tokens);
-  plan.planner_ms = elapsed_ms(start);
+  plan.planner_ms = timer.elapsed_ms();
   return plan;
 }
 
 VarlenPlan plan_whole_sequences(const VarlenProblem& problem, const MachineModel& machine) {
-  const auto start = std::chrono::steady_clock::now();
+  const PlannerTimer timer;
   check_problem(problem);
   SequenceGroupCosts costs(problem, machine);
   const std::int64_t cap = problem.cap_tokens > 0 ? problem.cap_tokens : std::numeric_limits<std::int64_t>::max();
@@ -76,7 +69,7 @@ VarlenPlan plan_whole_sequences(const VarlenProblem& problem, const MachineModel
     slots[static_cast<std::size_t>(s)] = {rank, 1};
   }
   auto plan = assemble_ring_plan("whole-sequences", problem, machine, slots);
-  plan.planner_ms = elapsed_ms(start);
+  plan.planner_ms = timer.elapsed_ms();
   return plan;
 }
 

@@ -3,7 +3,6 @@
 // or the mean load it must reach, is no better than the best plan found. Exponential: tests use it
 // on a handful of sequences to bound the greedy's gap.
 #include <algorithm>
-#include <chrono>
 #include <limits>
 #include <vector>
 
@@ -11,6 +10,7 @@
 #include "partition/varlen_cost.hpp"
 #include "partition/varlen_groups.hpp"
 #include "partition/varlen_planner.hpp"
+#include "partition/varlen_timer.hpp"
 
 namespace longattn::partition {
 namespace {
@@ -96,7 +96,7 @@ class BranchAndBound {
 }  // namespace
 
 VarlenPlan plan_exact(const VarlenProblem& problem, const MachineModel& machine, int max_sequences) {
-  const auto start = std::chrono::steady_clock::now();
+  const PlannerTimer timer;
   check_problem(problem);
   LONGATTN_INVALID(static_cast<int>(problem.lengths.size()) <= max_sequences,
                    "the exact planner takes at most {} sequences (its time grows exponentially), got {}: use "
@@ -108,7 +108,7 @@ VarlenPlan plan_exact(const VarlenProblem& problem, const MachineModel& machine,
   greedy.makespan *= 1 + 1e-12;
   const auto best = BranchAndBound(problem, costs).solve(std::move(greedy));
   auto plan = assemble_ring_plan("exact", problem, machine, best.slots);
-  plan.planner_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  plan.planner_ms = timer.elapsed_ms();
   return plan;
 }
 

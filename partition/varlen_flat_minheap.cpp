@@ -4,7 +4,6 @@
 // from their owners before its calls and sends their dK/dV back after the backward; the model lets
 // all of it hide behind the rank's compute where it can, the best case for this baseline.
 #include <algorithm>
-#include <chrono>
 #include <functional>
 #include <limits>
 #include <queue>
@@ -15,6 +14,7 @@
 #include "partition/varlen_cost.hpp"
 #include "partition/varlen_groups.hpp"
 #include "partition/varlen_planner.hpp"
+#include "partition/varlen_timer.hpp"
 
 namespace longattn::partition {
 namespace {
@@ -60,7 +60,7 @@ std::vector<Chunk> cut_into_chunks(const VarlenProblem& problem, const MachineMo
 }  // namespace
 
 VarlenPlan plan_flat_minheap(const VarlenProblem& problem, const MachineModel& m, std::int64_t chunk_tokens) {
-  const auto start = std::chrono::steady_clock::now();
+  const PlannerTimer timer;
   check_problem(problem);
   LONGATTN_INVALID(chunk_tokens > 0, "flat-minheap: the chunk size must be positive, got {}", chunk_tokens);
   const int P = problem.ranks;
@@ -162,7 +162,7 @@ VarlenPlan plan_flat_minheap(const VarlenProblem& problem, const MachineModel& m
   for (std::size_t s = 0; s < problem.lengths.size(); ++s) all.sequences.push_back(static_cast<int>(s));
   plan.groups.push_back(std::move(all));
   plan.group_of.assign(problem.lengths.size(), 0);
-  plan.planner_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  plan.planner_ms = timer.elapsed_ms();
   return plan;
 }
 

@@ -1,7 +1,6 @@
 // The hierarchical planner: a target step time found by bisection, and for each target a greedy
 // placement, longest sequence first, into the smallest group that keeps its ranks under the target.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -14,6 +13,7 @@
 #include "partition/varlen_cost.hpp"
 #include "partition/varlen_groups.hpp"
 #include "partition/varlen_planner.hpp"
+#include "partition/varlen_timer.hpp"
 
 namespace longattn::partition {
 
@@ -287,12 +287,12 @@ SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroup
 }
 
 VarlenPlan plan_hierarchical(const VarlenProblem& problem, const MachineModel& machine) {
-  const auto start = std::chrono::steady_clock::now();
+  const PlannerTimer timer;
   check_problem(problem);
   SequenceGroupCosts costs(problem, machine);
   const auto placement = hierarchical_placement(problem, costs);
   auto plan = assemble_ring_plan("hierarchical", problem, machine, placement.slots);
-  plan.planner_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  plan.planner_ms = timer.elapsed_ms();
   return plan;
 }
 

@@ -34,6 +34,8 @@ class LocalSearch {
     std::sort(here.begin(), here.end());
     for (const int s : here)
       if (move_elsewhere(s, limit)) return true;
+    // A swap pairs every sequence here with every whole sequence elsewhere: only on small batches.
+    if (here.size() * slots_.size() > kMaxSwapPairs) return false;
     for (const int s : here)
       if (slots_[static_cast<std::size_t>(s)].size == 1 && swap_whole(s, slowest, limit)) return true;
     return false;
@@ -42,6 +44,7 @@ class LocalSearch {
  private:
   // Smaller gains are not worth a move: they would only trade places between near-equal ranks.
   static constexpr double kMinGain = 1e-9;
+  static constexpr std::size_t kMaxSwapPairs = std::size_t{1} << 16;
 
   double cost(int s, int size) { return costs_(s, size_index_.at(size)); }
   std::int64_t member_tokens(int s, int size, int u) const {

@@ -93,7 +93,7 @@ struct VarlenPlan {
   double bytes_intra_node = 0;       // sent by all ranks together, forward and backward
   double bytes_inter_node = 0;
   std::int64_t padding_tokens = 0;   // tokens the sharding would have to add (none where chunks may differ by one)
-  double planner_ms = 0;             // wall time of planning and pricing
+  double planner_ms = 0;             // CPU time of planning and pricing (the planning thread's own)
 
   double step_seconds() const;  // the slowest rank
   double imbalance() const;     // slowest / mean rank time
