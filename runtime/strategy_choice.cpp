@@ -202,7 +202,9 @@ StrategyChoice choose_strategy(Communicator& comm, const AttentionProblem& probl
   std::int32_t probe = 0;
   on_rank0_for_all(comm, [&] {
     if (!options.machine_file.empty()) file = partition::load_machine_file(options.machine_file);
-    probe = ranks > 1 && env_int("LONGATTN_LINK_PROBE") != 0 && !(file && file->gives_links());
+    // Read even where nothing would be probed, so that a bad value is refused on any job size.
+    const bool probe_enabled = env_int("LONGATTN_LINK_PROBE") != 0;
+    probe = ranks > 1 && probe_enabled && !(file && file->gives_links());
   });
   comm.broadcast(&probe, sizeof probe, 0);
   std::optional<LinkProbeResult> probed;

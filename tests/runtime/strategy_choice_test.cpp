@@ -156,6 +156,8 @@ TEST(StrategyChoice, SlowNetworkPicksHybridWithOneGroupPerNode) {
               std::string::npos)
         << c.name();
   EXPECT_NE(choice.reason.find("inter-node link from " + file.path()), std::string::npos);
+  // Links given: nothing probed.
+  EXPECT_EQ(choice.reason.find("probed"), std::string::npos);
   expect_same_everywhere(*comm, choice);
 }
 
@@ -265,6 +267,16 @@ TEST(StrategyChoice, ProbedLinksOrBuiltInOnesAsTheEnvironmentSays) {
     const bool expect_probe = comm->size() > 1;
     EXPECT_EQ(choice.reason.find("intra-node link probed") != std::string::npos, expect_probe) << choice.reason;
     expect_same_everywhere(*comm, choice);
+  }
+  {
+    // A value outside 0/1 is refused on every rank, naming the variable, not read as either.
+    ScopedEnv probe("LONGATTN_LINK_PROBE", "2");
+    try {
+      runtime::choose_strategy(*comm, problem, options, DeviceKind::cpu);
+      ADD_FAILURE() << "LONGATTN_LINK_PROBE=2 was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("LONGATTN_LINK_PROBE"), std::string::npos) << e.what();
+    }
   }
   {
     ScopedEnv probe("LONGATTN_LINK_PROBE", "0");
