@@ -124,7 +124,7 @@ Strategy strategy_of(int ulysses, int ranks) {
   return ulysses == ranks ? Strategy::ulysses : Strategy::hybrid;
 }
 
-partition::AttentionShape shape_of(const AttentionProblem& problem) {
+partition::AttentionShape shape_of(const AttentionProblem& problem, const RingOptions& ring) {
   partition::AttentionShape shape;
   shape.seq_len = problem.cu_seqlens.empty() ? 0 : problem.cu_seqlens.back();
   shape.query_heads = problem.q_heads;
@@ -132,6 +132,7 @@ partition::AttentionShape shape_of(const AttentionProblem& problem) {
   shape.head_dim = problem.head_dim;
   shape.causal = problem.causal;
   shape.element_bytes = static_cast<int>(dtype_size(problem.dtype));
+  shape.gradient_bytes = static_cast<int>(dtype_size(ring.gradient_transport));
   return shape;
 }
 
@@ -231,7 +232,7 @@ StrategyChoice choose_strategy(Communicator& comm, const AttentionProblem& probl
       if (file->inter_node) sources.inter = "from " + file->source;
     }
     const partition::NodeLayout layout{ranks, nodes.ranks_per_node};
-    const auto candidates = partition::rank_strategies(machine, shape_of(problem), layout);
+    const auto candidates = partition::rank_strategies(machine, shape_of(problem, options.ring), layout);
     ulysses = candidates.front().ulysses;
     choice.reason = describe_choice(machine, sources, nodes, problem, candidates, note);
   });

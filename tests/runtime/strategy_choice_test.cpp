@@ -196,6 +196,40 @@ TEST(StrategyChoice, FastLinksPickWhatTheModelRanksFirst) {
   expect_same_everywhere(*comm, choice);
 }
 
+TEST(StrategyChoice, Bf16GradientTransportIsWhatGetsPriced) {
+  auto comm = make_mpi_world_communicator();
+  if (comm->size() == 1) GTEST_SKIP() << "one rank moves no gradients";
+  const auto seed = shared_seed(*comm);
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  // Slow links, so that the travelling dK/dV show in the backward's time.
+  const std::string text = random_rates(rng, 64) + fmt::format("link intra_node {} 5\nlink inter_node {} 5\n",
+                                                               uniform(rng, 0.5, 2), uniform(rng, 0.5, 2));
+  MachineFileOnRank0 file(*comm, seed, text);
+  const AttentionProblem problem = random_problem(rng, 2 * comm->size(), 2);
+  ParallelOptions options;
+  options.strategy = Strategy::automatic;
+  options.machine_file = file.path();
+  options.ring.gradient_transport = DType::bf16;
+  const auto choice = runtime::choose_strategy(*comm, problem, options, DeviceKind::cpu);
+  std::istringstream in(text);
+  const auto machine = partition::apply_machine_file(partition::default_machine("cpu"), partition::parse_machine_file(in, "x"));
+  auto shape = shape_of(problem);
+  auto line_of = [](const partition::StrategyEstimate& c) {
+    return fmt::format("{:<16} modelled fwd {:.3f} ms, bwd {:.3f} ms", c.name(), c.forward_seconds * 1e3, c.backward_seconds * 1e3);
+  };
+  shape.gradient_bytes = 4;
+  const auto f32 = partition::rank_strategies(machine, shape, {comm->size(), comm->size()});
+  shape.gradient_bytes = 2;
+  const auto bf16 = partition::rank_strategies(machine, shape, {comm->size(), comm->size()});
+  EXPECT_EQ(choice.ulysses_size, bf16.front().ulysses);
+  for (const auto& c : bf16) EXPECT_NE(choice.reason.find(line_of(c)), std::string::npos) << line_of(c) << "\n" << choice.reason;
+  // The ring's backward carries dK/dV: priced at 4 bytes it reads differently.
+  const auto ring_f32 = std::find_if(f32.begin(), f32.end(), [](const auto& c) { return c.ulysses == 1; });
+  ASSERT_NE(ring_f32, f32.end());
+  EXPECT_EQ(choice.reason.find(line_of(*ring_f32)), std::string::npos) << choice.reason;
+}
+
 TEST(StrategyChoice, MalformedMachineFileIsOneErrorWithFileAndLineOnEveryRank) {
   auto comm = make_mpi_world_communicator();
   const auto seed = shared_seed(*comm);
