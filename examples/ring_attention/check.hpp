@@ -95,7 +95,8 @@ inline CheckOutcome check_results(const Options& opt, const Inputs& in, const Ga
     check.comparison.add("dk", gathered.dk, want.dk);
     check.comparison.add("dv", gathered.dv, want.dv);
   }
-  const double tol = opt.dtype == DType::f32 ? 2e-4 : 3e-2;
+  // A bf16 gradient transport rounds dK/dV at every hop, as 16-bit inputs round everything.
+  const double tol = opt.dtype == DType::f32 && opt.grad_transport == DType::f32 ? 2e-4 : 3e-2;
   const auto& c = check.comparison;
   check.status = c.passed(tol) ? "passed" : "failed";
   if (check.status == "passed")

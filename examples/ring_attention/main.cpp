@@ -181,6 +181,7 @@ int run(int argc, char** argv) {
   // the sequence is allocated before the first pass.
   if (!setup_stage(*world, [&] {
         RingOptions ropt;
+        ropt.gradient_transport = opt.grad_transport;
         const bool progress = rank == 0 && static_cast<double>(opt.seq_len) * static_cast<double>(opt.seq_len) * opt.heads *
                                                    opt.head_dim >= static_cast<double>(1LL << 36);
         // Long runs report every step; short ones only at debug level.

@@ -50,7 +50,7 @@ inline MemoryNeed estimate_memory(const Options& o, int nranks, int ulysses = 1)
   for (int r = 0; r < ring_plan.world(); ++r)
     if (ring_plan.local_tokens(r) > ring_plan.local_tokens(fullest)) fullest = r;
   m.workspaces = static_cast<double>(RingAttention::workspace_bytes(ring_plan, fullest, member_heads, member_kv_heads, o.head_dim,
-                                                                    o.dtype, o.backward));
+                                                                    o.dtype, o.backward, o.grad_transport));
   if (ulysses > 1) {
     const double group_rows = static_cast<double>(ring_plan.max_local_tokens());
     const double member_q = member_heads * D, member_kv = member_kv_heads * D;

@@ -34,6 +34,8 @@ constexpr const char* kUsage = R"(usage: mpirun -np P ring_attention [flags]
   --device D         cpu | cuda (default cuda where GPUs and NCCL exist): one GPU per rank, NCCL ring
   --backend B        local attention backend: auto | cpu | reference | cuda | cudnn (default auto)
   --backward         also run the backward pass
+  --grad-transport T f32 | bf16 (default f32): the dtype the backward's partial dK/dV travel the ring
+                     in; bf16 halves that traffic and its buffers in transit (its error: README)
   --check            compare with a single-process oracle on rank 0; fail beyond tolerance
   --check-oracle O   auto | reference | cpu: reference (double precision) below ~2e10 FLOPs under auto
   --load DIR         read q.npy [T,H,D], k.npy and v.npy [T,K,D] (and do.npy with --backward), float32,
@@ -52,6 +54,7 @@ struct Options {
   std::string machine_file;
   bool causal = false, backward = false, check = false;
   DType dtype = DType::f32;
+  DType grad_transport = DType::f32;  // RingOptions::gradient_transport
   std::string backend = "auto", oracle = "auto", load, dump;
   DeviceKind device = DeviceKind::cpu;
   std::uint64_t seed = 1234;
@@ -63,7 +66,7 @@ struct Options {
 inline examples::Flags read_flags(int argc, char** argv) {
   return examples::Flags(argc, argv,
                          {"seq-len", "heads", "kv-heads", "head-dim", "layout", "strategy", "ulysses-size", "machine-file", "dtype",
-                          "device", "backend", "check-oracle", "load", "dump", "seed", "iters"},
+                          "grad-transport", "device", "backend", "check-oracle", "load", "dump", "seed", "iters"},
                          {"causal", "backward", "check"});
 }
 
@@ -104,6 +107,12 @@ inline Options parse_options(const examples::Flags& f) {
                 fmt::format("--machine-file is read by --strategy auto only; got --strategy {}", to_string(o.strategy)));
   o.causal = f.flag("causal");
   o.backward = f.flag("backward");
+  const std::string transport = f.str("grad-transport", "f32");
+  if (transport == "bf16") o.grad_transport = DType::bf16;
+  else if (transport != "f32")
+    throw Error(ErrorCode::invalid_argument, "--grad-transport must be f32 or bf16, got '" + transport + "'");
+  if (f.has("grad-transport") && !o.backward)
+    throw Error(ErrorCode::invalid_argument, "--grad-transport applies to the backward pass only: add --backward, or leave it out");
   o.check = f.flag("check");
   // The backend name is checked where the backend is made (one list of choices for --backend and
   // LONGATTN_BACKEND alike).

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <cstdio>
 #include <random>
 
@@ -123,8 +124,9 @@ TEST_P(GradientTransport, Bf16AgainstF32AndReference) {
                 to_string(layout), causal ? "causal" : "full", world, err_dk_wide, err_dv_wide, err_dk, err_dv, err_dk_vs_wide);
   EXPECT_LE(err_dk_wide, 2e-5);
   EXPECT_LE(err_dv_wide, 2e-5);
-  // Each hop rounds the partial sum to bf16 (relative step 2^-8): P roundings at most.
-  const double bound = world * std::ldexp(1.0, -8);
+  // A shard's gradient is rounded to bf16 (relative step 2^-8) once per hop, P hops; partial sums
+  // may exceed the final values, hence one rounding's slack.
+  const double bound = (world + 1) * std::ldexp(1.0, -8);
   EXPECT_LE(err_dk, bound) << "dk";
   EXPECT_LE(err_dv, bound) << "dv";
 
