@@ -59,7 +59,7 @@ class BranchAndBound {
         for (int u = 0; u < size && fits; ++u) {
           const auto r = static_cast<std::size_t>(first + u);
           group_slowest = std::max(group_slowest, loads_[r] + seconds);
-          fits = tokens_[r] + member_tokens(length, size, u) <= cap_;
+          fits = tokens_[r] + member_token_bound(problem_, length, size) <= cap_;
         }
         if (!fits || group_slowest >= best_.makespan) continue;
         apply(first, size, seconds, length, +1);
@@ -70,15 +70,11 @@ class BranchAndBound {
     }
   }
 
-  static std::int64_t member_tokens(std::int64_t length, int size, int u) {
-    return size == 1 ? length : zigzag_member_tokens(length, size, u);
-  }
-
   void apply(int first, int size, double seconds, std::int64_t length, int sign) {
     for (int u = 0; u < size; ++u) {
       const auto r = static_cast<std::size_t>(first + u);
       loads_[r] += sign * seconds;
-      tokens_[r] += sign * member_tokens(length, size, u);
+      tokens_[r] += sign * member_token_bound(problem_, length, size);
     }
   }
 

@@ -25,6 +25,11 @@ VarlenTier tier_of_group(int size, int gpus_per_node);
 // The Ulysses size a group of `size` ranks would run the hybrid with (the node's ranks, or the whole
 // group inside one node), or 0 where the heads do not split that way.
 int hybrid_ulysses_size(const VarlenProblem& problem, int size);
+// The most tokens any member of a group of `size` ranks holds of a sequence of `length`, whichever
+// way the group runs it: zigzag chunks, or the hybrid's contiguous slices of its Ulysses group's
+// rows (which round differently). Additive over a group's sequences, so the planners reserve it
+// per sequence and per member and the cap holds whatever the group becomes.
+std::int64_t member_token_bound(const VarlenProblem& problem, std::int64_t length, int size);
 
 // A plan running sequence s on slot_of_sequence[s], priced. Sequences of one slot form one group;
 // groups are ordered largest first, then by first rank, so every rank runs its groups in one order.

@@ -96,7 +96,7 @@ class Placer {
         } else {
           // No group is less loaded than the least loaded rank: skip the scan when even that is too full.
           if (least_load() + seconds > target) continue;
-          const std::int64_t share = zigzag_max_member_tokens(length, size);
+          const std::int64_t share = member_token_bound(problem_, length, size);
           for (int b = 0; b < counts_[i]; ++b) {
             const auto block = static_cast<std::size_t>(b);
             if (block_tokens_[i][block] > cap_ - share) continue;
@@ -186,7 +186,7 @@ class Placer {
       loads_[r] += seconds;
       if (fit_ == Fit::best) by_load_.insert({loads_[r], rank});
       if (seconds > 0) least_loaded_.push({loads_[r], rank});
-      tokens_[r] += size == 1 ? length : zigzag_member_tokens(length, size, u);
+      tokens_[r] += member_token_bound(problem_, length, size);
       for (std::size_t i = 1; i < counts_.size(); ++i) {
         const auto block = static_cast<std::size_t>(rank / costs_.sizes()[i]);
         if (block >= block_load_[i].size()) continue;

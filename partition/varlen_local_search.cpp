@@ -47,9 +47,8 @@ class LocalSearch {
   static constexpr std::size_t kMaxSwapPairs = std::size_t{1} << 16;
 
   double cost(int s, int size) { return costs_(s, size_index_.at(size)); }
-  std::int64_t member_tokens(int s, int size, int u) const {
-    const std::int64_t length = problem_.lengths[static_cast<std::size_t>(s)];
-    return size == 1 ? length : zigzag_member_tokens(length, size, u);
+  std::int64_t member_tokens(int s, int size) const {
+    return member_token_bound(problem_, problem_.lengths[static_cast<std::size_t>(s)], size);
   }
 
   void add(int s, GroupSlot slot, int sign) {
@@ -57,7 +56,7 @@ class LocalSearch {
     for (int u = 0; u < slot.size; ++u) {
       const auto r = static_cast<std::size_t>(slot.first_rank + u);
       loads_[r] += sign * seconds;
-      tokens_[r] += sign * member_tokens(s, slot.size, u);
+      tokens_[r] += sign * member_tokens(s, slot.size);
       auto& list = sequences_of_[r];
       if (sign > 0) {
         list.push_back(s);
@@ -85,8 +84,8 @@ class LocalSearch {
           const auto r = static_cast<std::size_t>(rank);
           const bool leaving = in_slot(rank, current);
           const double load = loads_[r] - (leaving ? now : 0) + then;
-          const std::int64_t tokens = tokens_[r] - (leaving ? member_tokens(s, current.size, rank - current.first_rank) : 0) +
-                                      member_tokens(s, size, u);
+          const std::int64_t tokens = tokens_[r] - (leaving ? member_tokens(s, current.size) : 0) +
+                                      member_tokens(s, size);
           fits = load < limit && tokens <= cap_;
         }
         if (!fits) continue;

@@ -170,6 +170,16 @@ int hybrid_ulysses_size(const VarlenProblem& problem, int size) {
   return ulysses;
 }
 
+std::int64_t member_token_bound(const VarlenProblem& problem, std::int64_t length, int size) {
+  if (size == 1) return length;
+  std::int64_t bound = zigzag_max_member_tokens(length, size);
+  if (const int ulysses = hybrid_ulysses_size(problem, size); ulysses > 1) {
+    const std::int64_t group_rows = zigzag_max_member_tokens(length, size / ulysses);
+    bound = std::max(bound, (group_rows + ulysses - 1) / ulysses);
+  }
+  return bound;
+}
+
 int groups_of_size(int ranks, int gpus_per_node, int size) {
   const int node = std::min(ranks, gpus_per_node);
   if (size <= node) return ranks / size;

@@ -18,6 +18,7 @@
 #include "partition/hybrid_plan.hpp"
 #include "partition/ring_plan.hpp"
 #include "partition/varlen_cost.hpp"
+#include "partition/varlen_groups.hpp"
 #include "partition/varlen_planner.hpp"
 #include "support/test_util.hpp"
 #include "partition/plan_simulation.hpp"
@@ -184,6 +185,42 @@ TEST(VarlenPlanner, CapsRespected) {
       EXPECT_NE(std::string(e.what()).find("fits on no rank"), std::string::npos) << e.what();
     }
     EXPECT_LE(plan_flat_minheap(problem, machine, 512).max_rank_tokens(), problem.cap_tokens);
+  }
+  // A tight cap on 8 nodes with sequences long enough to run as hybrids across nodes.
+  auto lengths = random_lengths(rng, 400, 3000, false);
+  for (int i = 0; i < 4; ++i) lengths.push_back(uniform_int(rng, 200'000, 500'000));
+  auto problem = problem_of(lengths, 64, 8, 32, 8);
+  std::int64_t total = 0;
+  for (const auto l : problem.lengths) total += l;
+  for (const int percent_over_mean : {1, 5}) {
+    problem.cap_tokens = total / problem.ranks * (100 + percent_over_mean) / 100;
+    SCOPED_TRACE(::testing::Message() << "cap " << problem.cap_tokens << " on 64 ranks");
+    const auto plan = plan_hierarchical(problem, machine);
+    EXPECT_LE(plan.max_rank_tokens(), problem.cap_tokens);
+    expect_every_token_once(plan);
+  }
+}
+
+// What the planners reserve per member covers what the member holds whichever way its group runs:
+// zigzag chunks, or the hybrid's contiguous slices of its Ulysses group's rows, which round
+// differently (the cap was once overrun by one token that way).
+TEST(VarlenPlanner, MemberTokenBoundCoversEverySharding) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const auto problem = problem_of({1}, 64, 8, 32, 8);
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::int64_t length = uniform_int(rng, 1, 300'000);
+    for (const int size : {2, 4, 8, 16, 64}) {
+      const int ulysses = std::min(size, 8);
+      const ShardPlan zigzag({0, static_cast<std::int32_t>(length)}, Layout::zigzag, size);
+      const ShardPlan hybrid({0, static_cast<std::int32_t>(length)}, Layout::zigzag, size, ulysses);
+      const std::int64_t bound = member_token_bound(problem, length, size);
+      for (int u = 0; u < size; ++u) {
+        ASSERT_LE(zigzag.local_tokens(u), bound) << length << " tokens, member " << u << " of " << size;
+        ASSERT_LE(hybrid.local_tokens(u), bound) << length << " tokens, member " << u << " of " << size << " as a hybrid";
+      }
+    }
   }
 }
 
