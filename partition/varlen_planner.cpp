@@ -117,13 +117,20 @@ ShardPlan VarlenPlan::group_shard_plan(int group) const {
   return ShardPlan(std::move(cu), g.size == 1 ? Layout::contiguous : Layout::zigzag, g.size);
 }
 
+std::vector<int> VarlenPlan::groups_of_rank(int rank) const {
+  LONGATTN_INVALID(rank >= 0 && rank < ranks, "rank {} is outside [0, {})", rank, ranks);
+  std::vector<int> member_of;
+  for (std::size_t g = 0; g < groups.size(); ++g)
+    if (rank >= groups[g].first_rank && rank < groups[g].first_rank + groups[g].size) member_of.push_back(static_cast<int>(g));
+  return member_of;
+}
+
 std::vector<TokenRun> VarlenPlan::runs(int rank) const {
   LONGATTN_INVALID(rank >= 0 && rank < ranks, "rank {} is outside [0, {})", rank, ranks);
   std::vector<TokenRun> out;
   std::int64_t row = 0;
-  for (std::size_t g = 0; g < groups.size(); ++g) {
-    const auto& group = groups[g];
-    if (rank < group.first_rank || rank >= group.first_rank + group.size) continue;
+  for (const int g : groups_of_rank(rank)) {
+    const auto& group = groups[static_cast<std::size_t>(g)];
     if (group.sharding == Sharding::chunks) {
       for (const int s : group.sequences) {
         const auto& owners = chunk_owner[static_cast<std::size_t>(s)];
@@ -143,7 +150,7 @@ std::vector<TokenRun> VarlenPlan::runs(int rank) const {
       continue;
     }
     if (group.sequences.empty()) continue;
-    for (auto run : group_shard_plan(static_cast<int>(g)).runs(rank - group.first_rank)) {
+    for (auto run : group_shard_plan(g).runs(rank - group.first_rank)) {
       run.seq = group.sequences[static_cast<std::size_t>(run.seq)];
       run.row += row;
       out.push_back(run);

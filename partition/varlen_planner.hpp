@@ -98,6 +98,10 @@ struct VarlenPlan {
   double step_seconds() const;  // the slowest rank
   double imbalance() const;     // slowest / mean rank time
   std::int64_t max_rank_tokens() const;
+  // The groups `rank` belongs to, in the order it runs them. Groups of one size never overlap (each
+  // is aligned to its size), so an executor can make every group's sub-communicator with one split
+  // per group size: colour first_rank / size, key rank - first_rank.
+  std::vector<int> groups_of_rank(int rank) const;
   // The tokens of `rank` in local order, group by group: runs of one sequence (first position,
   // count, stride), never one entry per token.
   std::vector<TokenRun> runs(int rank) const;

@@ -80,6 +80,8 @@ void expect_every_token_once(const VarlenPlan& plan) {
       const auto& group = plan.groups[static_cast<std::size_t>(plan.group_of[static_cast<std::size_t>(run.seq)])];
       ASSERT_TRUE(r >= group.first_rank && r < group.first_rank + group.size)
           << "rank " << r << " holds sequence " << run.seq << " outside its group";
+      const auto member_of = plan.groups_of_rank(r);
+      ASSERT_NE(std::find(member_of.begin(), member_of.end(), plan.group_of[static_cast<std::size_t>(run.seq)]), member_of.end());
       for (std::int64_t i = 0; i < run.count; ++i) ++seen[static_cast<std::size_t>(run.seq)][static_cast<std::size_t>(run.first + i * run.stride)];
       rows += run.count;
     }
@@ -222,6 +224,29 @@ TEST(VarlenPlanner, MemberTokenBoundCoversEverySharding) {
       }
     }
   }
+}
+
+// Groups of one size never overlap, so one communicator split per size serves them all.
+TEST(VarlenPlanner, GroupsOfOneSizeDoNotOverlap) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const auto machine = default_machine("h200");
+  auto lengths = random_lengths(rng, 600, 3000, false);
+  for (int i = 0; i < 6; ++i) lengths.push_back(uniform_int(rng, 100'000, 900'000));
+  const auto plan = plan_hierarchical(problem_of(lengths, 128, 8, 32, 8), machine);
+  std::map<int, std::vector<int>> owner_by_size;  // size -> [rank]: the group of that size holding it
+  for (std::size_t g = 0; g < plan.groups.size(); ++g) {
+    const auto& group = plan.groups[g];
+    EXPECT_EQ(group.first_rank % group.size, 0) << "group " << g << " is not aligned to its size";
+    auto& owner = owner_by_size[group.size];
+    owner.resize(128, -1);
+    for (int r = group.first_rank; r < group.first_rank + group.size; ++r) {
+      EXPECT_EQ(owner[static_cast<std::size_t>(r)], -1) << "rank " << r << " in two groups of " << group.size;
+      owner[static_cast<std::size_t>(r)] = static_cast<int>(g);
+    }
+  }
+  EXPECT_GT(owner_by_size.size(), 2u) << "the batch should use several tiers";
 }
 
 TEST(VarlenPlanner, SameInputSamePlan) {
@@ -370,7 +395,9 @@ TEST(VarlenPlanner, GreedyWithinFivePercentOfExact) {
                               two_nodes ? 8 : 4, two_nodes ? 4 : 2, 32, 8);
     const double greedy = plan_hierarchical(problem, machine).step_seconds();
     const double exact = plan_exact(problem, machine).step_seconds();
-    ASSERT_LE(exact, greedy * (1 + 1e-9)) << "the exact plan starts from the greedy one and can only improve on it";
+    // The exact solver minimises the planners' objective (each sequence's share of its group summed
+    // per rank); a finished plan is priced with each group's sequences in one ring, which can only
+    // be faster, so the greedy's plan can come out a little ahead (a negative gap).
     const double gap = greedy / exact - 1;
     worst = std::max(worst, gap);
     sum += gap;
