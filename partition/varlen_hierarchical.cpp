@@ -1,5 +1,6 @@
-// The hierarchical planner: a target step time found by bisection, and for each target a greedy
-// placement, longest sequence first, into the smallest group that keeps its ranks under the target.
+// The hierarchical planner: a target step time searched upward from a lower bound, and for each
+// target a greedy placement, longest sequence first, into the smallest group that keeps its ranks
+// under the target; then local moves. Also the per-sequence group costs the planners share.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -73,6 +74,8 @@ class Placer {
   // Places every sequence with no rank above `target`; false when some sequence finds no group.
   bool place(double target, SlotPlacement& out) {
     reset();
+    // Best fit needs a target to fit under; without one every fit is least loaded.
+    best_fit_ = fit_ == Fit::best && std::isfinite(target);
     out.slots.assign(problem_.lengths.size(), GroupSlot{});
     for (const int s : order_) {
       const std::int64_t length = problem_.lengths[static_cast<std::size_t>(s)];
@@ -101,7 +104,7 @@ class Placer {
             const auto block = static_cast<std::size_t>(b);
             if (block_tokens_[i][block] > cap_ - share) continue;
             const double l = block_load_[i][block];
-            const bool better = fit_ == Fit::best && l + seconds <= target ? (first < 0 || load + seconds > target || l > load)
+            const bool better = best_fit_ && l + seconds <= target ? (first < 0 || load + seconds > target || l > load)
                                                                              : (first < 0 || l < load);
             if (better) {
               first = b * size;
@@ -154,7 +157,7 @@ class Placer {
   // A rank that can take `length` more tokens, or -1: the least loaded (lowest number on ties), or
   // under best fit the most loaded whose load stays at most `load_limit`, else the least loaded.
   int rank_with_room(std::int64_t length, double load_limit) {
-    if (fit_ == Fit::best) {
+    if (best_fit_) {
       for (auto it = by_load_.upper_bound({load_limit, problem_.ranks}); it != by_load_.begin();) {
         --it;
         if (has_room(it->second, length)) return it->second;
@@ -200,6 +203,7 @@ class Placer {
   SequenceGroupCosts& costs_;
   const std::vector<int>& order_;
   Fit fit_;
+  bool best_fit_ = false;
   std::int64_t cap_ = 0;
   std::vector<int> counts_;  // [size index]: aligned groups of that size
   std::vector<double> loads_;
@@ -221,13 +225,9 @@ constexpr int kMaxLocalMoves = 64;
 // Sequences x ranks up to which the earliest-finish placement is tried as well.
 constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 14;
 
-}  // namespace
-
-namespace {
-
 // The least target step time the greedy meets, searched between a lower bound and the whole-sequence
 // packing.
-SlotPlacement bisect_target(const VarlenProblem& problem, SequenceGroupCosts& costs, const std::vector<int>& order, Fit fit) {
+SlotPlacement search_target(const VarlenProblem& problem, SequenceGroupCosts& costs, const std::vector<int>& order, Fit fit) {
   Placer placer(problem, costs, order, fit);
   // With no target every sequence stays whole on the least loaded rank with room (the whole-sequence
   // packing), splitting only what the cap forces: the plan to beat.
@@ -273,13 +273,13 @@ SlotPlacement bisect_target(const VarlenProblem& problem, SequenceGroupCosts& co
 
 SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs) {
   const auto order = longest_first(problem.lengths);
-  auto best = bisect_target(problem, costs, order, Fit::least_loaded);
+  auto best = search_target(problem, costs, order, Fit::least_loaded);
   for (const Fit fit : {Fit::best, Fit::earliest_finish}) {
     // Earliest finish scans every group size for every sequence: worth it on small batches, where
     // a few sequences must share few ranks, and too slow on large ones.
     if (fit == Fit::earliest_finish && problem.lengths.size() * static_cast<std::size_t>(problem.ranks) > kEarliestFinishWork)
       continue;
-    auto other = bisect_target(problem, costs, order, fit);
+    auto other = search_target(problem, costs, order, fit);
     if (other.makespan < best.makespan) std::swap(best, other);
   }
   improve_placement(problem, costs, best, kMaxLocalMoves);
