@@ -141,6 +141,7 @@ class Placer {
     }
     by_load_.clear();
     least_loaded_ = {};
+    parked_ = {};
     for (int r = 0; r < problem_.ranks; ++r) {
       if (fit_ == Fit::best) by_load_.insert({0.0, r});
       least_loaded_.push({0.0, r});
@@ -163,22 +164,26 @@ class Placer {
         if (has_room(it->second, length)) return it->second;
       }
     }
-    // The lazy heap's current entries, least loaded first; those without room wait aside.
-    set_aside_.clear();
-    int found = -1;
+    // Parked ranks whose room fits this length come back (their room may have shrunk since).
+    while (!parked_.empty() && parked_.top().first >= length) {
+      const int rank = parked_.top().second;
+      parked_.pop();
+      const std::int64_t room = cap_ - tokens_[static_cast<std::size_t>(rank)];
+      if (room >= length)
+        least_loaded_.push({loads_[static_cast<std::size_t>(rank)], rank});
+      else
+        parked_.push({room, rank});
+    }
+    // The lazy heap's current entries, least loaded first; a rank without room is parked.
     while (!least_loaded_.empty()) {
       const auto [load, rank] = least_loaded_.top();
       if (load == loads_[static_cast<std::size_t>(rank)]) {
-        if (has_room(rank, length)) {
-          found = rank;
-          break;
-        }
-        set_aside_.push_back(least_loaded_.top());
+        if (has_room(rank, length)) return rank;
+        parked_.push({cap_ - tokens_[static_cast<std::size_t>(rank)], rank});
       }
       least_loaded_.pop();
     }
-    for (const auto& entry : set_aside_) least_loaded_.push(entry);
-    return found;
+    return -1;
   }
 
   void assign(int first, int size, double seconds, std::int64_t length) {
@@ -214,7 +219,9 @@ class Placer {
   std::set<Entry> by_load_;              // best fit only
   // Least loaded first; an entry is current while its load is still the rank's load.
   std::priority_queue<Entry, std::vector<Entry>, std::greater<>> least_loaded_;
-  std::vector<Entry> set_aside_;
+  // Ranks too full for the length being placed, most room first. Lengths only shrink (longest
+  // first), so a rank waits here until one fits, instead of being passed over again and again.
+  std::priority_queue<std::pair<std::int64_t, int>> parked_;
 };
 
 // The search for a target stops when it is known to within this ratio.
