@@ -125,14 +125,15 @@ void price_ring_groups(VarlenPlan& plan, const MachineModel& m, const VarlenShap
   plan.rank_costs.assign(static_cast<std::size_t>(plan.ranks), RankCost{});
   plan.bytes_intra_node = plan.bytes_inter_node = 0;
   std::vector<std::int64_t> lengths;
-  for (const auto& group : plan.groups) {
+  for (std::size_t g = 0; g < plan.groups.size(); ++g) {
+    const auto& group = plan.groups[g];
     LONGATTN_INVALID(group.sharding != Sharding::chunks, "price_ring_groups: a chunked group is not a ring");
     lengths.clear();
     for (const int s : group.sequences) lengths.push_back(plan.lengths[static_cast<std::size_t>(s)]);
     const int U = group.ulysses;
     const auto tiers = group_tiers(group.first_rank, group.size, U, plan.gpus_per_node);
     const auto member = group_member_cost(m, shape, lengths, group.size, U, tiers.ring, tiers.all_to_all);
-    const auto shards = plan.group_shard_plan(static_cast<int>(&group - plan.groups.data()));
+    const auto shards = plan.group_shard_plan(static_cast<int>(g));
     for (int u = 0; u < group.size; ++u) {
       const int rank = group.first_rank + u;
       auto& cost = plan.rank_costs[static_cast<std::size_t>(rank)];
