@@ -1,6 +1,6 @@
 // Ring attention forward and backward over any Communicator and AttentionBackend, executing the
 // ring plan (partition/ring_plan.hpp): which shard each step computes against, the transfer that
-// hides behind it, and the kernel calls of the step, which the causal classification lives in.
+// hides behind it, and the step's kernel calls (the causal classification is the plan's, not ours).
 //
 // Forward, on rank r with P ranks: at step s the rank holds the key/value shard of rank
 // src = (r - s) mod P; it posts the receive of the next shard from r-1 and the send of the current
@@ -16,7 +16,6 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <span>
 #include <vector>
 
 #include "common/check.hpp"
