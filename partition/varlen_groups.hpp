@@ -22,9 +22,10 @@ std::vector<int> candidate_group_sizes(int ranks, int gpus_per_node);
 // How many aligned groups of `size` ranks the layout holds.
 int groups_of_size(int ranks, int gpus_per_node, int size);
 VarlenTier tier_of_group(int size, int gpus_per_node);
-// The Ulysses size a group of `size` ranks would run the hybrid with (the node's ranks, or the whole
-// group inside one node), or 0 where the heads do not split that way.
-int hybrid_ulysses_size(const VarlenProblem& problem, int size);
+// The Ulysses sizes a group of `size` ranks may run the hybrid with: those that divide the node's
+// ranks (a Ulysses group never straddles nodes) and the group, and split the heads. Larger ones
+// make the ring's blocks bigger and its steps fewer, at the price of all-to-alls.
+std::vector<int> hybrid_ulysses_sizes(const VarlenProblem& problem, int size);
 // The most tokens any member of a group of `size` ranks holds of a sequence of `length`, whichever
 // way the group runs it: zigzag chunks, or the hybrid's contiguous slices of its Ulysses group's
 // rows (which round differently). Additive over a group's sequences, so the planners reserve it

@@ -33,7 +33,7 @@ double SequenceGroupCosts::operator()(int sequence, int size_index) {
     // Groups are aligned to their size, so the tiers of the first group are every group's.
     const auto ring = group_tiers(0, size, 1, problem_.gpus_per_node);
     cached = group_member_cost(machine_, problem_.shape, lengths, size, 1, ring.ring, ring.all_to_all).total_seconds();
-    if (const int ulysses = hybrid_ulysses_size(problem_, size); ulysses > 1) {
+    for (const int ulysses : size > 1 ? hybrid_ulysses_sizes(problem_, size) : std::vector<int>{}) {
       const auto hybrid = group_tiers(0, size, ulysses, problem_.gpus_per_node);
       cached = std::min(cached, group_member_cost(machine_, problem_.shape, lengths, size, ulysses, hybrid.ring,
                                                   hybrid.all_to_all)

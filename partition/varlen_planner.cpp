@@ -171,16 +171,18 @@ std::vector<int> candidate_group_sizes(int ranks, int gpus_per_node) {
   return sizes;
 }
 
-int hybrid_ulysses_size(const VarlenProblem& problem, int size) {
-  const int ulysses = std::min(size, std::min(problem.ranks, problem.gpus_per_node));
-  if (ulysses <= 1 || !hybrid_group_unsupported_reason(problem.shape, size, ulysses).empty()) return 0;
-  return ulysses;
+std::vector<int> hybrid_ulysses_sizes(const VarlenProblem& problem, int size) {
+  const int node = std::min(problem.ranks, problem.gpus_per_node);
+  std::vector<int> sizes;
+  for (int ulysses = 2; ulysses <= std::min(size, node); ++ulysses)
+    if (node % ulysses == 0 && hybrid_group_unsupported_reason(problem.shape, size, ulysses).empty()) sizes.push_back(ulysses);
+  return sizes;
 }
 
 std::int64_t member_token_bound(const VarlenProblem& problem, std::int64_t length, int size) {
   if (size == 1) return length;
   std::int64_t bound = zigzag_max_member_tokens(length, size);
-  if (const int ulysses = hybrid_ulysses_size(problem, size); ulysses > 1) {
+  for (const int ulysses : hybrid_ulysses_sizes(problem, size)) {
     const std::int64_t group_rows = zigzag_max_member_tokens(length, size / ulysses);
     bound = std::max(bound, (group_rows + ulysses - 1) / ulysses);
   }
@@ -216,18 +218,23 @@ VarlenPlan assemble_ring_plan(std::string planner, const VarlenProblem& problem,
     for (const int s : sequences) plan.group_of[static_cast<std::size_t>(s)] = static_cast<int>(plan.groups.size());
     VarlenGroup group{key.second, size, 1, tier_of_group(size, problem.gpus_per_node),
                       size == 1 ? Sharding::whole : Sharding::zigzag, std::move(sequences)};
-    // The hybrid where the heads allow it and the model finds it faster for these sequences together.
-    const int ulysses = hybrid_ulysses_size(problem, size);
-    if (ulysses > 1) {
+    // The hybrid where the heads allow it and the model finds it faster for these sequences
+    // together, with the Ulysses size it finds fastest.
+    const auto ulysses_sizes = size > 1 ? hybrid_ulysses_sizes(problem, size) : std::vector<int>{};
+    if (!ulysses_sizes.empty()) {
       lengths.clear();
       for (const int s : group.sequences) lengths.push_back(problem.lengths[static_cast<std::size_t>(s)]);
-      const auto ring = group_tiers(group.first_rank, size, 1, problem.gpus_per_node);
-      const auto hybrid = group_tiers(group.first_rank, size, ulysses, problem.gpus_per_node);
-      if (group_member_cost(machine, problem.shape, lengths, size, ulysses, hybrid.ring, hybrid.all_to_all).total_seconds() <
-          group_member_cost(machine, problem.shape, lengths, size, 1, ring.ring, ring.all_to_all).total_seconds()) {
-        group.sharding = Sharding::hybrid;
-        group.ulysses = ulysses;
-      }
+      auto seconds = [&](int ulysses) {
+        const auto tiers = group_tiers(group.first_rank, size, ulysses, problem.gpus_per_node);
+        return group_member_cost(machine, problem.shape, lengths, size, ulysses, tiers.ring, tiers.all_to_all).total_seconds();
+      };
+      double fastest = seconds(1);
+      for (const int ulysses : ulysses_sizes)
+        if (const double t = seconds(ulysses); t < fastest) {
+          fastest = t;
+          group.sharding = Sharding::hybrid;
+          group.ulysses = ulysses;
+        }
     }
     plan.groups.push_back(std::move(group));
   }
