@@ -111,13 +111,15 @@ struct VarlenPlan {
   ShardPlan group_shard_plan(int group) const;
 };
 
-// The hierarchical plan: groups of 1, 2, 4, ... ranks inside a node (up to the node) and then 1, 2,
-// 4, ... whole nodes (up to all of them), aligned to their size; a group of several ranks runs a
-// zigzag ring or, where the heads allow and the model finds it faster, the hybrid with Ulysses
-// over the node's ranks (or the whole group inside one node). Longest sequence first, each goes
-// into the smallest group size that keeps every rank under a target step time, on the least loaded
-// group of that size (a min-heap of ranks for single ranks); the target is searched by bisection
-// between a lower bound and the whole-sequence packing. Deterministic for the same input.
+// The hierarchical plan: groups of 1, 2, 4, ... ranks inside a node (up to the node) and then 2, 4,
+// ... whole nodes (up to all of them), aligned to their size; a group of several ranks runs a
+// zigzag ring or, where the heads allow and the model finds it faster, the hybrid with the Ulysses
+// size (a divisor of the node) the model finds fastest. Longest sequence first, each goes into the
+// smallest group size that keeps every rank under a target step time, on the least loaded group
+// of that size (a min-heap of ranks for single ranks; best fit and, on small batches, earliest
+// finish are tried too); the target is searched upward from a lower bound, the whole-sequence
+// packing being the first plan to beat; single moves and swaps off the slowest rank finish it.
+// Deterministic for the same input.
 VarlenPlan plan_hierarchical(const VarlenProblem& problem, const MachineModel& machine);
 
 // The best plan over the same groups, by branch and bound: exponential, for small instances only
