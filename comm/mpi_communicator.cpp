@@ -248,4 +248,16 @@ std::unique_ptr<Communicator> make_mpi_world_communicator() {
   return std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD, false);
 }
 
+std::unique_ptr<Communicator> make_mpi_communicator(std::int64_t mpi_fortran_handle) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  LONGATTN_REQUIRE(initialized, ErrorCode::invalid_argument, "MPI is not initialized: initialize it before passing a communicator");
+  const MPI_Comm given = MPI_Comm_f2c(static_cast<MPI_Fint>(mpi_fortran_handle));
+  LONGATTN_INVALID(given != MPI_COMM_NULL, "the MPI communicator handle {} is MPI_COMM_NULL", mpi_fortran_handle);
+  // A duplicate of our own: our messages cannot match the caller's, and the caller may free theirs.
+  MPI_Comm own;
+  LONGATTN_MPI_CHECK(MPI_Comm_dup(given, &own));
+  return std::make_unique<comm::MpiCommunicator>(own, true);
+}
+
 }  // namespace longattn

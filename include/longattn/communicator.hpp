@@ -107,6 +107,9 @@ class MpiSession {
 
 // A communicator over MPI_COMM_WORLD (MPI must be initialized, e.g. by MpiSession).
 std::unique_ptr<Communicator> make_mpi_world_communicator();
+// A communicator over a duplicate of the caller's MPI communicator, given by its Fortran handle
+// (MPI_Comm_c2f), so that no MPI type appears in this header. Collective over that communicator.
+std::unique_ptr<Communicator> make_mpi_communicator(std::int64_t mpi_fortran_handle);
 
 // NCCL on device buffers, one GPU per rank (picked from the local rank), bootstrapped through
 // `host` (an MPI communicator, kept for host-side collectives and agreement checks). Throws

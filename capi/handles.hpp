@@ -1,0 +1,31 @@
+// What the C API's opaque handles hold: owners of C++ objects, nothing more.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "longattn/communicator.hpp"
+#include "longattn/longattn.h"
+#include "longattn/parallel_attention.hpp"
+
+struct longattn_comm {
+  std::unique_ptr<longattn::Communicator> comm;
+};
+
+struct longattn_context {
+  std::string backend;
+  longattn::Device device;
+};
+
+struct longattn_attention {
+  longattn_context* context;
+  longattn_comm* comm;
+  longattn::AttentionProblem problem;
+  longattn::ParallelOptions options;
+  // One planned object per stream a caller has used: ParallelAttention runs on the stream it was
+  // made with, and a caller (PyTorch's current stream) may change it between calls. CPU contexts
+  // use the null stream only.
+  std::map<void*, std::unique_ptr<longattn::ParallelAttention>> by_stream;
+  longattn::ParallelAttention& any() const { return *by_stream.begin()->second; }
+};

@@ -1,0 +1,257 @@
+/* The C API of longattn: distributed exact attention for any language or framework that can call C.
+ *
+ * A thin layer over the C++ API (parallel_attention.hpp, ring.hpp, communicator.hpp): opaque
+ * handles, status codes with a per-thread message, and tensor descriptors. Plain C99; no C++
+ * exception ever crosses it. docs/c-api.md is the reference page, with a complete example.
+ *
+ * Rules that hold for every function:
+ *  - Every function that can fail returns a longattn_status; LONGATTN_OK is 0. On failure,
+ *    longattn_last_error() returns a message saying what was wrong and what to do, and out
+ *    parameters are left untouched.
+ *  - Handles are created by longattn_*_create* and released by the matching *_destroy (NULL is
+ *    accepted and ignored). The library never keeps a pointer to a caller's tensor memory after a
+ *    call returns (on GPUs: after the work it queued on the given stream has run).
+ *  - A handle may be used by one thread at a time. Different handles may be used from different
+ *    threads, except that collective calls over one communicator must not overlap.
+ *  - "Collective" calls must be made by every rank of the communicator, in the same order, with
+ *    the same parameters where noted. An input wrong on one rank makes the call fail on every rank
+ *    with the same message, rather than leave the others waiting.
+ */
+#ifndef LONGATTN_LONGATTN_H
+#define LONGATTN_LONGATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The ABI version this header describes. It grows whenever a function's signature, a struct's
+ * leading fields or an enum's values change incompatibly; compare with longattn_abi_version(). */
+#define LONGATTN_ABI_VERSION 1
+
+/* Outcome of a call. The codes mirror longattn::ErrorCode. */
+typedef enum longattn_status {
+  LONGATTN_OK = 0,
+  LONGATTN_ERROR_INVALID_ARGUMENT = 1, /* a value passed is wrong: shape, dtype, layout, option, NULL */
+  LONGATTN_ERROR_UNSUPPORTED = 2,      /* valid, but this build or backend cannot do it (no NCCL, no GPU) */
+  LONGATTN_ERROR_IO = 3,               /* a file is missing, unreadable or malformed (machine file) */
+  LONGATTN_ERROR_COMMUNICATION = 4,    /* a peer failed, disagreed or went away */
+  LONGATTN_ERROR_TIMEOUT = 5,          /* a peer did not answer within the communicator's timeout */
+  LONGATTN_ERROR_OUT_OF_CAPACITY = 6,  /* a memory or size limit was reached */
+  LONGATTN_ERROR_PROTOCOL = 7,         /* a malformed message on the wire */
+  LONGATTN_ERROR_UNAUTHORIZED = 8,     /* a peer did not present the right credentials */
+  LONGATTN_ERROR_INTERNAL = 9          /* a bug in longattn (or an unexpected C++ exception): please report it */
+} longattn_status;
+
+/* Element types. */
+typedef enum longattn_dtype { LONGATTN_DTYPE_F32 = 0, LONGATTN_DTYPE_BF16 = 1, LONGATTN_DTYPE_F16 = 2 } longattn_dtype;
+
+typedef enum longattn_device_kind { LONGATTN_DEVICE_CPU = 0, LONGATTN_DEVICE_CUDA = 1 } longattn_device_kind;
+
+/* Where memory lives: the CPU (index 0), or CUDA device `index`. */
+typedef struct longattn_device {
+  longattn_device_kind kind;
+  int index;
+} longattn_device;
+
+/* How a sequence is spread over the ranks of a ring (layout.hpp): contiguous slices, zigzag
+ * (chunks r and 2P-1-r of 2P, balanced under a causal mask) or striped (token t on rank t mod P). */
+typedef enum longattn_layout {
+  LONGATTN_LAYOUT_CONTIGUOUS = 0,
+  LONGATTN_LAYOUT_ZIGZAG = 1,
+  LONGATTN_LAYOUT_STRIPED = 2
+} longattn_layout;
+
+/* Sequence-parallel strategy (parallel_attention.hpp): a ring over all ranks; Ulysses (head
+ * all-to-all over all ranks); hybrid U x R (Ulysses inside groups of U ranks, a ring over the R
+ * groups); automatic (U and R from the cost model for this shape and machine). */
+typedef enum longattn_strategy {
+  LONGATTN_STRATEGY_RING = 0,
+  LONGATTN_STRATEGY_ULYSSES = 1,
+  LONGATTN_STRATEGY_HYBRID = 2,
+  LONGATTN_STRATEGY_AUTO = 3
+} longattn_strategy;
+
+/* A tensor the caller owns, described, never copied: `data` points at element [0, ..., 0];
+ * `shape` and `strides` (in elements, not bytes) have `ndim` meaningful entries (1..4). The
+ * kernels read dense row-major tensors only: strides must be those of a contiguous tensor (a
+ * dimension of extent 1 may have any stride), otherwise the call fails with
+ * LONGATTN_ERROR_INVALID_ARGUMENT; pass a contiguous copy instead. longattn_tensor_contiguous()
+ * fills the strides for you. `data` may be NULL only when the tensor has no elements. */
+typedef struct longattn_tensor {
+  void* data;
+  longattn_dtype dtype;
+  longattn_device device;
+  int ndim;
+  int64_t shape[4];
+  int64_t strides[4];
+} longattn_tensor;
+
+/* Opaque handles. */
+typedef struct longattn_comm longattn_comm;           /* a communicator: which ranks take part, how bytes move */
+typedef struct longattn_context longattn_context;     /* the local attention backend and the device it runs on */
+typedef struct longattn_attention longattn_attention; /* one attention problem planned over a communicator */
+
+/* ---- Version and errors ------------------------------------------------------------------ */
+
+/* LONGATTN_ABI_VERSION of the library actually linked. */
+int longattn_abi_version(void);
+/* The library's release, "major.minor.patch". Static storage; never NULL. */
+const char* longattn_version_string(void);
+/* The message of the last failed call on this thread ("" when none failed yet). Valid until the
+ * next failing call on the same thread. Never NULL. */
+const char* longattn_last_error(void);
+/* A short name for a status ("ok", "invalid_argument", ...). Static storage; never NULL. */
+const char* longattn_status_name(longattn_status status);
+
+/* ---- Tensor descriptors ------------------------------------------------------------------ */
+
+/* A descriptor of a dense row-major tensor: the strides are computed from `shape`.
+ * data:   the first element (may be NULL when a dimension is 0).
+ * dtype:  element type.
+ * device: where `data` lives.
+ * ndim:   number of dimensions, 1..4 (others give a descriptor with ndim 0, refused by every call).
+ * shape:  ndim extents, each >= 0. */
+longattn_tensor longattn_tensor_contiguous(void* data, longattn_dtype dtype, longattn_device device, int ndim,
+                                           const int64_t* shape);
+
+/* ---- Communicators ----------------------------------------------------------------------- */
+
+/* A communicator over every process of the MPI job (MPI_COMM_WORLD). Initializes MPI (thread
+ * level MULTIPLE) when nobody has; MPI initialized here is finalized when the process exits.
+ * out: receives the handle; destroy it with longattn_comm_destroy. */
+longattn_status longattn_comm_create_mpi_world(longattn_comm** out);
+
+/* A communicator over an MPI communicator of the caller's, given by its Fortran handle
+ * (MPI_Comm_c2f(comm) in C, comm.py2f() in mpi4py), so that no MPI header type crosses this
+ * ABI. Collective over that communicator. longattn works on its own duplicate, so the caller's
+ * communicator may be freed afterwards. MPI must be initialized.
+ * out: receives the handle. */
+longattn_status longattn_comm_create_mpi(int64_t mpi_fortran_handle, longattn_comm** out);
+
+/* NCCL over GPU buffers, one GPU per rank (picked from the local rank), bootstrapped through
+ * `host` (an MPI or TCP communicator, used for the NCCL unique id and for host-side agreement).
+ * Collective. `host` must outlive the result. LONGATTN_ERROR_UNSUPPORTED where longattn was built
+ * without NCCL. out: receives the handle. */
+longattn_status longattn_comm_create_nccl(longattn_comm* host, longattn_comm** out);
+
+/* Releases a communicator (NULL is ignored). Not collective; every attention object made over it
+ * must be destroyed first. */
+void longattn_comm_destroy(longattn_comm* comm);
+
+/* This process's rank in `comm`, 0..size-1. */
+longattn_status longattn_comm_rank(const longattn_comm* comm, int* rank);
+/* The number of ranks in `comm`. */
+longattn_status longattn_comm_size(const longattn_comm* comm, int* size);
+/* The longest one wait may block before failing with LONGATTN_ERROR_TIMEOUT (a dead or stuck
+ * peer), in seconds, >= 1. The default is LONGATTN_COMM_TIMEOUT_S. */
+longattn_status longattn_comm_set_timeout(longattn_comm* comm, int seconds);
+
+/* ---- Context ----------------------------------------------------------------------------- */
+
+/* The local attention backend every attention object made with this context runs.
+ * backend: "auto" (or NULL: the fastest for the device), "cpu", "reference" (double-precision
+ *          oracle, slow), "cuda", "cudnn" (where built); LONGATTN_BACKEND overrides "auto".
+ * device:  where the tensors of every call will live. For CUDA, `index` names the device the
+ *          caller has made current; tensors on another device are refused.
+ * out:     receives the handle; destroy it with longattn_context_destroy after every attention
+ *          object made with it. */
+longattn_status longattn_context_create(const char* backend, longattn_device device, longattn_context** out);
+void longattn_context_destroy(longattn_context* context);
+
+/* ---- Distributed attention --------------------------------------------------------------- */
+
+/* What is attended and how. Initialize with longattn_attention_params_init, then set fields;
+ * `struct_size` lets later versions add fields at the end without breaking callers. Every field
+ * must be the same on every rank. */
+typedef struct longattn_attention_params {
+  size_t struct_size;          /* sizeof(longattn_attention_params), set by _init */
+  const int32_t* cu_seqlens;   /* prefix sums of the whole (global) batch: batch + 1 entries, from 0,
+                                  non-decreasing. One sequence of T tokens: {0, T}. Copied. */
+  int batch;                   /* number of sequences, >= 1 */
+  int q_heads;                 /* query heads */
+  int kv_heads;                /* key/value heads; q_heads % kv_heads == 0 (GQA/MQA) */
+  int head_dim;                /* elements per head */
+  longattn_dtype dtype;        /* of q, k, v */
+  int causal;                  /* nonzero: each token attends to the tokens before it in its sequence */
+  float scale;                 /* softmax scale; 0 means 1/sqrt(head_dim) */
+  longattn_layout layout;      /* over all ranks (ring) or over the ring dimension (hybrid) */
+  longattn_strategy strategy;  /* default LONGATTN_STRATEGY_RING */
+  int ulysses_size;            /* hybrid's U (divides the ranks and q_heads); 0: one node's ranks */
+  const char* machine_file;    /* automatic's machine model file, or NULL for the built-in model */
+  longattn_dtype gradient_transport; /* dtype of the ring backward's travelling dK/dV: F32 or BF16 */
+} longattn_attention_params;
+
+/* Defaults: one empty sequence to be set, 1 head, head_dim 64, BF16, not causal, scale 0, zigzag,
+ * ring, ulysses_size 0, no machine file, F32 gradient transport. */
+void longattn_attention_params_init(longattn_attention_params* params);
+
+/* Plans `params` over `comm` with `context`'s backend. Collective; the parameters are checked to
+ * agree on every rank. Fails with LONGATTN_ERROR_INVALID_ARGUMENT naming the valid choices when the
+ * strategy cannot run the shape (a Ulysses size that does not divide the ranks or the heads).
+ * `context` and `comm` must outlive the result. out: receives the handle. */
+longattn_status longattn_attention_create(longattn_context* context, longattn_comm* comm,
+                                          const longattn_attention_params* params, longattn_attention** out);
+void longattn_attention_destroy(longattn_attention* attention);
+
+/* What the object runs, after automatic made its choice. */
+typedef struct longattn_attention_info {
+  longattn_strategy strategy; /* never LONGATTN_STRATEGY_AUTO */
+  int ulysses_size;           /* U: ranks per Ulysses group (1 for a ring) */
+  int ring_size;              /* R = ranks / U */
+  int64_t total_tokens;       /* tokens of the whole batch */
+  int64_t local_tokens;       /* tokens this rank holds (rows of its q, k, v, o) */
+} longattn_attention_info;
+longattn_status longattn_attention_get_info(const longattn_attention* attention, longattn_attention_info* info);
+
+/* Why this strategy: for automatic the candidates and their modelled times. Owned by the object,
+ * valid while it lives. */
+longattn_status longattn_attention_choice_reason(const longattn_attention* attention, const char** reason);
+
+/* Which tokens rank `rank` holds, in its local order (sequence by sequence, positions increasing).
+ * rank:          0..size-1 (any rank's shard can be asked for, on any rank).
+ * tokens:        receives the count n (may be NULL).
+ * global_index:  NULL, or room for `capacity` entries: the packed index in the whole batch of each
+ *                local token.
+ * positions:     NULL, or room for `capacity` entries: the position of each token in its sequence.
+ * capacity:      entries the arrays can take; must be >= n when either array is given. */
+longattn_status longattn_attention_shard_index(const longattn_attention* attention, int rank, int64_t* tokens,
+                                               int64_t* global_index, int32_t* positions, int64_t capacity);
+
+/* Copies rank `rank`'s rows out of a whole-batch tensor, and back. Token-major tensors only:
+ * global [total_tokens, ...], local [local_tokens of rank, ...], same dtype and trailing
+ * dimensions, both in CPU memory (for GPU tensors, gather with the indices of
+ * longattn_attention_shard_index on the device). Unshard writes only rank's rows of `global`. */
+longattn_status longattn_attention_shard(const longattn_attention* attention, int rank, const longattn_tensor* global,
+                                         const longattn_tensor* local);
+longattn_status longattn_attention_unshard(const longattn_attention* attention, int rank, const longattn_tensor* local,
+                                           const longattn_tensor* global);
+
+/* Forward on this rank's shard. Collective. With n = local_tokens:
+ * q:   [n, q_heads, head_dim], the params' dtype.     k, v: [n, kv_heads, head_dim], same dtype.
+ * o:   [n, q_heads, head_dim], q's dtype or F32 (written).
+ * lse: [q_heads, n] F32 (written): natural-log log-sum-exp of each row's scaled scores; -inf (and
+ *      o = 0) for a row that attends to nothing. Keep o and lse for the backward.
+ * stream: the cudaStream_t the work is queued on, on GPUs (NULL: the default stream); ignored on
+ *      CPUs. The call returns once the work is queued (CUDA) or done (CPU). A first call with a
+ *      stream the object has not seen prepares it on every rank (collective, like the call). */
+longattn_status longattn_attention_forward(longattn_attention* attention, const longattn_tensor* q,
+                                           const longattn_tensor* k, const longattn_tensor* v, const longattn_tensor* o,
+                                           const longattn_tensor* lse, void* stream);
+
+/* Backward. Collective. q, k, v, o, lse as given to and returned by the forward; d_o: the gradient
+ * of o, shaped like o (q's dtype or F32). Written: dq [n, q_heads, head_dim], dk and dv
+ * [n, kv_heads, head_dim], each in q's dtype or F32. stream: as for the forward. */
+longattn_status longattn_attention_backward(longattn_attention* attention, const longattn_tensor* q,
+                                            const longattn_tensor* k, const longattn_tensor* v, const longattn_tensor* o,
+                                            const longattn_tensor* lse, const longattn_tensor* d_o,
+                                            const longattn_tensor* dq, const longattn_tensor* dk,
+                                            const longattn_tensor* dv, void* stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* LONGATTN_LONGATTN_H */

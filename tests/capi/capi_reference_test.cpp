@@ -1,0 +1,326 @@
+// The C API under mpirun against the single-process double-precision reference: every strategy
+// (ring, Ulysses, hybrid, auto) and layout, causal and full, GQA, a packed batch with an empty and a
+// one-token sequence, forward and backward, sharded and gathered with the C API's own helpers; and
+// its refusals: one status and message on every rank, never an exception through the boundary.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "longattn/backend.hpp"
+#include "longattn/longattn.h"
+#include "support/test_util.hpp"
+
+namespace longattn {
+namespace {
+
+using test::HostTensor;
+
+constexpr longattn_device kCpu{LONGATTN_DEVICE_CPU, 0};
+
+longattn_tensor desc(const HostTensor& t) {
+  const auto& v = t.view;
+  return longattn_tensor_contiguous(v.data, static_cast<longattn_dtype>(v.dtype), kCpu, v.ndim, v.shape.data());
+}
+
+// Handles of one C API session over MPI's world, released at scope end.
+struct Session {
+  longattn_comm* comm = nullptr;
+  longattn_context* context = nullptr;
+  int rank = 0, size = 1;
+  Session() {
+    EXPECT_EQ(longattn_comm_create_mpi_world(&comm), LONGATTN_OK) << longattn_last_error();
+    EXPECT_EQ(longattn_context_create("cpu", kCpu, &context), LONGATTN_OK) << longattn_last_error();
+    longattn_comm_rank(comm, &rank);
+    longattn_comm_size(comm, &size);
+  }
+  ~Session() {
+    longattn_context_destroy(context);
+    longattn_comm_destroy(comm);
+  }
+  std::uint64_t shared_seed() const {
+    std::uint64_t seed = test::fresh_seed();
+    MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
+    return seed;
+  }
+};
+
+struct Case {
+  longattn_strategy strategy;
+  int ulysses_size;
+  longattn_layout layout;
+  bool causal;
+  int hq, hkv;
+  DType dtype;
+};
+
+std::string describe(const Case& c) {
+  return fmt::format("strategy {} U={} layout {} {} h={}x{} {}", static_cast<int>(c.strategy), c.ulysses_size,
+                     static_cast<int>(c.layout), c.causal ? "causal" : "full", c.hq, c.hkv, to_string(c.dtype));
+}
+
+// Rows `shard` of a [T, H, D] tensor through longattn_attention_shard.
+HostTensor shard_of(longattn_attention* a, int rank, const HostTensor& global, std::int64_t n) {
+  HostTensor local(global.view.dtype, {n, global.view.dim(1), global.view.dim(2)});
+  const auto g = desc(global), l = desc(local);
+  EXPECT_EQ(longattn_attention_shard(a, rank, &g, &l), LONGATTN_OK) << longattn_last_error();
+  return local;
+}
+
+// Forward and backward of one case through the C API; each rank compares its rows with the
+// reference on the whole batch, and the gathered (unsharded) o of its rows with it too.
+void check_case(Session& s, const Case& c, const std::vector<std::int32_t>& cu, std::uint64_t seed) {
+  SCOPED_TRACE(describe(c) + fmt::format(" tokens {} seed {} rank {}/{}", cu.back(), seed, s.rank, s.size));
+  std::mt19937_64 rng(seed);
+  const std::int64_t T = cu.back(), D = 16;
+  auto q = test::random_tensor(rng, c.dtype, {T, c.hq, D});
+  auto k = test::random_tensor(rng, c.dtype, {T, c.hkv, D});
+  auto v = test::random_tensor(rng, c.dtype, {T, c.hkv, D});
+  auto d_o = test::random_tensor(rng, DType::f32, {T, c.hq, D});
+
+  auto ref = make_backend("reference");
+  AttentionArgs args;
+  args.q = q.view;
+  args.k = k.view;
+  args.v = v.view;
+  args.batch = static_cast<int>(cu.size()) - 1;
+  args.cu_seqlens_q = args.cu_seqlens_k = cu.data();
+  args.causal = c.causal;
+  HostTensor ro(DType::f32, {T, c.hq, D}), rl(DType::f32, {c.hq, T});
+  ref->forward(args, {ro.view, rl.view});
+  HostTensor rdq(DType::f32, {T, c.hq, D}), rdk(DType::f32, {T, c.hkv, D}), rdv(DType::f32, {T, c.hkv, D});
+  ref->backward(args, {ro.view, rl.view, d_o.view, {}, rdq.view, rdk.view, rdv.view, false});
+
+  longattn_attention_params p;
+  longattn_attention_params_init(&p);
+  p.cu_seqlens = cu.data();
+  p.batch = static_cast<int>(cu.size()) - 1;
+  p.q_heads = c.hq;
+  p.kv_heads = c.hkv;
+  p.head_dim = static_cast<int>(D);
+  p.dtype = static_cast<longattn_dtype>(c.dtype);
+  p.causal = c.causal;
+  p.layout = c.layout;
+  p.strategy = c.strategy;
+  p.ulysses_size = c.ulysses_size;
+  longattn_attention* a = nullptr;
+  ASSERT_EQ(longattn_attention_create(s.context, s.comm, &p, &a), LONGATTN_OK) << longattn_last_error();
+  longattn_attention_info info{};
+  ASSERT_EQ(longattn_attention_get_info(a, &info), LONGATTN_OK);
+  EXPECT_EQ(info.total_tokens, T);
+  EXPECT_EQ(info.ulysses_size * info.ring_size, s.size);
+  if (c.strategy == LONGATTN_STRATEGY_RING) {
+    EXPECT_EQ(info.ulysses_size, 1);
+  }
+  if (c.strategy == LONGATTN_STRATEGY_ULYSSES) {
+    EXPECT_EQ(info.ulysses_size, s.size);
+  }
+  if (c.strategy == LONGATTN_STRATEGY_HYBRID) {
+    EXPECT_EQ(info.ulysses_size, c.ulysses_size);
+  }
+  EXPECT_NE(info.strategy, LONGATTN_STRATEGY_AUTO);
+  const std::int64_t n = info.local_tokens;
+  std::vector<std::int64_t> index(static_cast<std::size_t>(n));
+  std::vector<std::int32_t> positions(static_cast<std::size_t>(n));
+  std::int64_t counted = -1;
+  EXPECT_EQ(longattn_attention_shard_index(a, s.rank, &counted, index.data(), positions.data(), n), LONGATTN_OK);
+  EXPECT_EQ(counted, n);
+
+  auto lq = shard_of(a, s.rank, q, n), lk = shard_of(a, s.rank, k, n), lv = shard_of(a, s.rank, v, n);
+  auto ldo = shard_of(a, s.rank, d_o, n);
+  auto o = test::poisoned_tensor(DType::f32, {n, c.hq, D});
+  auto lse = test::poisoned_tensor(DType::f32, {c.hq, n});
+  const auto dq_ = desc(lq), dk_ = desc(lk), dv_ = desc(lv), do_ = desc(o), dl_ = desc(lse), ddo_ = desc(ldo);
+  EXPECT_EQ(longattn_attention_forward(a, &dq_, &dk_, &dv_, &do_, &dl_, nullptr), LONGATTN_OK) << longattn_last_error();
+
+  const bool low = c.dtype != DType::f32;
+  const double tol = low ? 2e-2 : 3e-5, gtol = low ? 8e-2 : 2e-4;
+  // Every rank's o gathered into a whole-batch tensor: this rank's rows must match, the others stay 0.
+  HostTensor gathered(DType::f32, {T, c.hq, D});
+  const auto dg = desc(gathered);
+  EXPECT_EQ(longattn_attention_unshard(a, s.rank, &do_, &dg), LONGATTN_OK) << longattn_last_error();
+  const auto got = gathered.to_f32(), want = ro.to_f32();
+  const std::size_t row = static_cast<std::size_t>(c.hq * D);
+  double worst = 0;
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::size_t e = 0; e < row; ++e) {
+      const std::size_t at = static_cast<std::size_t>(index[static_cast<std::size_t>(i)]) * row + e;
+      worst = std::max(worst, static_cast<double>(std::abs(got[at] - want[at])));
+    }
+  EXPECT_LE(worst, tol) << "o";
+  const auto lse_got = lse.to_f32(), lse_all = rl.to_f32();
+  double lse_worst = 0;
+  for (int h = 0; h < c.hq; ++h)
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float g = lse_got[static_cast<std::size_t>(h * n + i)];
+      const float w = lse_all[static_cast<std::size_t>(h * T + index[static_cast<std::size_t>(i)])];
+      lse_worst = std::max(lse_worst, std::isinf(w) && g == w ? 0.0 : static_cast<double>(std::abs(g - w)));
+    }
+  EXPECT_LE(lse_worst, tol * 10) << "lse";
+  // Positions are those of each token inside its sequence.
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto gi = index[static_cast<std::size_t>(i)];
+    const auto seq = std::upper_bound(cu.begin(), cu.end(), static_cast<std::int32_t>(gi)) - cu.begin() - 1;
+    EXPECT_EQ(positions[static_cast<std::size_t>(i)], gi - cu[static_cast<std::size_t>(seq)]);
+  }
+
+  auto dq = test::poisoned_tensor(DType::f32, {n, c.hq, D});
+  auto dk = test::poisoned_tensor(DType::f32, {n, c.hkv, D}), dv = test::poisoned_tensor(DType::f32, {n, c.hkv, D});
+  const auto gq = desc(dq), gk = desc(dk), gv = desc(dv);
+  EXPECT_EQ(longattn_attention_backward(a, &dq_, &dk_, &dv_, &do_, &dl_, &ddo_, &gq, &gk, &gv, nullptr), LONGATTN_OK)
+      << longattn_last_error();
+  for (auto [local, whole, what] : {std::tuple{&dq, &rdq, "dq"}, {&dk, &rdk, "dk"}, {&dv, &rdv, "dv"}}) {
+    const auto d = test::compare(local->to_f32(), shard_of(a, s.rank, *whole, n).to_f32());
+    EXPECT_LE(d.max_abs, gtol * std::max(1.0, d.max_ref)) << what;
+  }
+  longattn_attention_destroy(a);
+}
+
+// Query heads every Ulysses size of these ranks divides; kv heads that divide the group or that
+// the group divides (GQA).
+int query_heads(int ranks) { return ranks == 3 ? 6 : 4; }
+int kv_heads(int ranks) { return ranks == 3 ? 3 : 2; }
+
+class CapiVsReference : public ::testing::TestWithParam<std::tuple<longattn_layout, bool>> {};
+
+TEST_P(CapiVsReference, EveryStrategyOnAPackedBatch) {
+  const auto [layout, causal] = GetParam();
+  Session s;
+  std::mt19937_64 rng(s.shared_seed());
+  const auto cu = test::random_cu_seqlens(rng, 4, 37);
+  std::vector<Case> cases{{LONGATTN_STRATEGY_RING, 0, layout, causal, query_heads(s.size), kv_heads(s.size), DType::f32},
+                          {LONGATTN_STRATEGY_ULYSSES, 0, layout, causal, query_heads(s.size), kv_heads(s.size), DType::f32},
+                          {LONGATTN_STRATEGY_AUTO, 0, layout, causal, query_heads(s.size), kv_heads(s.size), DType::f32}};
+  if (s.size == 4) cases.push_back({LONGATTN_STRATEGY_HYBRID, 2, layout, causal, 4, 2, DType::f32});
+  for (const auto& c : cases) check_case(s, c, cu, s.shared_seed());
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CapiVsReference,
+                         ::testing::Combine(::testing::Values(LONGATTN_LAYOUT_CONTIGUOUS, LONGATTN_LAYOUT_ZIGZAG, LONGATTN_LAYOUT_STRIPED),
+                                            ::testing::Bool()));
+
+TEST(Capi, Bf16SingleSequenceRing) {
+  Session s;
+  check_case(s, {LONGATTN_STRATEGY_RING, 0, LONGATTN_LAYOUT_ZIGZAG, true, 4, 1, DType::bf16}, {0, 61}, s.shared_seed());
+}
+
+TEST(Capi, VersionAndStatusNames) {
+  EXPECT_EQ(longattn_abi_version(), LONGATTN_ABI_VERSION);
+  EXPECT_STREQ(longattn_version_string(), "0.1.0");
+  EXPECT_STREQ(longattn_status_name(LONGATTN_ERROR_TIMEOUT), "timeout");
+  EXPECT_STREQ(longattn_status_name(static_cast<longattn_status>(99)), "unknown status");
+}
+
+// A plan over a small batch for the refusal tests.
+struct Planned {
+  Session s;
+  std::vector<std::int32_t> cu{0, 20};
+  longattn_attention* a = nullptr;
+  std::int64_t n = 0;
+  Planned() {
+    longattn_attention_params p;
+    longattn_attention_params_init(&p);
+    p.cu_seqlens = cu.data();
+    p.batch = 1;
+    p.q_heads = p.kv_heads = 2;
+    p.head_dim = 8;
+    p.dtype = LONGATTN_DTYPE_F32;
+    EXPECT_EQ(longattn_attention_create(s.context, s.comm, &p, &a), LONGATTN_OK) << longattn_last_error();
+    longattn_attention_shard_index(a, s.rank, &n, nullptr, nullptr, 0);
+  }
+  ~Planned() { longattn_attention_destroy(a); }
+};
+
+TEST(CapiRefuses, NonContiguousTensorOnOneRankFailsEveryRank) {
+  Planned p;
+  std::mt19937_64 rng(test::fresh_seed());
+  auto q = test::random_tensor(rng, DType::f32, {p.n, 2, 8});
+  auto o = test::poisoned_tensor(DType::f32, {p.n, 2, 8});
+  auto lse = test::poisoned_tensor(DType::f32, {2, p.n});
+  auto dq = desc(q), dout = desc(o), dl = desc(lse);
+  longattn_tensor bad = dq;
+  if (p.s.rank == p.s.size - 1 && p.n > 1) {
+    std::swap(bad.strides[0], bad.strides[1]);  // a transposed view of the same memory
+    bad.shape[0] = 2;
+    bad.shape[1] = p.n;
+  }
+  const auto status = longattn_attention_forward(p.a, &dq, &bad, &dq, &dout, &dl, nullptr);
+  EXPECT_EQ(status, LONGATTN_ERROR_INVALID_ARGUMENT);
+  const std::string message = longattn_last_error();
+  EXPECT_NE(message.find("tensor 'k'"), std::string::npos) << message;
+  EXPECT_NE(message.find("contiguous"), std::string::npos) << message;
+  if (p.s.size > 1) {
+    EXPECT_NE(message.find(fmt::format("rank {}", p.s.size - 1)), std::string::npos) << message;
+  }
+}
+
+TEST(CapiRefuses, BadParametersAndNullsWithAStatusNotAnException) {
+  Session s;
+  longattn_attention_params p;
+  longattn_attention_params_init(&p);
+  const std::int32_t cu[] = {0, 8};
+  p.cu_seqlens = cu;
+  p.batch = 1;
+  p.layout = static_cast<longattn_layout>(7);
+  longattn_attention* a = nullptr;
+  EXPECT_EQ(longattn_attention_create(s.context, s.comm, &p, &a), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("not a longattn_layout"), std::string::npos) << longattn_last_error();
+  EXPECT_EQ(a, nullptr);
+  p.layout = LONGATTN_LAYOUT_ZIGZAG;
+  p.struct_size = 8;
+  EXPECT_EQ(longattn_attention_create(s.context, s.comm, &p, &a), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("longattn_attention_params_init"), std::string::npos);
+  longattn_attention_params_init(&p);
+  p.cu_seqlens = cu;
+  p.batch = 1;
+  p.q_heads = 3;  // Ulysses over more than one rank needs heads divisible by the ranks
+  p.kv_heads = 3;
+  p.strategy = LONGATTN_STRATEGY_ULYSSES;
+  if (s.size == 2 || s.size == 4) {
+    EXPECT_EQ(longattn_attention_create(s.context, s.comm, &p, &a), LONGATTN_ERROR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(longattn_last_error()).find("heads"), std::string::npos) << longattn_last_error();
+  }
+  EXPECT_EQ(longattn_comm_rank(nullptr, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_STREQ(longattn_last_error(), "comm must not be NULL");
+  EXPECT_EQ(longattn_comm_set_timeout(s.comm, 0), LONGATTN_ERROR_INVALID_ARGUMENT);
+  longattn_context* ctx = nullptr;
+  EXPECT_EQ(longattn_context_create("no-such-backend", kCpu, &ctx), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(ctx, nullptr);
+  EXPECT_EQ(longattn_context_create("cpu", {LONGATTN_DEVICE_CPU, 3}, &ctx), LONGATTN_ERROR_INVALID_ARGUMENT);
+}
+
+TEST(CapiRefuses, ShardOfWrongRowsOrGpuMemory) {
+  Planned p;
+  HostTensor global(DType::f32, {19, 2, 8}), local(DType::f32, {p.n, 2, 8});
+  auto g = desc(global), l = desc(local);
+  EXPECT_EQ(longattn_attention_shard(p.a, p.s.rank, &g, &l), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("the batch has 20 tokens"), std::string::npos) << longattn_last_error();
+  g.shape[0] = 20;
+  g.device.kind = LONGATTN_DEVICE_CUDA;
+  EXPECT_EQ(longattn_attention_shard(p.a, p.s.rank, &g, &l), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("shard_index"), std::string::npos) << longattn_last_error();
+  EXPECT_EQ(longattn_attention_shard_index(p.a, p.s.size, nullptr, nullptr, nullptr, 0), LONGATTN_ERROR_INVALID_ARGUMENT);
+  std::vector<std::int64_t> small(1);
+  if (p.n > 1) {
+    EXPECT_EQ(longattn_attention_shard_index(p.a, p.s.rank, nullptr, small.data(), nullptr, 1), LONGATTN_ERROR_INVALID_ARGUMENT);
+  }
+}
+
+TEST(Capi, CommunicatorFromACallersMpiCommunicator) {
+  // Each rank alone (MPI_COMM_SELF): one rank, however many the job has.
+  longattn_comm* self = nullptr;
+  ASSERT_EQ(longattn_comm_create_mpi(MPI_Comm_c2f(MPI_COMM_SELF), &self), LONGATTN_OK) << longattn_last_error();
+  int size = 0;
+  EXPECT_EQ(longattn_comm_size(self, &size), LONGATTN_OK);
+  EXPECT_EQ(size, 1);
+  longattn_comm_destroy(self);
+  longattn_comm* null_comm = nullptr;
+  EXPECT_EQ(longattn_comm_create_mpi(MPI_Comm_c2f(MPI_COMM_NULL), &null_comm), LONGATTN_ERROR_INVALID_ARGUMENT);
+}
+
+}  // namespace
+}  // namespace longattn
