@@ -6,7 +6,9 @@
 #include <functional>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <queue>
+#include <random>
 #include <set>
 #include <utility>
 
@@ -231,18 +233,20 @@ constexpr int kMaxProbes = 40;
 constexpr int kMaxLocalMoves = 64;
 // Sequences x ranks up to which the earliest-finish placement is tried as well.
 constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 14;
+// Other sequence orders tried on batches of at most so many sequences, and the seed they are drawn from.
+constexpr std::size_t kOrderAttemptSequences = 64;
+constexpr int kOrderAttempts = 16;
+constexpr std::uint64_t kOrderSeed = 0x5eed;
 
 // The least target step time the greedy meets, searched between a lower bound and the whole-sequence
-// packing.
-SlotPlacement search_target(const VarlenProblem& problem, SequenceGroupCosts& costs, const std::vector<int>& order, Fit fit) {
+// packing; none when even that packing breaks the cap in this order.
+std::optional<SlotPlacement> search_target(const VarlenProblem& problem, SequenceGroupCosts& costs,
+                                           const std::vector<int>& order, Fit fit) {
   Placer placer(problem, costs, order, fit);
   // With no target every sequence stays whole on the least loaded rank with room (the whole-sequence
   // packing), splitting only what the cap forces: the plan to beat.
   SlotPlacement best;
-  LONGATTN_INVALID(placer.place(std::numeric_limits<double>::infinity(), best),
-                   "no placement of the {} sequences keeps every rank under the cap of {} tokens: raise the cap or add "
-                   "ranks",
-                   problem.lengths.size(), problem.cap_tokens);
+  if (!placer.place(std::numeric_limits<double>::infinity(), best)) return std::nullopt;
   // No target below the longest sequence's best share can be met, nor one below the mean whole-sequence
   // work per rank unless splitting saves work, which it rarely does (shorter blocks run slower and
   // rings add transfers).
@@ -280,14 +284,33 @@ SlotPlacement search_target(const VarlenProblem& problem, SequenceGroupCosts& co
 
 SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs) {
   const auto order = longest_first(problem.lengths);
-  auto best = search_target(problem, costs, order, Fit::least_loaded);
+  auto first = search_target(problem, costs, order, Fit::least_loaded);
+  LONGATTN_INVALID(first.has_value(),
+                   "no placement of the {} sequences keeps every rank under the cap of {} tokens: raise the cap or add "
+                   "ranks",
+                   problem.lengths.size(), problem.cap_tokens);
+  auto best = std::move(*first);
+  auto keep_better = [&](std::optional<SlotPlacement> other) {
+    if (other && other->makespan < best.makespan) best = std::move(*other);
+  };
   for (const Fit fit : {Fit::best, Fit::earliest_finish}) {
     // Earliest finish scans every group size for every sequence: worth it on small batches, where
     // a few sequences must share few ranks, and too slow on large ones.
     if (fit == Fit::earliest_finish && problem.lengths.size() * static_cast<std::size_t>(problem.ranks) > kEarliestFinishWork)
       continue;
-    auto other = search_target(problem, costs, order, fit);
-    if (other.makespan < best.makespan) std::swap(best, other);
+    keep_better(search_target(problem, costs, order, fit));
+  }
+  if (problem.lengths.size() <= kOrderAttemptSequences &&
+      problem.lengths.size() * static_cast<std::size_t>(problem.ranks) <= kEarliestFinishWork) {
+    // Small batches: longest first is a guess about which sequence should claim a group first, and
+    // a few sequences on few ranks are sensitive to it; other orders, drawn from a fixed seed so the
+    // plan stays a function of the input, often find a better packing.
+    std::mt19937_64 shuffler(kOrderSeed);
+    for (int attempt = 0; attempt < kOrderAttempts; ++attempt) {
+      auto shuffled = order;
+      std::shuffle(shuffled.begin(), shuffled.end(), shuffler);
+      for (const Fit fit : {Fit::least_loaded, Fit::earliest_finish}) keep_better(search_target(problem, costs, shuffled, fit));
+    }
   }
   improve_placement(problem, costs, best, kMaxLocalMoves);
   return best;
