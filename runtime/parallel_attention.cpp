@@ -68,11 +68,12 @@ std::string first_problem(std::initializer_list<std::string> problems) {
   return {};
 }
 
-// What every rank must have been given alike, spelled out for require_same_on_all_ranks.
+// What every rank must have been given alike, spelled out for require_same_on_all_ranks; the batch
+// last, since a disagreement shows each rank's first characters.
 std::string describe_request(const AttentionProblem& p, const ParallelOptions& o) {
-  return fmt::format("cu_seqlens [{}] heads {}/{} head_dim {} {} {} layout {} strategy {} ulysses_size {} machine_file '{}'",
-                     fmt::join(p.cu_seqlens, ","), p.q_heads, p.kv_heads, p.head_dim, to_string(p.dtype),
-                     p.causal ? "causal" : "full", to_string(p.layout), to_string(o.strategy), o.ulysses_size, o.machine_file);
+  return fmt::format("strategy {} ulysses_size {} heads {}/{} head_dim {} {} {} layout {} machine_file '{}' cu_seqlens [{}]",
+                     to_string(o.strategy), o.ulysses_size, p.q_heads, p.kv_heads, p.head_dim, to_string(p.dtype),
+                     p.causal ? "causal" : "full", to_string(p.layout), o.machine_file, fmt::join(p.cu_seqlens, ","));
 }
 
 }  // namespace

@@ -237,6 +237,7 @@ TEST(ParallelAttention, StrategiesThatDifferBetweenRanksAreRefusedEverywhere) {
   ParallelOptions options;
   options.strategy = comm->rank() == 0 ? Strategy::ring : Strategy::ulysses;
   expect_refused({{0, 40}, 2 * comm->size(), 2, 16, DType::f32, true, Layout::zigzag}, options, "differ between ranks");
+  expect_refused({{0, 40}, 2 * comm->size(), 2, 16, DType::f32, true, Layout::zigzag}, options, "rank 1: strategy ulysses");
 }
 
 TEST(ParallelAttention, ShardOfTheWrongSizeOnOneRankIsRefusedEverywhere) {
