@@ -307,8 +307,10 @@ SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroup
     // plan stays a function of the input, often find a better packing.
     std::mt19937_64 shuffler(kOrderSeed);
     for (int attempt = 0; attempt < kOrderAttempts; ++attempt) {
+      // Fisher-Yates by hand: std::shuffle's draws differ between standard libraries, and every
+      // rank must make the same plan.
       auto shuffled = order;
-      std::shuffle(shuffled.begin(), shuffled.end(), shuffler);
+      for (std::size_t i = shuffled.size(); i > 1; --i) std::swap(shuffled[i - 1], shuffled[shuffler() % i]);
       for (const Fit fit : {Fit::least_loaded, Fit::earliest_finish}) keep_better(search_target(problem, costs, shuffled, fit));
     }
   }

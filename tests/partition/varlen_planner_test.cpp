@@ -269,6 +269,11 @@ TEST(VarlenPlanner, SameInputSamePlan) {
   }
   const auto fa = plan_flat_minheap(problem, machine, 1024), fb = plan_flat_minheap(problem, machine, 1024);
   EXPECT_EQ(fa.chunk_owner, fb.chunk_owner);
+  // A small batch, where the planner also tries other sequence orders.
+  const auto small = problem_of(random_lengths(rng, 12, 20000, true), 8, 4, 32, 8);
+  const auto sa = plan_hierarchical(small, machine), sb = plan_hierarchical(small, machine);
+  EXPECT_EQ(sa.groups, sb.groups);
+  EXPECT_EQ(sa.step_seconds(), sb.step_seconds());
 }
 
 TEST(VarlenCost, OneRankByHand) {
