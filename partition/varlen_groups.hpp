@@ -1,7 +1,9 @@
-// The groups a varlen plan may use and how a plan is put together from one group per sequence:
-// shared by the hierarchical planner, its exact check and the whole-sequence baseline.
+// The groups a varlen plan may use, how a plan is put together from one group per sequence, and
+// the placement machinery (per-sequence costs, the greedy, local moves): shared by the
+// hierarchical planner, its exact check and the whole-sequence baseline.
 #pragma once
 
+#include <cstdint>
 #include <span>
 #include <string>
 #include <vector>
@@ -37,9 +39,7 @@ std::int64_t member_token_bound(const VarlenProblem& problem, std::int64_t lengt
 VarlenPlan assemble_ring_plan(std::string planner, const VarlenProblem& problem, const MachineModel& machine,
                               std::span<const GroupSlot> slot_of_sequence);
 
-}  // namespace longattn::partition
-
-namespace longattn::partition {
+// ---- placing sequences on groups ------------------------------------------------------------
 
 // Per-rank time of each sequence on each candidate group size (one ring member's share, the
 // sequence alone), computed on first use: most sequences of a batch are only ever priced whole.
@@ -67,10 +67,6 @@ struct SlotPlacement {
   double makespan = 0;
 };
 SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs);
-
-}  // namespace longattn::partition
-
-namespace longattn::partition {
 
 // Improves a placement by local moves while they lower the slowest rank: one of its sequences to
 // any other group (of any size), or a whole sequence of it swapped with a shorter whole one of
