@@ -1,5 +1,5 @@
 // Communicator handles of the C API: MPI's world (initializing MPI when the caller has not), a
-// caller's MPI communicator, NCCL over a host communicator.
+// caller's MPI communicator, TCP from torchrun's environment, NCCL over a host communicator.
 #include <fmt/format.h>
 
 #include <memory>
@@ -37,6 +37,15 @@ longattn_status longattn_comm_create_mpi(int64_t mpi_fortran_handle, longattn_co
     require_non_null(out, "out");
     auto handle = std::make_unique<longattn_comm>();
     handle->comm = longattn::make_mpi_communicator(mpi_fortran_handle);
+    *out = handle.release();
+  });
+}
+
+longattn_status longattn_comm_create_tcp_from_env(int port_offset, longattn_comm** out) {
+  return guarded(__func__, [&] {
+    require_non_null(out, "out");
+    auto handle = std::make_unique<longattn_comm>();
+    handle->comm = longattn::make_tcp_communicator_from_env(port_offset);
     *out = handle.release();
   });
 }

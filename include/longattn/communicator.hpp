@@ -111,8 +111,30 @@ std::unique_ptr<Communicator> make_mpi_world_communicator();
 // (MPI_Comm_c2f), so that no MPI type appears in this header. Collective over that communicator.
 std::unique_ptr<Communicator> make_mpi_communicator(std::int64_t mpi_fortran_handle);
 
+// Launching without MPI: a communicator over TCP (host memory only), every rank connected to every
+// other, bootstrapped from torchrun's environment. Rank 0 listens for the rendezvous at
+// MASTER_PORT + port_offset (torch's own store may hold MASTER_PORT itself); the other ranks
+// connect there, learn each other's addresses, and connect to each other. Nodes come from the
+// ranks' host names (LONGATTN_NODE_SIZE overrides). Waits are bounded by LONGATTN_COMM_TIMEOUT_S,
+// the rendezvous too; a peer whose connection breaks makes every operation with it fail with
+// Error(communication) naming it.
+struct TcpRendezvous {
+  std::string master_addr;   // rank 0's host name or address
+  int master_port = 0;       // where rank 0 listens for the rendezvous
+  int rank = 0, world_size = 1;
+  int local_rank = -1, local_world_size = -1;  // LOCAL_RANK, LOCAL_WORLD_SIZE when set, else -1
+};
+// Reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (required) and LOCAL_RANK, LOCAL_WORLD_SIZE
+// (optional); throws Error(invalid_argument) naming the first one missing or malformed.
+TcpRendezvous tcp_rendezvous_from_env(int port_offset = 1);
+// True when MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE are all set (a torchrun launch).
+bool torchrun_environment_present();
+// Collective over the world_size processes of `where`.
+std::unique_ptr<Communicator> make_tcp_communicator(const TcpRendezvous& where);
+std::unique_ptr<Communicator> make_tcp_communicator_from_env(int port_offset = 1);
+
 // NCCL on device buffers, one GPU per rank (picked from the local rank), bootstrapped through
-// `host` (an MPI communicator, kept for host-side collectives and agreement checks). Throws
+// `host` (an MPI or TCP communicator, kept for host-side collectives and agreement checks). Throws
 // Error(unsupported) when longattn was built without NCCL. `host` must outlive the result.
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator& host);
 bool nccl_available();

@@ -131,6 +131,15 @@ longattn_status longattn_comm_create_mpi_world(longattn_comm** out);
  * out: receives the handle. */
 longattn_status longattn_comm_create_mpi(int64_t mpi_fortran_handle, longattn_comm** out);
 
+/* A communicator over TCP for jobs launched without MPI (torchrun, or any launcher that sets its
+ * variables): MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (required), LOCAL_RANK, LOCAL_WORLD_SIZE
+ * (optional). Rank 0 listens for the rendezvous at MASTER_PORT + port_offset (torch's own store
+ * may hold MASTER_PORT itself: 1 is a good offset); every rank then connects to every other.
+ * Collective over WORLD_SIZE processes. Host memory only (bootstrap NCCL from it for GPUs). A
+ * missing or malformed variable is LONGATTN_ERROR_INVALID_ARGUMENT naming it; a rank that never
+ * joins, LONGATTN_ERROR_TIMEOUT after LONGATTN_COMM_TIMEOUT_S. out: receives the handle. */
+longattn_status longattn_comm_create_tcp_from_env(int port_offset, longattn_comm** out);
+
 /* NCCL over GPU buffers, one GPU per rank (picked from the local rank), bootstrapped through
  * `host` (an MPI or TCP communicator, used for the NCCL unique id and for host-side agreement).
  * Collective. `host` must outlive the result. LONGATTN_ERROR_UNSUPPORTED where longattn was built
