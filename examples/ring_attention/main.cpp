@@ -8,6 +8,7 @@
 // Ends with one line: RESULT {json}.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -140,9 +141,19 @@ struct Job {
 
 int run_job(Communicator& world, Job& job);
 
+// torchrun's variables without those of an MPI launcher (Open MPI, MPICH/Hydra, PMIx under Slurm).
+bool launched_by_torchrun() {
+  for (const char* mpi_variable : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(mpi_variable)) return false;
+  return torchrun_environment_present();
+}
+
 int run(int argc, char** argv) {
-  MpiSession mpi(&argc, &argv);
-  auto world = make_mpi_world_communicator();
+  // Under torchrun (its variables set, no MPI launcher's) the job runs over TCP instead of MPI.
+  const bool over_tcp = launched_by_torchrun();
+  std::optional<MpiSession> mpi;
+  if (!over_tcp) mpi.emplace(&argc, &argv);
+  auto world = over_tcp ? make_tcp_communicator_from_env() : make_mpi_world_communicator();
   const int rank = world->rank(), nranks = world->size();
 
   for (int i = 1; i < argc; ++i)
@@ -253,6 +264,7 @@ int run(int argc, char** argv) {
     // Past setup, peers may be blocked in a collective with us: report and take the job down.
     std::fprintf(stderr, "ring_attention: error on rank %d: %s\n", rank, e.what());
     std::fflush(stderr);
+    if (over_tcp) std::_Exit(2);  // peers see the connection close and name this rank
     MpiSession::abort(2);
     return 2;
   }

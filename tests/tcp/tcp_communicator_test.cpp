@@ -6,6 +6,7 @@
 // dies or hangs (an Error naming it, not a hang), a rendezvous that cannot complete. Bad
 // environments are checked in this process.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -15,6 +16,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <map>
 #include <optional>
 #include <random>
@@ -57,6 +60,8 @@ struct Launch {
   std::vector<int> ranks;                           // which ranks to start (all when empty)
   std::map<int, std::map<std::string, std::string>> env_of;  // extra variables per rank
   std::map<std::string, std::string> env;           // extra variables for all
+  std::vector<std::string> program;                 // another program instead of this binary's worker
+  std::string rank0_stdout;                         // where rank 0's output goes (empty: inherited)
 };
 
 // Starts the ranks as processes of this binary and returns their exit codes (-1: killed after
@@ -82,6 +87,17 @@ std::vector<int> run(const Launch& l) {
       if (auto it = l.env_of.find(r); it != l.env_of.end())
         for (const auto& [k, v] : it->second) vars[k] = v;
       for (const auto& [k, v] : vars) setenv(k.c_str(), v.c_str(), 1);
+      if (r == 0 && !l.rank0_stdout.empty()) {
+        const int fd = ::open(l.rank0_stdout.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        ::dup2(fd, STDOUT_FILENO);
+      }
+      if (!l.program.empty()) {
+        std::vector<char*> args;
+        for (const auto& a : l.program) args.push_back(const_cast<char*>(a.c_str()));
+        args.push_back(nullptr);
+        execv(args[0], args.data());
+        std::_Exit(127);
+      }
       const char* argv[] = {"/proc/self/exe", "--gtest_filter=TcpLaunched.DISABLED_Worker", "--gtest_also_run_disabled_tests",
                             "--gtest_brief=1", nullptr};
       execv("/proc/self/exe", const_cast<char* const*>(argv));
@@ -386,6 +402,26 @@ TEST(Tcp, DifferentWorldSizesAreRefused) {
   l.env["LONGATTN_COMM_TIMEOUT_S"] = "20";
   expect_all_passed(run(l), "world_mismatch");
 }
+
+#ifdef LONGATTN_RING_ATTENTION_PROGRAM
+// The example job picks the TCP communicator by itself under torchrun's variables, and passes its
+// oracle check with every strategy over it.
+TEST(Tcp, RingAttentionProgramUnderTorchrunVariables) {
+  for (const char* strategy : {"ring", "ulysses", "auto"}) {
+    Launch l(2, "program");
+    l.program = {LONGATTN_RING_ATTENTION_PROGRAM, "--device", "cpu", "--seq-len", "301", "--heads", "4", "--kv-heads", "2",
+                 "--head-dim", "16", "--causal", "--backward", "--check", "--strategy", strategy,
+                 "--seed", std::to_string(test::fresh_seed() % 1000000)};
+    l.rank0_stdout = ::testing::TempDir() + "tcp_ring_attention_stdout.txt";
+    expect_all_passed(run(l), std::string("ring_attention --strategy ") + strategy);
+    std::ifstream out(l.rank0_stdout);
+    std::stringstream text;
+    text << out.rdbuf();
+    EXPECT_NE(text.str().find("RESULT {"), std::string::npos) << text.str();
+    EXPECT_NE(text.str().find("\"check\":\"passed\""), std::string::npos) << text.str();
+  }
+}
+#endif
 
 // Sets variables for one scope and restores them.
 class ScopedEnv {
