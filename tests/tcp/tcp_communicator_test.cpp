@@ -37,7 +37,7 @@
 namespace longattn {
 namespace {
 
-constexpr const char* kScenarioVariable = "LONGATTN_TCP_TEST_SCENARIO";
+constexpr const char* kScenarioVariable = "TCP_TEST_SCENARIO";  // what a launched worker checks
 
 // A TCP port nobody listens on now (the system's choice for a socket bound to port 0).
 int free_port() {
@@ -368,7 +368,13 @@ TEST(TcpLaunched, DISABLED_Worker) {
   auto comm = make_tcp_communicator_from_env();
   EXPECT_EQ(comm->rank(), std::atoi(std::getenv("RANK")));
   EXPECT_EQ(comm->size(), std::atoi(std::getenv("WORLD_SIZE")));
-  if (scenario == "operations") check_operations(*comm);
+  if (scenario == "nodes_of_two") {
+    const Topology t = comm->topology();
+    EXPECT_EQ(t.node, comm->rank() / 2);
+    EXPECT_EQ(t.nodes, 2);
+    EXPECT_EQ(t.local_rank, comm->rank() % 2);
+    EXPECT_EQ(t.local_size, 2);
+  } else if (scenario == "operations") check_operations(*comm);
   else if (scenario == "attention") check_attention(*comm);
   else if (scenario == "dead_peer") check_dead_peer(*comm);
   else if (scenario == "stuck_peer") check_stuck_peer(*comm);
@@ -387,6 +393,12 @@ TEST_P(TcpRanks, RingAndEveryStrategyAgainstTheReference) { expect_all_passed(ru
 TEST_P(TcpRanks, DeadPeerIsNamedNotWaitedFor) { expect_all_passed(run(Launch(GetParam(), "dead_peer")), "dead_peer"); }
 TEST_P(TcpRanks, CApiOverTcp) { expect_all_passed(run(Launch(GetParam(), "capi")), "capi"); }
 INSTANTIATE_TEST_SUITE_P(Ranks, TcpRanks, ::testing::Values(2, 3, 4));
+
+TEST(Tcp, SimulatedNodesFromNodeSize) {
+  Launch l(4, "nodes_of_two");
+  l.env["LONGATTN_NODE_SIZE"] = "2";
+  expect_all_passed(run(l), "nodes_of_two");
+}
 
 TEST(Tcp, StuckPeerTimesOutNamingIt) { expect_all_passed(run(Launch(3, "stuck_peer")), "stuck_peer"); }
 
