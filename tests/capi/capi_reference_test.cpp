@@ -5,8 +5,11 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -308,6 +311,49 @@ TEST(CapiRefuses, ShardOfWrongRowsOrGpuMemory) {
   if (p.n > 1) {
     EXPECT_EQ(longattn_attention_shard_index(p.a, p.s.rank, nullptr, small.data(), nullptr, 1), LONGATTN_ERROR_INVALID_ARGUMENT);
   }
+}
+
+TEST(Capi, LastErrorIsPerThread) {
+  std::string seen_by_other;
+  EXPECT_EQ(longattn_comm_rank(nullptr, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  std::thread other([&] {
+    EXPECT_STREQ(longattn_last_error(), "");  // nothing failed on this thread yet
+    longattn_context* ctx = nullptr;
+    EXPECT_EQ(longattn_context_create("cpu", {static_cast<longattn_device_kind>(5), 0}, &ctx), LONGATTN_ERROR_INVALID_ARGUMENT);
+    seen_by_other = longattn_last_error();
+  });
+  other.join();
+  EXPECT_STREQ(longattn_last_error(), "comm must not be NULL");
+  EXPECT_NE(seen_by_other.find("device kind 5 is not a longattn_device_kind"), std::string::npos) << seen_by_other;
+}
+
+TEST(Capi, DescriptorsOutsideTheirRangesAreRefused) {
+  Planned p;
+  const std::int64_t shape[5] = {p.n, 2, 8, 1, 1};
+  std::vector<float> data(static_cast<std::size_t>(p.n * 16) + 1);
+  const longattn_device cpu{LONGATTN_DEVICE_CPU, 0};
+  const auto five = longattn_tensor_contiguous(data.data(), LONGATTN_DTYPE_F32, cpu, 5, shape);
+  EXPECT_EQ(five.ndim, 0);
+  auto q = longattn_tensor_contiguous(data.data(), LONGATTN_DTYPE_F32, cpu, 3, shape);
+  auto lse_shape = std::array<std::int64_t, 2>{2, p.n};
+  auto lse = longattn_tensor_contiguous(data.data(), LONGATTN_DTYPE_F32, cpu, 2, lse_shape.data());
+  EXPECT_EQ(longattn_attention_forward(p.a, &q, &q, &q, &five, &lse, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("tensor 'o' has ndim 0"), std::string::npos) << longattn_last_error();
+  auto null_data = q;
+  null_data.data = nullptr;
+  EXPECT_EQ(longattn_attention_forward(p.a, &q, &q, &q, &null_data, &lse, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("NULL data pointer"), std::string::npos) << longattn_last_error();
+  auto bad_dtype = q;
+  bad_dtype.dtype = static_cast<longattn_dtype>(9);
+  EXPECT_EQ(longattn_attention_forward(p.a, &bad_dtype, &q, &q, &q, &lse, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("dtype 9 is not a longattn_dtype"), std::string::npos) << longattn_last_error();
+  EXPECT_EQ(longattn_attention_forward(p.a, &q, &q, &q, &q, nullptr, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("tensor 'lse' is NULL"), std::string::npos) << longattn_last_error();
+  auto on_gpu = q;
+  on_gpu.device = {LONGATTN_DEVICE_CUDA, 0};
+  EXPECT_EQ(longattn_attention_forward(p.a, &q, &q, &q, &on_gpu, &lse, nullptr), LONGATTN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(longattn_last_error()).find("make the context for the tensors' device"), std::string::npos)
+      << longattn_last_error();
 }
 
 TEST(Capi, CommunicatorFromACallersMpiCommunicator) {
