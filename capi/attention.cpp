@@ -3,6 +3,7 @@
 // descriptor is wrong on any.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <memory>
