@@ -107,6 +107,7 @@ const char* to_string(MsgType t) noexcept {
     case MsgType::attend: return "attend";
     case MsgType::drop: return "drop";
     case MsgType::stats: return "stats";
+    case MsgType::append_attend: return "append_attend";
     case MsgType::error: return "error";
   }
   return "unknown";
@@ -133,12 +134,15 @@ FrameHeader decode_header(std::span<const std::byte> bytes, const Limits& lim) {
   h.magic = r.u32();
   if (h.magic != kMagic) bad("bad magic (not a longattn offload peer?)");
   h.version = r.u16();
-  if (h.version != kVersion)
+  if (h.version < kMinVersion || h.version > kVersion)
     throw Error(ErrorCode::protocol, "protocol version " + std::to_string(h.version) + " is not supported (this build speaks " +
-                                         std::to_string(kVersion) + ")");
+                                         std::to_string(kMinVersion) + " to " + std::to_string(kVersion) + ")");
   const std::uint16_t t = r.u16();
-  if (!((t >= 1 && t <= 6) || t == 127)) bad("unknown message type " + std::to_string(t));
+  if (!((t >= 1 && t <= 7) || t == 127)) bad("unknown message type " + std::to_string(t));
   h.type = static_cast<MsgType>(t);
+  if (h.version < version_of(h.type))
+    bad(std::string("a ") + to_string(h.type) + " frame needs protocol version " + std::to_string(version_of(h.type)) + ", not " +
+        std::to_string(h.version));
   h.flags = r.u32();
   if (h.flags & ~kFlagResponse) bad("unknown flags " + std::to_string(h.flags));
   h.request_id = r.u64();
@@ -167,6 +171,7 @@ std::vector<std::byte> frame(MsgType t, std::uint32_t flags, std::uint64_t reque
   LONGATTN_REQUIRE(payload.size() <= 0xffffffffu, ErrorCode::invalid_argument,
                    "a {} message of {} bytes does not fit one frame; send it in parts", to_string(t), payload.size());
   FrameHeader h;
+  h.version = version_of(t);
   h.type = t;
   h.flags = flags;
   h.request_id = request_id;
@@ -232,6 +237,7 @@ std::vector<std::byte> append_frame(std::uint64_t request_id, const Append& m) {
   LONGATTN_REQUIRE(payload <= 0xffffffffu, ErrorCode::invalid_argument,
                    "an append message of {} bytes does not fit one frame; send it in parts", payload);
   FrameHeader h;
+  h.version = version_of(MsgType::append);
   h.type = MsgType::append;
   h.flags = 0;
   h.request_id = request_id;
@@ -261,6 +267,32 @@ std::vector<std::byte> encode(const Attend& m) {
   if (m.flags & kAttendHasPositions)
     for (auto p : m.positions) w.i64(p);
   w.bytes(m.q.data(), m.q.size());
+  return w.take();
+}
+std::vector<std::byte> encode(const AppendAttend& m) {
+  const Attend& a = m.attend;
+  LONGATTN_INVALID(m.new_tokens.size() == a.seqs.size(), "append_attend: {} new-token counts for {} sequences", m.new_tokens.size(),
+                   a.seqs.size());
+  Writer w;
+  w.reserve(40 + a.seqs.size() * 24 + a.positions.size() * 8 + a.q.size() + m.k.size() + m.v.size());
+  w.u32(a.layer);
+  w.u32(a.q_heads);
+  w.u32(a.head_dim);
+  w.u32(a.flags);
+  w.u32(m.kv_heads);
+  w.u8(static_cast<std::uint8_t>(m.dtype));
+  w.u32(static_cast<std::uint32_t>(a.seqs.size()));
+  for (std::size_t i = 0; i < a.seqs.size(); ++i) {
+    w.u64(a.seqs[i].seq);
+    w.u32(a.seqs[i].q_count);
+    w.i64(a.seqs[i].length);
+    w.u32(m.new_tokens[i]);
+  }
+  if (a.flags & kAttendHasPositions)
+    for (auto p : a.positions) w.i64(p);
+  w.bytes(a.q.data(), a.q.size());
+  w.bytes(m.k.data(), m.k.size());
+  w.bytes(m.v.data(), m.v.size());
   return w.take();
 }
 std::vector<std::byte> encode_attend_reply(std::uint64_t total_q, std::uint32_t q_heads, std::uint32_t head_dim, const float* o,
@@ -348,9 +380,8 @@ AppendReply decode_append_reply(std::span<const std::byte> p, const Limits&) {
   r.finish();
   return m;
 }
-Attend decode_attend(std::span<const std::byte> p, const Limits& lim) {
-  Reader r(p, "attend");
-  Attend m;
+namespace {
+void read_attend_head(Reader& r, Attend& m, const Limits& lim) {
   m.layer = r.u32();
   m.q_heads = r.u32();
   m.head_dim = r.u32();
@@ -359,16 +390,29 @@ Attend decode_attend(std::span<const std::byte> p, const Limits& lim) {
   check_range(m.q_heads, 1, lim.max_heads, "q_heads");
   check_range(m.head_dim, 1, lim.max_head_dim, "head_dim");
   if (m.flags & ~kAttendHasPositions) bad("unknown attend flags");
+}
+// The sequence list (with each entry's new-token count when `new_tokens` is given), the
+// positions and q.
+void read_attend_body(Reader& r, Attend& m, const Limits& lim, std::vector<std::uint32_t>* new_tokens) {
   const std::uint32_t n = r.u32();
   check_range(n, 1, lim.max_seqs_per_attend, "sequences per attend");
-  if (checked_mul(n, 20, "attend sequences") > r.left()) bad("attend: truncated sequence list");
+  const std::uint64_t entry = new_tokens ? 24 : 20;
+  if (checked_mul(n, entry, "attend sequences") > r.left()) bad("attend: truncated sequence list");
   m.seqs.resize(n);
-  for (auto& s : m.seqs) {
+  if (new_tokens) new_tokens->resize(n);
+  for (std::uint32_t i = 0; i < n; ++i) {
+    auto& s = m.seqs[i];
     s.seq = r.u64();
     s.q_count = r.u32();
     s.length = r.i64();
     check_range(s.q_count, 0, lim.max_q_per_seq, "queries per sequence");
     if (s.length < 0 || s.length > lim.max_position) bad("attend: sequence length " + std::to_string(s.length) + " out of range");
+    if (new_tokens) {
+      const std::uint32_t added = r.u32();
+      check_range(added, 0, lim.max_q_per_seq, "new tokens per sequence");
+      if (added > s.length) bad("append_attend: " + std::to_string(added) + " new tokens in a sequence of length " + std::to_string(s.length));
+      (*new_tokens)[i] = added;
+    }
     m.total_q += s.q_count;  // <= 2^16 * 2^8 by the checks: no overflow
   }
   if (m.total_q == 0) bad("attend without queries");
@@ -382,6 +426,33 @@ Attend decode_attend(std::span<const std::byte> p, const Limits& lim) {
   }
   const std::uint64_t qb = checked_mul(checked_mul(checked_mul(m.total_q, m.q_heads, "q"), m.head_dim, "q"), 4, "q");
   m.q = r.bytes(qb, "q");
+}
+}  // namespace
+
+Attend decode_attend(std::span<const std::byte> p, const Limits& lim) {
+  Reader r(p, "attend");
+  Attend m;
+  read_attend_head(r, m, lim);
+  read_attend_body(r, m, lim, nullptr);
+  r.finish();
+  return m;
+}
+AppendAttend decode_append_attend(std::span<const std::byte> p, const Limits& lim) {
+  Reader r(p, "append_attend");
+  AppendAttend m;
+  read_attend_head(r, m.attend, lim);
+  m.kv_heads = r.u32();
+  m.dtype = read_dtype(r);
+  check_geometry(m.kv_heads, m.attend.head_dim, lim);
+  if (m.attend.q_heads % m.kv_heads != 0)
+    bad("append_attend: q_heads " + std::to_string(m.attend.q_heads) + " is not a multiple of kv_heads " + std::to_string(m.kv_heads));
+  read_attend_body(r, m.attend, lim, &m.new_tokens);
+  for (auto t : m.new_tokens) m.total_new += t;  // <= 2^16 * 2^8: no overflow
+  const std::uint64_t each =
+      checked_mul(checked_mul(checked_mul(m.total_new, m.kv_heads, "append_attend k/v"), m.attend.head_dim, "append_attend k/v"),
+                  dtype_size(m.dtype), "append_attend k/v");
+  m.k = r.bytes(each, "k");
+  m.v = r.bytes(each, "v");
   r.finish();
   return m;
 }
@@ -427,6 +498,7 @@ void validate_frame(std::span<const std::byte> bytes, const Limits& lim) {
     case MsgType::attend: resp ? (void)decode_attend_reply(p, lim) : (void)decode_attend(p, lim); break;
     case MsgType::drop: if (!resp) decode_drop(p, lim); break;
     case MsgType::stats: if (!resp && !p.empty()) bad("stats request carries a payload"); break;
+    case MsgType::append_attend: resp ? (void)decode_attend_reply(p, lim) : (void)decode_append_attend(p, lim); break;
     case MsgType::error: decode_error(p, lim); break;
   }
 }

@@ -17,11 +17,16 @@
 namespace longattn::offload {
 
 inline constexpr std::uint32_t kMagic = 0x464f414cu;  // the bytes "LAOF"
-inline constexpr std::uint16_t kVersion = 1;
+// Version 2 added append_attend; every other message is still sent as version 1, so a version-2
+// peer and a version-1 peer understand each other as long as append_attend is not used.
+inline constexpr std::uint16_t kVersion = 2;
+inline constexpr std::uint16_t kMinVersion = 1;
 inline constexpr std::size_t kHeaderBytes = 24;
 
-enum class MsgType : std::uint16_t { hello = 1, open = 2, append = 3, attend = 4, drop = 5, stats = 6, error = 127 };
+enum class MsgType : std::uint16_t { hello = 1, open = 2, append = 3, attend = 4, drop = 5, stats = 6, append_attend = 7, error = 127 };
 const char* to_string(MsgType t) noexcept;
+// The protocol version a frame of this type is sent with: the first version that knew the type.
+constexpr std::uint16_t version_of(MsgType t) noexcept { return t == MsgType::append_attend ? 2 : 1; }
 
 inline constexpr std::uint32_t kFlagResponse = 1u;           // header flag: set on every server reply
 inline constexpr std::uint32_t kAttendHasPositions = 1u;     // Attend::flags: per-query absolute positions follow
@@ -46,7 +51,7 @@ constexpr std::uint32_t max_hello_payload(const Limits& lim) noexcept { return 4
 
 struct FrameHeader {
   std::uint32_t magic = kMagic;
-  std::uint16_t version = kVersion;
+  std::uint16_t version = kMinVersion;  // frame() and append_frame() write version_of(type)
   MsgType type = MsgType::error;
   std::uint32_t flags = 0;
   std::uint64_t request_id = 0;
@@ -54,7 +59,7 @@ struct FrameHeader {
 };
 
 std::array<std::byte, kHeaderBytes> encode_header(const FrameHeader& h) noexcept;
-// Checks magic, version, type, flags and payload length against the limits.
+// Checks magic, version (a type newer than the frame's version is refused), type, flags and payload length against the limits.
 FrameHeader decode_header(std::span<const std::byte> bytes, const Limits& lim);
 
 // Error codes on the wire: stable numbers, independent of the C++ enum's order.
@@ -122,6 +127,19 @@ struct AttendReply {
   std::span<const std::byte> o;    // f32 [total_q, q_heads, head_dim]
   std::span<const std::byte> lse;  // f32 [q_heads, total_q]
 };
+// Append then attend in one round trip (version 2): the decode step of one layer. Each sequence
+// first gets new_tokens[i] tokens appended at [length - new_tokens, length) of the server's part
+// (k, v hold them in sequence order), then attend.seqs[i].length is checked and its queries
+// attend. new_tokens may be 0 (the new tokens live on another shard). The reply is an AttendReply
+// under type append_attend.
+struct AppendAttend {
+  Attend attend;
+  std::uint32_t kv_heads = 0;
+  DType dtype = DType::bf16;
+  std::vector<std::uint32_t> new_tokens;  // [attend.seqs.size()]
+  std::uint64_t total_new = 0;
+  std::span<const std::byte> k, v;  // [total_new, kv_heads, head_dim] each, in dtype
+};
 struct Drop {
   std::uint64_t seq = 0;
 };
@@ -145,6 +163,7 @@ std::vector<std::byte> encode(const Attend& m);
 // The reply's header fields, then o and lse copied from the caller's floats.
 std::vector<std::byte> encode_attend_reply(std::uint64_t total_q, std::uint32_t q_heads, std::uint32_t head_dim,
                                            const float* o, const float* lse);
+std::vector<std::byte> encode(const AppendAttend& m);
 std::vector<std::byte> encode(const Drop& m);
 std::vector<std::byte> encode(const ErrorReply& m);
 
@@ -156,6 +175,8 @@ Append decode_append(std::span<const std::byte> payload, const Limits& lim);
 AppendReply decode_append_reply(std::span<const std::byte> payload, const Limits& lim);
 Attend decode_attend(std::span<const std::byte> payload, const Limits& lim);
 AttendReply decode_attend_reply(std::span<const std::byte> payload, const Limits& lim);
+// Also checks q_heads % kv_heads == 0, head_dim shared by q and kv, and new_tokens <= length.
+AppendAttend decode_append_attend(std::span<const std::byte> payload, const Limits& lim);
 Drop decode_drop(std::span<const std::byte> payload, const Limits& lim);
 ErrorReply decode_error(std::span<const std::byte> payload, const Limits& lim);
 

@@ -149,7 +149,20 @@ void RequestHandler::on_frame(Session& s, const FrameHeader& h, std::vector<std:
         require_finite(m->q, DType::f32, m->q_heads, m->head_dim, "the attend's q");
         auto keep = std::make_shared<std::vector<std::byte>>(std::move(payload));  // m's spans point into it
         compute_.submit([this, m, keep, client = s.client, peer = s.peer, id = h.request_id, respond] {
-          respond(run_attend(client, peer, id, *m), false);
+          respond(run_attend(client, peer, id, *m, MsgType::attend), false);
+        });
+        return;
+      }
+      case MsgType::append_attend: {
+        auto m = std::make_shared<AppendAttend>(decode_append_attend(payload, lim));
+        // Everything is checked before anything is stored: a refused request changes nothing.
+        require_finite(m->attend.q, DType::f32, m->attend.q_heads, m->attend.head_dim, "the append_attend's q");
+        require_finite(m->k, m->dtype, m->kv_heads, m->attend.head_dim, "the append_attend's k");
+        require_finite(m->v, m->dtype, m->kv_heads, m->attend.head_dim, "the append_attend's v");
+        append_new_tokens(s.client, *m);
+        auto keep = std::make_shared<std::vector<std::byte>>(std::move(payload));  // m's spans point into it
+        compute_.submit([this, m, keep, client = s.client, peer = s.peer, id = h.request_id, respond] {
+          respond(run_attend(client, peer, id, m->attend, MsgType::append_attend), false);
         });
         return;
       }
@@ -176,8 +189,29 @@ void RequestHandler::on_frame(Session& s, const FrameHeader& h, std::vector<std:
   }
 }
 
+void RequestHandler::append_new_tokens(std::uint64_t client, const AppendAttend& m) {
+  const std::size_t row = static_cast<std::size_t>(m.kv_heads) * m.attend.head_dim * dtype_size(m.dtype);
+  std::size_t offset = 0;
+  for (std::size_t i = 0; i < m.attend.seqs.size(); ++i) {
+    const std::uint32_t added = m.new_tokens[i];
+    if (added == 0) continue;
+    Append a;
+    a.seq = m.attend.seqs[i].seq;
+    a.layer = m.attend.layer;
+    a.tokens = added;
+    a.start = m.attend.seqs[i].length - added;
+    a.kv_heads = m.kv_heads;
+    a.head_dim = m.attend.head_dim;
+    a.dtype = m.dtype;
+    a.k = m.k.subspan(offset, added * row);
+    a.v = m.v.subspan(offset, added * row);
+    offset += added * row;
+    store_.append(client, a);
+  }
+}
+
 std::vector<std::byte> RequestHandler::run_attend(std::uint64_t client, const std::string& peer, std::uint64_t request_id,
-                                                  const Attend& m) {
+                                                  const Attend& m, MsgType reply_type) {
   try {
     const std::size_t rows = static_cast<std::size_t>(m.total_q) * m.q_heads;
     std::vector<float> o(rows * m.head_dim), lse(rows);
@@ -185,9 +219,9 @@ std::vector<std::byte> RequestHandler::run_attend(std::uint64_t client, const st
     counters_.kernel_ns += static_cast<std::uint64_t>(st.kernel_seconds * 1e9);
     counters_.kv_bytes_read += st.kv_bytes_read;
     counters_.attend_queries += m.total_q;
-    return frame(MsgType::attend, kFlagResponse, request_id, encode_attend_reply(m.total_q, m.q_heads, m.head_dim, o.data(), lse.data()));
+    return frame(reply_type, kFlagResponse, request_id, encode_attend_reply(m.total_q, m.q_heads, m.head_dim, o.data(), lse.data()));
   } catch (const Error& e) {
-    log().info("connection {}: attend request {} refused: {}", peer, request_id, e.what());
+    log().info("connection {}: {} request {} refused: {}", peer, to_string(reply_type), request_id, e.what());
     return error_frame(request_id, e);
   } catch (const std::bad_alloc&) {
     return error_frame(request_id, Error(ErrorCode::out_of_capacity, "out of capacity: the server could not allocate the attend buffers"));

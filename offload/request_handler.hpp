@@ -1,7 +1,8 @@
 // The request logic of the offload server, the same for every transport: authenticates
 // connections (token, rate limit per address, --max-connections), serves hello, open, append,
-// drop and stats from the KV store, hands attends to the compute queue, bounds what a frame may
-// announce, and releases the KV of client ids that vanished (--orphan-timeout).
+// drop and stats from the KV store, hands attends (and the attend half of append_attend, after
+// its appends) to the compute queue, bounds what a frame may announce, and releases the KV of
+// client ids that vanished (--orphan-timeout).
 #pragma once
 
 #include <atomic>
@@ -63,8 +64,11 @@ class RequestHandler final : public FrameService {
   // Checks the hello's token and takes one of the --max-connections slots; throws when it cannot.
   void authenticate(Session& s, std::span<const std::byte> payload);
   bool take_authenticated_slot();
-  // On the compute thread: the reply frame (or error frame) of one attend.
-  std::vector<std::byte> run_attend(std::uint64_t client, const std::string& peer, std::uint64_t request_id, const Attend& m);
+  // On the compute thread: the reply frame (of `reply_type`, or an error frame) of one attend.
+  std::vector<std::byte> run_attend(std::uint64_t client, const std::string& peer, std::uint64_t request_id, const Attend& m,
+                                    MsgType reply_type);
+  // The append half of an append_attend, in the order of its sequences.
+  void append_new_tokens(std::uint64_t client, const AppendAttend& m);
   void release_orphans(ClientRegistry::Clock::time_point now);
 
   const ServerOptions& opt_;

@@ -48,7 +48,10 @@ TEST(Protocol, HeaderDefectsRefused) {
   auto bad = b;
   bad[0] = std::byte{0};
   EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // magic
-  h.version = 2;
+  h.version = kVersion + 1;
+  bad = encode_header(h);
+  EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // version
+  h.version = 0;
   bad = encode_header(h);
   EXPECT_EQ(code_of([&] { decode_header(bad, lim); }), ErrorCode::protocol);  // version
   h.version = kVersion;
@@ -233,6 +236,126 @@ TEST(Protocol, SizesParse) {
   EXPECT_THROW(parse_size("12Q"), Error);
   EXPECT_THROW(parse_size("-1G"), Error);
   EXPECT_THROW(parse_size(""), Error);
+}
+
+// ---- append_attend (protocol version 2) ----
+
+// A valid append_attend of random values: two sequences, the first with two queries (positions
+// given) and one new token, the second with one query and no new token (it lives on another shard).
+struct AppendAttendSample {
+  std::vector<float> q;
+  std::vector<std::byte> k, v;
+  AppendAttend m;
+  explicit AppendAttendSample(std::mt19937_64& rng) {
+    std::uniform_real_distribution<float> val(-1, 1);
+    std::uniform_int_distribution<int> byte(0, 255);
+    q.resize(3 * 4 * 8);
+    for (auto& x : q) x = val(rng);
+    k.resize(1 * 2 * 8 * 2);
+    v.resize(k.size());
+    for (auto& b : k) b = static_cast<std::byte>(byte(rng));
+    for (auto& b : v) b = static_cast<std::byte>(byte(rng));
+    m.attend.layer = 2;
+    m.attend.q_heads = 4;
+    m.attend.head_dim = 8;
+    m.attend.flags = kAttendHasPositions;
+    m.attend.seqs = {{7, 2, 41}, {8, 1, 13}};
+    m.attend.total_q = 3;
+    m.attend.positions = {39, 40, 12};
+    m.attend.q = std::as_bytes(std::span(q));
+    m.kv_heads = 2;
+    m.dtype = DType::bf16;
+    m.new_tokens = {1, 0};
+    m.total_new = 1;
+    m.k = k;
+    m.v = v;
+  }
+};
+
+TEST(Protocol, AppendAttendRoundTrip) {
+  const auto seed = std::random_device{}();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  AppendAttendSample s(rng);
+  const auto enc = encode(s.m);
+  const auto m = decode_append_attend(enc, Limits{});
+  EXPECT_EQ(m.attend.layer, 2u);
+  ASSERT_EQ(m.attend.seqs.size(), 2u);
+  EXPECT_EQ(m.attend.seqs[0].length, 41);
+  EXPECT_EQ(m.attend.seqs[1].seq, 8u);
+  EXPECT_EQ(m.attend.total_q, 3u);
+  EXPECT_EQ(m.attend.positions, (std::vector<std::int64_t>{39, 40, 12}));
+  EXPECT_EQ(m.kv_heads, 2u);
+  EXPECT_EQ(m.dtype, DType::bf16);
+  EXPECT_EQ(m.new_tokens, (std::vector<std::uint32_t>{1, 0}));
+  EXPECT_EQ(m.total_new, 1u);
+  ASSERT_EQ(m.attend.q.size(), s.q.size() * 4);
+  EXPECT_EQ(std::memcmp(m.attend.q.data(), s.q.data(), m.attend.q.size()), 0);
+  ASSERT_EQ(m.k.size(), s.k.size());
+  EXPECT_TRUE(std::equal(m.k.begin(), m.k.end(), s.k.begin()));
+  EXPECT_TRUE(std::equal(m.v.begin(), m.v.end(), s.v.begin()));
+  // Framed: sent as version 2 (what it needs), and validate_frame accepts it.
+  const auto f = frame(MsgType::append_attend, 0, 5, enc);
+  EXPECT_EQ(decode_header(f, Limits{}).version, 2);
+  validate_frame(f, Limits{});
+  // Every older message is still sent as version 1, so a version-1 server understands it.
+  EXPECT_EQ(decode_header(frame(MsgType::attend, 0, 6, {}), Limits{}).version, 1);
+}
+
+TEST(Protocol, AppendAttendDefectsRefused) {
+  const auto seed = std::random_device{}();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  Limits lim;
+  AppendAttendSample s(rng);
+  const auto enc = encode(s.m);
+  // Every truncation and every extra byte.
+  for (std::size_t n = 0; n < enc.size(); ++n)
+    EXPECT_EQ(code_of([&] { decode_append_attend(std::span(enc).first(n), lim); }), ErrorCode::protocol) << n;
+  auto longer = enc;
+  longer.push_back(std::byte{0});
+  EXPECT_EQ(code_of([&] { decode_append_attend(longer, lim); }), ErrorCode::protocol);
+  auto refused = [&](auto&& change, const char* what) {
+    AppendAttendSample bad(rng);
+    change(bad.m);
+    const auto b = encode(bad.m);
+    EXPECT_EQ(code_of([&] { decode_append_attend(b, lim); }), ErrorCode::protocol) << what;
+  };
+  refused([](AppendAttend& m) { m.kv_heads = 3; }, "q_heads not a multiple of kv_heads");
+  refused([](AppendAttend& m) { m.kv_heads = 0; }, "no kv heads");
+  refused([](AppendAttend& m) { m.new_tokens = {2, 0}; }, "k/v shorter than the new tokens announce");
+  refused([](AppendAttend& m) { m.new_tokens = {0, 14}; }, "more new tokens than the sequence holds");
+  refused([](AppendAttend& m) { m.new_tokens = {1, 300}; }, "new tokens above the per-sequence limit");
+  refused([](AppendAttend& m) { m.attend.seqs[0].length = -1; }, "negative length");
+  refused([](AppendAttend& m) { m.attend.layer = 5000; }, "layer above the limit");
+  refused([](AppendAttend& m) { m.attend.positions[1] = -3; }, "negative position");
+  refused([](AppendAttend& m) { m.attend.flags = 8; }, "unknown flags");
+  refused([](AppendAttend& m) { m.attend.head_dim = 7; }, "q shorter than announced");
+  {
+    // An unknown dtype byte (the byte after layer, q_heads, head_dim, flags and kv_heads).
+    auto b = enc;
+    b[20] = std::byte{9};
+    EXPECT_EQ(code_of([&] { decode_append_attend(b, lim); }), ErrorCode::protocol);
+  }
+  {
+    // A sequence count that would overflow the size arithmetic or exceed the limit.
+    auto b = enc;
+    for (int i = 0; i < 4; ++i) b[21 + i] = std::byte{0xff};
+    EXPECT_EQ(code_of([&] { decode_append_attend(b, lim); }), ErrorCode::protocol);
+  }
+  {
+    // A version-1 header may not announce the type version 2 added.
+    FrameHeader h;
+    h.version = 1;
+    h.type = MsgType::append_attend;
+    h.payload_bytes = static_cast<std::uint32_t>(enc.size());
+    const auto hb = encode_header(h);
+    EXPECT_EQ(code_of([&] { decode_header(hb, lim); }), ErrorCode::protocol);
+  }
+  // The encoder refuses a new-token list of the wrong length (a caller's bug, not a wire defect).
+  AppendAttendSample mismatched(rng);
+  mismatched.m.new_tokens = {1};
+  EXPECT_EQ(code_of([&] { encode(mismatched.m); }), ErrorCode::invalid_argument);
 }
 
 }  // namespace

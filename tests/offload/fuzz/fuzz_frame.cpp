@@ -32,6 +32,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   refused_or_fine([&] { (void)decode_append_reply(in, lim); });
   refused_or_fine([&] { (void)decode_attend(in, lim); });
   refused_or_fine([&] { (void)decode_attend_reply(in, lim); });
+  refused_or_fine([&] { (void)decode_append_attend(in, lim); });
   refused_or_fine([&] { (void)decode_drop(in, lim); });
   refused_or_fine([&] { (void)decode_error(in, lim); });
   return 0;
