@@ -56,6 +56,42 @@ AttendPlan plan_attend(const ShardLayout& layout, int layer, int q_heads, int he
   return plan;
 }
 
+std::vector<ServerNewTokens> place_new_tokens(const ShardLayout& layout, const AttendPlan& plan, std::span<const QueriedSequence> queries,
+                                              const void* k, const void* v, std::size_t row_bytes) {
+  // The query that starts at each row: the plan names its parts by their first row.
+  std::vector<const QueriedSequence*> by_row(static_cast<std::size_t>(plan.total_q), nullptr);
+  std::int64_t row = 0;
+  for (const auto& qs : queries) {
+    by_row[static_cast<std::size_t>(row)] = &qs;
+    row += qs.q_count;
+  }
+  const auto* kb = static_cast<const std::byte*>(k);
+  const auto* vb = static_cast<const std::byte*>(v);
+  std::vector<ServerNewTokens> out(plan.servers.size());
+  for (std::size_t s = 0; s < plan.servers.size(); ++s) {
+    const auto& part = plan.servers[s];
+    auto& placed = out[s];
+    for (std::size_t i = 0; i < part.rows.size(); ++i) {
+      const QueriedSequence& qs = *by_row[static_cast<std::size_t>(part.rows[i].first_row)];
+      const std::uint64_t shard = part.request.seqs[i].seq & (kMaxShards - 1);
+      const std::int64_t first_new = qs.length - qs.q_count;
+      std::int64_t lo = first_new, hi = qs.length;
+      if (layout.shard_tokens > 0) {
+        lo = std::max(lo, layout.first_token(shard));
+        hi = std::min(hi, layout.first_token(shard + 1));
+      }
+      const std::int64_t n = std::max<std::int64_t>(0, hi - lo);
+      placed.counts.push_back(static_cast<std::uint32_t>(n));
+      if (n == 0) continue;
+      const std::size_t from = static_cast<std::size_t>(part.rows[i].first_row + (lo - first_new)) * row_bytes;
+      const std::size_t bytes = static_cast<std::size_t>(n) * row_bytes;
+      placed.k.insert(placed.k.end(), kb + from, kb + from + bytes);
+      placed.v.insert(placed.v.end(), vb + from, vb + from + bytes);
+    }
+  }
+  return out;
+}
+
 void merge_attend_replies(const AttendPlan& plan, std::span<const AttendReply> replies, float* o, float* lse) {
   const std::size_t D = static_cast<std::size_t>(plan.head_dim), H = static_cast<std::size_t>(plan.q_heads);
   const std::size_t total_q = static_cast<std::size_t>(plan.total_q);

@@ -72,6 +72,19 @@ struct AttendPlan {
 AttendPlan plan_attend(const ShardLayout& layout, int layer, int q_heads, int head_dim, std::span<const QueriedSequence> queries,
                        const float* q);
 
+// The append half of an append_attend for one server: for each sequence of its attend request
+// (in order), how many of the new tokens land on that shard, and their k, v rows.
+struct ServerNewTokens {
+  std::vector<std::uint32_t> counts;
+  std::vector<std::byte> k, v;
+};
+
+// Places each query's new tokens (the q_count tokens at the end of `length`, whose k and v rows
+// are those of the query rows, `row_bytes` each) on the shards that store them, following `plan`
+// (made by plan_attend from the same queries). Result by server index.
+std::vector<ServerNewTokens> place_new_tokens(const ShardLayout& layout, const AttendPlan& plan, std::span<const QueriedSequence> queries,
+                                              const void* k, const void* v, std::size_t row_bytes);
+
 // Joins the servers' replies (replies[s] for every asked server s) into o [total_q, q_heads,
 // head_dim] and lse [q_heads, total_q]. Throws Error(protocol) for a reply of the wrong shape.
 void merge_attend_replies(const AttendPlan& plan, std::span<const AttendReply> replies, float* o, float* lse);

@@ -16,6 +16,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -29,8 +30,10 @@
 #include "longattn/log.hpp"
 #include "offload/attend_plan.hpp"
 #include "offload/protocol.hpp"
+#include "offload/replica_set.hpp"
 #include "offload/server.hpp"  // parse_host_port
 #include "offload/tcp_byte_stream.hpp"
+#include "offload/tls_context.hpp"
 #include "offload/transport.hpp"
 
 namespace longattn::offload {
@@ -97,6 +100,26 @@ struct Join {
     }
   }
 };
+
+// The join of a (append_)attend's per-server requests: when all answered, merges the replies into
+// buffers of its own first and writes the caller's o and lse only on success.
+std::shared_ptr<Join<void>> attend_join(std::shared_ptr<AttendPlan> plan, std::shared_ptr<std::vector<std::vector<std::byte>>> replies,
+                                        float* o, float* lse, Clock::time_point* answered_at) {
+  auto join = std::make_shared<Join<void>>();
+  join->finish = [plan, replies, o, lse, answered_at](std::promise<void>& pr) {
+    std::vector<AttendReply> decoded(plan->servers.size());
+    for (std::size_t s = 0; s < plan->servers.size(); ++s)
+      if (plan->servers[s].asked()) decoded[s] = decode_attend_reply((*replies)[s], client_limits());
+    const std::size_t rows = static_cast<std::size_t>(plan->total_q) * static_cast<std::size_t>(plan->q_heads);
+    std::vector<float> merged_o(rows * static_cast<std::size_t>(plan->head_dim)), merged_lse(rows);
+    merge_attend_replies(*plan, decoded, merged_o.data(), merged_lse.data());
+    std::memcpy(o, merged_o.data(), merged_o.size() * sizeof(float));
+    std::memcpy(lse, merged_lse.data(), merged_lse.size() * sizeof(float));
+    if (answered_at) *answered_at = Clock::now();
+    pr.set_value();
+  };
+  return join;
+}
 
 // A join for a request with no value: the future is ready when every part is done.
 std::pair<std::shared_ptr<Join<void>>, std::future<void>> void_join() {
@@ -203,7 +226,8 @@ struct Client::Impl {
       stream->connect(host, port, [self, gen](const std::string& err, std::size_t) {
         if (gen != self->generation) return;
         if (!err.empty()) {
-          self->lost(Error(ErrorCode::communication, fmt::format("cannot connect to server {}: {}", self->name, err)), true);
+          self->lost(Error(ErrorCode::communication, fmt::format("cannot connect to server {}: {}", self->name, err)), true,
+                     !is_tls_failure(err));
           return;
         }
         self->handshake();
@@ -252,8 +276,9 @@ struct Client::Impl {
       stream->read(header_bytes.data(), header_bytes.size(), [self, gen](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
         if (!err.empty()) {
+          // A TLS error while the hello is answered is the server refusing this client's certificate.
           self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)),
-                     self->state != State::ready);
+                     self->state != State::ready, !is_tls_failure(err));
           return;
         }
         self->client->n_received += n;
@@ -364,9 +389,93 @@ struct Client::Impl {
   };
   std::vector<std::shared_ptr<Conn>> conns;
   std::unique_ptr<UcxClientEngine> ucx;  // only with transport "ucx"
+  std::shared_ptr<asio::ssl::context> tls;  // only with tls.enabled
+  std::unique_ptr<ReplicaSet> replicas;
+
+  // A write (open, append, drop) of the piece whose primary server is `primary`, sent to every
+  // complete copy. `outcome` runs once on the I/O thread: success when any copy took it (the
+  // copies that failed are incomplete from then on), else the error. Without replicas: one send.
+  template <class Build>
+  void send_replicated(int primary, MsgType t, Build&& build, bool idempotent, std::function<void(const Error*)> outcome) {
+    if (!replicas->replicated()) {
+      send_frame(primary, t, std::forward<Build>(build), idempotent, [outcome](const Error* e, std::vector<std::byte>&) { outcome(e); });
+      return;
+    }
+    const auto targets = replicas->complete_holders(primary);
+    if (targets.empty()) {
+      const Error lost(ErrorCode::communication, fmt::format("a {} request cannot be served: {}", to_string(t), replicas->describe_lost(primary)));
+      asio::post(io, [outcome, lost] { outcome(&lost); });
+      return;
+    }
+    struct Tally {
+      std::size_t left = 0;
+      bool any_ok = false;
+      std::optional<Error> last;
+    };
+    auto tally = std::make_shared<Tally>();
+    tally->left = targets.size();
+    for (int s : targets)
+      send_frame(s, t, build, idempotent, [this, primary, s, tally, outcome](const Error* e, std::vector<std::byte>&) {
+        if (e) {
+          copy_failed(s, *e);
+          tally->last = *e;
+        } else {
+          tally->any_ok = true;
+        }
+        if (--tally->left > 0) return;
+        if (tally->any_ok) {
+          outcome(nullptr);
+          return;
+        }
+        const Error lost = every_copy_failed(primary, *tally->last);
+        outcome(&lost);
+      });
+  }
+
+  Error every_copy_failed(int primary, const Error& last) const {
+    return Error(last.code(), fmt::format("{}; the last error: {}", replicas->describe_lost(primary), last.what()));
+  }
+
+  void copy_failed(int server, const Error& why) {
+    if (replicas->mark_incomplete(server))
+      logger(Subsystem::offload).warn("server {} failed ({}); its copies of KV are incomplete, the replicas serve from now on", opt.servers[static_cast<std::size_t>(server)], why.what());
+  }
+
+  // An attend part for the pieces whose primary is `primary`, sent to their first complete copy;
+  // when that server fails, to the next one (the same request: the copies hold the same sequence
+  // ids and token ranges).
+  void send_attend(int primary, std::shared_ptr<const std::vector<std::byte>> request, Done done) {
+    if (!replicas->replicated()) {
+      send(primary, MsgType::attend, *request, true, std::move(done));
+      return;
+    }
+    const int target = replicas->reader(primary);
+    if (target < 0) {
+      auto lost = std::make_shared<Error>(ErrorCode::communication, fmt::format("attend cannot be served: {}", replicas->describe_lost(primary)));
+      asio::post(io, [done, lost] {
+        std::vector<std::byte> none;
+        done(lost.get(), none);
+      });
+      return;
+    }
+    send(target, MsgType::attend, *request, true, [this, primary, target, request, done](const Error* e, std::vector<std::byte>& reply) {
+      if (e) {
+        copy_failed(target, *e);
+        if (replicas->reader(primary) >= 0) {
+          send_attend(primary, request, done);
+          return;
+        }
+        const Error lost = every_copy_failed(primary, *e);
+        done(&lost, reply);
+        return;
+      }
+      done(e, reply);
+    });
+  }
 
   std::unique_ptr<ByteStream> make_stream() {
     if (ucx) return ucx->stream();
+    if (tls) return make_tls_byte_stream(io, tls, opt.tls.server_name);
     return make_tcp_byte_stream(io);
   }
 
@@ -380,6 +489,10 @@ struct Client::Impl {
                      opt.transport);
     LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
                      "offload client: transport 'ucx' is not available in this build (built without UCX); use tcp");
+    LONGATTN_REQUIRE(!opt.tls.enabled || opt.transport == "tcp", ErrorCode::unsupported,
+                     "offload client: TLS is available on the tcp transport only");
+    if (opt.tls.enabled) tls = make_client_tls_context(opt.tls);
+    replicas = std::make_unique<ReplicaSet>(opt.servers, opt.replicas);
     if (opt.client_id == 0) {
       std::random_device rd;
       opt.client_id = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ 1;
@@ -450,7 +563,9 @@ struct Client::Impl {
     m.kv_start = layout.first_token(k);
     join->left++;
     const auto seq = st.spec.id;
-    send(server_of(st, k), MsgType::open, encode(m), true, [this, join, seq](const Error* e, std::vector<std::byte>&) {
+    const auto payload = encode(m);
+    send_replicated(server_of(st, k), MsgType::open, [&](std::uint64_t id) { return frame(MsgType::open, 0, id, payload); }, true,
+                    [this, join, seq](const Error* e) {
       if (e) {
         mark_broken(seq);
         join->fail(*e);
@@ -529,8 +644,8 @@ std::future<void> Client::append(std::uint64_t seq, int layer, const void* k, co
     m.v = std::span(static_cast<const std::byte*>(v) + static_cast<std::size_t>(done) * row, static_cast<std::size_t>(n) * row);
     join->left++;
     Impl* client = &impl;
-    impl.send_frame(impl.server_of(st, shard), MsgType::append, [&m](std::uint64_t id) { return append_frame(id, m); }, false,
-                    [client, join, seq](const Error* e, std::vector<std::byte>&) {
+    impl.send_replicated(impl.server_of(st, shard), MsgType::append, [&m](std::uint64_t id) { return append_frame(id, m); }, false,
+                    [client, join, seq](const Error* e) {
       if (e) {
         client->mark_broken(seq);
         join->fail(*e);
@@ -568,27 +683,15 @@ std::future<void> Client::attend(int layer, int q_heads, int head_dim, std::span
   }
   auto plan = std::make_shared<AttendPlan>(plan_attend(impl.layout, layer, q_heads, head_dim, queried, q));
   auto replies = std::make_shared<std::vector<std::vector<std::byte>>>(plan->servers.size());
-  auto join = std::make_shared<Join<void>>();
+  auto join = attend_join(plan, replies, o, lse, nullptr);
   auto fut = join->promise.get_future();
-  join->finish = [plan, replies, o, lse](std::promise<void>& pr) {
-    std::vector<AttendReply> decoded(plan->servers.size());
-    for (std::size_t s = 0; s < plan->servers.size(); ++s)
-      if (plan->servers[s].asked()) decoded[s] = decode_attend_reply((*replies)[s], client_limits());
-    // Merged into buffers of our own first: the caller's are written only on success.
-    const std::size_t rows = static_cast<std::size_t>(plan->total_q) * static_cast<std::size_t>(plan->q_heads);
-    std::vector<float> merged_o(rows * static_cast<std::size_t>(plan->head_dim)), merged_lse(rows);
-    merge_attend_replies(*plan, decoded, merged_o.data(), merged_lse.data());
-    std::memcpy(o, merged_o.data(), merged_o.size() * sizeof(float));
-    std::memcpy(lse, merged_lse.data(), merged_lse.size() * sizeof(float));
-    pr.set_value();
-  };
   join->left = 1;
   for (std::size_t s = 0; s < plan->servers.size(); ++s) {
     auto& part = plan->servers[s];
     if (!part.asked()) continue;
     part.request.q = std::as_bytes(std::span(part.q));
     join->left++;
-    impl.send(static_cast<int>(s), MsgType::attend, encode(part.request), true,
+    impl.send_attend(static_cast<int>(s), std::make_shared<const std::vector<std::byte>>(encode(part.request)),
               [replies, s, join](const Error* e, std::vector<std::byte>& payload) {
                 if (e) {
                   join->fail(*e);
@@ -602,6 +705,88 @@ std::future<void> Client::attend(int layer, int q_heads, int head_dim, std::span
   return fut;
 }
 
+std::future<void> Client::append_attend(int layer, int q_heads, int head_dim, std::span<const DecodeQuery> queries, const float* q,
+                                        const void* k, const void* v, float* o, float* lse, std::chrono::steady_clock::time_point* answered_at) {
+  auto& impl = *impl_;
+  LONGATTN_INVALID(!queries.empty() && q && k && v && o && lse, "append_attend: needs queries, q, k, v, o and lse");
+  LONGATTN_INVALID(q_heads >= 1 && head_dim >= 1, "append_attend: q_heads and head_dim must be positive");
+  std::vector<QueriedSequence> queried;
+  queried.reserve(queries.size());
+  auto join = std::shared_ptr<Join<void>>();
+  std::shared_ptr<AttendPlan> plan;
+  std::vector<ServerNewTokens> placed;
+  auto replies = std::shared_ptr<std::vector<std::vector<std::byte>>>();
+  {
+    std::lock_guard lock(impl.seqs_mutex);
+    const SequenceSpec* first = nullptr;
+    for (const auto& dq : queries) {
+      auto it = impl.seqs.find(dq.seq);
+      LONGATTN_INVALID(it != impl.seqs.end(), "append_attend: sequence {} was not opened by this client", dq.seq);
+      const auto& st = it->second;
+      LONGATTN_REQUIRE(!st.broken, ErrorCode::communication,
+                       "sequence {} is in an unknown state after a failed request; drop it and open it again", dq.seq);
+      LONGATTN_INVALID(layer >= 0 && layer < st.spec.layers, "append_attend: layer {} outside [0, {})", layer, st.spec.layers);
+      LONGATTN_INVALID(head_dim == st.spec.head_dim && q_heads % st.spec.kv_heads == 0,
+                       "append_attend: {} heads x {} do not fit sequence {} ({} kv heads x {})", q_heads, head_dim, dq.seq,
+                       st.spec.kv_heads, st.spec.head_dim);
+      if (!first) first = &st.spec;
+      LONGATTN_INVALID(st.spec.kv_heads == first->kv_heads && st.spec.dtype == first->dtype,
+                       "append_attend: sequence {} ({} kv heads, {}) differs from sequence {} ({} kv heads, {}); one call carries one "
+                       "k/v layout: split the batch",
+                       dq.seq, st.spec.kv_heads, to_string(st.spec.dtype), first->id, first->kv_heads, to_string(first->dtype));
+      const std::int64_t after = st.layer_lengths[static_cast<std::size_t>(layer)] + dq.q_count;
+      LONGATTN_INVALID(impl.layout.shard_of(after - 1) < kMaxShards, "append_attend: sequence {} needs more than {} shards; raise shard_tokens",
+                       dq.seq, kMaxShards);
+      queried.push_back({dq.seq, dq.q_count, after, st.home});
+    }
+    plan = std::make_shared<AttendPlan>(plan_attend(impl.layout, layer, q_heads, head_dim, queried, q));
+    const std::size_t row_bytes = static_cast<std::size_t>(first->kv_heads) * first->head_dim * dtype_size(first->dtype);
+    placed = place_new_tokens(impl.layout, *plan, queried, k, v, row_bytes);
+    replies = std::make_shared<std::vector<std::vector<std::byte>>>(plan->servers.size());
+    join = attend_join(plan, replies, o, lse, answered_at);
+    join->left = 1;
+    // Shards that the new tokens open are opened first, on the same connection: requests to one
+    // server are answered in order.
+    for (const auto& qs : queried) {
+      auto& st = impl.seqs.at(qs.seq);
+      for (std::uint64_t shard = 0; shard < impl.layout.shards_for(qs.length); ++shard) impl.ensure_open(st, shard, join);
+      st.layer_lengths[static_cast<std::size_t>(layer)] = qs.length;
+    }
+    const std::uint32_t kv_heads = static_cast<std::uint32_t>(first->kv_heads);
+    const DType dtype = first->dtype;
+    for (std::size_t s = 0; s < plan->servers.size(); ++s) {
+      auto& part = plan->servers[s];
+      if (!part.asked()) continue;
+      AppendAttend m;
+      part.request.q = std::as_bytes(std::span(part.q));
+      m.attend = part.request;
+      m.kv_heads = kv_heads;
+      m.dtype = dtype;
+      m.new_tokens = placed[s].counts;
+      m.k = placed[s].k;
+      m.v = placed[s].v;
+      join->left++;
+      Impl* client = &impl;
+      std::vector<std::uint64_t> seqs;
+      for (const auto& qs : queried) seqs.push_back(qs.seq);
+      // Not retried: a lost reply leaves unknown whether the append happened.
+      impl.send(static_cast<int>(s), MsgType::append_attend, encode(m), false,
+                [client, replies, s, join, seqs = std::move(seqs)](const Error* e, std::vector<std::byte>& payload) {
+                  if (e) {
+                    for (auto id : seqs) client->mark_broken(id);
+                    join->fail(*e);
+                  } else {
+                    (*replies)[s] = std::move(payload);
+                  }
+                  join->part_done();
+                });
+    }
+  }
+  auto fut = join->promise.get_future();
+  asio::post(impl.io, [join] { join->part_done(); });  // the guard, released on the I/O thread
+  return fut;
+}
+
 std::future<void> Client::drop(std::uint64_t seq) {
   auto& impl = *impl_;
   auto [join, fut] = void_join();
@@ -611,8 +796,9 @@ std::future<void> Client::drop(std::uint64_t seq) {
   if (it != impl.seqs.end()) {
     for (auto k : it->second.opened_shards) {
       join->left++;
-      impl.send(impl.server_of(it->second, k), MsgType::drop, encode(Drop{server_seq_id(seq, k)}), true,
-             [join](const Error* e, std::vector<std::byte>&) {
+      const auto payload = encode(Drop{server_seq_id(seq, k)});
+      impl.send_replicated(impl.server_of(it->second, k), MsgType::drop, [&](std::uint64_t id) { return frame(MsgType::drop, 0, id, payload); },
+                           true, [join](const Error* e) {
                if (e) join->fail(*e);
                join->part_done();
              });

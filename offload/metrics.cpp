@@ -87,6 +87,9 @@ std::string prometheus_text(const ServerCounters& c, const ServerGauges& g) {
             "Authentications refused unchecked: too many failures from that address.", count(g.auth_rate_limited)),
       plain("longattn_offload_accept_errors_total", "counter", "Failed accepts (e.g. out of file descriptors).",
             count(c.accept_errors.load())),
+      plain("longattn_offload_tls_handshake_failures_total", "counter",
+            "Refused TLS handshakes (untrusted, expired or missing client certificates, clients without TLS).",
+            count(c.tls_handshake_failures.load())),
   };
   std::string out;
   for (const auto& r : rows) {

@@ -25,7 +25,7 @@ struct ServerCounters {
   std::array<std::atomic<std::uint64_t>, kErrorKindSlots> errors{};
   std::atomic<std::uint64_t> bytes_in{0}, bytes_out{0}, connections_total{0}, connections_open{0};
   std::atomic<std::uint64_t> kernel_ns{0}, kv_bytes_read{0}, attend_queries{0};
-  std::atomic<std::uint64_t> accept_errors{0}, orphans_released{0};
+  std::atomic<std::uint64_t> accept_errors{0}, orphans_released{0}, tls_handshake_failures{0};
 
   void count_request(MsgType t) noexcept {
     const auto i = static_cast<std::size_t>(t);

@@ -22,6 +22,7 @@
 #include "offload/open_files.hpp"
 #include "offload/request_handler.hpp"
 #include "offload/tcp_listener.hpp"
+#include "offload/tcp_transport.hpp"
 
 namespace longattn::offload {
 
@@ -66,7 +67,8 @@ struct Server::Impl {
       : opt(std::move(o)),
         store(KvStoreOptions{opt.memory_limit, opt.per_client_limit, opt.page_tokens}),
         requests(opt, store, counters, compute, [&server] { return server.metrics_text(); }),
-        admin(opt.token, store, requests, [&server] { return server.metrics_text(); }) {}
+        admin(opt.token, store, requests, [&server] { return server.metrics_text(); }),
+        tls(opt.tls.enabled() ? make_server_tls_context(opt.tls) : nullptr) {}
 
   // Raises the open-file limit to what the connection limits need, or says that it cannot.
   void check_open_file_limit() const {
@@ -101,6 +103,7 @@ struct Server::Impl {
   ComputeQueue compute;
   RequestHandler requests;
   AdminRequests admin;
+  std::shared_ptr<asio::ssl::context> tls;  // null: plain TCP
   asio::io_context io;
   std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
   std::unique_ptr<ServerTransport> transport;
@@ -121,6 +124,12 @@ Server::Server(ServerOptions opt) {
   LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
                    "transport 'ucx' is not available in this build (built without UCX headers); use --transport tcp or "
                    "rebuild where UCX is installed (libucx-dev)");
+  LONGATTN_REQUIRE(!opt.tls.enabled() || opt.transport == "tcp", ErrorCode::unsupported,
+                   "TLS (--tls-cert) is available on the tcp transport only; use --transport tcp, or secure the UCX network by other means");
+  LONGATTN_INVALID(opt.tls.enabled() || (opt.tls.ca_file.empty() && opt.tls.key_file.empty() && !opt.tls.require_client_cert),
+                   "--tls-key, --tls-ca and --tls-require-client-cert need --tls-cert (the server's certificate)");
+  // A bare port keeps the unauthenticated metrics on loopback.
+  if (!opt.metrics_listen.empty() && opt.metrics_listen.find(':') == std::string::npos) opt.metrics_listen = "127.0.0.1:" + opt.metrics_listen;
   impl_ = std::make_unique<Impl>(std::move(opt), *this);
 }
 
@@ -135,7 +144,9 @@ void Server::start() {
   auto& impl = *impl_;
   impl.check_open_file_limit();
   const auto [host, port] = parse_host_port(impl.opt.listen);
-  impl.transport = impl.opt.transport == "ucx" ? make_ucx_server(host, port, impl.requests) : make_tcp_server(impl.io, host, port, impl.requests);
+  impl.transport = impl.opt.transport == "ucx"
+                       ? make_ucx_server(host, port, impl.requests)
+                       : make_tcp_server(impl.io, host, port, impl.requests, TcpServerTls{impl.tls, [&impl] { impl.counters.tls_handshake_failures++; }});
   if (!impl.opt.metrics_listen.empty())
     impl.http = std::make_unique<HttpEndpoint>(
         impl.io, impl.opt.metrics_listen, [&impl](const HttpRequest& r) { return impl.admin.answer(r); }, [&impl] { impl.counters.accept_errors++; });
@@ -144,7 +155,8 @@ void Server::start() {
   impl.compute.start();
   for (int i = 0; i < impl.opt.io_threads; ++i) impl.io_threads.emplace_back([&impl] { impl.io.run(); });
   logger(Subsystem::offload)
-      .info("serving on {} port {} ({}; memory limit {}){}", impl.opt.listen, this->port(), impl.opt.transport, format_bytes(impl.opt.memory_limit),
+      .info("serving on {} port {} ({}{}; memory limit {}){}", impl.opt.listen, this->port(), impl.opt.transport,
+            impl.tls ? (impl.opt.tls.require_client_cert ? " with mutual TLS" : " with TLS") : "", format_bytes(impl.opt.memory_limit),
             impl.opt.metrics_listen.empty() ? "" : fmt::format("; metrics on port {}", metrics_port()));
 }
 

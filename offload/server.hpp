@@ -12,6 +12,7 @@
 
 #include "offload/kv_store.hpp"
 #include "offload/protocol.hpp"
+#include "offload/tls_context.hpp"
 #include "offload/transport.hpp"
 
 namespace longattn::offload {
@@ -24,13 +25,14 @@ struct ServerOptions {
   std::size_t memory_limit = std::size_t{1} << 30;
   std::size_t per_client_limit = 0;  // 0 = memory_limit
   int page_tokens = 64;
-  std::string metrics_listen;  // HOST:PORT for GET /metrics; empty = off
+  std::string metrics_listen;  // HOST:PORT (or PORT alone: loopback) for GET /metrics; empty = off
   std::string transport = "tcp";
   int max_connections = 1024;     // authenticated connections; one more gets an out_of_capacity error at hello
   int max_unauthenticated = 64;   // connections still before hello; past it the oldest of them is closed
   double hello_timeout_s = 10;    // a connection must authenticate within this
   double frame_timeout_s = 60;    // a started frame (header and payload) must arrive completely within this
   double orphan_timeout_s = 60;   // sequences of a client id with no connection are dropped after this; 0 = never
+  ServerTlsOptions tls;           // TLS on the protocol port (tcp only); off unless a certificate is given
   Limits limits;
 };
 

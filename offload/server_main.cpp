@@ -34,7 +34,11 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
   --io-threads N            network threads (default 2)
   --memory-limit SIZE       KV memory this server may hold, e.g. 64G (default 1G)
   --per-client-limit SIZE   KV memory one client id may hold (default: the memory limit)
-  --metrics-listen HOST:PORT  serve Prometheus text on GET /metrics (default: off)
+  --metrics-listen HOST:PORT  serve Prometheus text on GET /metrics, plain HTTP (default: off; PORT alone = 127.0.0.1:PORT)
+  --tls-cert FILE           serve TLS with this PEM certificate chain (tcp only; default: no TLS)
+  --tls-key FILE            the certificate's PEM private key (keep it mode 0600)
+  --tls-ca FILE             PEM CA certificates that client certificates must be signed by
+  --tls-require-client-cert refuse clients without a valid certificate signed by --tls-ca (mutual TLS)
   --transport tcp|ucx       (ucx only where built with UCX)
   --max-frame SIZE          largest accepted frame payload (default 256M)
   --max-connections N       authenticated connections served at once; more get an out_of_capacity error at hello (default 1024)
@@ -48,7 +52,17 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
 
 const std::set<std::string> kKeys = {"listen",      "token-file", "threads",   "io-threads", "memory-limit", "per-client-limit",
                                      "metrics-listen", "transport", "max-frame", "max-connections", "page-tokens", "config",
-                                     "frame-timeout", "hello-timeout", "max-unauthenticated", "orphan-timeout"};
+                                     "frame-timeout", "hello-timeout", "max-unauthenticated", "orphan-timeout",
+                                     "tls-cert", "tls-key", "tls-ca", "tls-require-client-cert"};
+// Flags that take no value on the command line (true when given); in a config file: key=true|false.
+const std::set<std::string> kSwitches = {"tls-require-client-cert"};
+
+bool to_bool(const std::map<std::string, std::string>& kv, const std::string& k) {
+  auto it = kv.find(k);
+  if (it == kv.end()) return false;
+  LONGATTN_INVALID(it->second == "true" || it->second == "false", "--{}={}: expected true or false", k, it->second);
+  return it->second == "true";
+}
 
 std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r\n");
@@ -121,6 +135,8 @@ int main(int argc, char** argv) {
       if (eq != std::string::npos) {
         v = a.substr(eq + 1);
         a = a.substr(0, eq);
+      } else if (kSwitches.count(a)) {
+        v = "true";
       } else {
         LONGATTN_INVALID(i + 1 < argc, "--{} needs a value", a);
         v = argv[++i];
@@ -154,6 +170,10 @@ int main(int argc, char** argv) {
     opt.page_tokens = static_cast<int>(to_int(kv, "page-tokens", 64, 16, 1 << 16));
     opt.frame_timeout_s = to_seconds(kv, "frame-timeout", 60);
     opt.hello_timeout_s = to_seconds(kv, "hello-timeout", 10);
+    if (kv.count("tls-cert")) opt.tls.cert_file = kv["tls-cert"];
+    if (kv.count("tls-key")) opt.tls.key_file = kv["tls-key"];
+    if (kv.count("tls-ca")) opt.tls.ca_file = kv["tls-ca"];
+    opt.tls.require_client_cert = to_bool(kv, "tls-require-client-cert");
 
     // Signals go to this thread only (blocked before any other thread exists), taken by sigwait.
     sigset_t set;

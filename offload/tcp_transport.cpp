@@ -1,7 +1,10 @@
-// The offload server's TCP transport (Boost.Asio). One strand per connection; a connection handles
-// one frame at a time (read header, read payload, answer, read the next), so replies come back in
-// request order and a client pipelines simply by sending ahead. Connections that have not said
-// hello are kept in accept order, so that the oldest of them make room when too many wait.
+// The offload server's TCP transport (Boost.Asio), plain or TLS. One strand per connection; a
+// connection handles one frame at a time (read header, read payload, answer, read the next), so
+// replies come back in request order and a client pipelines simply by sending ahead. Connections
+// that have not said hello are kept in accept order, so that the oldest of them make room when too
+// many wait. With TLS the handshake comes first, inside the hello timeout.
+#include "offload/tcp_transport.hpp"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -17,7 +20,8 @@
 #include "longattn/log.hpp"
 #include "offload/receive_buffer.hpp"
 #include "offload/tcp_listener.hpp"
-#include "offload/transport.hpp"
+#include "offload/tls_context.hpp"
+#include "offload/tls_stream.hpp"
 
 namespace longattn::offload {
 namespace {
@@ -34,24 +38,25 @@ class TcpServer;
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(TcpServer& server, FrameService& service, tcp::socket socket);
+  Connection(TcpServer& server, FrameService& service, tcp::socket socket, asio::ssl::context* tls);
 
-  void start() { read_header(); }
+  void start();
   void close();
   void close_abruptly() {
     boost::system::error_code ec;
-    socket_.set_option(asio::socket_base::linger(true, 0), ec);  // RST, like a crashed process
+    stream_.socket().set_option(asio::socket_base::linger(true, 0), ec);  // RST, like a crashed process
     close();
   }
   bool awaiting_hello() const { return !authenticated_; }
   const std::string& peer() const { return session_.peer; }
-  asio::any_io_executor executor() { return socket_.get_executor(); }
+  asio::any_io_executor executor() { return stream_.get_executor(); }
   // On its strand: closes it if it still has not said hello.
   void evict_before_hello(int limit);
 
  private:
   void arm(Clock::duration after, double seconds_shown, const char* waiting_for);
-  void arm_hello() { arm(seconds(service_.hello_timeout_s()), service_.hello_timeout_s(), "hello"); }
+  // The hello timeout counts from the accept, TLS handshake included.
+  void arm_hello() { arm(std::max(hello_deadline_ - Clock::now(), Clock::duration::zero()), service_.hello_timeout_s(), "hello"); }
   // The frame timeout counts from the frame's first byte, whatever part of it is still missing.
   void arm_frame(const char* waiting_for);
   void read_header();
@@ -63,8 +68,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   TcpServer& server_;
   FrameService& service_;
-  tcp::socket socket_;
+  TcpOrTlsStream stream_;
   asio::steady_timer timer_;
+  Clock::time_point hello_deadline_;
   std::array<std::byte, kHeaderBytes> header_bytes_{};
   FrameHeader header_;
   ReceiveBuffer payload_;
@@ -78,8 +84,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
 class TcpServer final : public ServerTransport {
  public:
-  TcpServer(asio::io_context& io, const std::string& host, int port, FrameService& service)
-      : io_(io), service_(service), acceptor_(io), pacer_(io, [&service] { service.on_accept_failed(); }) {
+  TcpServer(asio::io_context& io, const std::string& host, int port, FrameService& service, TcpServerTls tls)
+      : io_(io), service_(service), tls_(std::move(tls)), acceptor_(io), pacer_(io, [&service] { service.on_accept_failed(); }) {
     bind_listener(acceptor_, io_, fmt::format("{}:{}", host.find(':') != std::string::npos ? "[" + host + "]" : host, port));
     accept();
   }
@@ -112,6 +118,22 @@ class TcpServer final : public ServerTransport {
     connections_.erase(c);
   }
 
+  // A refused handshake is logged with its reason, but at most one line a second, so that a
+  // scanner cannot flood the log; the lines in between are counted in the next one.
+  void tls_failed(const std::string& peer, const std::string& reason) {
+    if (tls_.on_handshake_failed) tls_.on_handshake_failed();
+    std::lock_guard lock(mu_);
+    const auto now = Clock::now();
+    if (now - tls_logged_ < std::chrono::seconds(1)) {
+      tls_unlogged_++;
+      return;
+    }
+    log().warn("connection {}: TLS handshake refused: {}{}", peer, reason,
+               tls_unlogged_ ? fmt::format(" ({} more refused since the last line)", tls_unlogged_) : "");
+    tls_logged_ = now;
+    tls_unlogged_ = 0;
+  }
+
  private:
   void accept() {
     acceptor_.async_accept(asio::make_strand(io_), [this](boost::system::error_code ec, tcp::socket socket) {
@@ -129,7 +151,7 @@ class TcpServer final : public ServerTransport {
       }
       pacer_.succeeded();
       if (service_.draining()) return;
-      auto c = std::make_shared<Connection>(*this, service_, std::move(socket));
+      auto c = std::make_shared<Connection>(*this, service_, std::move(socket), tls_.context.get());
       service_.on_connection_opened();
       {
         std::lock_guard lock(mu_);
@@ -167,19 +189,44 @@ class TcpServer final : public ServerTransport {
 
   asio::io_context& io_;
   FrameService& service_;
+  TcpServerTls tls_;
   tcp::acceptor acceptor_;
   AcceptPacer pacer_;
   std::mutex mu_;
+  Clock::time_point tls_logged_{};
+  std::uint64_t tls_unlogged_ = 0;
   std::set<std::shared_ptr<Connection>> connections_;
   std::deque<std::weak_ptr<Connection>> awaiting_hello_;  // oldest first
 };
 
-Connection::Connection(TcpServer& server, FrameService& service, tcp::socket socket)
-    : server_(server), service_(service), socket_(std::move(socket)), timer_(socket_.get_executor()), payload_(service) {
+Connection::Connection(TcpServer& server, FrameService& service, tcp::socket socket, asio::ssl::context* tls)
+    : server_(server),
+      service_(service),
+      stream_(std::move(socket), tls),
+      timer_(stream_.get_executor()),
+      hello_deadline_(Clock::now() + seconds(service.hello_timeout_s())),
+      payload_(service) {
   boost::system::error_code ec;
-  auto ep = socket_.remote_endpoint(ec);
+  auto ep = stream_.socket().remote_endpoint(ec);
   session_.peer = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
-  socket_.set_option(tcp::no_delay(true), ec);
+  stream_.socket().set_option(tcp::no_delay(true), ec);
+}
+
+void Connection::start() {
+  if (!stream_.is_tls()) {
+    read_header();
+    return;
+  }
+  arm_hello();
+  stream_.async_handshake(asio::ssl::stream_base::server, [self = shared_from_this()](boost::system::error_code ec) {
+    if (self->closed_) return;
+    if (ec) {
+      if (ec != asio::error::operation_aborted) self->server_.tls_failed(self->session_.peer, describe_tls_failure(ec, self->stream_.ssl(), false));
+      self->close();
+      return;
+    }
+    self->read_header();
+  });
 }
 
 void Connection::evict_before_hello(int limit) {
@@ -212,8 +259,8 @@ void Connection::close() {
   closed_ = true;
   boost::system::error_code ec;
   timer_.cancel();
-  socket_.shutdown(tcp::socket::shutdown_both, ec);
-  socket_.close(ec);
+  stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+  stream_.socket().close(ec);
   payload_.release();
   service_.on_connection_closed(session_);
   server_.forget(shared_from_this());
@@ -229,7 +276,7 @@ void Connection::read_header() {
   } else {
     timer_.cancel();
   }
-  socket_.async_read_some(asio::buffer(header_bytes_), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+  stream_.async_read_some(asio::buffer(header_bytes_), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
     if (self->read_failed(ec, "")) return;
     self->frame_started_ = Clock::now();
     self->service_.on_bytes(n, 0);
@@ -238,7 +285,7 @@ void Connection::read_header() {
       return;
     }
     self->arm_frame("complete frame header");
-    asio::async_read(self->socket_, asio::buffer(self->header_bytes_.data() + n, self->header_bytes_.size() - n),
+    asio::async_read(self->stream_, asio::buffer(self->header_bytes_.data() + n, self->header_bytes_.size() - n),
                      [self](boost::system::error_code ec2, std::size_t n2) {
                        if (self->read_failed(ec2, "header cut short: ")) return;
                        self->service_.on_bytes(n2, 0);
@@ -274,7 +321,7 @@ void Connection::on_header() {
     discard_payload(header_.payload_bytes, e);
     return;
   }
-  asio::async_read(socket_, asio::buffer(payload_.bytes()), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
+  asio::async_read(stream_, asio::buffer(payload_.bytes()), [self = shared_from_this()](boost::system::error_code ec, std::size_t n) {
     if (ec) {
       log().debug("connection {}: frame cut short: {}", self->session_.peer, ec.message());
       self->close();
@@ -296,7 +343,7 @@ void Connection::discard_payload(std::size_t left, const Error& why) {
     return;
   }
   discard_.resize(std::min(left, kDiscardPieceBytes));
-  socket_.async_read_some(asio::buffer(discard_), [self = shared_from_this(), left, why](boost::system::error_code ec, std::size_t n) {
+  stream_.async_read_some(asio::buffer(discard_), [self = shared_from_this(), left, why](boost::system::error_code ec, std::size_t n) {
     if (self->read_failed(ec, "frame cut short: ")) return;
     self->service_.on_bytes(n, 0);
     self->discard_payload(left - n, why);
@@ -305,14 +352,14 @@ void Connection::discard_payload(std::size_t left, const Error& why) {
 
 void Connection::send(std::vector<std::byte> bytes, bool then_close) {
   reply_ = std::move(bytes);
-  asio::async_write(socket_, asio::buffer(reply_), [self = shared_from_this(), then_close](boost::system::error_code ec, std::size_t n) {
+  asio::async_write(stream_, asio::buffer(reply_), [self = shared_from_this(), then_close](boost::system::error_code ec, std::size_t n) {
     self->service_.on_bytes(0, n);
     if (ec || then_close) {
       self->close();
       return;
     }
     boost::system::error_code e2;
-    self->payload_.settle(self->socket_.available(e2) > 0);
+    self->payload_.settle(self->stream_.socket().available(e2) > 0);
     self->read_header();
   });
 }
@@ -323,7 +370,7 @@ void Connection::on_frame() {
   service_.on_frame(session_, header_, payload_.bytes(), [weak](std::vector<std::byte> f, bool then_close) {
     auto self = weak.lock();
     if (!self) return;
-    asio::post(self->socket_.get_executor(), [self, f = std::move(f), then_close]() mutable {
+    asio::post(self->stream_.get_executor(), [self, f = std::move(f), then_close]() mutable {
       if (self->closed_) return;
       if (self->session_.authed) self->timer_.cancel();
       self->send(std::move(f), then_close);
@@ -334,8 +381,13 @@ void Connection::on_frame() {
 
 }  // namespace
 
+std::unique_ptr<ServerTransport> make_tcp_server(boost::asio::io_context& io, const std::string& host, int port, FrameService& service,
+                                                 TcpServerTls tls) {
+  return std::make_unique<TcpServer>(io, host, port, service, std::move(tls));
+}
+
 std::unique_ptr<ServerTransport> make_tcp_server(boost::asio::io_context& io, const std::string& host, int port, FrameService& service) {
-  return std::make_unique<TcpServer>(io, host, port, service);
+  return make_tcp_server(io, host, port, service, TcpServerTls{});
 }
 
 }  // namespace longattn::offload

@@ -2,7 +2,7 @@
 # Installs the Debian packages longattn builds against. Idempotent: a second run checks and returns.
 set -euo pipefail
 packages=(cmake make g++ libopenmpi-dev openmpi-bin libboost-dev libboost-system-dev
-          libspdlog-dev libfmt-dev libgtest-dev libucx-dev libopenblas-dev python3-numpy
+          libspdlog-dev libfmt-dev libgtest-dev libucx-dev libopenblas-dev python3-numpy libssl-dev openssl
           iproute2 slurm-wlm munge)  # ip netns, Slurm and munge: the tests under tests/cluster
 missing=()
 for p in "${packages[@]}"; do

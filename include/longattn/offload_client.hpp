@@ -23,6 +23,17 @@
 
 namespace longattn::offload {
 
+// TLS on the tcp transport (docs/offload.md, "TLS"). The servers' certificates are checked
+// against ca_file and must name the host of each server address (or server_name); cert_file and
+// key_file present a client certificate to servers that require one (mutual TLS).
+struct ClientTls {
+  bool enabled = false;
+  std::string ca_file;      // PEM CA certificates; empty = the system's trusted CAs
+  std::string cert_file;    // PEM client certificate chain; empty = none
+  std::string key_file;     // its private key
+  std::string server_name;  // the name the servers' certificates must carry; empty = the host of each address
+};
+
 struct ClientOptions {
   std::vector<std::string> servers;  // "host:port", at least one
   std::string token;                 // the servers' shared secret
@@ -31,6 +42,10 @@ struct ClientOptions {
   int retries = 2;                   // extra attempts of an idempotent request after a lost connection
   std::int64_t shard_tokens = 0;     // 0: a sequence lives on one server; N: tokens [kN, (k+1)N) on server (home + k)
   std::string transport = "tcp";
+  ClientTls tls;                     // tcp only; the token is still sent, inside TLS
+  // Copies of every piece of KV, on consecutive servers (1..servers): appends go to every copy,
+  // attends to the first complete one, and fail over to the next when a server fails.
+  int replicas = 1;
 };
 
 struct SequenceSpec {
@@ -66,6 +81,15 @@ class Client {
   // lse [q_heads, total_q] f32 are written before the future is ready, and only on success.
   std::future<void> attend(int layer, int q_heads, int head_dim, std::span<const DecodeQuery> queries, const float* q, float* o,
                            float* lse);
+  // One decode step of one layer in one round trip per server (protocol version 2): appends each
+  // sequence's q_count new tokens, whose k and v are the rows of the query rows (k, v:
+  // [total_q, kv_heads, head_dim] in the sequences' dtype, the same for every sequence of the
+  // call), then attends as attend() does. Never retried (a lost reply leaves the append unknown:
+  // the sequence is then marked broken). `answered_at`, when given, receives the time the answer
+  // was complete, so a pipeline can measure the attention side without waiting on it.
+  std::future<void> append_attend(int layer, int q_heads, int head_dim, std::span<const DecodeQuery> queries, const float* q,
+                                  const void* k, const void* v, float* o, float* lse,
+                                  std::chrono::steady_clock::time_point* answered_at = nullptr);
   std::future<void> drop(std::uint64_t seq);
   // A server's metrics (Prometheus text), by its index in ClientOptions::servers.
   std::future<std::string> server_stats(int server);
