@@ -21,25 +21,33 @@ struct Config {
   longattn::DType dtype = longattn::DType::bf16;
   bool check = false;
   std::uint64_t seed = 1;
+  int micro_batches = 1;
+  bool find_max_batch = false;  // --device cuda: report the largest batch that fits and exit  // sequences split into this many groups, each with one layer's attention in flight
   bool local_attention = false;  // --device cuda only: KV in GPU memory, attention by the cuda backend
   longattn::offload::ClientOptions client;  // servers empty with local_attention
   int hidden() const { return heads * head_dim; }
   std::size_t kv_row() const { return static_cast<std::size_t>(kv_heads) * head_dim; }  // elements per token and k or v
 };
 
+// One unlabelled metric of every server, by server index (-1 where a server does not report it).
+inline std::vector<double> servers_metric(longattn::offload::Client& c, std::size_t servers, const std::string& name) {
+  std::vector<double> values(servers, -1);
+  const std::string prefix = name + " ";
+  for (std::size_t i = 0; i < servers; ++i) {
+    std::istringstream in(c.server_stats(static_cast<int>(i)).get());
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind(prefix, 0) == 0) values[i] = std::strtod(line.c_str() + prefix.size(), nullptr);
+  }
+  return values;
+}
+
 // KV bytes the servers hold (their longattn_offload_kv_bytes gauges, summed): what offloading
 // keeps out of GPU memory. -1 when a server's metrics cannot be read.
 inline double servers_kv_bytes(longattn::offload::Client& c, std::size_t servers) {
   double sum = 0;
-  for (std::size_t i = 0; i < servers; ++i) {
-    std::istringstream in(c.server_stats(static_cast<int>(i)).get());
-    bool found = false;
-    for (std::string line; std::getline(in, line);)
-      if (line.rfind("longattn_offload_kv_bytes ", 0) == 0) {
-        sum += std::strtod(line.c_str() + 26, nullptr);
-        found = true;
-      }
-    if (!found) return -1;
+  for (double v : servers_metric(c, servers, "longattn_offload_kv_bytes")) {
+    if (v < 0) return -1;
+    sum += v;
   }
   return sum;
 }

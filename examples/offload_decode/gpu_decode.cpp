@@ -17,6 +17,7 @@
 
 #include <fmt/format.h>
 
+#include "capacity.hpp"
 #include "decode_common.hpp"
 #include "gpu_kernels.hpp"
 #include "longattn/dtype_convert.hpp"
@@ -91,6 +92,24 @@ void append_f32(const std::byte* raw, DType t, std::size_t n, std::vector<float>
 
 }  // namespace
 
+// --find-max-batch: the largest batch of this shape that fits all on the GPU, and what the
+// offloaded mode needs on the GPU at the asked batch.
+int report_largest_batch(const Config& c, std::size_t free_bytes) {
+  Config local = c, offloaded = c;
+  local.local_attention = true;
+  offloaded.local_attention = false;
+  const std::int64_t most = largest_gpu_batch(local, free_bytes);
+  const double gib = double(1 << 30), offloaded_gib = gpu_decode_bytes(offloaded, c.batch).total() / gib;
+  std::printf("offload_decode (cuda): %.2f GiB free; all on the GPU, the largest batch of %lld + %d tokens that fits is %lld; "
+              "offloaded, batch %d needs %.2f GiB on the GPU\n",
+              free_bytes / gib, static_cast<long long>(c.context), c.steps, static_cast<long long>(most), c.batch, offloaded_gib);
+  std::printf("RESULT {\"program\":\"offload_decode\",\"device\":\"cuda\",\"find_max_batch\":true,\"free_gib\":%.3f,\"layers\":%d,"
+              "\"context\":%lld,\"steps\":%d,\"largest_gpu_batch\":%lld,\"batch\":%d,\"offloaded_gpu_gib\":%.3f,\"batch_fits_on_gpu\":%s}\n",
+              free_bytes / gib, c.layers, static_cast<long long>(c.context), c.steps, static_cast<long long>(most), c.batch, offloaded_gib,
+              c.batch <= most ? "true" : "false");
+  return 0;
+}
+
 int run_gpu(const Config& c) {
   const bool local = c.local_attention;
   if (c.dtype == DType::f32)
@@ -103,6 +122,13 @@ int run_gpu(const Config& c) {
   int dev_index = 0;
   cuda_ok(cudaGetDevice(&dev_index), "cudaGetDevice");
   const Device dev{DeviceKind::cuda, dev_index};
+  if (c.micro_batches > 1)
+    throw Error(ErrorCode::unsupported, "--micro-batches > 1 runs with --device cpu only so far; use --device cpu or --micro-batches 1");
+  // Checked before anything is allocated: a batch that cannot fit is refused with the batch that can.
+  std::size_t free_bytes = 0, total_bytes = 0;
+  cuda_ok(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  if (c.find_max_batch) return report_largest_batch(c, free_bytes);
+  require_gpu_fits(c, free_bytes);
   Stream st;
 
   const int L = c.layers, B = c.batch, H = c.heads, K = c.kv_heads, D = c.head_dim, steps = c.steps, hidden = c.hidden();

@@ -8,14 +8,16 @@
 //   build/bin/offload_decode --servers 127.0.0.1:7070,127.0.0.1:7071 --token-file tok
 //       --layers 4 --batch 4 --context 4096 --steps 16 --heads 8 --kv-heads 2 --head-dim 64 --check
 //
-// Each step, per layer: q, k, v = x Wq, x Wk, x Wv; the new k, v are appended on the servers; the
-// batch's queries attend there; x += o Wo; x = rmsnorm(x). The prefill context is random KV sent
-// in bulk. --check keeps a local copy of the KV and compares every attention result with the
+// Each step, per layer: q, k, v = x Wq, x Wk, x Wv; one append_attend per server appends the new
+// k, v and attends the queries there; x += o Wo; x = rmsnorm(x). With --micro-batches N the batch
+// is cut into N groups that take turns: while one group's attention is on the servers, the model
+// computes the next group's layer. The prefill context is random KV sent in bulk. --check keeps a local copy of the KV and compares every attention result with the
 // local "cpu" backend. Ends with one line: RESULT {json}.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -26,6 +28,7 @@
 
 #include "../common/flags.hpp"
 #include "decode_common.hpp"
+#include "pipeline_stats.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
@@ -40,7 +43,10 @@ using Clock = std::chrono::steady_clock;
 constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOST:PORT...] --token-file FILE [flags]
        offload_decode --device cuda --local-attention [flags]
   --device D        where the model runs: cpu (default) or cuda (where built with CUDA)
-  --local-attention with --device cuda: KV in GPU memory, attention on the GPU (no servers)
+  --local-attention with --device cuda: KV in GPU memory, attention on the GPU (no servers); a batch
+                    whose KV does not fit is refused before allocating, naming the largest that does
+  --find-max-batch  with --device cuda: print the largest batch that fits all on the GPU (from the
+                    device's free memory) and what offloading needs on the GPU at --batch, then exit
   --layers L        model layers (default 4)
   --batch B         sequences decoded together (default 4)
   --context N       prefill tokens per sequence (default 4096)
@@ -52,6 +58,8 @@ constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOS
   --shard-tokens N  spread each sequence over the servers in ranges of N tokens (default 0: whole sequences)
   --timeout-ms MS   per request, retries included (default 10000)
   --transport T     tcp or ucx (ucx where built with UCX; the servers must use the same)
+  --micro-batches N split the batch into N micro-batches kept in flight: while the servers attend one at
+                    layer L, the model computes another (default 1; 2 or 3 hide the attention)
   --seed S          (default 1)
   --check           compare every attention with the local cpu backend (keeps an f32 copy of the KV on
                     this host: use small sizes)
@@ -152,75 +160,144 @@ int run_cpu(const Config& cfg) {
   std::unique_ptr<AttentionBackend> local;
   if (check) local = make_backend("cpu", DeviceKind::cpu);
   std::vector<float> x = randn(static_cast<std::size_t>(B) * hidden, 1.0f);
-  std::vector<offload::DecodeQuery> queries;
-  for (int b = 0; b < B; ++b) queries.push_back({static_cast<std::uint64_t>(b), 1});
+
+  // The batch in micro-batches of consecutive sequences. Each keeps one append_attend in flight:
+  // while the servers attend one micro-batch at layer l, this thread computes the others.
+  struct MicroBatch {
+    int first = 0, count = 0;
+    std::vector<float> x, q, kk, vv, o, lse, y;
+    std::vector<offload::DecodeQuery> queries;
+    std::future<void> pending;
+    int pending_layer = -1;
+  };
+  const int N = cfg.micro_batches;
+  std::vector<MicroBatch> mbs(static_cast<std::size_t>(N));
+  for (int m = 0, first = 0; m < N; ++m) {
+    auto& mb = mbs[static_cast<std::size_t>(m)];
+    mb.first = first;
+    mb.count = B / N + (m < B % N ? 1 : 0);
+    first += mb.count;
+    mb.x.assign(x.begin() + static_cast<std::ptrdiff_t>(mb.first) * hidden, x.begin() + static_cast<std::ptrdiff_t>(mb.first + mb.count) * hidden);
+    for (int b = mb.first; b < mb.first + mb.count; ++b) mb.queries.push_back({static_cast<std::uint64_t>(b), 1});
+    mb.o.resize(static_cast<std::size_t>(mb.count) * H * D);
+    mb.lse.resize(static_cast<std::size_t>(mb.count) * H);
+  }
+  std::deque<offload_decode::RoundTrip> trips;  // stable addresses: the client writes answer times into them
 
   const auto s0 = client.stats();
-  double attn_s = 0, max_err = 0;
-  std::vector<float> q, kk, vv, o(static_cast<std::size_t>(B) * H * D), lse(static_cast<std::size_t>(B) * H), y;
+  const auto kernel_before = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_seconds_total");
+  const auto read_before = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_kv_bytes_read_total");
+  double compute_s = 0, wait_s = 0, max_err = 0;
+  auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  // The second half of a layer once its attention is back: x += o Wo; x = rmsnorm(x).
+  auto finish_layer = [&](MicroBatch& mb) {
+    const int l = mb.pending_layer;
+    if (check) {
+      // Local attention over the same KV with the cpu backend (f32 copies of the KV values).
+      Config part = cfg;
+      part.batch = mb.count;
+      std::vector<std::vector<float>> kpart, vpart;
+      for (int i = 0; i < mb.count; ++i) {
+        auto& kc = kcache[l][mb.first + i];
+        auto& vc = vcache[l][mb.first + i];
+        kc.insert(kc.end(), mb.kk.begin() + static_cast<std::ptrdiff_t>(i * row), mb.kk.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+        vc.insert(vc.end(), mb.vv.begin() + static_cast<std::ptrdiff_t>(i * row), mb.vv.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+        kpart.push_back(kc);
+        vpart.push_back(vc);
+      }
+      max_err = std::max(max_err, offload_decode::check_against_local(*local, part, kpart, vpart, mb.q.data(), mb.o.data(), mb.lse.data(), false));
+    }
+    const auto t = Clock::now();
+    matmul(mb.o, layers[static_cast<std::size_t>(l)].wo, mb.y, mb.count, H * D, hidden);
+    for (int b = 0; b < mb.count; ++b) {
+      float ss = 0;
+      float* xb = &mb.x[static_cast<std::size_t>(b) * hidden];
+      for (int i = 0; i < hidden; ++i) {
+        xb[i] += mb.y[static_cast<std::size_t>(b) * hidden + i];
+        ss += xb[i] * xb[i];
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + 1e-6f);
+      for (int i = 0; i < hidden; ++i) xb[i] *= inv;
+    }
+    compute_s += seconds_since(t);
+    mb.pending_layer = -1;
+  };
+  auto wait_for = [&](MicroBatch& mb) {
+    if (!mb.pending.valid()) return;
+    const auto t = Clock::now();
+    mb.pending.get();
+    wait_s += seconds_since(t);
+    finish_layer(mb);
+  };
   const auto t_decode = Clock::now();
   for (int step = 0; step < steps; ++step) {
     for (int l = 0; l < L; ++l) {
-      auto& W = layers[static_cast<std::size_t>(l)];
-      matmul(x, W.wq, q, B, hidden, H * D);
-      matmul(x, W.wk, kk, B, hidden, K * D);
-      matmul(x, W.wv, vv, B, hidden, K * D);
-      const auto kraw = to_dtype(kk), vraw = to_dtype(vv);
-      const auto ta = Clock::now();
-      std::vector<std::future<void>> app;
-      for (int b = 0; b < B; ++b)
-        app.push_back(client.append(static_cast<std::uint64_t>(b), l, kraw.data() + b * row * dtype_size(dt),
-                                    vraw.data() + b * row * dtype_size(dt), 1));
-      for (auto& a : app) a.get();
-      client.attend(l, H, D, queries, q.data(), o.data(), lse.data()).get();
-      attn_s += std::chrono::duration<double>(Clock::now() - ta).count();
-
-      if (check) {
-        // Local attention over the same KV with the cpu backend (f32 copies of the KV values).
-        for (int b = 0; b < B; ++b) {
-          auto& kc = kcache[l][b];
-          auto& vc = vcache[l][b];
-          kc.insert(kc.end(), kk.begin() + static_cast<std::ptrdiff_t>(b * row), kk.begin() + static_cast<std::ptrdiff_t>((b + 1) * row));
-          vc.insert(vc.end(), vv.begin() + static_cast<std::ptrdiff_t>(b * row), vv.begin() + static_cast<std::ptrdiff_t>((b + 1) * row));
-        }
-        max_err = std::max(max_err, offload_decode::check_against_local(*local, cfg, kcache[l], vcache[l], q.data(), o.data(), lse.data(), false));
-      }
-      matmul(o, W.wo, y, B, H * D, hidden);
-      for (int b = 0; b < B; ++b) {
-        float ss = 0;
-        float* xb = &x[static_cast<std::size_t>(b) * hidden];
-        for (int i = 0; i < hidden; ++i) {
-          xb[i] += y[static_cast<std::size_t>(b) * hidden + i];
-          ss += xb[i] * xb[i];
-        }
-        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + 1e-6f);
-        for (int i = 0; i < hidden; ++i) xb[i] *= inv;
+      for (auto& mb : mbs) {
+        wait_for(mb);
+        const auto t = Clock::now();
+        auto& W = layers[static_cast<std::size_t>(l)];
+        matmul(mb.x, W.wq, mb.q, mb.count, hidden, H * D);
+        matmul(mb.x, W.wk, mb.kk, mb.count, hidden, K * D);
+        matmul(mb.x, W.wv, mb.vv, mb.count, hidden, K * D);
+        const auto kraw = to_dtype(mb.kk), vraw = to_dtype(mb.vv);
+        compute_s += seconds_since(t);
+        trips.push_back({Clock::now(), {}});
+        mb.pending = client.append_attend(l, H, D, mb.queries, mb.q.data(), kraw.data(), vraw.data(), mb.o.data(), mb.lse.data(),
+                                          &trips.back().answered);
+        mb.pending_layer = l;
       }
     }
   }
+  for (auto& mb : mbs) wait_for(mb);
   const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
+  const double attn_s = wait_s;
+  const auto pipe = offload_decode::pipeline_report(std::vector<offload_decode::RoundTrip>(trips.begin(), trips.end()), compute_s, wait_s,
+                                                    decode_s, steps, L, N, B);
   const auto s1 = client.stats();
   const double server_kv = offload_decode::servers_kv_bytes(client, co.servers.size());
+  // The servers' decode kernels during the decode: the busiest server's time per step, and the
+  // rate all of them read KV at.
+  const auto kernel_after = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_seconds_total");
+  const auto read_after = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_kv_bytes_read_total");
+  double kernel_busiest_s = 0, kernel_sum_s = 0, kv_read = 0;
+  for (std::size_t i = 0; i < co.servers.size(); ++i) {
+    const double ks = kernel_after[i] - kernel_before[i];
+    kernel_busiest_s = std::max(kernel_busiest_s, ks);
+    kernel_sum_s += ks;
+    kv_read += read_after[i] - read_before[i];
+  }
+  const double kernel_gbps = kernel_sum_s > 0 ? kv_read / kernel_sum_s / 1e9 : 0;
   for (int b = 0; b < B; ++b) client.drop(static_cast<std::uint64_t>(b)).get();
 
   const double tokens_per_s = static_cast<double>(B) * steps / decode_s;
   std::printf("offload_decode: %zu server(s), %d layers, batch %d, context %lld + %d steps, %d/%d heads x %d, %s KV\n", co.servers.size(), L, B,
               static_cast<long long>(ctx), steps, H, K, D, to_string(dt));
-  std::printf("  prefill %.3f s; decode %.3f s: %.1f tokens/s; attention %.3f ms per step (all layers)\n", prefill_s, decode_s, tokens_per_s,
-              attn_s * 1e3 / steps);
+  std::printf("  prefill %.3f s; decode %.3f s: %.1f tokens/s; attention wait %.3f ms per step (all layers)\n", prefill_s, decode_s,
+              tokens_per_s, attn_s * 1e3 / steps);
   std::printf("  per step: %.1f KiB sent, %.1f KiB received%s\n", static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps / 1024,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps / 1024,
               check ? fmt::format("; max |error| vs local attention {:.3g}", max_err).c_str() : "");
   std::printf("  KV held by the servers: %.3f GiB\n", server_kv / (1 << 30));
+  std::printf("  %d micro-batch%s: model busy %.1f%% of the time, %.3f ms between tokens, attention wait %.3f ms per step\n", N,
+              N == 1 ? "" : "es", 100 * pipe.compute_busy_fraction, pipe.time_between_tokens_s * 1e3, pipe.attention_wait_s_per_step * 1e3);
+  std::printf("  per micro-batch and layer: model %.3f ms, attention %.3f ms; bound %.1f tokens/s, reached %.2f of it\n",
+              pipe.compute_s_per_part * 1e3, pipe.attention_s_per_part * 1e3, pipe.bound_tokens_per_s, pipe.ratio());
+  std::printf("  servers' decode kernels: %.3f ms per step on the busiest server, %.2f GB/s of KV read\n", kernel_busiest_s * 1e3 / steps,
+              kernel_gbps);
   std::printf("RESULT {\"program\":\"offload_decode\",\"transport\":\"%s\",\"servers\":%zu,\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,"
               "\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\",\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"tokens_per_s\":%.3f,"
               "\"attention_ms_per_step\":%.4f,\"bytes_sent_per_step\":%.1f,\"bytes_received_per_step\":%.1f,\"retries\":%llu,"
-              "\"checked\":%s,\"max_error\":%.6g,\"device\":\"cpu\",\"attention\":\"offloaded\",\"kv_bytes_servers\":%.0f}\n",
+              "\"checked\":%s,\"max_error\":%.6g,\"device\":\"cpu\",\"attention\":\"offloaded\",\"kv_bytes_servers\":%.0f,"
+              "\"micro_batches\":%d,\"compute_busy_fraction\":%.4f,\"time_between_tokens_ms\":%.4f,\"attention_wait_ms_per_step\":%.4f,"
+              "\"compute_ms_per_part\":%.4f,\"attention_ms_per_part\":%.4f,\"bound_tokens_per_s\":%.3f,\"tokens_per_s_over_bound\":%.4f,"
+              "\"server_kernel_ms_per_step\":%.4f,\"server_kernel_gbps\":%.3f}\n",
               co.transport.c_str(), co.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D, to_string(dt),
               static_cast<long long>(co.shard_tokens), prefill_s,
               tokens_per_s, attn_s * 1e3 / steps, static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps, static_cast<unsigned long long>(s1.retries - s0.retries),
-              check ? "true" : "false", check ? max_err : 0.0, server_kv);
+              check ? "true" : "false", check ? max_err : 0.0, server_kv, N, pipe.compute_busy_fraction, pipe.time_between_tokens_s * 1e3,
+              pipe.attention_wait_s_per_step * 1e3, pipe.compute_s_per_part * 1e3, pipe.attention_s_per_part * 1e3, pipe.bound_tokens_per_s,
+              pipe.ratio(), kernel_busiest_s * 1e3 / steps, kernel_gbps);
   if (check && !(max_err < 1e-3)) {
     std::fprintf(stderr, "offload_decode: error: offloaded attention differs from local attention by %.3g\n", max_err);
     return 1;
@@ -231,8 +308,8 @@ int run_cpu(const Config& cfg) {
 int run(int argc, char** argv) {
   examples::Flags f(argc, argv, kUsage,
                     {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
-                     "shard-tokens", "timeout-ms", "seed", "transport", "device"},
-                    {"check", "local-attention"});
+                     "shard-tokens", "timeout-ms", "seed", "transport", "device", "micro-batches"},
+                    {"check", "local-attention", "find-max-batch"});
   Config c;
   const std::string device = f.str("device", "cpu");
   if (device != "cpu" && device != "cuda") throw Error(ErrorCode::invalid_argument, "--device must be cpu or cuda, got '" + device + "'");
@@ -241,7 +318,10 @@ int run(int argc, char** argv) {
     throw Error(ErrorCode::invalid_argument, "--local-attention is the all-on-GPU baseline: use it with --device cuda");
   if (c.local_attention && (f.has("servers") || f.has("token-file") || f.has("shard-tokens") || f.has("transport")))
     throw Error(ErrorCode::invalid_argument, "--local-attention runs without servers: drop --servers/--token-file/--shard-tokens/--transport");
-  if (!c.local_attention && (!f.has("servers") || !f.has("token-file")))
+  c.find_max_batch = f.flag("find-max-batch");
+  if (c.find_max_batch && device != "cuda")
+    throw Error(ErrorCode::invalid_argument, "--find-max-batch measures the GPU's free memory: use it with --device cuda");
+  if (!c.local_attention && !c.find_max_batch && (!f.has("servers") || !f.has("token-file")))
     throw Error(ErrorCode::invalid_argument, "--servers and --token-file are required (see --help)");
   c.layers = static_cast<int>(f.integer("layers", 4, 1, 1024));
   c.batch = static_cast<int>(f.integer("batch", 4, 1, 4096));
@@ -254,7 +334,13 @@ int run(int argc, char** argv) {
   c.check = f.flag("check");
   c.seed = static_cast<std::uint64_t>(f.integer("seed", 1, 0, 1LL << 62));
   if (c.heads % c.kv_heads) throw Error(ErrorCode::invalid_argument, "--heads must be a multiple of --kv-heads");
-  if (!c.local_attention) {
+  c.micro_batches = static_cast<int>(f.integer("micro-batches", 1, 1, 4096));
+  if (c.micro_batches > c.batch)
+    throw Error(ErrorCode::invalid_argument, fmt::format("--micro-batches {} exceeds --batch {}: each micro-batch needs a sequence; "
+                                                         "use at most {}", c.micro_batches, c.batch, c.batch));
+  if (c.micro_batches > 1 && c.local_attention)
+    throw Error(ErrorCode::invalid_argument, "--micro-batches overlaps the model with remote attention: drop it with --local-attention");
+  if (!c.local_attention && !c.find_max_batch) {
     c.client.servers = split(f.str("servers", ""));
     c.client.token = read_token(f.str("token-file", ""));
     c.client.timeout = std::chrono::milliseconds(f.integer("timeout-ms", 10000, 1, 3600000));

@@ -1,0 +1,83 @@
+// offload_decode --micro-batches N --check against two servers started here on loopback: for N = 1,
+// 2, 3 the pipelined decode equals local attention, and the RESULT line carries the pipeline's
+// report (busy fraction, bound, tokens/s over the bound). A micro-batch count above the batch is
+// refused in one line.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+#include <string>
+
+#include "daemon_process.hpp"
+#include "offload_test_util.hpp"
+#include "support/test_util.hpp"
+
+namespace longattn::offload {
+namespace {
+
+struct ProgramRun {
+  int status = -1;
+  std::string output;
+};
+
+ProgramRun run_program(const std::string& command) {
+  ProgramRun r;
+  std::FILE* p = ::popen((command + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, p)) r.output += buf;
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+double json_number(const std::string& text, const std::string& key) {
+  std::smatch m;
+  if (!std::regex_search(text, m, std::regex("\"" + key + "\":(-?[0-9.eE+-]+)"))) return -1;
+  return std::stod(m[1]);
+}
+
+#ifdef LONGATTN_OFFLOAD_DECODE_PROGRAM
+TEST(OffloadDecodeProgram, MicroBatchesOneTwoThreeMatchLocalAttention) {
+  auto s1 = test::start_server(), s2 = test::start_server();
+  test::TempDir dir;
+  const std::string token = dir.file("token");
+  std::ofstream(token) << test::kToken << "\n";
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  for (int n : {1, 2, 3}) {
+    const std::string cmd = std::string(LONGATTN_OFFLOAD_DECODE_PROGRAM) + " --servers " + test::addr(*s1) + "," + test::addr(*s2) +
+                            " --token-file " + token + " --layers 2 --batch 5 --context 96 --steps 3 --heads 4 --kv-heads 2 --head-dim 16" +
+                            " --check --seed " + std::to_string(seed % 1000000) + " --micro-batches " + std::to_string(n);
+    const ProgramRun r = run_program(cmd);
+    ASSERT_EQ(r.status, 0) << cmd << "\n" << r.output;
+    const auto at = r.output.rfind("RESULT {");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    const std::string result = r.output.substr(at);
+    EXPECT_NE(result.find("\"checked\":true"), std::string::npos) << result;
+    EXPECT_LT(json_number(result, "max_error"), 1e-3) << result;
+    EXPECT_EQ(json_number(result, "micro_batches"), n) << result;
+    EXPECT_GT(json_number(result, "compute_busy_fraction"), 0) << result;
+    EXPECT_LE(json_number(result, "compute_busy_fraction"), 1) << result;
+    EXPECT_GT(json_number(result, "bound_tokens_per_s"), 0) << result;
+    EXPECT_GT(json_number(result, "tokens_per_s_over_bound"), 0) << result;
+    EXPECT_GT(json_number(result, "attention_ms_per_part"), 0) << result;
+  }
+}
+
+TEST(OffloadDecodeProgram, MoreMicroBatchesThanSequencesRefused) {
+  test::TempDir dir;
+  const std::string token = dir.file("token");
+  std::ofstream(token) << test::kToken << "\n";
+  const ProgramRun r = run_program(std::string(LONGATTN_OFFLOAD_DECODE_PROGRAM) + " --servers 127.0.0.1:1 --token-file " + token +
+                            " --batch 2 --micro-batches 3");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("--micro-batches 3 exceeds --batch 2"), std::string::npos) << r.output;
+  EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+}
+#endif
+
+}  // namespace
+}  // namespace longattn::offload
