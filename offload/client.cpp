@@ -710,6 +710,9 @@ std::future<void> Client::append_attend(int layer, int q_heads, int head_dim, st
   auto& impl = *impl_;
   LONGATTN_INVALID(!queries.empty() && q && k && v && o && lse, "append_attend: needs queries, q, k, v, o and lse");
   LONGATTN_INVALID(q_heads >= 1 && head_dim >= 1, "append_attend: q_heads and head_dim must be positive");
+  // One round trip reaches one server, so it cannot keep a second copy of the new tokens.
+  LONGATTN_REQUIRE(!impl.replicas->replicated(), ErrorCode::unsupported,
+                   "append_attend writes one copy of the new tokens: with replicas > 1 use append and attend");
   std::vector<QueriedSequence> queried;
   queried.reserve(queries.size());
   auto join = std::shared_ptr<Join<void>>();

@@ -155,6 +155,25 @@ TEST(OffloadReplicas, LosingEveryCopySaysSo) {
   EXPECT_EQ(error.find("wrong answer"), std::string::npos) << error;
 }
 
+TEST(OffloadReplicas, AppendAttendWithReplicasIsRefused) {
+  auto s1 = test::start_server(), s2 = test::start_server();
+  ClientOptions co;
+  co.servers = {test::addr(*s1), test::addr(*s2)};
+  co.token = test::kToken;
+  co.replicas = 2;
+  Client c(co);
+  c.open({1, 1, 1, 32, DType::f32}).get();
+  const std::vector<DecodeQuery> qs = {{1, 1}};
+  std::vector<float> q(32, 0.5f), k(32, 0.25f), v(32, -0.5f), o(32), lse(1);
+  try {
+    c.append_attend(0, 1, 32, qs, q.data(), k.data(), v.data(), o.data(), lse.data()).get();
+    ADD_FAILURE() << "append_attend accepted with replicas 2";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::unsupported);
+    EXPECT_NE(std::string(e.what()).find("use append and attend"), std::string::npos) << e.what();
+  }
+}
+
 TEST(OffloadReplicas, PlacementAndBadCounts) {
   ReplicaSet r({"a:1", "b:1", "c:1"}, 2);
   EXPECT_EQ(r.holders(2), (std::vector<int>{2, 0}));
