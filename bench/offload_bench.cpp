@@ -5,7 +5,8 @@
 //  2. load: --clients concurrent clients (each its own connection and sequence) attending for
 //     --seconds, reporting throughput, p50/p99 latency and errors.
 // The server is the real daemon (build/bin/longattn-offload-server), started as a child process
-// with a fresh token file, and stopped with SIGTERM (its RESULT line is echoed).
+// with a fresh token file, and stopped with SIGTERM (its RESULT line is echoed). With --tls it
+// serves TLS with a self-signed certificate made for the run (openssl CLI), which the clients trust.
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -49,18 +50,18 @@ struct Options {
   std::int64_t load_context = 4096;
   std::string memory = "16G";
   std::string transport = "tcp";
-  bool skip_latency = false, skip_load = false;
+  bool skip_latency = false, skip_load = false, tls = false;
 };
 
 Options parse(int argc, char** argv) {
   static const char* const kUsage =
       "longattn-bench offload [--batch 32] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16]\n"
       "  [--reps 10] [--threads cores] [--clients 64] [--seconds 60] [--load-context 4096] [--memory-limit 16G]\n"
-      "  [--no-latency] [--no-load] [--transport tcp|ucx]\n";
+      "  [--no-latency] [--no-load] [--transport tcp|ucx] [--tls]\n";
   const examples::Flags f(argc, argv, kUsage,
                           {"batch", "context", "heads", "kv-heads", "head-dim", "dtype", "reps", "threads", "clients", "seconds",
                            "load-context", "memory-limit", "transport"},
-                          {"no-latency", "no-load"});
+                          {"no-latency", "no-load", "tls"});
   constexpr int kMax = std::numeric_limits<int>::max();
   constexpr std::int64_t kMax64 = std::numeric_limits<std::int64_t>::max();
   Options o;
@@ -85,6 +86,7 @@ Options parse(int argc, char** argv) {
   o.transport = f.str("transport", o.transport);
   o.skip_latency = f.flag("no-latency");
   o.skip_load = f.flag("no-load");
+  o.tls = f.flag("tls");
   if (o.threads <= 0) o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return o;
 }
@@ -96,6 +98,19 @@ struct Daemon {
   int port = 0;
   std::filesystem::path dir;
   std::string token;
+  std::string cert;  // with --tls: the self-signed certificate, the clients' CA
+
+  // Client options for this daemon.
+  offload::ClientOptions client(const Options& o, std::chrono::seconds timeout) const {
+    offload::ClientOptions co;
+    co.servers = {"127.0.0.1:" + std::to_string(port)};
+    co.token = token;
+    co.transport = o.transport;
+    co.timeout = timeout;
+    co.tls.enabled = o.tls;
+    co.tls.ca_file = cert;
+    return co;
+  }
 
   Daemon(const Options& o) {
     const auto exe = std::filesystem::read_symlink("/proc/self/exe").parent_path() / "longattn-offload-server";
@@ -107,15 +122,28 @@ struct Daemon {
     const auto tf = (dir / "token").string();
     std::ofstream(tf) << token << "\n";
     ::chmod(tf.c_str(), 0600);
+    std::vector<std::string> args = {exe.string(), "--listen", "127.0.0.1:0", "--token-file", tf, "--threads", std::to_string(o.threads),
+                                     "--memory-limit", o.memory, "--io-threads", "2", "--transport", o.transport};
+    if (o.tls) {
+      cert = (dir / "cert.pem").string();
+      const auto key = (dir / "key.pem").string();
+      const std::string make = fmt::format(
+          "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost "
+          "-addext subjectAltName=IP:127.0.0.1 -keyout {} -out {} 2>/dev/null",
+          key, cert);
+      if (std::system(make.c_str()) != 0) throw Error(ErrorCode::io, "--tls needs the openssl command to make a certificate: " + make);
+      args.insert(args.end(), {"--tls-cert", cert, "--tls-key", key});
+    }
     int fds[2];
     if (::pipe(fds) != 0) throw Error(ErrorCode::io, "pipe failed");
-    const std::string threads = std::to_string(o.threads);
     pid = ::fork();
     if (pid == 0) {
       ::dup2(fds[1], 1);
       ::close(fds[0]);
-      ::execl(exe.c_str(), exe.c_str(), "--listen", "127.0.0.1:0", "--token-file", tf.c_str(), "--threads", threads.c_str(),
-              "--memory-limit", o.memory.c_str(), "--io-threads", "2", "--transport", o.transport.c_str(), static_cast<char*>(nullptr));
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(exe.c_str(), argv.data());
       ::_exit(127);
     }
     ::close(fds[1]);
@@ -182,18 +210,13 @@ void fill(offload::Client& c, std::uint64_t seq, int layers, const Options& o, s
 int run_offload(int argc, char** argv) {
   const Options o = parse(argc, argv);
   Daemon d(o);
-  const std::string where = "127.0.0.1:" + std::to_string(d.port);
   std::mt19937_64 rng(3);
   std::uniform_real_distribution<float> val(-1, 1);
-  std::string json = fmt::format("{{\"bench\":\"offload\",\"transport\":\"{}\",\"threads\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"dtype\":\"{}\"", o.transport, o.threads,
+  std::string json = fmt::format("{{\"bench\":\"offload\",\"tls\":{},\"transport\":\"{}\",\"threads\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"dtype\":\"{}\"", o.tls, o.transport, o.threads,
                                  o.q_heads, o.kv_heads, o.head_dim, to_string(o.dtype));
 
   if (!o.skip_latency) {
-    offload::ClientOptions co;
-    co.servers = {where};
-    co.token = d.token;
-    co.transport = o.transport;
-    co.timeout = std::chrono::seconds(120);
+    const offload::ClientOptions co = d.client(o, std::chrono::seconds(120));
     offload::Client c(co);
     const auto tf = Clock::now();
     for (int b = 0; b < o.batch; ++b) fill(c, static_cast<std::uint64_t>(b), 1, o, o.context, rng);
@@ -239,11 +262,7 @@ int run_offload(int argc, char** argv) {
       th.emplace_back([&, i] {
         std::vector<double> mine;
         try {
-          offload::ClientOptions co;
-          co.servers = {where};
-          co.token = d.token;
-          co.transport = o.transport;
-          co.timeout = std::chrono::seconds(30);
+          const offload::ClientOptions co = d.client(o, std::chrono::seconds(30));
           offload::Client c(co);
           std::mt19937_64 r(static_cast<std::uint64_t>(i) + 100);
           fill(c, 1000 + static_cast<std::uint64_t>(i), 1, o, o.load_context, r);
