@@ -85,6 +85,10 @@ int run_offload_model(int argc, char** argv) {
   d.attention.link_latency_s = number(f, "link-latency-us", 50) * 1e-6;
   d.attention.price_per_hour = number(f, "server-price", 0);
   const bool priced = d.gpus.price_per_hour > 0 || d.attention.price_per_hour > 0;
+  for (long long n : micro) {  // refused before anything is printed
+    d.micro_batches = static_cast<int>(n);
+    offload::validate(d);
+  }
 
   std::printf("offload-model (modelled): %d layers, hidden %d, %d/%d heads x %d, ffn %lld, %d-byte values; batch %d, context %lld\n",
               d.shape.layers, d.shape.hidden, d.shape.heads, d.shape.kv_heads, d.shape.head_dim, static_cast<long long>(d.shape.ffn_hidden),
