@@ -116,10 +116,12 @@ std::vector<BalancedGroup> BalancedBatch::groups() const {
   return out;
 }
 
-double BalancedBatch::attention_flops(int rank) const {
-  const auto& r = request();
+namespace {
+
+// Query/key pairs the mask lets the runs' query rows see (their whole sequences are the keys).
+double visible_pairs(const BalanceRequest& r, const std::vector<TokenRun>& runs) {
   double pairs = 0;
-  for (const auto& run : attention_runs(rank)) {
+  for (const auto& run : runs) {
     const auto length = static_cast<double>(r.lengths[static_cast<std::size_t>(run.seq)]);
     const auto count = static_cast<double>(run.count);
     if (!r.causal) {
@@ -129,6 +131,33 @@ double BalancedBatch::attention_flops(int rank) const {
     // Query position p sees keys 0..p: the run's positions first, first + stride, ... summed.
     const double last = run.first + (count - 1) * run.stride;
     pairs += count * (run.first + last) / 2 + count;
+  }
+  return pairs;
+}
+
+}  // namespace
+
+double BalancedBatch::attention_flops(int rank) const {
+  const auto& r = request();
+  const auto& plan = impl_->plan;
+  double pairs = 0;
+  for (const int g : plan.groups_of_rank(rank)) {
+    const auto& group = plan.groups[static_cast<std::size_t>(g)];
+    if (group.sharding == partition::Sharding::chunks) return 4.0 * r.head_dim * r.q_heads * visible_pairs(r, attention_runs(rank));
+    const auto shards = plan.group_shard_plan(g);
+    const int member = rank - group.first_rank;
+    auto runs_of = [&](int m) {
+      auto runs = shards.runs(m);
+      for (auto& run : runs) run.seq = group.sequences[static_cast<std::size_t>(run.seq)];
+      return runs;
+    };
+    if (group.sharding != partition::Sharding::hybrid) {
+      pairs += visible_pairs(r, runs_of(member));
+      continue;
+    }
+    // A hybrid member attends its Ulysses group's rows for 1 / ulysses of the heads.
+    const int first = member / group.ulysses * group.ulysses;
+    for (int m = first; m < first + group.ulysses; ++m) pairs += visible_pairs(r, runs_of(m)) / group.ulysses;
   }
   return 4.0 * r.head_dim * r.q_heads * pairs;
 }

@@ -89,7 +89,8 @@ class BalancedBatch {
   std::int64_t linear_tokens(int rank) const { return linear_begin(rank + 1) - linear_begin(rank); }
 
   std::vector<BalancedGroup> groups() const;  // in the order every rank runs them
-  // Attention FLOPs (forward, 4 * d * heads per visible pair) of `rank`'s query rows.
+  // Attention FLOPs (forward, 4 * head_dim * q_heads per visible query/key pair) `rank` computes: its
+  // query rows', or in a hybrid group its 1 / ulysses share (by heads) of its Ulysses group's rows.
   double attention_flops(int rank) const;
   const BalanceModel& model() const noexcept;
   // Empty when VarlenAttention can run this plan, else why not (flat_minheap).

@@ -198,6 +198,27 @@ TEST(VarlenAttention, TheCapSplitsTheLongSequence) {
   EXPECT_TRUE(split) << fmt::format("lengths {}", fmt::join(lengths, ","));
 }
 
+// Every pair the mask allows is some rank's work exactly once: the ranks' FLOPs add up to the batch's.
+TEST(VarlenAttention, RankFlopsAddUpToTheBatch) {
+  auto comm = make_mpi_world_communicator();
+  std::mt19937_64 rng(shared_seed(*comm));
+  const auto lengths = random_lengths(rng);
+  for (const Balance balance : {Balance::hierarchical, Balance::per_sequence_zigzag, Balance::whole_sequences, Balance::flat_minheap})
+    for (const bool causal : {true, false})
+      for (const int ranks : {1, 2, 4, 8}) {
+        auto request = request_for({balance, causal, 8, 2, 16, DType::f32}, lengths, ranks);
+        request.machine = "h200";  // where groups of several ranks run the hybrid
+        request.chunk_tokens = 5;
+        const BalancedBatch batch(request);
+        double want = 0, got = 0;
+        for (const auto l : lengths) want += causal ? l * (l + 1) / 2.0 : static_cast<double>(l) * l;
+        want *= 4.0 * 16 * 8;
+        for (int r = 0; r < ranks; ++r) got += batch.attention_flops(r);
+        EXPECT_NEAR(got, want, want * 1e-12) << fmt::format("{} {} on {} ranks, lengths {}", to_string(balance),
+                                                             causal ? "causal" : "full", ranks, fmt::join(lengths, ","));
+      }
+}
+
 // ---- the remap --------------------------------------------------------------------------------
 
 // A random [rows, width] tensor of global rows (the same on every rank).
