@@ -11,7 +11,7 @@ MPIRUN := mpirun --oversubscribe --bind-to none $(if $(filter 0,$(shell id -u)),
 SAN_BUILD ?= build-sanitize
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
-.PHONY: all deps configure build test test-sanitize demo bench clean
+.PHONY: all deps configure build test test-python test-sanitize demo bench clean
 
 all: build
 
@@ -32,6 +32,14 @@ build: configure
 test: build
 	cd $(BUILD) && { ctest --output-on-failure --timeout 900; status=$$?; \
 	  awk -f $(CURDIR)/tests/gpu_test_summary.awk Testing/Temporary/LastTest.log; exit $$status; }
+	@$(MAKE) --no-print-directory test-python
+
+# The Python package and its pytest suite (python/tests): .venv/ at the repository root with torch
+# from PyPI (several GB the first time, then kept under pip's cache folder) and the package linked
+# against $(BUILD)'s library. A failed setup fails `make test`: the suite is part of it.
+test-python: build
+	bash scripts/setup-python.sh $(BUILD)
+	.venv/bin/python -m pytest -q python/tests
 
 # The CPU build under AddressSanitizer + UndefinedBehaviorSanitizer, every test (CUDA off: the
 # sanitizers do not see device code). Leak checks run on the binaries that do not load MPI (Open

@@ -3,8 +3,10 @@
 # (so that `.venv/bin/python -c "import longattn.torch"` works), linking the library already built
 # in BUILD (default build/) instead of compiling it again. Usage: scripts/setup-python.sh [BUILD]
 #
-# torch comes from PyPI as published: its Linux wheel brings the CUDA libraries (several GB). pip's
-# cache (~/.cache/pip) keeps the wheels, so only the first run on a machine downloads them.
+# torch comes from PyPI as published: its Linux wheel brings the CUDA libraries (several GB). The
+# wheels are kept in a wheelhouse under pip's cache folder (LONGATTN_WHEELHOUSE overrides it) and
+# installed from there without the network once present: pip's own HTTP cache cannot be relied on
+# to keep them (it skips caching silently on any error).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="$(cd "${1:-$root/build}" && pwd)"
@@ -26,7 +28,14 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv" || { echo "setup-python: could not make $venv: apt-get install python3-venv" >&2; exit 1; }
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "torch>=2.4" "pytest>=7" numpy
+requirements=("torch>=2.4" "pytest>=7" numpy)
+wheelhouse="${LONGATTN_WHEELHOUSE:-$HOME/.cache/pip/longattn-wheels}"
+mkdir -p "$wheelhouse"
+if ! "$venv/bin/python" -m pip install --quiet --no-index --find-links "$wheelhouse" "${requirements[@]}" 2>/dev/null; then
+  echo "setup-python: downloading torch and the test packages from PyPI into $wheelhouse (several GB, once)"
+  "$venv/bin/python" -m pip download --quiet --dest "$wheelhouse" "${requirements[@]}"
+  "$venv/bin/python" -m pip install --quiet --no-index --find-links "$wheelhouse" "${requirements[@]}"
+fi
 
 # The library as `cmake --install` lays it out, from the build that `make` just made.
 prefix="$build/python-library"
