@@ -116,6 +116,34 @@ std::size_t PagePool::buffers() const noexcept {
   return buffers_;
 }
 
+void PagePool::charge(std::uint64_t client, std::size_t bytes) {
+  std::lock_guard lock(mu_);
+  auto& mine = per_client_[client];
+  if (mine + bytes > client_limit_)
+    throw Error(ErrorCode::out_of_capacity,
+                fmt::format("out of capacity: this client holds {} and its limit on this server is {}; drop finished "
+                            "sequences or shard over more servers",
+                            format_bytes(mine), format_bytes(client_limit_)));
+  trim_cache_for(bytes);
+  if (held() + bytes > limit_)
+    throw Error(ErrorCode::out_of_capacity,
+                fmt::format("out of capacity: the server's memory limit of {} is reached ({} in use, {} in receive buffers); "
+                            "drop finished sequences, raise --memory-limit or shard over more servers",
+                            format_bytes(limit_), format_bytes(in_use_), format_bytes(buffers_)));
+  in_use_ += bytes;
+  mine += bytes;
+}
+
+void PagePool::uncharge(std::uint64_t client, std::size_t bytes) noexcept {
+  std::lock_guard lock(mu_);
+  in_use_ -= std::min(bytes, in_use_);
+  auto it = per_client_.find(client);
+  if (it != per_client_.end()) {
+    it->second -= std::min(bytes, it->second);
+    if (it->second == 0) per_client_.erase(it);
+  }
+}
+
 void PagePool::release(std::uint64_t client, std::byte* page, std::size_t bytes) noexcept {
   std::lock_guard lock(mu_);
   in_use_ -= bytes;
@@ -149,6 +177,8 @@ std::size_t PagePool::reserved() const noexcept {
 KvStore::KvStore(const KvStoreOptions& opt) : opt_(opt), pool_(opt.memory_limit, opt.per_client_limit) {
   LONGATTN_INVALID(opt.page_tokens > 0 && opt.page_tokens % kernels::kDecodeBlockTokens == 0,
                    "page_tokens {} must be a positive multiple of {}", opt.page_tokens, kernels::kDecodeBlockTokens);
+  LONGATTN_INVALID(opt.device == "cpu" || opt.device == "cuda", "device must be cpu or cuda, got '{}'", opt.device);
+  if (opt.device == "cuda") gpu_ = std::make_unique<GpuAttention>();
 }
 
 KvStore::~KvStore() {
@@ -157,8 +187,10 @@ KvStore::~KvStore() {
 }
 
 KvStore::Sequence::~Sequence() {
-  for (auto& l : layers)
+  for (auto& l : layers) {
     for (auto* p : l.pages) pool->release(client, p, page_bytes);
+    pool->uncharge(client, l.gpu.bytes());
+  }
 }
 
 std::shared_ptr<KvStore::Sequence> KvStore::find(std::uint64_t client, std::uint64_t seq) const {
@@ -177,6 +209,10 @@ void KvStore::open(std::uint64_t client, const Open& m) {
                      "sequence {} is already open with another geometry ({} layers, {} kv heads, head dim {}, {}); drop it first",
                      m.seq, g.layers, g.kv_heads, g.head_dim, to_string(g.dtype));
     return;
+  }
+  if (gpu_) {
+    const std::string why = gpu_->unsupported_reason(m);
+    LONGATTN_REQUIRE(why.empty(), ErrorCode::unsupported, "sequence {}: {}", m.seq, why);
   }
   auto s = std::make_shared<Sequence>();
   s->geom = m;
@@ -204,6 +240,20 @@ std::int64_t KvStore::append(std::uint64_t client, const Append& m) {
   const int P = opt_.page_tokens;
   const std::size_t es = dtype_size(g.dtype), row = static_cast<std::size_t>(g.head_dim) * es;
   const std::int64_t new_len = L.length + m.tokens;
+  if (gpu_) {
+    // Charged before anything moves, so a capacity error leaves the layer as it was.
+    const std::size_t token_row = row * g.kv_heads, before = L.gpu.bytes(), after = L.gpu.bytes_after(m.tokens, token_row);
+    if (after > before) pool_.charge(client, after - before);
+    try {
+      L.gpu.append(gpu_->ops(), m.k.data(), m.v.data(), m.tokens, token_row);
+    } catch (...) {
+      if (after > before) pool_.uncharge(client, after - before);
+      throw;
+    }
+    L.length = new_len;
+    tokens_ += m.tokens;
+    return L.length;
+  }
   // Reserve every page first, so a capacity error leaves the layer as it was.
   const std::size_t have = L.pages.size(), need = static_cast<std::size_t>((new_len + P - 1) / P);
   try {
@@ -314,6 +364,7 @@ AttendStats KvStore::attend(std::uint64_t client, const Attend& m, float* o, flo
                      "attend: layer {} of sequence {} holds {} tokens, the request expects {} (a lost append?); drop and "
                      "reopen the sequence",
                      m.layer, m.seqs[i].seq, L.length, m.seqs[i].length);
+    if (gpu_) continue;
     ds[i].pages = const_cast<const std::byte* const*>(L.pages.data());
     ds[i].length = L.length;
     ds[i].kv_start = seqs[i]->geom.kv_start;
@@ -329,6 +380,7 @@ AttendStats KvStore::attend(std::uint64_t client, const Attend& m, float* o, flo
   // q arrives as little-endian f32 bytes; copy to aligned floats (this side is x86/ARM, little-endian).
   std::vector<float> q(m.q.size() / 4);
   std::memcpy(q.data(), m.q.data(), m.q.size());
+  if (gpu_) return attend_on_gpu(m, seqs, q.data(), o, lse);
   a.q = q.data();
   a.q_positions = (m.flags & kAttendHasPositions) ? m.positions.data() : nullptr;
   a.threads = threads;
@@ -339,6 +391,38 @@ AttendStats KvStore::attend(std::uint64_t client, const Attend& m, float* o, flo
   AttendStats st;
   st.kernel_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   st.kv_bytes_read = kernels::decode_kv_bytes(a);
+  return st;
+}
+
+// One cuda backend call per sequence (the decode kernel takes one sequence at a time); the shared
+// locks taken by attend() are held throughout.
+AttendStats KvStore::attend_on_gpu(const Attend& m, const std::vector<std::shared_ptr<Sequence>>& seqs, const float* q, float* o,
+                                   float* lse) {
+  const auto t0 = std::chrono::steady_clock::now();
+  AttendStats st;
+  const std::size_t row = static_cast<std::size_t>(m.q_heads) * m.head_dim;
+  std::int64_t q_begin = 0;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const auto& g = seqs[i]->geom;
+    const Layer& L = seqs[i]->layers[m.layer];
+    GpuAttendPart part;
+    part.kv = &L.gpu;
+    part.q_heads = static_cast<int>(m.q_heads);
+    part.kv_heads = static_cast<int>(g.kv_heads);
+    part.head_dim = static_cast<int>(g.head_dim);
+    part.dtype = g.dtype;
+    part.kv_start = g.kv_start;
+    part.q_count = static_cast<int>(m.seqs[i].q_count);
+    part.q = q + static_cast<std::size_t>(q_begin) * row;
+    part.positions = (m.flags & kAttendHasPositions) ? m.positions.data() + q_begin : nullptr;
+    part.o = o + static_cast<std::size_t>(q_begin) * row;
+    part.lse = lse + q_begin;
+    part.lse_pitch = static_cast<std::size_t>(m.total_q);
+    gpu_->attend(part);
+    st.kv_bytes_read += L.gpu.length() > 0 ? 2 * static_cast<std::size_t>(L.gpu.length()) * g.kv_heads * g.head_dim * dtype_size(g.dtype) : 0;
+    q_begin += m.seqs[i].q_count;
+  }
+  st.kernel_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return st;
 }
 

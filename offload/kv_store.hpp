@@ -2,7 +2,8 @@
 // memory (the page layout the decode kernel reads), from a page pool that enforces a global memory
 // limit and a per-client limit. Running out is a clear Error(out_of_capacity) for that request
 // only; everyone else keeps being served. Thread-safe: attends hold shared locks on their
-// sequences while the kernel runs, appends an exclusive one.
+// sequences while the kernel runs, appends an exclusive one. With device "cuda" the KV lives in GPU
+// memory instead of pages (gpu_kv.hpp), under the same limits and checks.
 #pragma once
 
 #include <atomic>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "kernels/cpu_decode.hpp"
+#include "offload/gpu_kv.hpp"
 #include "offload/protocol.hpp"
 
 namespace longattn::offload {
@@ -40,6 +42,9 @@ class PagePool {
   // Throws Error(out_of_capacity) when `bytes` more would pass the limit.
   void reserve_buffer(std::size_t bytes);
   void release_buffer(std::size_t bytes) noexcept;
+  // KV held elsewhere (GPU memory) counted like pages: the same limits, the same errors.
+  void charge(std::uint64_t client, std::size_t bytes);
+  void uncharge(std::uint64_t client, std::size_t bytes) noexcept;
 
   std::size_t memory_limit() const noexcept { return limit_; }
   std::size_t in_use() const noexcept;    // bytes held by sequences
@@ -62,6 +67,7 @@ struct KvStoreOptions {
   std::size_t memory_limit = std::size_t{1} << 30;
   std::size_t per_client_limit = 0;  // 0 = the memory limit
   int page_tokens = 64;  // 64 tokens: one page per kv head is >= 8 KiB of contiguous rows at head_dim 64
+  std::string device = "cpu";  // "cuda": KV in GPU memory, attention by the cuda backend
 };
 
 // One sequence as an operator sees it (the admin listing).
@@ -108,6 +114,7 @@ class KvStore {
   struct Layer {
     std::vector<std::byte*> pages;
     std::int64_t length = 0;
+    GpuLayerKv gpu;  // device "cuda" only
   };
   struct Sequence {
     Open geom;
@@ -123,8 +130,11 @@ class KvStore {
 
   std::shared_ptr<Sequence> find(std::uint64_t client, std::uint64_t seq) const;
 
+  AttendStats attend_on_gpu(const Attend& m, const std::vector<std::shared_ptr<Sequence>>& seqs, const float* q, float* o, float* lse);
+
   KvStoreOptions opt_;
   PagePool pool_;
+  std::unique_ptr<GpuAttention> gpu_;  // device "cuda" only
   mutable std::mutex mu_;
   std::map<Key, std::shared_ptr<Sequence>> seqs_;
   std::atomic<std::size_t> tokens_{0};

@@ -65,7 +65,7 @@ constexpr auto kDrainLimit = std::chrono::seconds(30);
 struct Server::Impl {
   explicit Impl(ServerOptions o, const Server& server)
       : opt(std::move(o)),
-        store(KvStoreOptions{opt.memory_limit, opt.per_client_limit, opt.page_tokens}),
+        store(KvStoreOptions{opt.memory_limit, opt.per_client_limit, opt.page_tokens, opt.device}),
         requests(opt, store, counters, compute, [&server] { return server.metrics_text(); }),
         admin(opt.token, store, requests, [&server] { return server.metrics_text(); }),
         tls(opt.tls.enabled() ? make_server_tls_context(opt.tls) : nullptr) {}
@@ -155,8 +155,9 @@ void Server::start() {
   impl.compute.start();
   for (int i = 0; i < impl.opt.io_threads; ++i) impl.io_threads.emplace_back([&impl] { impl.io.run(); });
   logger(Subsystem::offload)
-      .info("serving on {} port {} ({}{}; memory limit {}){}", impl.opt.listen, this->port(), impl.opt.transport,
-            impl.tls ? (impl.opt.tls.require_client_cert ? " with mutual TLS" : " with TLS") : "", format_bytes(impl.opt.memory_limit),
+      .info("serving on {} port {} ({}{}; KV in {} memory, limit {}){}", impl.opt.listen, this->port(), impl.opt.transport,
+            impl.tls ? (impl.opt.tls.require_client_cert ? " with mutual TLS" : " with TLS") : "", impl.opt.device == "cuda" ? "GPU" : "host",
+            format_bytes(impl.opt.memory_limit),
             impl.opt.metrics_listen.empty() ? "" : fmt::format("; metrics on port {}", metrics_port()));
 }
 

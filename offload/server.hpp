@@ -33,6 +33,7 @@ struct ServerOptions {
   double frame_timeout_s = 60;    // a started frame (header and payload) must arrive completely within this
   double orphan_timeout_s = 60;   // sequences of a client id with no connection are dropped after this; 0 = never
   ServerTlsOptions tls;           // TLS on the protocol port (tcp only); off unless a certificate is given
+  std::string device = "cpu";     // "cuda": KV in GPU memory, attends by the cuda backend (gpu_kv.hpp)
   Limits limits;
 };
 
