@@ -19,6 +19,7 @@
 
 #include "common/check.hpp"
 #include "longattn/log.hpp"
+#include "offload/cpu_affinity.hpp"
 #include "offload/server.hpp"
 #include "offload/token_file.hpp"
 
@@ -35,6 +36,9 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
                             memory and the cuda backend's decode kernel (bf16/fp16 KV, head_dim 64 or 128; only where
                             built with CUDA and a GPU is visible); --memory-limit then bounds the GPU memory for KV
   --io-threads N            network threads (default 2)
+  --cpus LIST               run every thread of this server on these CPUs only, e.g. 0-15 (one server per socket:
+                            its socket's CPUs); --threads then defaults to their number
+  --numa-node N             the same with the CPUs of NUMA node N (KV pages, first touched by these threads, stay local)
   --memory-limit SIZE       KV memory this server may hold, e.g. 64G (default 1G)
   --per-client-limit SIZE   KV memory one client id may hold (default: the memory limit)
   --metrics-listen HOST:PORT  serve Prometheus text on GET /metrics, plain HTTP (default: off; PORT alone = 127.0.0.1:PORT)
@@ -56,7 +60,7 @@ const char* kUsage = R"(usage: longattn-offload-server --token-file FILE [flags]
 const std::set<std::string> kKeys = {"listen",      "token-file", "threads",   "io-threads", "memory-limit", "per-client-limit",
                                      "metrics-listen", "transport", "max-frame", "max-connections", "page-tokens", "config",
                                      "frame-timeout", "hello-timeout", "max-unauthenticated", "orphan-timeout",
-                                     "tls-cert", "tls-key", "tls-ca", "tls-require-client-cert", "device"};
+                                     "tls-cert", "tls-key", "tls-ca", "tls-require-client-cert", "device", "cpus", "numa-node"};
 // Flags that take no value on the command line (true when given); in a config file: key=true|false.
 const std::set<std::string> kSwitches = {"tls-require-client-cert"};
 
@@ -179,6 +183,14 @@ int main(int argc, char** argv) {
     opt.tls.require_client_cert = to_bool(kv, "tls-require-client-cert");
     opt.device = kv.count("device") ? kv["device"] : "cpu";
     LONGATTN_INVALID(opt.device == "cpu" || opt.device == "cuda", "--device must be cpu or cuda, got '{}'", opt.device);
+    // Before any thread starts, so that every thread of the server inherits the CPU set.
+    LONGATTN_INVALID(!(kv.count("cpus") && kv.count("numa-node")), "give --cpus or --numa-node, not both");
+    if (kv.count("cpus") || kv.count("numa-node")) {
+      const auto cpus = kv.count("cpus") ? offload::parse_cpu_list(kv["cpus"])
+                                         : offload::numa_node_cpus(static_cast<int>(to_int(kv, "numa-node", 0, 0, 1 << 16)));
+      offload::restrict_to_cpus(cpus);
+      if (!kv.count("threads")) opt.compute_threads = static_cast<int>(cpus.size());
+    }
 
     // Signals go to this thread only (blocked before any other thread exists), taken by sigwait.
     sigset_t set;
