@@ -45,6 +45,7 @@ struct Shape {
   bool causal;
   int hq, hkv, d;
   DType dtype;
+  std::string machine = "h100";  // the cost model the planner balances with
 };
 
 std::string describe(const Shape& s) {
@@ -63,7 +64,7 @@ BalanceRequest request_for(const Shape& s, const std::vector<std::int64_t>& leng
   r.dtype = s.dtype;
   r.causal = s.causal;
   r.balance = s.balance;
-  r.machine = "h100";
+  r.machine = s.machine;
   // A cap just below the long sequence's length, so that it must run over a group of ranks.
   if (s.balance == Balance::hierarchical && ranks > 1) r.cap_tokens = *std::max_element(lengths.begin(), lengths.end()) - 1;
   return r;
@@ -142,11 +143,14 @@ void expect_close(const HostTensor& got, const HostTensor& want, double tol, con
 }
 
 // The executor on the attention layout against the reference, forward and backward.
-void check_attention(Communicator& comm, const Shape& s, std::uint64_t seed) {
+// Returns the number of hybrid groups the plan ran.
+int check_attention(Communicator& comm, const Shape& s, std::uint64_t seed, std::vector<std::int64_t> lengths = {}) {
   std::mt19937_64 rng(seed);
-  const auto lengths = random_lengths(rng);
+  if (lengths.empty()) lengths = random_lengths(rng);
   SCOPED_TRACE(fmt::format("{} lengths {} seed {} rank {}/{}", describe(s), fmt::join(lengths, ","), seed, comm.rank(), comm.size()));
   const BalancedBatch batch(request_for(s, lengths, comm.size()));
+  int hybrid = 0;
+  for (const auto& g : batch.groups()) hybrid += g.sharding == "hybrid";
   Reference ref(rng, s, batch.cu_seqlens());
   VarlenAttention attention(comm, batch, {}, make_backend("cpu"));
   const auto rows = attention_rows(batch, comm.rank());
@@ -166,6 +170,7 @@ void check_attention(Communicator& comm, const Shape& s, std::uint64_t seed) {
   expect_close(dq, take_rows(ref.dq, rows), tol.backward, "dq");
   expect_close(dk, take_rows(ref.dk, rows), tol.backward, "dk");
   expect_close(dv, take_rows(ref.dv, rows), tol.backward, "dv");
+  return hybrid;
 }
 
 const Balance kExecutable[] = {Balance::hierarchical, Balance::per_sequence_zigzag, Balance::whole_sequences};
@@ -181,6 +186,21 @@ TEST(VarlenAttention, EveryExecutableBalanceMatchesTheReference) {
 TEST(VarlenAttention, Bf16Inputs) {
   auto comm = make_mpi_world_communicator();
   for (const Balance balance : kExecutable) check_attention(*comm, {balance, true, 4, 2, 32, DType::bf16}, shared_seed(*comm));
+}
+
+// Groups that run the Ulysses x ring hybrid: the H200 model with 8 query heads picks it for the long
+// sequence of this batch on 2 nodes of 2 ranks (checked there), and for random batches where it will.
+TEST(VarlenAttention, HybridGroupsMatchTheReference) {
+  auto comm = make_mpi_world_communicator();
+  const std::vector<std::int64_t> known{0, 1, 40, 1100, 110, 8, 250, 2, 90, 150, 5, 380};
+  for (const bool causal : {true, false}) {
+    const Shape s{Balance::hierarchical, causal, 8, 2, 8, DType::f32, "h200"};
+    const int hybrid = check_attention(*comm, s, shared_seed(*comm), known);
+    if (comm->size() == 4) {
+      EXPECT_GE(hybrid, 1) << "the known batch no longer runs a hybrid group on 4 ranks";
+    }
+    check_attention(*comm, s, shared_seed(*comm));
+  }
 }
 
 // A batch whose long sequence cannot sit on one rank under the cap runs over a group of ranks: the
