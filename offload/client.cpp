@@ -710,9 +710,31 @@ std::future<void> Client::append_attend(int layer, int q_heads, int head_dim, st
   auto& impl = *impl_;
   LONGATTN_INVALID(!queries.empty() && q && k && v && o && lse, "append_attend: needs queries, q, k, v, o and lse");
   LONGATTN_INVALID(q_heads >= 1 && head_dim >= 1, "append_attend: q_heads and head_dim must be positive");
-  // One round trip reaches one server, so it cannot keep a second copy of the new tokens.
-  LONGATTN_REQUIRE(!impl.replicas->replicated(), ErrorCode::unsupported,
-                   "append_attend writes one copy of the new tokens: with replicas > 1 use append and attend");
+  // One round trip reaches one server, which cannot keep a second copy of the new tokens: with
+  // replicas the tokens go to every copy by append and the queries by attend (which fails over).
+  // A connection's requests are served in order, so the attend is sent without waiting.
+  if (impl.replicas->replicated()) {
+    std::size_t row = 0;
+    {
+      std::lock_guard lock(impl.seqs_mutex);
+      auto it = impl.seqs.find(queries.front().seq);
+      LONGATTN_INVALID(it != impl.seqs.end(), "append_attend: sequence {} was not opened by this client", queries.front().seq);
+      const auto& spec = it->second.spec;
+      row = static_cast<std::size_t>(spec.kv_heads) * spec.head_dim * dtype_size(spec.dtype);
+    }
+    std::vector<std::future<void>> parts;
+    std::size_t r = 0;
+    for (const auto& dq : queries) {
+      if (dq.q_count > 0)
+        parts.push_back(append(dq.seq, layer, static_cast<const std::byte*>(k) + r * row, static_cast<const std::byte*>(v) + r * row, dq.q_count));
+      r += static_cast<std::size_t>(dq.q_count);
+    }
+    parts.push_back(attend(layer, q_heads, head_dim, queries, q, o, lse));
+    return std::async(std::launch::deferred, [parts = std::move(parts), answered_at]() mutable {
+      for (auto& f : parts) f.get();
+      if (answered_at) *answered_at = Clock::now();
+    });
+  }
   std::vector<QueriedSequence> queried;
   queried.reserve(queries.size());
   auto join = std::shared_ptr<Join<void>>();

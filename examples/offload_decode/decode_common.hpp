@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "longattn/backend.hpp"
+#include "longattn/error.hpp"
 #include "longattn/offload_client.hpp"
 
 namespace offload_decode {
@@ -34,7 +35,13 @@ inline std::vector<double> servers_metric(longattn::offload::Client& c, std::siz
   std::vector<double> values(servers, -1);
   const std::string prefix = name + " ";
   for (std::size_t i = 0; i < servers; ++i) {
-    std::istringstream in(c.server_stats(static_cast<int>(i)).get());
+    std::string text;
+    try {
+      text = c.server_stats(static_cast<int>(i)).get();
+    } catch (const longattn::Error&) {
+      continue;  // a failed server (with --replicas the decode went on without it)
+    }
+    std::istringstream in(text);
     for (std::string line; std::getline(in, line);)
       if (line.rfind(prefix, 0) == 0) values[i] = std::strtod(line.c_str() + prefix.size(), nullptr);
   }

@@ -60,6 +60,10 @@ constexpr const char* kUsage = R"(usage: offload_decode --servers HOST:PORT[,HOS
   --transport T     tcp or ucx (ucx where built with UCX; the servers must use the same)
   --micro-batches N split the batch into N micro-batches kept in flight: while the servers attend one at
                     layer L, the model computes another (default 1; 2 or 3 hide the attention)
+  --replicas N      keep every piece of KV on N servers; reads fail over when one fails (default 1)
+  --tls             TLS to the servers (started with --tls-cert); --tls-ca FILE: the CA that signed their
+                    certificates (default: the system's), --tls-cert FILE --tls-key FILE: this client's
+                    certificate (mutual TLS), --tls-server-name NAME: the name their certificates carry
   --seed S          (default 1)
   --check           compare every attention with the local cpu backend (keeps an f32 copy of the KV on
                     this host: use small sizes)
@@ -308,8 +312,9 @@ int run_cpu(const Config& cfg) {
 int run(int argc, char** argv) {
   examples::Flags f(argc, argv, kUsage,
                     {"servers", "token-file", "layers", "batch", "context", "steps", "heads", "kv-heads", "head-dim", "dtype",
-                     "shard-tokens", "timeout-ms", "seed", "transport", "device", "micro-batches"},
-                    {"check", "local-attention", "find-max-batch"});
+                     "shard-tokens", "timeout-ms", "seed", "transport", "device", "micro-batches", "replicas", "tls-ca", "tls-cert",
+                     "tls-key", "tls-server-name"},
+                    {"check", "local-attention", "find-max-batch", "tls"});
   Config c;
   const std::string device = f.str("device", "cpu");
   if (device != "cpu" && device != "cuda") throw Error(ErrorCode::invalid_argument, "--device must be cpu or cuda, got '" + device + "'");
@@ -346,6 +351,14 @@ int run(int argc, char** argv) {
     c.client.timeout = std::chrono::milliseconds(f.integer("timeout-ms", 10000, 1, 3600000));
     c.client.shard_tokens = f.integer("shard-tokens", 0, 0, std::int64_t{1} << 40);
     c.client.transport = f.str("transport", "tcp");
+    c.client.replicas = static_cast<int>(f.integer("replicas", 1, 1, static_cast<std::int64_t>(c.client.servers.size())));
+    c.client.tls.enabled = f.flag("tls");
+    if (!c.client.tls.enabled && (f.has("tls-ca") || f.has("tls-cert") || f.has("tls-key") || f.has("tls-server-name")))
+      throw Error(ErrorCode::invalid_argument, "--tls-ca, --tls-cert, --tls-key and --tls-server-name need --tls");
+    c.client.tls.ca_file = f.str("tls-ca", "");
+    c.client.tls.cert_file = f.str("tls-cert", "");
+    c.client.tls.key_file = f.str("tls-key", "");
+    c.client.tls.server_name = f.str("tls-server-name", "");
   }
   if (device == "cpu") return run_cpu(c);
 #if defined(LONGATTN_HAVE_CUDA)

@@ -86,7 +86,9 @@ class Client {
   // [total_q, kv_heads, head_dim] in the sequences' dtype, the same for every sequence of the
   // call), then attends as attend() does. Never retried (a lost reply leaves the append unknown:
   // the sequence is then marked broken). `answered_at`, when given, receives the time the answer
-  // was complete, so a pipeline can measure the attention side without waiting on it.
+  // was complete, so a pipeline can measure the attention side without waiting on it. With
+  // replicas > 1 it is an append to every copy and an attend, sent at once; the future is then
+  // deferred (it completes in get(), and answered_at is the time of the get).
   std::future<void> append_attend(int layer, int q_heads, int head_dim, std::span<const DecodeQuery> queries, const float* q,
                                   const void* k, const void* v, float* o, float* lse,
                                   std::chrono::steady_clock::time_point* answered_at = nullptr);

@@ -1,12 +1,14 @@
 // KV replication (ClientOptions::replicas): with two copies, a server killed with SIGKILL in the
 // middle of a decode loses nothing (every later answer still equals the double reference, reads
-// fail over to the copy); with one copy the same kill gives a clear error naming the server, and
-// losing both copies says so. Servers are real daemons, so the kill is a real crash.
+// fail over to the copy), through append + attend and through append_attend; with one copy the
+// same kill gives a clear error naming the server, and losing both copies says so. Servers are
+// real daemons, so the kill is a real crash.
 #include <gtest/gtest.h>
 
 #include <signal.h>
 
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -155,22 +157,48 @@ TEST(OffloadReplicas, LosingEveryCopySaysSo) {
   EXPECT_EQ(error.find("wrong answer"), std::string::npos) << error;
 }
 
-TEST(OffloadReplicas, AppendAttendWithReplicasIsRefused) {
-  auto s1 = test::start_server(), s2 = test::start_server();
+// append_attend (one decode step of a layer in one call) with replicas: the new tokens reach every
+// copy, and a server killed between two layers of a step loses nothing.
+TEST(OffloadReplicas, AppendAttendKeepsEveryCopy) {
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  Servers servers(3);
   ClientOptions co;
-  co.servers = {test::addr(*s1), test::addr(*s2)};
+  co.servers = servers.addresses();
   co.token = test::kToken;
+  co.timeout = 5s;
   co.replicas = 2;
   Client c(co);
-  c.open({1, 1, 1, 32, DType::f32}).get();
-  const std::vector<DecodeQuery> qs = {{1, 1}};
-  std::vector<float> q(32, 0.5f), k(32, 0.25f), v(32, -0.5f), o(32), lse(1);
-  try {
-    c.append_attend(0, 1, 32, qs, q.data(), k.data(), v.data(), o.data(), lse.data()).get();
-    ADD_FAILURE() << "append_attend accepted with replicas 2";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::unsupported);
-    EXPECT_NE(std::string(e.what()).find("use append and attend"), std::string::npos) << e.what();
+  const int layers = 2, q_heads = 4, kv_heads = 2, head_dim = 32, steps = 4, B = 4;
+  std::vector<std::int64_t> lens = {30, 64, 7, 101};
+  std::vector<std::int64_t> final_lens = lens;
+  for (auto& l : final_lens) l += steps;
+  std::vector<test::DenseKv> kv;
+  for (int l = 0; l < layers; ++l) kv.emplace_back(rng, DType::bf16, kv_heads, head_dim, final_lens);
+  for (int s = 0; s < B; ++s) c.open({static_cast<std::uint64_t>(s + 1), layers, kv_heads, head_dim, DType::bf16}).get();
+  for (int l = 0; l < layers; ++l)
+    for (int s = 0; s < B; ++s) c.append(static_cast<std::uint64_t>(s + 1), l, kv[l].k_at(s, 0), kv[l].v_at(s, 0), lens[s]).get();
+  std::vector<DecodeQuery> qs;
+  for (int s = 0; s < B; ++s) qs.push_back({static_cast<std::uint64_t>(s + 1), 1});
+  std::uniform_real_distribution<float> val(-1, 1);
+  const std::size_t row = kv[0].row_bytes();
+  for (int step = 0; step < steps; ++step) {
+    for (auto& x : lens) ++x;
+    for (int l = 0; l < layers; ++l) {
+      if (step == 2 && l == 1) servers.kill(1);
+      std::vector<std::byte> k(B * row), v(B * row);
+      for (int s = 0; s < B; ++s) {
+        std::memcpy(k.data() + s * row, kv[l].k_at(s, lens[s] - 1), row);
+        std::memcpy(v.data() + s * row, kv[l].v_at(s, lens[s] - 1), row);
+      }
+      std::vector<float> q(B * q_heads * head_dim), o(q.size()), lse(B * q_heads), o_ref, lse_ref;
+      for (auto& x : q) x = val(rng);
+      c.append_attend(l, q_heads, head_dim, qs, q.data(), k.data(), v.data(), o.data(), lse.data()).get();
+      test::reference_decode(kv[l], lens, std::vector<int>(B, 1), q_heads, q, o_ref, lse_ref);
+      ASSERT_LT(test::max_abs_diff(o, o_ref), 1e-4) << "step " << step << " layer " << l;
+      ASSERT_LT(test::max_abs_diff(lse, lse_ref), 1e-4) << "step " << step << " layer " << l;
+    }
   }
 }
 
