@@ -235,8 +235,9 @@ std::unique_ptr<Communicator> make_tcp_communicator(const TcpRendezvous& where) 
   // so that the rendezvous is bounded by it too.
   const std::chrono::seconds timeout(env_int("LONGATTN_COMM_TIMEOUT_S"));
   set_log_rank(where.rank);
-  boost::asio::io_context io;
-  auto transport = std::make_shared<comm::TcpTransport>(comm::build_mesh(io, where, timeout));
+  auto io = std::make_unique<boost::asio::io_context>();
+  auto mesh = comm::build_mesh(*io, where, timeout);
+  auto transport = std::make_shared<comm::TcpTransport>(std::move(io), std::move(mesh));
   std::vector<int> everyone(static_cast<std::size_t>(where.world_size));
   for (int r = 0; r < where.world_size; ++r) everyone[static_cast<std::size_t>(r)] = r;
   auto world = std::make_unique<comm::TcpCommunicator>(std::move(transport), 1, std::move(everyone));

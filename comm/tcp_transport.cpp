@@ -20,8 +20,8 @@ struct WireHeader {
 };
 }  // namespace
 
-TcpTransport::TcpTransport(TcpMesh mesh)
-    : rank_(mesh.rank), size_(mesh.size), hostnames_(std::move(mesh.hostnames)), addresses_(std::move(mesh.addresses)),
+TcpTransport::TcpTransport(std::unique_ptr<boost::asio::io_context> io, TcpMesh mesh)
+    : io_(std::move(io)), rank_(mesh.rank), size_(mesh.size), hostnames_(std::move(mesh.hostnames)), addresses_(std::move(mesh.addresses)),
       peers_(static_cast<std::size_t>(mesh.size)) {
   for (int p = 0; p < size_; ++p) {
     if (p == rank_) continue;

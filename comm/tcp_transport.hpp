@@ -31,7 +31,8 @@ struct TcpOperation {
 
 class TcpTransport {
  public:
-  explicit TcpTransport(TcpMesh mesh);
+  // `io` is the context the mesh's sockets were made on: it must outlive them, so it lives here.
+  TcpTransport(std::unique_ptr<boost::asio::io_context> io, TcpMesh mesh);
   ~TcpTransport();
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
@@ -74,7 +75,7 @@ class TcpTransport {
   void deliver(const Key& key, std::vector<char> payload);  // with mu_ held
   void mark_dead(int peer, const std::string& why);          // with mu_ held
 
-  boost::asio::io_context io_;
+  std::unique_ptr<boost::asio::io_context> io_;  // first member: destroyed after every socket
   int rank_, size_;
   std::vector<std::string> hostnames_, addresses_;
   std::mutex mu_;
