@@ -20,7 +20,7 @@ using tcp = asio::ip::tcp;
 // already queued when the stream closed then finds a closed socket, not freed memory.
 struct SocketState {
   SocketState(asio::io_context& io, std::shared_ptr<asio::ssl::context> ctx)
-      : tls(std::move(ctx)), stream(tcp::socket(io), tls.get()), resolver(io) {}
+      : tls(std::move(ctx)), stream(io, tls.get()), resolver(io) {}
   std::shared_ptr<asio::ssl::context> tls;  // null: plain TCP
   TcpOrTlsStream stream;
   tcp::resolver resolver;

@@ -27,6 +27,15 @@ class TcpOrTlsStream {
     }
   }
 
+  // A fresh, unconnected socket on `io` (the client side).
+  TcpOrTlsStream(boost::asio::io_context& io, boost::asio::ssl::context* tls) {
+    if (tls) {
+      tls_.emplace(io, *tls);
+    } else {
+      plain_.emplace(io);
+    }
+  }
+
   bool is_tls() const { return tls_.has_value(); }
   TlsStream* tls() { return tls_ ? &*tls_ : nullptr; }
   SSL* ssl() { return tls_ ? tls_->native_handle() : nullptr; }
