@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "daemon_process.hpp"
+#include "http_request.hpp"
 #include "longattn/offload_client.hpp"
 #include "offload_test_util.hpp"
 #include "support/test_util.hpp"
@@ -186,6 +187,26 @@ TEST(OffloadTls, MutualTlsRefusesMissingUntrustedAndExpiredClientCertificates) {
   // A client with the right certificate is still served.
   Client ok(tls_client(pki, d.port(), "client"));
   EXPECT_NO_THROW(ok.open({1, 1, 1, 32, DType::bf16}).get());
+}
+
+// The metrics stay plain HTTP on their own port, next to a TLS protocol port; a bare port number
+// binds loopback.
+TEST(OffloadTls, MetricsStayOnTheirOwnLoopbackPort) {
+  test::TempDir dir;
+  test::TestPki pki(dir.path.string());
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.token = test::kToken;
+  o.metrics_listen = "0";
+  o.tls.cert_file = pki.file("server.pem");
+  o.tls.key_file = pki.file("server.key");
+  Server s(o);
+  s.start();
+  ASSERT_GT(s.metrics_port(), 0);
+  EXPECT_NE(s.metrics_port(), s.port());
+  const auto r = test::http(s.metrics_port(), "GET", "/metrics");
+  EXPECT_NE(r.status_line.find("200"), std::string::npos) << r.status_line;
+  EXPECT_NE(r.body.find("longattn_offload_tls_handshake_failures_total"), std::string::npos);
 }
 
 TEST(OffloadTls, DaemonRefusesInconsistentTlsFlags) {
