@@ -276,8 +276,14 @@ struct Client::Impl {
       stream->read(header_bytes.data(), header_bytes.size(), [self, gen](const std::string& err, std::size_t n) {
         if (gen != self->generation) return;
         if (!err.empty()) {
-          // A TLS error while the hello is answered is the server refusing this client's certificate.
-          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)),
+          // A TLS error while the hello is answered is the server refusing this client's certificate;
+          // a plain client's hello closed unanswered is often a TLS server refusing the handshake.
+          const bool in_hello = self->state == State::handshaking;
+          const std::string hint = in_hello && !self->client->tls && self->client->opt.transport == "tcp"
+                                       ? " (the server closed the connection before answering the hello: if it was started with "
+                                         "--tls-cert, turn TLS on in the client, ClientOptions::tls)"
+                                       : "";
+          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}{}", self->name, err, hint)),
                      self->state != State::ready, !is_tls_failure(err));
           return;
         }

@@ -158,6 +158,18 @@ TEST(OffloadTls, TlsClientToPlainServerSaysSo) {
   EXPECT_LT(took, 3s);
 }
 
+TEST(OffloadTls, PlainClientToTlsServerIsToldAboutTls) {
+  test::TempDir dir;
+  test::TestPki pki(dir.path.string());
+  auto server = start_tls_server(pki, "server", false);
+  auto co = tls_client(pki, server->port(), "");
+  co.tls = {};
+  co.timeout = 2s;
+  const auto [error, took] = first_error(co);
+  EXPECT_NE(error.find("turn TLS on in the client"), std::string::npos) << error;
+  EXPECT_GE(handshake_failures(*server), 1u);
+}
+
 // Mutual TLS against the daemon: both sides' messages.
 TEST(OffloadTls, MutualTlsRefusesMissingUntrustedAndExpiredClientCertificates) {
   test::TempDir dir;
