@@ -18,25 +18,27 @@
 namespace longattn::capi {
 namespace {
 
-Layout to_layout(longattn_layout l) {
-  switch (l) {
+Layout to_layout(int layout) {
+  switch (layout) {
     case LONGATTN_LAYOUT_CONTIGUOUS: return Layout::contiguous;
     case LONGATTN_LAYOUT_ZIGZAG: return Layout::zigzag;
     case LONGATTN_LAYOUT_STRIPED: return Layout::striped;
+    default: break;
   }
   throw Error(ErrorCode::invalid_argument, fmt::format("layout {} is not a longattn_layout: use LONGATTN_LAYOUT_CONTIGUOUS, "
-                                                       "_ZIGZAG or _STRIPED", static_cast<int>(l)));
+                                                       "_ZIGZAG or _STRIPED", layout));
 }
 
-Strategy to_strategy(longattn_strategy s) {
-  switch (s) {
+Strategy to_strategy(int strategy) {
+  switch (strategy) {
     case LONGATTN_STRATEGY_RING: return Strategy::ring;
     case LONGATTN_STRATEGY_ULYSSES: return Strategy::ulysses;
     case LONGATTN_STRATEGY_HYBRID: return Strategy::hybrid;
     case LONGATTN_STRATEGY_AUTO: return Strategy::automatic;
+    default: break;
   }
   throw Error(ErrorCode::invalid_argument, fmt::format("strategy {} is not a longattn_strategy: use LONGATTN_STRATEGY_RING, "
-                                                       "_ULYSSES, _HYBRID or _AUTO", static_cast<int>(s)));
+                                                       "_ULYSSES, _HYBRID or _AUTO", strategy));
 }
 
 longattn_strategy from_strategy(Strategy s) {
@@ -64,15 +66,15 @@ std::pair<AttentionProblem, ParallelOptions> translate(const longattn_attention_
   problem.q_heads = p.q_heads;
   problem.kv_heads = p.kv_heads;
   problem.head_dim = p.head_dim;
-  problem.dtype = to_dtype(p.dtype);
+  problem.dtype = to_dtype(enum_value(p.dtype));
   problem.causal = p.causal != 0;
-  problem.layout = to_layout(p.layout);
+  problem.layout = to_layout(enum_value(p.layout));
   ParallelOptions options;
-  options.strategy = to_strategy(p.strategy);
+  options.strategy = to_strategy(enum_value(p.strategy));
   options.ulysses_size = p.ulysses_size;
   if (p.machine_file) options.machine_file = p.machine_file;
   options.ring.scale = p.scale;
-  options.ring.gradient_transport = to_dtype(p.gradient_transport);
+  options.ring.gradient_transport = to_dtype(enum_value(p.gradient_transport));
   return {std::move(problem), std::move(options)};
 }
 
@@ -114,7 +116,7 @@ std::array<TensorView, N> checked_views(longattn_attention& a, const std::array<
 // Rows of a token-major tensor and the bytes of one row; throws unless it is a CPU tensor.
 std::pair<std::int64_t, std::size_t> host_rows(const char* name, const longattn_tensor* desc) {
   if (auto problem = descriptor_problem(name, desc); !problem.empty()) throw Error(ErrorCode::invalid_argument, problem);
-  if (desc->device.kind != LONGATTN_DEVICE_CPU)
+  if (enum_value(desc->device.kind) != LONGATTN_DEVICE_CPU)
     throw Error(ErrorCode::invalid_argument,
                 fmt::format("tensor '{}' is in GPU memory, but shard and unshard copy host memory: gather on the device "
                             "with the indices of longattn_attention_shard_index instead", name));
@@ -130,7 +132,7 @@ std::pair<RankShard, std::size_t> rows_to_copy(const longattn_attention& a, int 
     throw Error(ErrorCode::invalid_argument, fmt::format("rank {} is outside [0, {})", rank, shards.world()));
   const auto [global_rows, global_row_bytes] = host_rows("global", global);
   const auto [local_rows, local_row_bytes] = host_rows("local", local);
-  bool same_rows = global->dtype == local->dtype && global->ndim == local->ndim;
+  bool same_rows = enum_value(global->dtype) == enum_value(local->dtype) && global->ndim == local->ndim;
   for (int k = 1; same_rows && k < global->ndim; ++k) same_rows = global->shape[k] == local->shape[k];
   if (!same_rows)
     throw Error(ErrorCode::invalid_argument, fmt::format("global {} and local {} must have the same dtype and the same "

@@ -3,6 +3,7 @@
 // that no C++ exception ever unwinds into C.
 #pragma once
 
+#include <cstring>
 #include <string>
 
 #include "longattn/error.hpp"
@@ -12,6 +13,17 @@ namespace longattn::capi {
 
 void set_last_error(const std::string& message) noexcept;
 longattn_status status_of(ErrorCode code) noexcept;
+
+// The integer a C caller stored in an enum field or argument. C lets any int live there; C++ may
+// not read an out-of-range value as the enum type, so the C API reads the bytes and checks the
+// integer against the enum's values.
+template <class CEnum>
+int enum_value(const CEnum& field) noexcept {
+  static_assert(sizeof(CEnum) == sizeof(int), "C enums of this API are ints");
+  int value;
+  std::memcpy(&value, &field, sizeof value);
+  return value;
+}
 
 // Throws Error(invalid_argument) naming `what` when `p` is null.
 inline void require_non_null(const void* p, const char* what) {

@@ -44,7 +44,7 @@ const char* longattn_version_string(void) { return LONGATTN_VERSION_STRING; }
 const char* longattn_last_error(void) { return longattn::capi::last_error.c_str(); }
 
 const char* longattn_status_name(longattn_status status) {
-  switch (status) {
+  switch (longattn::capi::enum_value(status)) {
     case LONGATTN_OK: return "ok";
     case LONGATTN_ERROR_INVALID_ARGUMENT: return "invalid_argument";
     case LONGATTN_ERROR_UNSUPPORTED: return "unsupported";
@@ -55,8 +55,8 @@ const char* longattn_status_name(longattn_status status) {
     case LONGATTN_ERROR_PROTOCOL: return "protocol";
     case LONGATTN_ERROR_UNAUTHORIZED: return "unauthorized";
     case LONGATTN_ERROR_INTERNAL: return "internal";
+    default: return "unknown status";
   }
-  return "unknown status";
 }
 
 }  // extern "C"

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <cstring>
 #include <span>
 #include <vector>
 
@@ -11,30 +12,32 @@
 
 namespace longattn::capi {
 
-DType to_dtype(longattn_dtype t) {
-  switch (t) {
+DType to_dtype(int dtype) {
+  switch (dtype) {
     case LONGATTN_DTYPE_F32: return DType::f32;
     case LONGATTN_DTYPE_BF16: return DType::bf16;
     case LONGATTN_DTYPE_F16: return DType::f16;
+    default: break;
   }
   throw Error(ErrorCode::invalid_argument,
-              fmt::format("dtype {} is not a longattn_dtype: use LONGATTN_DTYPE_F32, _BF16 or _F16", static_cast<int>(t)));
+              fmt::format("dtype {} is not a longattn_dtype: use LONGATTN_DTYPE_F32, _BF16 or _F16", dtype));
 }
 
-Device to_device(longattn_device d) {
-  if (d.kind != LONGATTN_DEVICE_CPU && d.kind != LONGATTN_DEVICE_CUDA)
+Device to_device(const longattn_device& d) {
+  const int kind = enum_value(d.kind);
+  if (kind != LONGATTN_DEVICE_CPU && kind != LONGATTN_DEVICE_CUDA)
     throw Error(ErrorCode::invalid_argument,
-                fmt::format("device kind {} is not a longattn_device_kind: use LONGATTN_DEVICE_CPU or _CUDA", static_cast<int>(d.kind)));
-  if (d.index < 0 || (d.kind == LONGATTN_DEVICE_CPU && d.index != 0))
+                fmt::format("device kind {} is not a longattn_device_kind: use LONGATTN_DEVICE_CPU or _CUDA", kind));
+  if (d.index < 0 || (kind == LONGATTN_DEVICE_CPU && d.index != 0))
     throw Error(ErrorCode::invalid_argument,
                 fmt::format("device index {} is invalid: the CPU is index 0, CUDA devices 0 and up", d.index));
-  return {d.kind == LONGATTN_DEVICE_CPU ? DeviceKind::cpu : DeviceKind::cuda, d.index};
+  return {kind == LONGATTN_DEVICE_CPU ? DeviceKind::cpu : DeviceKind::cuda, d.index};
 }
 
 std::string descriptor_problem(const char* name, const longattn_tensor* desc) {
   if (!desc) return fmt::format("tensor '{}' is NULL: pass a longattn_tensor descriptor", name);
   try {
-    to_dtype(desc->dtype);
+    to_dtype(enum_value(desc->dtype));
     to_device(desc->device);
   } catch (const Error& e) {
     return fmt::format("tensor '{}': {}", name, e.what());
@@ -64,7 +67,7 @@ std::string descriptor_problem(const char* name, const longattn_tensor* desc) {
 TensorView to_view(const longattn_tensor& desc) {
   TensorView v;
   v.data = desc.data;
-  v.dtype = to_dtype(desc.dtype);
+  v.dtype = to_dtype(enum_value(desc.dtype));
   v.device = to_device(desc.device);
   v.ndim = desc.ndim;
   std::int64_t s = 1;
@@ -83,7 +86,7 @@ extern "C" longattn_tensor longattn_tensor_contiguous(void* data, longattn_dtype
                                                       const int64_t* shape) {
   longattn_tensor t{};
   t.data = data;
-  t.dtype = dtype;
+  std::memcpy(&t.dtype, &dtype, sizeof dtype);  // as given: a value outside the enum is refused later
   t.device = device;
   if (ndim < 1 || ndim > longattn::TensorView::kMaxDims || !shape) return t;  // ndim 0: refused by every call
   t.ndim = ndim;

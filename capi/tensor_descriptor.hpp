@@ -9,8 +9,10 @@
 
 namespace longattn::capi {
 
-DType to_dtype(longattn_dtype t);  // throws Error(invalid_argument) on a value outside the enum
-Device to_device(longattn_device d);
+// The C enums' values (read with enum_value) as C++ types; Error(invalid_argument) on a value
+// outside the enum.
+DType to_dtype(int dtype);
+Device to_device(const longattn_device& d);
 
 // Empty when `desc` can be read as a TensorView, else what is wrong with it and what to do,
 // naming the tensor `name`. A null `desc` is a problem too.

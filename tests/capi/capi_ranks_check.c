@@ -239,6 +239,8 @@ int main(void) {
   uint64_t seed;
 
   if (longattn_abi_version() != LONGATTN_ABI_VERSION) fail("abi version", "the library and the header differ");
+  /* C lets any int live in an enum: the library must answer it, not misread it. */
+  if (strcmp(longattn_status_name((longattn_status)99), "unknown status") != 0) fail("status name of 99", longattn_status_name((longattn_status)99));
   if (!ok(longattn_comm_create_mpi_world(&world), "MPI world communicator")) return 1;
   longattn_comm_rank(world, &world_rank);
   longattn_comm_size(world, &size);
