@@ -78,3 +78,30 @@ def test_one_rank_sharding_holds_every_row_in_order(generator):
     assert torch.equal(sharding.index(), torch.arange(50))
     assert torch.equal(lt.shard(q, sharding), q)
     assert torch.equal(lt.unshard(q, sharding), q)
+
+
+def test_many_batch_shapes_replan_after_the_oldest_are_released(generator):
+    # More distinct batches than the planned objects kept, then the first again: still exact.
+    q, k, v = random_problem(generator, 40, 2, 1)
+    first = prefix_sums([0, 5, 35])
+    sharding = lt.Sharding(q, k, causal=True, cu_seqlens=first)
+    for cut in range(1, 21):
+        lt.attention(q, k, v, causal=True, cu_seqlens=prefix_sums([cut, 40 - cut]))
+    torch.testing.assert_close(lt.attention(q, k, v, causal=True, cu_seqlens=first),
+                               reference_attention(q, k, v, causal=True, cu_seqlens=first), **TOLERANCE)
+    assert torch.equal(sharding.index(), torch.arange(40))
+
+
+def test_gradients_flow_through_shard_and_unshard(generator):
+    q, k, v = random_problem(generator, 36, 4, 2)
+    d_o = torch.randn(q.shape, generator=generator)
+
+    def through_sharding(q, k, v):
+        sharding = lt.Sharding(q, k, causal=True, strategy="ring", layout="striped")
+        local = [sharding.shard(t) for t in (q, k, v)]
+        return sharding.unshard(lt.attention(*local, causal=True, strategy="ring", layout="striped"))
+
+    got = forward_and_backward(through_sharding, q, k, v, d_o)
+    want = forward_and_backward(lambda q, k, v: reference_attention(q, k, v, causal=True), q, k, v, d_o)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")

@@ -52,6 +52,11 @@ def _effective_scale(scale, head_dim):
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                       causal: bool, scale: float, strategy: str, layout: str, group_rank: int,
                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with _runtime.on_device_of(q):
+        return _run_forward(q, k, v, cu_seqlens, causal, scale, strategy, layout, group_rank, group_size)
+
+
+def _run_forward(q, k, v, cu_seqlens, causal, scale, strategy, layout, group_rank, group_size):
     attention = planned_attention(q, k, cu_seqlens, causal, scale, strategy, layout, group_rank, group_size)
     o = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
@@ -70,6 +75,12 @@ def attention_backward(d_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                        lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], causal: bool, scale: float,
                        strategy: str, layout: str, group_rank: int,
                        group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _runtime.on_device_of(q):
+        return _run_backward(d_o, q, k, v, o, lse, cu_seqlens, causal, scale, strategy, layout, group_rank,
+                             group_size)
+
+
+def _run_backward(d_o, q, k, v, o, lse, cu_seqlens, causal, scale, strategy, layout, group_rank, group_size):
     attention = planned_attention(q, k, cu_seqlens, causal, scale, strategy, layout, group_rank, group_size)
     d_o = d_o.to(q.dtype).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

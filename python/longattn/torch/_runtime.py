@@ -7,6 +7,8 @@ collective creation) happens on every rank at the same call.
 """
 
 import atexit
+import collections
+import contextlib
 import ctypes
 import os
 import socket
@@ -20,6 +22,10 @@ _TORCHRUN_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 _MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 # torch's own store may listen on MASTER_PORT; longattn's rendezvous uses the next port.
 _TCP_PORT_OFFSET = 1
+
+# Planned objects kept per process: a training loop over packed batches of changing lengths plans a
+# new one per batch, and the oldest are released (every rank evicts the same, being in step).
+_PLANNED_OBJECTS_KEPT = 16
 
 DTYPES = {torch.float32: _capi.DTYPE_F32, torch.bfloat16: _capi.DTYPE_BF16, torch.float16: _capi.DTYPE_F16}
 
@@ -75,7 +81,7 @@ class World:
         self.rank, self.size = rank.value, size.value
         self.nccl = None
         self.contexts = {}
-        self.attentions = {}
+        self.attentions = collections.OrderedDict()
 
     def communicator_for(self, device):
         if device.type == "cpu":
@@ -98,7 +104,9 @@ class World:
     def attention(self, device, dtype, q_heads, kv_heads, head_dim, causal, scale, layout, strategy, cu_seqlens):
         key = (device.type, device.index or 0, dtype, q_heads, kv_heads, head_dim, causal, scale, layout, strategy,
                cu_seqlens)
-        if key not in self.attentions:
+        if key in self.attentions:
+            self.attentions.move_to_end(key)
+        else:
             params = _capi.AttentionParams()
             lib.longattn_attention_params_init(ctypes.byref(params))
             prefix_sums = (ctypes.c_int32 * len(cu_seqlens))(*cu_seqlens)
@@ -114,6 +122,9 @@ class World:
             check(lib.longattn_attention_create(self.context_for(device), self.communicator_for(device),
                                                 ctypes.byref(params), ctypes.byref(handle)))
             self.attentions[key] = Attention(handle)
+            while len(self.attentions) > _PLANNED_OBJECTS_KEPT:
+                _, oldest = self.attentions.popitem(last=False)
+                lib.longattn_attention_destroy(oldest.handle)
         return self.attentions[key]
 
     def close(self):
@@ -124,7 +135,7 @@ class World:
         if self.nccl is not None:
             lib.longattn_comm_destroy(self.nccl)
         lib.longattn_comm_destroy(self.host)
-        self.attentions, self.contexts, self.nccl = {}, {}, None
+        self.attentions, self.contexts, self.nccl = collections.OrderedDict(), {}, None
 
 
 class Attention:
@@ -177,6 +188,13 @@ def descriptor(tensor):
     shape = (ctypes.c_int64 * 4)(*tensor.shape)
     strides = (ctypes.c_int64 * 4)(*tensor.stride())
     return _capi.Tensor(tensor.data_ptr() or None, DTYPES[tensor.dtype], where, tensor.dim(), shape, strides)
+
+
+def on_device_of(tensor):
+    """Makes the tensor's GPU current for the call (the C API's CUDA contexts expect that)."""
+    if tensor.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def stream_of(tensor):

@@ -29,20 +29,22 @@ class Sharding:
                              "agree")
         _op.check_group(world, *_op._group_position(group))
         self.rank, self.world_size = world.rank, world.size
-        self._attention = world.attention(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], causal,
+        attention = world.attention(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], causal,
                                           _op._effective_scale(scale, q.shape[2]), layout, strategy,
                                           _op.global_cu_seqlens(cu_seqlens, 0, world.size))
         self.cu_seqlens = cu_seqlens
-        self.strategy = self._attention.strategy
-        self.local_tokens = self._attention.local_tokens
+        self.strategy = attention.strategy
+        self.local_tokens, self.total_tokens = attention.local_tokens, attention.total_tokens
+        # Every rank's rows now: the planned object may be released later (runtime keeps a few).
+        self._indices = [attention.shard_index(rank) for rank in range(world.size)]
 
     def index(self, rank=None):
         """int64 indices into the whole batch of the rows `rank` (default this rank) holds, in order."""
-        return self._attention.shard_index(self.rank if rank is None else rank)[0]
+        return self._indices[self.rank if rank is None else rank][0]
 
     def positions(self, rank=None):
         """Each held row's position inside its sequence (int32), e.g. for rotary embeddings."""
-        return self._attention.shard_index(self.rank if rank is None else rank)[1]
+        return self._indices[self.rank if rank is None else rank][1]
 
     def shard(self, full, rank=None):
         """The rows of the whole-batch tensor `full` ([total_tokens, ...]) that `rank` holds."""
@@ -52,7 +54,7 @@ class Sharding:
         """Writes `rank`'s rows `local` into the whole-batch tensor `out` (zeros when None); returns it."""
         index = self.index(rank).to(local.device)
         if out is None:
-            out = local.new_zeros((int(self._attention.total_tokens),) + tuple(local.shape[1:]))
+            out = local.new_zeros((int(self.total_tokens),) + tuple(local.shape[1:]))
         return out.index_copy(0, index, local)
 
 
