@@ -11,7 +11,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_torchrun(processes, script, *arguments, timeout=600):
+def run_torchrun(processes, script, *arguments, timeout=300):
     environment = dict(os.environ, OMP_NUM_THREADS="1", LONGATTN_COMM_TIMEOUT_S="60")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                script, *arguments]

@@ -6,7 +6,6 @@ cached by everything that defines them, which every rank computes alike, so a ca
 collective creation) happens on every rank at the same call.
 """
 
-import atexit
 import collections
 import contextlib
 import ctypes
@@ -174,8 +173,9 @@ _world = None
 def world():
     global _world
     if _world is None:
+        # Not released at exit: destroying the communicator while peers are still leaving races
+        # with their teardown; the process's exit reclaims everything.
         _world = World()
-        atexit.register(_world.close)
     return _world
 
 
