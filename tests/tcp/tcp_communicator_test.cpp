@@ -1,6 +1,7 @@
 // The TCP communicator as torchrun launches it: each test starts N = 2..4 processes of this binary
 // with torchrun's variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK,
-// LOCAL_WORLD_SIZE) and a scenario; each process runs TcpLaunched.DISABLED_Worker, which makes the
+// LOCAL_WORLD_SIZE) and a scenario; each process runs the one test TcpLaunched.Worker (registered
+// only in such processes, see main), which makes the
 // communicator from the environment and checks one scenario: every operation of the interface,
 // ring attention and every ParallelAttention strategy against the double reference, a peer that
 // dies or hangs (an Error naming it, not a hang), a rendezvous that cannot complete. Bad
@@ -98,8 +99,7 @@ std::vector<int> run(const Launch& l) {
         execv(args[0], args.data());
         std::_Exit(127);
       }
-      const char* argv[] = {"/proc/self/exe", "--gtest_filter=TcpLaunched.DISABLED_Worker", "--gtest_also_run_disabled_tests",
-                            "--gtest_brief=1", nullptr};
+      const char* argv[] = {"/proc/self/exe", "--gtest_brief=1", nullptr};
       execv("/proc/self/exe", const_cast<char* const*>(argv));
       std::_Exit(127);
     }
@@ -358,10 +358,8 @@ void check_failed_rendezvous(ErrorCode want, const std::string& words) {
   }
 }
 
-TEST(TcpLaunched, DISABLED_Worker) {
-  const char* scenario_text = std::getenv(kScenarioVariable);
-  ASSERT_NE(scenario_text, nullptr) << "started by the launcher tests only";
-  const std::string scenario = scenario_text;
+void run_worker() {
+  const std::string scenario = std::getenv(kScenarioVariable);
   if (scenario == "capi") return check_capi();
   if (scenario == "missing_rank") return check_failed_rendezvous(ErrorCode::timeout, "rank(s) 2 of 3");
   if (scenario == "world_mismatch") return check_failed_rendezvous(ErrorCode::invalid_argument, "WORLD_SIZE=3 but rank 0 has WORLD_SIZE=2");
@@ -504,5 +502,22 @@ TEST(Tcp, OneRankNeedsNoNetwork) {
                                          test::fresh_seed());
 }
 
+// The worker as a test of its own, so that its EXPECTs decide the process's exit code.
+class Worker : public ::testing::Test {
+  void TestBody() override { run_worker(); }
+};
+
 }  // namespace
 }  // namespace longattn
+
+// A process started by the launcher runs only the worker; others run the launcher tests (the
+// worker is not registered there, so test listings never show it).
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  if (std::getenv(longattn::kScenarioVariable)) {
+    ::testing::RegisterTest("TcpLaunched", "Worker", nullptr, nullptr, __FILE__, __LINE__,
+                            []() -> ::testing::Test* { return new longattn::Worker; });
+    GTEST_FLAG_SET(filter, "TcpLaunched.Worker");
+  }
+  return RUN_ALL_TESTS();
+}
