@@ -10,11 +10,12 @@
 namespace longattn::offload {
 namespace {
 
-constexpr std::array<const char*, kRequestTypeSlots> kRequestTypeNames = {"", "hello", "open", "append", "attend", "drop", "stats"};
+constexpr std::array<const char*, kRequestTypeSlots> kRequestTypeNames = {"", "hello", "open", "append", "attend", "drop", "stats", "append_attend"};
 constexpr std::array<const char*, kErrorKindSlots> kErrorKindNames = {"none",    "invalid_argument", "unsupported", "io",
                                                                       "communication", "timeout",   "out_of_capacity",
                                                                       "protocol", "unauthorized",   "internal"};
-static_assert(std::string_view(kRequestTypeNames[static_cast<std::size_t>(MsgType::stats)]) == "stats",
+static_assert(std::string_view(kRequestTypeNames[static_cast<std::size_t>(MsgType::stats)]) == "stats" &&
+                  std::string_view(kRequestTypeNames[static_cast<std::size_t>(MsgType::append_attend)]) == "append_attend",
               "kRequestTypeNames follows MsgType");
 static_assert(std::string_view(kErrorKindNames[wire_code(ErrorCode::out_of_capacity)]) == "out_of_capacity" &&
                   std::string_view(kErrorKindNames[wire_code(ErrorCode::internal)]) == "internal",

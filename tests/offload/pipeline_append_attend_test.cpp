@@ -9,6 +9,7 @@
 #include <future>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "longattn/offload_client.hpp"
@@ -109,6 +110,16 @@ TEST(OffloadPipeline, AppendAttendEqualsReferenceForOneTwoThreeMicroBatches) {
     pipelined_decode(c, Shape{}, rng, prefill, 3, n, 1, 1000 * static_cast<std::uint64_t>(n));
   }
   pipelined_decode(c, Shape{1, 4, 4, 16, DType::f16}, rng, {40, 9, 77}, 2, 2, 2, 9000);  // two new tokens per sequence, causal
+  // The servers count the new request like the others in /metrics (and the stats request).
+  std::uint64_t counted = 0;
+  for (int server : {0, 1}) {
+    const std::string metrics = c.server_stats(server).get();
+    const std::string key = "longattn_offload_requests_total{type=\"append_attend\"} ";
+    const auto at = metrics.find(key);
+    ASSERT_NE(at, std::string::npos) << metrics;
+    counted += std::stoull(metrics.substr(at + key.size()));
+  }
+  EXPECT_GT(counted, 0u);
 }
 
 TEST(OffloadPipeline, AppendAttendOverTokenRangesCrossingIntoNewShards) {
