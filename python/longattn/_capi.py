@@ -109,6 +109,14 @@ def _load():
             f"longattn's shared library is missing at {path}: install the package with "
             "`pip install ./python` from the repository (or set LONGATTN_C_LIBRARY to a liblongattn_c.so)"
         )
+    # torch first where it is installed: its wheel brings its own CUDA libraries (NCCL, cuDNN, the
+    # runtime) under the same sonames as the system's that a CUDA build of the library links. The
+    # first one loaded serves both, and torch needs its own (newer) NCCL: loading ours first makes
+    # `import torch` fail with an undefined NCCL symbol. Ours works with torch's.
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     # Global, so that MPI's plugins (loaded later by the library's MPI) find MPI's own symbols.
     library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     for name, (restype, argtypes) in _SIGNATURES.items():
