@@ -4,7 +4,8 @@
 // only in such processes, see main), which makes the
 // communicator from the environment and checks one scenario: every operation of the interface,
 // ring attention and every ParallelAttention strategy against the double reference, a peer that
-// dies or hangs (an Error naming it, not a hang), a rendezvous that cannot complete. Bad
+// dies or hangs (an Error naming it, not a hang), communicators made and destroyed 30 times at once
+// (and with a peer already gone), a rendezvous that cannot complete. Bad
 // environments are checked in this process.
 #include <gtest/gtest.h>
 #include <fcntl.h>
@@ -345,6 +346,84 @@ void check_capi() {
   longattn_comm_destroy(comm);
 }
 
+// One round's traffic: random messages of random sizes between every pair, an allreduce and a
+// split's allreduce, each checked. Messages are large enough that some are still in flight when a
+// fast rank starts tearing down.
+void exchange_and_check(Communicator& comm, int round) {
+  const int P = comm.size(), r = comm.rank();
+  const auto seed = shared_seed(comm);
+  const std::size_t bytes = 1 + seed % (256 * 1024);
+  std::vector<std::vector<char>> got(static_cast<std::size_t>(P), std::vector<char>(bytes));
+  std::vector<std::vector<char>> sent;
+  std::vector<Request> requests;
+  for (int p = 0; p < P; ++p) {
+    if (p == r) continue;
+    requests.push_back(comm.irecv(got[static_cast<std::size_t>(p)].data(), bytes, p, round, nullptr));
+    sent.push_back(message(seed, r, p, round, bytes));
+    requests.push_back(comm.isend(sent.back().data(), bytes, p, round, nullptr));
+  }
+  for (auto& q : requests) q->wait();
+  for (int p = 0; p < P; ++p)
+    if (p != r) EXPECT_EQ(got[static_cast<std::size_t>(p)], message(seed, p, r, round, bytes)) << "round " << round << " from " << p;
+  std::int64_t sum = static_cast<std::int64_t>(seed % 1000) + r;
+  comm.allreduce(&sum, 1, ReduceType::i64, ReduceOp::sum);
+  EXPECT_EQ(sum, P * static_cast<std::int64_t>(seed % 1000) + P * (P - 1) / 2) << "round " << round;
+  auto half = comm.split(r % 2, r);
+  std::int64_t members = 1;
+  half->allreduce(&members, 1, ReduceType::i64, ReduceOp::sum);
+  EXPECT_EQ(members, (P + 1 - r % 2) / 2) << "round " << round;
+}
+
+// Every rank makes a communicator, uses it and destroys it, 30 times over. The ways a round ends:
+// all at once after a barrier; each rank on its own after a random pause (as processes leaving a
+// launcher at exit do), with a message every peer leaves unreceived; or with sends still queued
+// when the communicator goes.
+void check_teardown() {
+  constexpr int kRounds = 30;
+  std::mt19937_64 pause(test::fresh_seed());
+  for (int round = 0; round < kRounds; ++round) {
+    auto comm = make_tcp_communicator_from_env();
+    exchange_and_check(*comm, round);
+    const int P = comm->size(), r = comm->rank();
+    std::vector<char> unread(64 * 1024, static_cast<char>(round));
+    std::vector<Request> leftover;
+    switch (round % 3) {
+      case 0:
+        comm->barrier();
+        break;
+      case 1:  // not waited for: the peer may be gone already, and the send fail
+        for (int p = 0; p < P; ++p)
+          if (p != r) comm->isend(unread.data(), unread.size(), p, 1 << 20, nullptr);
+        std::this_thread::sleep_for(std::chrono::milliseconds(pause() % 50));
+        break;
+      case 2:
+        comm->barrier();
+        for (int p = 0; p < P; ++p)
+          if (p != r) leftover.push_back(comm->isend(unread.data(), unread.size(), p, 1 << 21, nullptr));
+        break;
+    }
+    comm.reset();
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+// The last rank is gone before the others destroy their communicators (with a message to it still
+// queued): destroying must neither crash nor wait for it.
+void check_teardown_peer_gone() {
+  auto comm = make_tcp_communicator_from_env();
+  exchange_and_check(*comm, 0);
+  const int last = comm->size() - 1;
+  comm->barrier();
+  if (comm->rank() == last) std::_Exit(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // its exit reaches the others
+  std::vector<char> bytes(1024, 7);
+  auto queued = comm->isend(bytes.data(), bytes.size(), last, 3, nullptr);
+  const auto start = std::chrono::steady_clock::now();
+  comm.reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  std::_Exit(::testing::Test::HasFailure() ? 1 : 0);  // a peer is gone: no orderly end to agree on
+}
+
 // A rendezvous that cannot complete: the caught error must be the expected one.
 void check_failed_rendezvous(ErrorCode want, const std::string& words) {
   try {
@@ -363,6 +442,8 @@ void run_worker() {
   if (scenario == "capi") return check_capi();
   if (scenario == "missing_rank") return check_failed_rendezvous(ErrorCode::timeout, "rank(s) 2 of 3");
   if (scenario == "world_mismatch") return check_failed_rendezvous(ErrorCode::invalid_argument, "WORLD_SIZE=3 but rank 0 has WORLD_SIZE=2");
+  if (scenario == "teardown") return check_teardown();
+  if (scenario == "teardown_peer_gone") return check_teardown_peer_gone();
   auto comm = make_tcp_communicator_from_env();
   EXPECT_EQ(comm->rank(), std::atoi(std::getenv("RANK")));
   EXPECT_EQ(comm->size(), std::atoi(std::getenv("WORLD_SIZE")));
@@ -390,6 +471,12 @@ TEST_P(TcpRanks, EveryOperation) { expect_all_passed(run(Launch(GetParam(), "ope
 TEST_P(TcpRanks, RingAndEveryStrategyAgainstTheReference) { expect_all_passed(run(Launch(GetParam(), "attention")), "attention"); }
 TEST_P(TcpRanks, DeadPeerIsNamedNotWaitedFor) { expect_all_passed(run(Launch(GetParam(), "dead_peer")), "dead_peer"); }
 TEST_P(TcpRanks, CApiOverTcp) { expect_all_passed(run(Launch(GetParam(), "capi")), "capi"); }
+TEST_P(TcpRanks, RepeatedTeardownAtTheSameMoment) { expect_all_passed(run(Launch(GetParam(), "teardown")), "teardown"); }
+TEST_P(TcpRanks, TeardownWithAPeerGoneIsQuick) {
+  Launch l(GetParam(), "teardown_peer_gone");
+  l.env["LONGATTN_COMM_TIMEOUT_S"] = "20";
+  expect_all_passed(run(l), "teardown_peer_gone");
+}
 INSTANTIATE_TEST_SUITE_P(Ranks, TcpRanks, ::testing::Values(2, 3, 4));
 
 TEST(Tcp, SimulatedNodesFromNodeSize) {
