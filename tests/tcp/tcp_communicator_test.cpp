@@ -363,8 +363,11 @@ void exchange_and_check(Communicator& comm, int round) {
     requests.push_back(comm.isend(sent.back().data(), bytes, p, round, nullptr));
   }
   for (auto& q : requests) q->wait();
-  for (int p = 0; p < P; ++p)
-    if (p != r) EXPECT_EQ(got[static_cast<std::size_t>(p)], message(seed, p, r, round, bytes)) << "round " << round << " from " << p;
+  for (int p = 0; p < P; ++p) {
+    if (p != r) {
+      EXPECT_EQ(got[static_cast<std::size_t>(p)], message(seed, p, r, round, bytes)) << "round " << round << " from " << p;
+    }
+  }
   std::int64_t sum = static_cast<std::int64_t>(seed % 1000) + r;
   comm.allreduce(&sum, 1, ReduceType::i64, ReduceOp::sum);
   EXPECT_EQ(sum, P * static_cast<std::int64_t>(seed % 1000) + P * (P - 1) / 2) << "round " << round;
