@@ -11,7 +11,6 @@
 
 #include "capi/guard.hpp"
 #include "capi/handles.hpp"
-#include "capi/rank_agreement.hpp"
 #include "capi/tensor_descriptor.hpp"
 #include "longattn/backend.hpp"
 
@@ -181,7 +180,7 @@ longattn_status longattn_attention_create(longattn_context* context, longattn_co
     } catch (const longattn::Error& e) {
       problem = e.what();
     }
-    longattn::capi::refuse_on_every_rank_if_any(*comm->comm, problem);
+    longattn::refuse_on_every_rank_if_any(*comm->comm, problem);
     handle->context = context;
     handle->comm = comm;
     handle->by_stream[nullptr] = longattn::capi::plan(*handle, nullptr);

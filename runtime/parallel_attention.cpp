@@ -19,7 +19,6 @@
 #include "partition/hybrid_plan.hpp"
 #include "partition/ulysses_plan.hpp"
 #include "runtime/head_exchange.hpp"
-#include "runtime/rank_agreement.hpp"
 #include "runtime/strategy_choice.hpp"
 
 namespace longattn {
@@ -192,7 +191,7 @@ struct ParallelAttention::Impl {
                                              tensor_problem(v, "v", {n, Hkv, D}, {t}),
                                              tensor_problem(o, "o", {n, Hq, D}, {t, DType::f32}),
                                              tensor_problem(lse, "lse", {Hq, n}, {DType::f32})});
-    runtime::throw_on_every_rank_if_any(
+    refuse_on_every_rank_if_any(
         comm, problem_text.empty()
                   ? problem_text
                   : fmt::format("{} (this rank holds {} tokens under the {} strategy: shard the inputs with shards())", problem_text,
@@ -203,7 +202,7 @@ struct ParallelAttention::Impl {
     const auto n = local();
     const auto Hq = problem.q_heads, Hkv = problem.kv_heads, D = problem.head_dim;
     const DType t = problem.dtype;
-    runtime::throw_on_every_rank_if_any(
+    refuse_on_every_rank_if_any(
         comm, first_problem({tensor_problem(d_o, "d_o", {n, Hq, D}, {t, DType::f32}),
                              tensor_problem(dq, "dq", {n, Hq, D}, {t, DType::f32}),
                              tensor_problem(dk, "dk", {n, Hkv, D}, {t, DType::f32}),

@@ -14,7 +14,6 @@
 
 #include "common/check.hpp"
 #include "longattn/parallel_attention.hpp"
-#include "runtime/rank_agreement.hpp"
 #include "runtime/varlen_batch.hpp"
 #include "runtime/varlen_borrowed_backend.hpp"
 
@@ -160,7 +159,7 @@ struct VarlenAttention::Impl {
     std::string first;
     for (const auto& p : problems)
       if (first.empty() && !p.empty()) first = p;
-    runtime::throw_on_every_rank_if_any(
+    refuse_on_every_rank_if_any(
         comm, first.empty() ? first
                             : fmt::format("{} (this rank holds {} tokens of the balanced batch: lay the inputs out in "
                                           "attention_runs order, e.g. with VarlenRemap)",

@@ -8,7 +8,6 @@
 #include <algorithm>
 
 #include "common/check.hpp"
-#include "runtime/rank_agreement.hpp"
 #include "runtime/varlen_batch.hpp"
 
 namespace longattn {
@@ -112,7 +111,7 @@ struct VarlenRemap::Impl {
     if (problem.empty() && (from.dtype != to.dtype || (from_rows && to_rows && width(from) != width(to))))
       problem = fmt::format("{} and {} must have one dtype and row width, got {} and {}", from_name, to_name, from.describe(),
                             to.describe());
-    runtime::throw_on_every_rank_if_any(comm, problem);
+    refuse_on_every_rank_if_any(comm, problem);
     // Row width agreed on by every rank (a rank with no rows cannot tell it from its own tensors).
     std::int64_t row_elems = from_rows ? width(from) : to_rows ? width(to) : 0;
     comm.allreduce(&row_elems, 1, ReduceType::i64, ReduceOp::max);

@@ -151,4 +151,11 @@ std::vector<std::unique_ptr<Communicator>> make_local_communicators(int ranks, b
 // that every rank must share before starting collective work.
 void require_same_on_all_ranks(Communicator& comm, const std::string& what, const std::string& value);
 
+// Collective: for argument checks that one rank may fail alone, which would leave the others
+// waiting in the next exchange until a timeout. `local_problem` is empty when this rank's arguments
+// are fine, else what is wrong with them. When any rank has a problem, every rank throws
+// Error(invalid_argument) with the lowest such rank's message (prefixed "rank r: " when there are
+// several ranks; a long message is cut). One integer reduction when all is well.
+void refuse_on_every_rank_if_any(Communicator& comm, const std::string& local_problem);
+
 }  // namespace longattn
