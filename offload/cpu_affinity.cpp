@@ -27,7 +27,10 @@ int parse_cpu(const std::string& item, const std::string& whole) {
 
 std::string to_text(const std::vector<int>& cpus) {
   std::string s;
-  for (int c : cpus) s += (s.empty() ? "" : ",") + std::to_string(c);
+  for (int c : cpus) {
+    if (!s.empty()) s += ',';
+    s += std::to_string(c);
+  }
   return s;
 }
 
