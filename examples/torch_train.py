@@ -175,6 +175,9 @@ def main():
                   "tolerance": flags.tolerance, "ok": ok}
         print("RESULT " + json.dumps(result), flush=True)
     if distributed:
+        # Every rank leaves together: rank 0 still runs the reference while the others are done,
+        # and a process group torn down while a peer still holds it can abort the process.
+        dist.barrier()
         dist.destroy_process_group()
     if not ok:
         print(f"torch_train: the losses differ from the SDPA run by {worst:.2e} (> {flags.tolerance:.0e})",

@@ -6,6 +6,7 @@ cached by everything that defines them, which every rank computes alike, so a ca
 collective creation) happens on every rank at the same call.
 """
 
+import atexit
 import collections
 import contextlib
 import ctypes
@@ -173,9 +174,11 @@ _world = None
 def world():
     global _world
     if _world is None:
-        # Not released at exit: destroying the communicator while peers are still leaving races
-        # with their teardown; the process's exit reclaims everything.
         _world = World()
+        # Released before the interpreter and the C++ runtime tear down, so the communicator's
+        # threads are joined while everything they use still exists (a peer that already left
+        # only makes its sends fail, which the teardown ignores).
+        atexit.register(_world.close)
     return _world
 
 
