@@ -93,6 +93,9 @@ class TcpServer final : public ServerTransport {
   int port() const override { return acceptor_.is_open() ? acceptor_.local_endpoint().port() : 0; }
 
   void stop_accepting() override {
+    // Once: stop() calls this again after draining did, and two io threads closing the acceptor at
+    // the same time race inside Asio (UBSan caught a null descriptor in the second close).
+    if (accepting_stopped_.exchange(true)) return;
     asio::post(io_, [this] {
       boost::system::error_code ec;
       acceptor_.close(ec);
@@ -191,6 +194,7 @@ class TcpServer final : public ServerTransport {
   FrameService& service_;
   TcpServerTls tls_;
   tcp::acceptor acceptor_;
+  std::atomic<bool> accepting_stopped_{false};
   AcceptPacer pacer_;
   std::mutex mu_;
   Clock::time_point tls_logged_{};
