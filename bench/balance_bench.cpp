@@ -8,10 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <limits>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -19,6 +17,7 @@
 
 #include "../examples/common/flags.hpp"
 #include "bench_registry.hpp"
+#include "measure_lengths.hpp"
 #include "longattn/error.hpp"
 #include "partition/cost_model.hpp"
 #include "partition/varlen_planner.hpp"
@@ -41,26 +40,6 @@ constexpr const char* kUsage =
     "  --cap-tokens     most tokens one GPU may hold (0: no cap)\n"
     "  --chunk-tokens   the flat min-heap baseline's chunk size\n"
     "  --full           no causal mask (default causal)\n";
-
-std::vector<std::int64_t> read_lengths(const std::string& path) {
-  std::ifstream file(path);
-  if (!file.is_open()) throw Error(ErrorCode::io, fmt::format("cannot open lengths file {}: check the path", path));
-  std::vector<std::int64_t> lengths;
-  std::string line;
-  for (int number = 1; std::getline(file, line); ++number) {
-    const auto first = line.find_first_not_of(" \t\r");
-    if (first == std::string::npos || line[first] == '#') continue;
-    std::istringstream fields(line);
-    long long length = 0;
-    std::string extra;
-    if (!(fields >> length) || (fields >> extra))
-      throw Error(ErrorCode::io, fmt::format("{}:{}: expected one sequence length (an integer), got `{}`", path, number, line));
-    lengths.push_back(length);
-  }
-  if (lengths.empty())
-    throw Error(ErrorCode::io, fmt::format("{}: no lengths in it; write one sequence length per line", path));
-  return lengths;
-}
 
 struct Row {
   std::string name;

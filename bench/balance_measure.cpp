@@ -1,0 +1,481 @@
+// longattn-bench balance-measure: the variable-length plans of `balance`, measured on one device.
+// For each batch and rank count it makes the hierarchical plan and the baselines, then runs every
+// rank's local attention launches (the executor's own list, runtime/varlen_rank_calls.hpp: its
+// query rows against each key block it meets over its ring steps, with the masks and the varlen
+// grouping the executor uses) on the real backend, one rank after another, and times them. Next to
+// each rank's measured compute it prints what the cost model predicts for the same launches, and
+// the plan's modelled step time recomputed with the measured compute in place of the modelled one.
+// No communication runs: transfers and linear layers stay modelled.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "../examples/common/flags.hpp"
+#include "bench_registry.hpp"
+#include "longattn/backend.hpp"
+#include "longattn/error.hpp"
+#include "measure_buffers.hpp"
+#include "measure_lengths.hpp"
+#include "measure_timer.hpp"
+#include "partition/cost_model.hpp"
+#include "partition/machine_file.hpp"
+#include "partition/varlen_cost.hpp"
+#include "partition/varlen_planner.hpp"
+#include "runtime/varlen_rank_calls.hpp"
+
+namespace longattn::bench {
+namespace {
+
+constexpr const char* kUsage =
+    "longattn-bench balance-measure --lengths-file F[,F...] [--ranks 8,16] [--gpus-per-node 8] [--device cuda|cpu]\n"
+    "  [--backend auto] [--total-tokens N] [--backward] [--machine h100|h200|cpu] [--machine-file F] [--cap-tokens 0]\n"
+    "  [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16|f16|f32] [--chunk-tokens 4096] [--full]\n"
+    "  [--warmups 1] [--reps 3]\n"
+    "Plans each batch over P GPUs as `longattn-bench balance` does (hierarchical, and the baselines\n"
+    "per-sequence-zigzag and whole-sequences; flat-minheap is modelled only, no executor runs it), then on\n"
+    "this one device runs every rank's local attention launches of each plan, rank after rank, and times\n"
+    "them (CUDA events on GPUs, the wall clock on CPUs; median of --reps after --warmups). Prints per plan\n"
+    "the measured compute per rank (max, mean, max/mean), the cost model's prediction for the same\n"
+    "launches, and the modelled step time with the measured compute in place of the modelled compute,\n"
+    "then a RESULT {json} line.\n"
+    "  --lengths-file   one sequence length per line; several files comma-separated (bench/data/ ships three)\n"
+    "  --ranks          rank counts P to plan for (comma-separated); --gpus-per-node G of them to a node\n"
+    "  --total-tokens   cut each batch to at most N tokens so that it runs in minutes on one device: its\n"
+    "                   longest sequence (at most N/2), then the others in file order while they fit\n"
+    "                   (default 262144 on cuda, 4096 on cpu; 0: the whole file)\n"
+    "  --backward       time forward and backward (default: forward only; the step time then takes the\n"
+    "                   backward as the model's backward/forward ratio of the same launches times the forward)\n"
+    "  --machine        the built-in cost model the plans are made with (default h100 on cuda, cpu on cpu);\n"
+    "  --machine-file   its kernel rates, links or linear layers replaced by a machine file (`longattn-bench\n"
+    "                   calibrate` writes one for this device)\n"
+    "  --dtype          q, k, v element type (default bf16 on cuda, f32 on cpu)\n";
+
+struct Options {
+  std::vector<std::string> files;
+  std::vector<int> ranks;
+  int gpus_per_node = 8;
+  DeviceKind device = DeviceKind::cpu;
+  std::string backend = "auto";
+  std::int64_t total_tokens = 0, cap_tokens = 0, chunk_tokens = 4096;
+  bool backward = false;
+  partition::MachineModel machine;
+  partition::VarlenShape shape;
+  DType dtype = DType::f32;
+  int warmups = 1, reps = 3;
+};
+
+std::vector<std::string> comma_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+bool cuda_available() {
+  const auto names = available_backends();
+  return std::find(names.begin(), names.end(), "cuda") != names.end() || std::find(names.begin(), names.end(), "cudnn") != names.end();
+}
+
+Options parse(int argc, char** argv) {
+  const examples::Flags f(argc, argv, kUsage,
+                          {"lengths-file", "ranks", "gpus-per-node", "device", "backend", "total-tokens", "machine", "machine-file",
+                           "cap-tokens", "heads", "kv-heads", "head-dim", "dtype", "chunk-tokens", "warmups", "reps"},
+                          {"backward", "full"});
+  constexpr long long kMaxInt = std::numeric_limits<int>::max();
+  constexpr long long kMaxTokens = std::numeric_limits<std::int32_t>::max();
+  Options o;
+  if (!f.has("lengths-file"))
+    throw Error(ErrorCode::invalid_argument,
+                "--lengths-file is required: one sequence length per line, several files comma-separated (see bench/data/)");
+  o.files = comma_list(f.str("lengths-file", ""));
+  if (o.files.empty()) throw Error(ErrorCode::invalid_argument, "--lengths-file names no file: give at least one path");
+  for (const auto p : f.integers("ranks", {8, 16}, 1, 1 << 20)) o.ranks.push_back(static_cast<int>(p));
+  o.gpus_per_node = static_cast<int>(f.integer("gpus-per-node", 8, 1, kMaxInt));
+  const std::string device = f.str("device", cuda_available() ? "cuda" : "cpu");
+  if (device != "cpu" && device != "cuda")
+    throw Error(ErrorCode::invalid_argument, fmt::format("--device takes cpu or cuda, got `{}`", device));
+  if (device == "cuda" && !cuda_available())
+    throw Error(ErrorCode::unsupported, "--device cuda: this build or machine has no GPU backend; run with --device cpu");
+  o.device = device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
+  const bool gpu = o.device == DeviceKind::cuda;
+  o.backend = f.str("backend", "auto");
+  o.total_tokens = f.integer("total-tokens", gpu ? 262144 : 4096, 0, kMaxTokens);
+  o.cap_tokens = f.integer("cap-tokens", 0, 0, kMaxTokens);
+  o.chunk_tokens = f.integer("chunk-tokens", 4096, 1, kMaxTokens);
+  o.backward = f.flag("backward");
+  o.machine = partition::default_machine(f.str("machine", gpu ? "h100" : "cpu"));
+  if (f.has("machine-file")) o.machine = partition::apply_machine_file(o.machine, partition::load_machine_file(f.str("machine-file", "")));
+  o.shape.query_heads = static_cast<int>(f.integer("heads", 32, 1, kMaxInt));
+  o.shape.kv_heads = static_cast<int>(f.integer("kv-heads", 8, 1, kMaxInt));
+  o.shape.head_dim = static_cast<int>(f.integer("head-dim", 128, 1, kMaxInt));
+  o.shape.causal = !f.flag("full");
+  const std::string dtype = f.str("dtype", gpu ? "bf16" : "f32");
+  if (dtype == "bf16") o.dtype = DType::bf16;
+  else if (dtype == "f16") o.dtype = DType::f16;
+  else if (dtype == "f32") o.dtype = DType::f32;
+  else throw Error(ErrorCode::invalid_argument, fmt::format("--dtype takes bf16, f16 or f32, got `{}`", dtype));
+  o.shape.element_bytes = static_cast<int>(dtype_size(o.dtype));
+  o.warmups = static_cast<int>(f.integer("warmups", 1, 0, 100));
+  o.reps = static_cast<int>(f.integer("reps", 3, 1, 1000));
+  return o;
+}
+
+// ---- one rank's launches on the device --------------------------------------------------------
+
+// The tensors one rank's launches read and write, sized for the largest of them; every launch takes
+// views at its rows (and a hybrid member's fewer heads), as the executor's workspaces do.
+struct RankTensors {
+  std::unique_ptr<DeviceBuffer> q, k, v, o, lse, d_o, delta, dq, dk, dv, offsets;
+};
+
+// The cost model's seconds for one launch, each sequence of a grouped launch at the rate of its own
+// block (how the planner prices a group's sequences).
+double model_seconds(const partition::MachineModel& machine, partition::VarlenShape shape, const runtime::VarlenRankCall& c,
+                     bool backward) {
+  shape.query_heads = c.query_heads;
+  auto one = [&](std::int64_t q, std::int64_t k) {
+    return partition::call_seconds(machine, shape, partition::visible_pairs(q, k, c.causal), static_cast<double>(q),
+                                   static_cast<double>(k), c.causal, backward);
+  };
+  if (c.cu_q.empty()) return one(c.q_count, c.k_count);
+  double seconds = 0;
+  for (std::size_t b = 0; b + 1 < c.cu_q.size(); ++b) seconds += one(c.cu_q[b + 1] - c.cu_q[b], c.cu_k[b + 1] - c.cu_k[b]);
+  return seconds;
+}
+
+struct RankMeasurement {
+  double forward_ms = 0, backward_ms = 0;
+  double model_forward_ms = 0, model_backward_ms = 0;
+  int launches = 0;
+};
+
+class RankRunner {
+ public:
+  RankRunner(AttentionBackend& backend, const Options& options) : backend_(backend), options_(options), timer_(backend) {}
+
+  const char* timing() const { return timer_.method(); }
+
+  RankMeasurement measure(const std::vector<runtime::VarlenRankCall>& calls, std::uint64_t seed) {
+    RankMeasurement m;
+    m.launches = static_cast<int>(calls.size());
+    for (const auto& c : calls) {
+      m.model_forward_ms += 1e3 * model_seconds(options_.machine, options_.shape, c, false);
+      m.model_backward_ms += 1e3 * model_seconds(options_.machine, options_.shape, c, true);
+    }
+    if (calls.empty()) return m;
+    allocate(calls, seed);
+    m.forward_ms = timer_.median_ms(options_.warmups, options_.reps, [&] {
+      for (std::size_t i = 0; i < calls.size(); ++i) backend_.forward(args(calls[i], i), forward_outputs(calls[i]));
+    });
+    if (options_.backward) {
+      // Saved results for the backward: the forward's o and lse (each launch's last writer wins; the
+      // values only need to be a softmax's), and rowsum(dO * O) once.
+      for (std::size_t i = 0; i < calls.size(); ++i) backend_.forward(args(calls[i], i), forward_outputs(calls[i]));
+      const auto hq = options_.shape.query_heads;
+      backend_.compute_delta(view(*t_.o, options_.dtype, max_q_rows_, hq), view(*t_.d_o, options_.dtype, max_q_rows_, hq),
+                             TensorView(t_.delta->data(), DType::f32, {hq, max_q_rows_}, device()), nullptr);
+      m.backward_ms = timer_.median_ms(options_.warmups, options_.reps, [&] {
+        for (std::size_t i = 0; i < calls.size(); ++i) backend_.backward(args(calls[i], i), backward_args(calls[i]));
+      });
+    }
+    t_ = {};
+    return m;
+  }
+
+ private:
+  Device device() const { return backend_.device(); }
+
+  TensorView view(DeviceBuffer& buffer, DType dtype, std::int64_t rows, int heads, std::int64_t first_row = 0) const {
+    const auto d = options_.shape.head_dim;
+    char* base = static_cast<char*>(buffer.data()) + static_cast<std::size_t>(first_row * heads * d) * dtype_size(dtype);
+    return TensorView(base, dtype, {rows, heads, d}, device());
+  }
+
+  void allocate(const std::vector<runtime::VarlenRankCall>& calls, std::uint64_t seed) {
+    max_q_rows_ = max_k_rows_ = max_q_count_ = 1;
+    std::vector<std::int32_t> offsets;
+    offsets_at_.clear();
+    for (const auto& c : calls) {
+      max_q_rows_ = std::max(max_q_rows_, c.query_rows);
+      max_k_rows_ = std::max(max_k_rows_, c.key_rows);
+      max_q_count_ = std::max(max_q_count_, c.q_count);
+      offsets_at_.push_back(offsets.size());
+      offsets.insert(offsets.end(), c.cu_q.begin(), c.cu_q.end());
+      offsets.insert(offsets.end(), c.cu_k.begin(), c.cu_k.end());
+    }
+    auto& ops = backend_.device_ops();
+    const auto hq = static_cast<std::size_t>(options_.shape.query_heads), hkv = static_cast<std::size_t>(options_.shape.kv_heads);
+    const auto d = static_cast<std::size_t>(options_.shape.head_dim);
+    const auto q_elements = static_cast<std::size_t>(max_q_rows_) * hq * d, k_elements = static_cast<std::size_t>(max_k_rows_) * hkv * d;
+    const auto rows_f32 = static_cast<std::size_t>(std::max(max_q_rows_, max_q_count_)) * hq;
+    t_.q = random_buffer(ops, q_elements, options_.dtype, seed);
+    t_.k = random_buffer(ops, k_elements, options_.dtype, seed + 1);
+    t_.v = random_buffer(ops, k_elements, options_.dtype, seed + 2);
+    t_.o = random_buffer(ops, q_elements, options_.dtype, seed + 3);
+    t_.lse = ops.allocate(rows_f32 * sizeof(float));
+    if (options_.backward) {
+      t_.d_o = random_buffer(ops, q_elements, options_.dtype, seed + 4);
+      t_.delta = ops.allocate(rows_f32 * sizeof(float));
+      // f32 covers both: ring steps accumulate in f32, one-rank groups write the input dtype.
+      t_.dq = ops.allocate(q_elements * sizeof(float));
+      t_.dk = ops.allocate(k_elements * sizeof(float));
+      t_.dv = ops.allocate(k_elements * sizeof(float));
+    }
+    t_.offsets = ops.allocate(std::max<std::size_t>(offsets.size(), 1) * sizeof(std::int32_t));
+    if (!offsets.empty()) ops.copy_bytes(t_.offsets->data(), offsets.data(), offsets.size() * sizeof(std::int32_t), nullptr);
+    ops.synchronize(nullptr);
+  }
+
+  AttentionArgs args(const runtime::VarlenRankCall& c, std::size_t index) const {
+    AttentionArgs a;
+    a.q = view(*t_.q, options_.dtype, c.q_count, c.query_heads, c.q_begin);
+    a.k = view(*t_.k, options_.dtype, c.k_count, c.kv_heads, c.k_begin);
+    a.v = view(*t_.v, options_.dtype, c.k_count, c.kv_heads, c.k_begin);
+    if (!c.cu_q.empty()) {
+      const auto* offsets = static_cast<const std::int32_t*>(t_.offsets->data()) + offsets_at_[index];
+      a.cu_seqlens_q = offsets;
+      a.cu_seqlens_k = offsets + c.cu_q.size();
+      a.batch = c.batch();
+    }
+    a.max_seqlen_q = c.max_seqlen_q;
+    a.max_seqlen_k = c.max_seqlen_k;
+    a.causal = c.causal;
+    return a;
+  }
+
+  ForwardOutputs forward_outputs(const runtime::VarlenRankCall& c) const {
+    return {view(*t_.o, options_.dtype, c.q_count, c.query_heads),
+            TensorView(t_.lse->data(), DType::f32, {c.query_heads, c.q_count}, device())};
+  }
+
+  BackwardArgs backward_args(const runtime::VarlenRankCall& c) const {
+    const DType grad = c.in_ring ? DType::f32 : options_.dtype;
+    BackwardArgs g;
+    g.o = view(*t_.o, options_.dtype, c.q_count, c.query_heads, c.q_begin);
+    g.d_o = view(*t_.d_o, options_.dtype, c.q_count, c.query_heads, c.q_begin);
+    g.lse = TensorView(t_.lse->data(), DType::f32, {c.query_heads, c.q_count}, device());
+    g.delta = TensorView(t_.delta->data(), DType::f32, {c.query_heads, c.q_count}, device());
+    g.dq = view(*t_.dq, grad, c.q_count, c.query_heads, c.q_begin);
+    g.dk = view(*t_.dk, grad, c.k_count, c.kv_heads, c.k_begin);
+    g.dv = view(*t_.dv, grad, c.k_count, c.kv_heads, c.k_begin);
+    g.accumulate = c.in_ring;
+    return g;
+  }
+
+  AttentionBackend& backend_;
+  const Options& options_;
+  CallTimer timer_;
+  RankTensors t_;
+  std::vector<std::size_t> offsets_at_;
+  std::int64_t max_q_rows_ = 1, max_k_rows_ = 1, max_q_count_ = 1;
+};
+
+// ---- plans, measured ---------------------------------------------------------------------------
+
+struct PlanRow {
+  std::string name;
+  std::optional<partition::VarlenPlan> plan;
+  std::string why_not;  // a plan that could not be made (the cap), instead of a plan
+  bool executable = false;
+  std::vector<RankMeasurement> ranks;
+  std::vector<double> measured_step_rank_s;  // per rank: measured compute (fwd+bwd) + modelled linear and exposed comm
+};
+
+struct Spread {
+  double max = 0, mean = 0;
+  double imbalance() const { return mean > 0 ? max / mean : 1; }
+};
+template <class F>
+Spread spread(std::size_t n, F&& value) {
+  Spread s;
+  for (std::size_t i = 0; i < n; ++i) {
+    s.max = std::max(s.max, value(i));
+    s.mean += value(i);
+  }
+  if (n) s.mean /= static_cast<double>(n);
+  return s;
+}
+
+std::string json_number(std::optional<double> v, int digits = 4) {
+  return v && std::isfinite(*v) ? fmt::format("{:.{}f}", *v, digits) : "null";
+}
+
+std::string json_list(const std::vector<double>& values) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < values.size(); ++i) s += fmt::format("{}{:.4f}", i ? "," : "", values[i]);
+  return s + "]";
+}
+
+// The measured compute of a rank, forward and backward: measured both, or (forward only) the
+// measured forward with the backward the model's backward/forward ratio of the same launches.
+double measured_forward_backward_ms(const RankMeasurement& m, bool backward) {
+  if (backward) return m.forward_ms + m.backward_ms;
+  if (m.model_forward_ms <= 0) return m.forward_ms;
+  return m.forward_ms * (m.model_forward_ms + m.model_backward_ms) / m.model_forward_ms;
+}
+
+int run_balance_measure(int argc, char** argv) {
+  const Options o = parse(argc, argv);
+  auto backend = make_backend(o.backend, o.device);
+  RankRunner runner(*backend, o);
+  const char* mode = o.backward ? "forward+backward" : "forward";
+  std::printf("balance-measure: %s on %s (backend %s, %s, timing by %s, median of %d after %d warm-up), model %s\n", mode,
+              to_string(o.device), backend->name().c_str(), to_string(o.dtype), runner.timing(), o.reps, o.warmups,
+              o.machine.name.c_str());
+  std::printf("shape: %d query / %d kv heads, head dim %d, %s; compute = the rank's local attention launches only "
+              "(no merges, copies or transfers); step = measured compute + the model's linear layers and exposed "
+              "communication%s\n",
+              o.shape.query_heads, o.shape.kv_heads, o.shape.head_dim, o.shape.causal ? "causal" : "full",
+              o.backward ? "" : " (forward measured; backward taken as the model's backward/forward ratio of each rank's launches)");
+  std::string runs_json;
+  double worst_hierarchical = 0;
+  std::uint64_t seed = 20261205;
+  for (const auto& file : o.files) {
+    const auto file_lengths = read_lengths(file);
+    const auto lengths = cut_to_total_tokens(file_lengths, o.total_tokens);
+    const std::int64_t file_total = std::accumulate(file_lengths.begin(), file_lengths.end(), std::int64_t{0});
+    const std::int64_t total = std::accumulate(lengths.begin(), lengths.end(), std::int64_t{0});
+    const std::int64_t longest = lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+    std::printf("\n%s: %zu sequences, %lld tokens; measured batch: %zu sequences, %lld tokens, longest %lld%s\n", file.c_str(),
+                file_lengths.size(), static_cast<long long>(file_total), lengths.size(), static_cast<long long>(total),
+                static_cast<long long>(longest),
+                lengths.size() == file_lengths.size() ? "" : fmt::format(" (cut to --total-tokens {})", o.total_tokens).c_str());
+    for (const int P : o.ranks) {
+      partition::VarlenProblem problem;
+      problem.lengths = lengths;
+      problem.ranks = P;
+      problem.gpus_per_node = o.gpus_per_node;
+      problem.cap_tokens = o.cap_tokens;
+      problem.shape = o.shape;
+      partition::check_problem(problem);
+      std::vector<PlanRow> rows;
+      auto add = [&](const char* name, bool executable, auto&& make) {
+        PlanRow row;
+        row.name = name;
+        row.executable = executable;
+        try {
+          row.plan = make();
+        } catch (const Error& e) {
+          row.why_not = e.what();
+        }
+        rows.push_back(std::move(row));
+      };
+      add("hierarchical", true, [&] { return partition::plan_hierarchical(problem, o.machine); });
+      add("per-sequence-zigzag", true, [&] { return partition::plan_per_sequence_zigzag(problem, o.machine); });
+      add("whole-sequences", true, [&] { return partition::plan_whole_sequences(problem, o.machine); });
+      add("flat-minheap", false, [&] { return partition::plan_flat_minheap(problem, o.machine, o.chunk_tokens); });
+
+      std::printf("P = %d (%d per node): measured %s compute per rank in ms; model = the cost model on the same launches\n", P,
+                  o.gpus_per_node, mode);
+      std::printf("%-20s %10s %10s %9s %10s %9s %9s %9s %13s %14s %9s\n", "plan", "max ms", "mean ms", "max/mean", "model max",
+                  "model m/m", "fwd m/m", "launches", "modelled step", "measured step", "ours x");
+      std::string plans_json;
+      for (auto& row : rows) {
+        if (!row.plan) continue;
+        const auto& plan = *row.plan;
+        if (!row.executable) continue;
+        for (int r = 0; r < P; ++r) {
+          const auto calls = runtime::varlen_rank_calls(plan, r, o.shape.query_heads, o.shape.kv_heads, o.shape.causal);
+          row.ranks.push_back(runner.measure(calls, seed++));
+          const auto& cost = plan.rank_costs[static_cast<std::size_t>(r)];
+          row.measured_step_rank_s.push_back(measured_forward_backward_ms(row.ranks.back(), o.backward) / 1e3 +
+                                             cost.linear_seconds + cost.exposed_comm_seconds);
+        }
+      }
+      auto measured_step = [](const PlanRow& row) {
+        return *std::max_element(row.measured_step_rank_s.begin(), row.measured_step_rank_s.end());
+      };
+      const auto& ours = rows.front();
+      const double ours_measured_step = measured_step(ours);
+      for (auto& row : rows) {
+        std::string entry;
+        if (!row.plan) {
+          std::printf("%-20s does not fit: %s\n", row.name.c_str(), row.why_not.c_str());
+          entry = "null";
+        } else if (!row.executable) {
+          std::printf("%-20s %10s %10s %9s %10s %9s %9s %9s %13.3f %14s %9s  (modelled only: no executor runs its chunks)\n",
+                      row.name.c_str(), "-", "-", "-", "-", "-", "-", "-", row.plan->step_seconds() * 1e3, "-", "-");
+          entry = fmt::format("{{\"executable\":false,\"modelled_step_ms\":{:.4f},\"modelled_imbalance\":{:.4f}}}",
+                              row.plan->step_seconds() * 1e3, row.plan->imbalance());
+        } else {
+          const auto& m = row.ranks;
+          const auto measured = spread(m.size(), [&](std::size_t r) { return o.backward ? m[r].forward_ms + m[r].backward_ms : m[r].forward_ms; });
+          const auto model = spread(m.size(), [&](std::size_t r) {
+            return o.backward ? m[r].model_forward_ms + m[r].model_backward_ms : m[r].model_forward_ms;
+          });
+          const auto planner = spread(m.size(), [&](std::size_t r) { return row.plan->rank_costs[r].attention_seconds * 1e3; });
+          const auto forward = spread(m.size(), [&](std::size_t r) { return m[r].forward_ms; });
+          const auto model_forward = spread(m.size(), [&](std::size_t r) { return m[r].model_forward_ms; });
+          int launches = 0;
+          for (const auto& rank : m) launches = std::max(launches, rank.launches);
+          const double step = measured_step(row);
+          const double ratio = step / ours_measured_step;
+          std::printf("%-20s %10.3f %10.3f %9.4f %10.3f %9.4f %9.4f %9d %13.3f %14.3f %9.3f\n", row.name.c_str(), measured.max,
+                      measured.mean, measured.imbalance(), model.max, model.imbalance(), forward.imbalance(), launches,
+                      row.plan->step_seconds() * 1e3, step * 1e3, ratio);
+          if (&row == &ours) worst_hierarchical = std::max(worst_hierarchical, measured.imbalance());
+          std::vector<double> measured_ms, model_ms, planner_ms;
+          for (std::size_t r = 0; r < m.size(); ++r) {
+            measured_ms.push_back(o.backward ? m[r].forward_ms + m[r].backward_ms : m[r].forward_ms);
+            model_ms.push_back(o.backward ? m[r].model_forward_ms + m[r].model_backward_ms : m[r].model_forward_ms);
+            planner_ms.push_back(row.plan->rank_costs[r].attention_seconds * 1e3);
+          }
+          entry = fmt::format(
+              "{{\"executable\":true,\"measured_max_ms\":{:.4f},\"measured_mean_ms\":{:.4f},\"measured_imbalance\":{:.4f},"
+              "\"model_max_ms\":{:.4f},\"model_mean_ms\":{:.4f},\"model_imbalance\":{:.4f},"
+              "\"planner_attention_max_ms\":{:.4f},\"planner_attention_imbalance\":{:.4f},\"max_launches_per_rank\":{},"
+              "\"modelled_step_ms\":{:.4f},\"modelled_imbalance\":{:.4f},\"measured_step_ms\":{:.4f},"
+              "\"forward_max_ms\":{:.4f},\"forward_imbalance\":{:.4f},\"model_forward_imbalance\":{:.4f},"
+              "\"measured_ms\":{},\"model_ms\":{},\"planner_attention_ms\":{}}}",
+              measured.max, measured.mean, measured.imbalance(), model.max, model.mean, model.imbalance(), planner.max,
+              planner.imbalance(), launches, row.plan->step_seconds() * 1e3, row.plan->imbalance(), step * 1e3, forward.max,
+              forward.imbalance(), model_forward.imbalance(), json_list(measured_ms), json_list(model_ms), json_list(planner_ms));
+        }
+        plans_json += fmt::format("{}\"{}\":{}", plans_json.empty() ? "" : ",", row.name, entry);
+      }
+      std::fflush(stdout);  // a run cut short by a time limit still shows the rank counts it finished
+      auto speedup = [&](const char* name) -> std::optional<double> {
+        for (const auto& row : rows)
+          if (row.name == name && row.plan && row.executable) return measured_step(row) / ours_measured_step;
+        return std::nullopt;
+      };
+      runs_json += fmt::format(
+          "{}{{\"lengths_file\":\"{}\",\"ranks\":{},\"sequences\":{},\"tokens\":{},\"measured_imbalance\":{},"
+          "\"measured_speedup_vs_per_sequence_zigzag\":{},\"measured_speedup_vs_whole_sequences\":{},\"plans\":{{{}}}}}",
+          runs_json.empty() ? "" : ",", file, P, lengths.size(), total,
+          json_number(spread(ours.ranks.size(), [&](std::size_t r) {
+                        return o.backward ? ours.ranks[r].forward_ms + ours.ranks[r].backward_ms : ours.ranks[r].forward_ms;
+                      }).imbalance()),
+          json_number(speedup("per-sequence-zigzag")), json_number(speedup("whole-sequences")), plans_json);
+    }
+  }
+  constexpr double kTarget = 1.10;
+  std::printf("\nhierarchical: worst measured compute max/mean %.4f (target <= %.2f)\n", worst_hierarchical, kTarget);
+  std::printf(
+      "RESULT {\"bench\":\"balance-measure\",\"measured\":true,\"mode\":\"%s\",\"device\":\"%s\",\"backend\":\"%s\","
+      "\"dtype\":\"%s\",\"timing\":\"%s\",\"machine\":\"%s\",\"total_tokens\":%lld,\"gpus_per_node\":%d,\"q_heads\":%d,"
+      "\"kv_heads\":%d,\"head_dim\":%d,\"causal\":%s,\"worst_hierarchical_imbalance\":%.4f,\"target_imbalance\":%.2f,"
+      "\"runs\":[%s]}\n",
+      mode, to_string(o.device), backend->name().c_str(), to_string(o.dtype), runner.timing(), o.machine.name.c_str(),
+      static_cast<long long>(o.total_tokens), o.gpus_per_node, o.shape.query_heads, o.shape.kv_heads, o.shape.head_dim,
+      o.shape.causal ? "true" : "false", worst_hierarchical, kTarget, runs_json.c_str());
+  return 0;
+}
+
+const Register kRegister("balance-measure",
+                         "variable-length plans measured on one device: each rank's local launches, rank after rank, "
+                         "next to the model",
+                         run_balance_measure);
+
+}  // namespace
+}  // namespace longattn::bench
