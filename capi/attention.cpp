@@ -9,6 +9,7 @@
 #include <memory>
 #include <utility>
 
+#include "capi/agreed_views.hpp"
 #include "capi/guard.hpp"
 #include "capi/handles.hpp"
 #include "capi/tensor_descriptor.hpp"
@@ -94,22 +95,9 @@ ParallelAttention& for_stream(longattn_attention& a, void* stream) {
   return *a.by_stream.at(stream);
 }
 
-// Every descriptor's problem on this rank, or where it lives if not on the context's device.
 template <std::size_t N>
 std::array<TensorView, N> checked_views(longattn_attention& a, const std::array<std::pair<const char*, const longattn_tensor*>, N>& tensors) {
-  std::string problem;
-  for (const auto& [name, desc] : tensors) {
-    problem = descriptor_problem(name, desc);
-    if (problem.empty() && to_device(desc->device) != a.context->device)
-      problem = fmt::format("tensor '{}' lives on {} {} but the context runs on {} {}: make the context for the tensors' device",
-                            name, to_string(to_device(desc->device).kind), desc->device.index,
-                            to_string(a.context->device.kind), a.context->device.index);
-    if (!problem.empty()) break;
-  }
-  refuse_on_every_rank_if_any(*a.comm->comm, problem);
-  std::array<TensorView, N> views;
-  for (std::size_t i = 0; i < N; ++i) views[i] = to_view(*tensors[i].second);
-  return views;
+  return agreed_views(*a.comm->comm, a.context->device, tensors);
 }
 
 // Rows of a token-major tensor and the bytes of one row; throws unless it is a CPU tensor.

@@ -259,6 +259,120 @@ longattn_status longattn_attention_backward(longattn_attention* attention, const
                                             const longattn_tensor* dq, const longattn_tensor* dk,
                                             const longattn_tensor* dv, void* stream);
 
+/* ---- Balanced variable-length batches (varlen_attention.hpp) ------------------------------ */
+
+/* A packed batch of sequences of very different lengths, planned over the ranks so that attention
+ * is balanced (short sequences whole on one rank, medium ones over a group of a node's ranks, the
+ * longest over nodes), with the remap between the two layouts a trainer uses:
+ *  - the linear layout: the packed batch cut into `size` contiguous slices (what linear layers,
+ *    norms and embeddings want: equal tokens per rank); rank r holds global rows
+ *    [linear_begin(r), linear_begin(r) + linear_tokens(r)), slices differing by at most one token;
+ *  - the attention layout: the plan's rows per rank (what attention wants: equal work per rank).
+ * A step is: remap q, k, v to the attention layout, attention forward, remap o back; in the
+ * backward, remap d_o to the attention layout, attention backward, remap dq, dk, dv back. */
+
+/* How a batch is spread over the ranks:
+ *   HIERARCHICAL: the cost-model planner (one rank, a group inside a node, or whole nodes);
+ *   PER_SEQUENCE_ZIGZAG: every sequence cut into 2P zigzag chunks over all P ranks (one ring);
+ *   WHOLE_SEQUENCES: every sequence whole on one rank, longest first onto the least loaded. */
+typedef enum longattn_balance {
+  LONGATTN_BALANCE_HIERARCHICAL = 0,
+  LONGATTN_BALANCE_PER_SEQUENCE_ZIGZAG = 1,
+  LONGATTN_BALANCE_WHOLE_SEQUENCES = 2
+} longattn_balance;
+
+typedef struct longattn_varlen longattn_varlen; /* a balanced batch: its plan, remap and attention */
+
+/* What is planned. Initialize with longattn_varlen_params_init, then set fields; every field must
+ * be the same on every rank (checked). */
+typedef struct longattn_varlen_params {
+  size_t struct_size;          /* sizeof(longattn_varlen_params), set by _init */
+  const int32_t* cu_seqlens;   /* prefix sums of the whole batch: batch + 1 entries, from 0, non-decreasing
+                                  (empty sequences allowed). Copied. */
+  int batch;                   /* number of sequences, >= 1 */
+  int q_heads;                 /* query heads */
+  int kv_heads;                /* key/value heads; q_heads % kv_heads == 0 */
+  int head_dim;                /* elements per head */
+  longattn_dtype dtype;        /* of q, k, v */
+  int causal;                  /* nonzero: each token attends to the tokens before it in its sequence */
+  float scale;                 /* softmax scale; 0 means 1/sqrt(head_dim) */
+  longattn_balance balance;    /* default LONGATTN_BALANCE_HIERARCHICAL */
+  int gpus_per_node;           /* ranks per node, dividing the ranks; 0: the communicator's topology */
+  int64_t cap_tokens;          /* most tokens one rank may hold in the attention layout; 0: no cap */
+  const char* machine;         /* the cost model's built-in machine, "h100", "h200" or "cpu"; NULL: "cpu"
+                                  for a CPU context, "h100" for a CUDA one */
+  const char* machine_file;    /* rates and links replacing the built-in machine's, or NULL */
+  longattn_dtype gradient_transport; /* dtype of the rings' travelling dK/dV in the backward: F32 or BF16 */
+} longattn_varlen_params;
+
+/* Defaults: one empty sequence to be set, 1 head, head_dim 64, BF16, causal, scale 0,
+ * hierarchical, topology's node size, no cap, default machine, no machine file, F32 transport. */
+void longattn_varlen_params_init(longattn_varlen_params* params);
+
+/* Plans the batch over `comm` and prepares its remap and attention with `context`'s backend.
+ * Collective; the parameters are checked to agree on every rank, and a refusal is the same
+ * LONGATTN_ERROR_INVALID_ARGUMENT on every rank (a sequence or the batch that cannot fit under the
+ * cap, ranks that are not whole nodes, heads that are not GQA, an unknown balance or machine).
+ * `context` and `comm` must outlive the result. out: receives the handle. */
+longattn_status longattn_varlen_create(longattn_context* context, longattn_comm* comm,
+                                       const longattn_varlen_params* params, longattn_varlen** out);
+/* Releases the handle (NULL is ignored). Not collective. */
+void longattn_varlen_destroy(longattn_varlen* varlen);
+
+/* This rank's figures, and the plan's modelled balance. */
+typedef struct longattn_varlen_info {
+  int64_t total_tokens;     /* tokens of the whole batch */
+  int64_t linear_begin;     /* this rank's first global row in the linear layout */
+  int64_t linear_tokens;    /* rows of this rank's tensors in the linear layout */
+  int64_t attention_tokens; /* rows of this rank's q, k, v, o (and columns of lse) in the attention layout */
+  int groups;               /* groups of ranks the plan runs (one per rank-set sharing sequences) */
+  double modelled_imbalance; /* the cost model's slowest rank over the mean rank, >= 1 */
+} longattn_varlen_info;
+longattn_status longattn_varlen_get_info(const longattn_varlen* varlen, longattn_varlen_info* info);
+
+/* Rank `rank`'s slice of the linear layout (any rank can be asked for, on any rank).
+ * begin:  receives its first global row (may be NULL).   tokens: receives its row count (may be NULL). */
+longattn_status longattn_varlen_linear_rows(const longattn_varlen* varlen, int rank, int64_t* begin, int64_t* tokens);
+
+/* Which tokens rank `rank` holds in the attention layout, in its local order.
+ * rank:          0..size-1 (any rank can be asked for, on any rank).
+ * tokens:        receives the count n (may be NULL).
+ * global_index:  NULL, or room for `capacity` entries: the packed index in the whole batch of each row.
+ * positions:     NULL, or room for `capacity` entries: each row's position in its sequence.
+ * capacity:      entries the arrays can take; must be >= n when either array is given. */
+longattn_status longattn_varlen_attention_index(const longattn_varlen* varlen, int rank, int64_t* tokens,
+                                                int64_t* global_index, int32_t* positions, int64_t capacity);
+
+/* Moves rows from the linear layout to the attention layout: one all-to-all with variable counts.
+ * Collective. Any token-major tensor: q, k, v or other activations in the forward, d_o in the
+ * backward (the backward of to_linear is to_attention of the gradient, and the other way round).
+ * linear:    [linear_tokens, ...] (read).   attention: [attention_tokens, ...] (written);
+ *            the same dtype, the same dimensions after the first, both on the context's device.
+ * stream:    the cudaStream_t the work is queued on, on GPUs (NULL: the default stream); ignored on
+ *            CPUs. The call returns once the work is queued (CUDA) or done (CPU). */
+longattn_status longattn_varlen_to_attention(longattn_varlen* varlen, const longattn_tensor* linear,
+                                             const longattn_tensor* attention, void* stream);
+/* The inverse: attention [attention_tokens, ...] (read) to linear [linear_tokens, ...] (written):
+ * o in the forward, dq, dk, dv in the backward. Collective; stream as above. */
+longattn_status longattn_varlen_to_linear(longattn_varlen* varlen, const longattn_tensor* attention,
+                                          const longattn_tensor* linear, void* stream);
+
+/* Attention forward on the attention layout. Collective. With n = attention_tokens:
+ * q [n, q_heads, head_dim] and k, v [n, kv_heads, head_dim] in the params' dtype; o [n, q_heads,
+ * head_dim] in it or F32 (written); lse [q_heads, n] F32 (written; -inf and o = 0 for an empty row).
+ * stream: as for longattn_attention_forward (a first call with a new stream prepares it on every
+ * rank, collectively). */
+longattn_status longattn_varlen_forward(longattn_varlen* varlen, const longattn_tensor* q, const longattn_tensor* k,
+                                        const longattn_tensor* v, const longattn_tensor* o, const longattn_tensor* lse,
+                                        void* stream);
+/* Backward on the attention layout. Collective. q, k, v, o, lse as given to and returned by the
+ * forward; d_o shaped like o; written: dq [n, q_heads, head_dim], dk and dv [n, kv_heads, head_dim],
+ * each in the params' dtype or F32. stream: as for the forward. */
+longattn_status longattn_varlen_backward(longattn_varlen* varlen, const longattn_tensor* q, const longattn_tensor* k,
+                                         const longattn_tensor* v, const longattn_tensor* o, const longattn_tensor* lse,
+                                         const longattn_tensor* d_o, const longattn_tensor* dq,
+                                         const longattn_tensor* dk, const longattn_tensor* dv, void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
