@@ -7,6 +7,7 @@
 // the plan's modelled step time recomputed with the measured compute in place of the modelled one.
 // No communication runs: transfers and linear layers stay modelled.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -39,7 +40,7 @@ constexpr const char* kUsage =
     "longattn-bench balance-measure --lengths-file F[,F...] [--ranks 8,16] [--gpus-per-node 8] [--device cuda|cpu]\n"
     "  [--backend auto] [--total-tokens N] [--backward] [--machine h100|h200|cpu] [--machine-file F] [--cap-tokens 0]\n"
     "  [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16|f16|f32] [--chunk-tokens 4096] [--full]\n"
-    "  [--warmups 1] [--reps 3]\n"
+    "  [--warmups 1] [--reps 3] [--budget-s 0]\n"
     "Plans each batch over P GPUs as `longattn-bench balance` does (hierarchical, and the baselines\n"
     "per-sequence-zigzag and whole-sequences; flat-minheap is modelled only, no executor runs it), then on\n"
     "this one device runs every rank's local attention launches of each plan, rank after rank, and times\n"
@@ -57,7 +58,9 @@ constexpr const char* kUsage =
     "  --machine        the built-in cost model the plans are made with (default h100 on cuda, cpu on cpu);\n"
     "  --machine-file   its kernel rates, links or linear layers replaced by a machine file (`longattn-bench\n"
     "                   calibrate` writes one for this device)\n"
-    "  --dtype          q, k, v element type (default bf16 on cuda, f32 on cpu)\n";
+    "  --dtype          q, k, v element type (default bf16 on cuda, f32 on cpu)\n"
+    "  --budget-s       start no further batch x rank count once this many seconds have passed (0: no limit);\n"
+    "                   those are reported as skipped\n";
 
 struct Options {
   std::vector<std::string> files;
@@ -71,6 +74,7 @@ struct Options {
   partition::VarlenShape shape;
   DType dtype = DType::f32;
   int warmups = 1, reps = 3;
+  double budget_seconds = 0;  // 0: none
 };
 
 std::vector<std::string> comma_list(const std::string& text) {
@@ -89,7 +93,7 @@ bool cuda_available() {
 Options parse(int argc, char** argv) {
   const examples::Flags f(argc, argv, kUsage,
                           {"lengths-file", "ranks", "gpus-per-node", "device", "backend", "total-tokens", "machine", "machine-file",
-                           "cap-tokens", "heads", "kv-heads", "head-dim", "dtype", "chunk-tokens", "warmups", "reps"},
+                           "cap-tokens", "heads", "kv-heads", "head-dim", "dtype", "chunk-tokens", "warmups", "reps", "budget-s"},
                           {"backward", "full"});
   constexpr long long kMaxInt = std::numeric_limits<int>::max();
   constexpr long long kMaxTokens = std::numeric_limits<std::int32_t>::max();
@@ -127,6 +131,7 @@ Options parse(int argc, char** argv) {
   o.shape.element_bytes = static_cast<int>(dtype_size(o.dtype));
   o.warmups = static_cast<int>(f.integer("warmups", 1, 0, 100));
   o.reps = static_cast<int>(f.integer("reps", 3, 1, 1000));
+  o.budget_seconds = static_cast<double>(f.integer("budget-s", 0, 0, kMaxInt));
   return o;
 }
 
@@ -287,6 +292,7 @@ struct PlanRow {
   std::optional<partition::VarlenPlan> plan;
   std::string why_not;  // a plan that could not be made (the cap), instead of a plan
   bool executable = false;
+  std::string failed;  // why the device refused or failed a launch, instead of measurements
   std::vector<RankMeasurement> ranks;
   std::vector<double> measured_step_rank_s;  // per rank: measured compute (fwd+bwd) + modelled linear and exposed comm
 };
@@ -308,6 +314,15 @@ Spread spread(std::size_t n, F&& value) {
 
 std::string json_number(std::optional<double> v, int digits = 4) {
   return v && std::isfinite(*v) ? fmt::format("{:.{}f}", *v, digits) : "null";
+}
+
+std::string json_escaped(const std::string& text) {
+  std::string out;
+  for (const char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) out += c;
+  }
+  return out;
 }
 
 std::string json_list(const std::vector<double>& values) {
@@ -337,8 +352,9 @@ int run_balance_measure(int argc, char** argv) {
               "communication%s\n",
               o.shape.query_heads, o.shape.kv_heads, o.shape.head_dim, o.shape.causal ? "causal" : "full",
               o.backward ? "" : " (forward measured; backward taken as the model's backward/forward ratio of each rank's launches)");
+  const auto started = std::chrono::steady_clock::now();
   std::string runs_json;
-  double worst_hierarchical = 0;
+  std::optional<double> worst_hierarchical;  // none until a hierarchical plan is measured
   std::uint64_t seed = 20261205;
   for (const auto& file : o.files) {
     const auto file_lengths = read_lengths(file);
@@ -351,6 +367,12 @@ int run_balance_measure(int argc, char** argv) {
                 static_cast<long long>(longest),
                 lengths.size() == file_lengths.size() ? "" : fmt::format(" (cut to --total-tokens {})", o.total_tokens).c_str());
     for (const int P : o.ranks) {
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      if (o.budget_seconds > 0 && elapsed > o.budget_seconds) {
+        std::printf("P = %d: skipped, %.0f s spent of --budget-s %.0f\n", P, elapsed, o.budget_seconds);
+        runs_json += fmt::format("{}{{\"lengths_file\":\"{}\",\"ranks\":{},\"skipped\":true}}", runs_json.empty() ? "" : ",", file, P);
+        continue;
+      }
       partition::VarlenProblem problem;
       problem.lengths = lengths;
       problem.ranks = P;
@@ -384,15 +406,21 @@ int run_balance_measure(int argc, char** argv) {
         if (!row.plan) continue;
         const auto& plan = *row.plan;
         if (!row.executable) continue;
-        for (int r = 0; r < P; ++r) {
-          const auto calls = runtime::varlen_rank_calls(plan, r, o.shape.query_heads, o.shape.kv_heads, o.shape.causal);
-          row.ranks.push_back(runner.measure(calls, seed++));
-          const auto& cost = plan.rank_costs[static_cast<std::size_t>(r)];
-          row.measured_step_rank_s.push_back(measured_forward_backward_ms(row.ranks.back(), o.backward) / 1e3 +
-                                             cost.linear_seconds + cost.exposed_comm_seconds);
+        // One plan the device cannot run (a launch it refuses, memory) must not cost the others.
+        try {
+          for (int r = 0; r < P; ++r) {
+            const auto calls = runtime::varlen_rank_calls(plan, r, o.shape.query_heads, o.shape.kv_heads, o.shape.causal);
+            row.ranks.push_back(runner.measure(calls, seed++));
+            const auto& cost = plan.rank_costs[static_cast<std::size_t>(r)];
+            row.measured_step_rank_s.push_back(measured_forward_backward_ms(row.ranks.back(), o.backward) / 1e3 +
+                                               cost.linear_seconds + cost.exposed_comm_seconds);
+          }
+        } catch (const std::exception& e) {
+          row.failed = e.what();
         }
       }
       auto measured_step = [](const PlanRow& row) {
+        if (!row.failed.empty() || row.measured_step_rank_s.empty()) return std::numeric_limits<double>::quiet_NaN();
         return *std::max_element(row.measured_step_rank_s.begin(), row.measured_step_rank_s.end());
       };
       const auto& ours = rows.front();
@@ -402,6 +430,10 @@ int run_balance_measure(int argc, char** argv) {
         if (!row.plan) {
           std::printf("%-20s does not fit: %s\n", row.name.c_str(), row.why_not.c_str());
           entry = "null";
+        } else if (!row.failed.empty()) {
+          std::printf("%-20s failed on the device: %s\n", row.name.c_str(), row.failed.c_str());
+          entry = fmt::format("{{\"executable\":true,\"error\":\"{}\",\"modelled_step_ms\":{:.4f}}}", json_escaped(row.failed),
+                              row.plan->step_seconds() * 1e3);
         } else if (!row.executable) {
           std::printf("%-20s %10s %10s %9s %10s %9s %9s %9s %13.3f %14s %9s  (modelled only: no executor runs its chunks)\n",
                       row.name.c_str(), "-", "-", "-", "-", "-", "-", "-", row.plan->step_seconds() * 1e3, "-", "-");
@@ -423,7 +455,7 @@ int run_balance_measure(int argc, char** argv) {
           std::printf("%-20s %10.3f %10.3f %9.4f %10.3f %9.4f %9.4f %9d %13.3f %14.3f %9.3f\n", row.name.c_str(), measured.max,
                       measured.mean, measured.imbalance(), model.max, model.imbalance(), forward.imbalance(), launches,
                       row.plan->step_seconds() * 1e3, step * 1e3, ratio);
-          if (&row == &ours) worst_hierarchical = std::max(worst_hierarchical, measured.imbalance());
+          if (&row == &ours) worst_hierarchical = std::max(worst_hierarchical.value_or(0), measured.imbalance());
           std::vector<double> measured_ms, model_ms, planner_ms;
           for (std::size_t r = 0; r < m.size(); ++r) {
             measured_ms.push_back(o.backward ? m[r].forward_ms + m[r].backward_ms : m[r].forward_ms);
@@ -443,32 +475,37 @@ int run_balance_measure(int argc, char** argv) {
         }
         plans_json += fmt::format("{}\"{}\":{}", plans_json.empty() ? "" : ",", row.name, entry);
       }
+      std::printf("(%.1f s so far)\n",
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
       std::fflush(stdout);  // a run cut short by a time limit still shows the rank counts it finished
       auto speedup = [&](const char* name) -> std::optional<double> {
         for (const auto& row : rows)
-          if (row.name == name && row.plan && row.executable) return measured_step(row) / ours_measured_step;
+          if (row.name == name && row.plan && row.executable && row.failed.empty() && ours.failed.empty())
+            return measured_step(row) / ours_measured_step;
         return std::nullopt;
       };
+      std::optional<double> ours_imbalance;
+      if (ours.failed.empty())
+        ours_imbalance = spread(ours.ranks.size(), [&](std::size_t r) {
+                           return o.backward ? ours.ranks[r].forward_ms + ours.ranks[r].backward_ms : ours.ranks[r].forward_ms;
+                         }).imbalance();
       runs_json += fmt::format(
           "{}{{\"lengths_file\":\"{}\",\"ranks\":{},\"sequences\":{},\"tokens\":{},\"measured_imbalance\":{},"
           "\"measured_speedup_vs_per_sequence_zigzag\":{},\"measured_speedup_vs_whole_sequences\":{},\"plans\":{{{}}}}}",
-          runs_json.empty() ? "" : ",", file, P, lengths.size(), total,
-          json_number(spread(ours.ranks.size(), [&](std::size_t r) {
-                        return o.backward ? ours.ranks[r].forward_ms + ours.ranks[r].backward_ms : ours.ranks[r].forward_ms;
-                      }).imbalance()),
+          runs_json.empty() ? "" : ",", file, P, lengths.size(), total, json_number(ours_imbalance),
           json_number(speedup("per-sequence-zigzag")), json_number(speedup("whole-sequences")), plans_json);
     }
   }
   constexpr double kTarget = 1.10;
-  std::printf("\nhierarchical: worst measured compute max/mean %.4f (target <= %.2f)\n", worst_hierarchical, kTarget);
+  std::printf("\nhierarchical: worst measured compute max/mean %s (target <= %.2f)\n", json_number(worst_hierarchical).c_str(), kTarget);
   std::printf(
       "RESULT {\"bench\":\"balance-measure\",\"measured\":true,\"mode\":\"%s\",\"device\":\"%s\",\"backend\":\"%s\","
       "\"dtype\":\"%s\",\"timing\":\"%s\",\"machine\":\"%s\",\"total_tokens\":%lld,\"gpus_per_node\":%d,\"q_heads\":%d,"
-      "\"kv_heads\":%d,\"head_dim\":%d,\"causal\":%s,\"worst_hierarchical_imbalance\":%.4f,\"target_imbalance\":%.2f,"
+      "\"kv_heads\":%d,\"head_dim\":%d,\"causal\":%s,\"worst_hierarchical_imbalance\":%s,\"target_imbalance\":%.2f,"
       "\"runs\":[%s]}\n",
       mode, to_string(o.device), backend->name().c_str(), to_string(o.dtype), runner.timing(), o.machine.name.c_str(),
       static_cast<long long>(o.total_tokens), o.gpus_per_node, o.shape.query_heads, o.shape.kv_heads, o.shape.head_dim,
-      o.shape.causal ? "true" : "false", worst_hierarchical, kTarget, runs_json.c_str());
+      o.shape.causal ? "true" : "false", json_number(worst_hierarchical).c_str(), kTarget, runs_json.c_str());
   return 0;
 }
 
