@@ -53,6 +53,8 @@ class TcpCommunicator final : public Communicator {
     rank_ = static_cast<int>(std::find(members_.begin(), members_.end(), transport_->rank()) - members_.begin());
     topology_ = discover_topology();
   }
+  // The last communicator over the transport decides how long its teardown may wait for peers.
+  ~TcpCommunicator() override { transport_->set_teardown_bound(timeout()); }
   int rank() const override { return rank_; }
   int size() const override { return static_cast<int>(members_.size()); }
   std::string backend_name() const override { return "tcp"; }

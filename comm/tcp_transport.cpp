@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "common/check.hpp"
+#include "longattn/log.hpp"
 
 namespace longattn::comm {
 namespace {
@@ -27,26 +28,48 @@ TcpTransport::TcpTransport(std::unique_ptr<boost::asio::io_context> io, TcpMesh 
     if (p == rank_) continue;
     auto& peer = peers_[static_cast<std::size_t>(p)];
     peer.socket = std::move(mesh.peers[static_cast<std::size_t>(p)]);
+    ++senders_running_;
     peer.sender = std::thread([this, p] { send_loop(p); });
     peer.receiver = std::thread([this, p] { receive_loop(p); });
   }
 }
 
 TcpTransport::~TcpTransport() {
+  std::vector<int> stuck;
   {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     stopping_ = true;  // senders finish their outboxes first, so a last message still arrives
+    cv_.notify_all();
+    if (!cv_.wait_for(lock, teardown_bound_, [&] { return senders_running_ == 0; }))
+      for (int p = 0; p < size_; ++p)
+        if (peers_[static_cast<std::size_t>(p)].sending || !peers_[static_cast<std::size_t>(p)].outbox.empty()) stuck.push_back(p);
   }
-  cv_.notify_all();
-  for (auto& peer : peers_)
-    if (peer.sender.joinable()) peer.sender.join();
+  if (!stuck.empty()) {
+    try {
+      std::string who;
+      for (int p : stuck) who += (who.empty() ? "" : ", ") + describe(p);
+      logger(Subsystem::comm).warn("closing the TCP communicator: messages to {} were not written within {} ms "
+                                   "(LONGATTN_COMM_TIMEOUT_S) and are dropped; is that rank stuck or not reading?",
+                                   who, teardown_bound_.count());
+    } catch (...) {
+      // A destructor must not throw; the connections are closed below all the same.
+    }
+  }
+  // Shutting a socket down wakes its receiver, and a sender blocked on a peer that does not read.
   for (auto& peer : peers_) {
     if (!peer.socket) continue;
     boost::system::error_code ignored;
-    peer.socket->shutdown(tcp::socket::shutdown_both, ignored);  // wakes the receiver
+    peer.socket->shutdown(tcp::socket::shutdown_both, ignored);
   }
-  for (auto& peer : peers_)
+  for (auto& peer : peers_) {
+    if (peer.sender.joinable()) peer.sender.join();
     if (peer.receiver.joinable()) peer.receiver.join();
+  }
+}
+
+void TcpTransport::set_teardown_bound(std::chrono::milliseconds bound) {
+  std::lock_guard lock(mu_);
+  teardown_bound_ = bound;
 }
 
 std::string TcpTransport::describe(int global_rank) const {
@@ -156,9 +179,14 @@ void TcpTransport::send_loop(int peer) {
   std::unique_lock lock(mu_);
   while (true) {
     cv_.wait(lock, [&] { return stopping_ || !p.outbox.empty(); });
-    if (p.outbox.empty()) return;  // stopping, and everything was sent
+    if (p.outbox.empty()) {  // stopping, and everything was sent
+      --senders_running_;
+      cv_.notify_all();
+      return;
+    }
     Outgoing out = std::move(p.outbox.front());
     p.outbox.pop_front();
+    p.sending = true;
     lock.unlock();
     const WireHeader header{out.comm_id, out.payload.size(), out.tag, 0};
     const std::array<boost::asio::const_buffer, 2> pieces{boost::asio::buffer(&header, sizeof header),
@@ -166,6 +194,7 @@ void TcpTransport::send_loop(int peer) {
     boost::system::error_code ec;
     boost::asio::write(*p.socket, pieces, ec);
     lock.lock();
+    p.sending = false;
     if (ec) {
       out.op->error = fmt::format("the connection broke while sending ({}); did that rank exit or crash?", ec.message());
       mark_dead(peer, out.op->error);

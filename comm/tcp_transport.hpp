@@ -33,6 +33,9 @@ class TcpTransport {
  public:
   // `io` is the context the mesh's sockets were made on: it must outlive them, so it lives here.
   TcpTransport(std::unique_ptr<boost::asio::io_context> io, TcpMesh mesh);
+  // Lets every sender finish its queued messages for at most the teardown bound, then closes the
+  // connections (a live peer that stopped reading would otherwise block a sender forever) with a
+  // logged warning naming the peers whose messages were dropped.
   ~TcpTransport();
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
@@ -40,6 +43,8 @@ class TcpTransport {
   int rank() const noexcept { return rank_; }
   int size() const noexcept { return size_; }
   const std::vector<std::string>& hostnames() const noexcept { return hostnames_; }
+  // How long the destructor waits for queued messages to be written (the communicator's timeout).
+  void set_teardown_bound(std::chrono::milliseconds bound);
   // "rank 3 (host, 10.0.0.3:40123)", for errors.
   std::string describe(int global_rank) const;
 
@@ -67,6 +72,7 @@ class TcpTransport {
     std::deque<Outgoing> outbox;
     std::thread sender, receiver;
     std::string dead;  // why the connection broke; empty while it works
+    bool sending = false;  // the sender is writing a message
   };
   using Key = std::tuple<std::uint64_t, int, int>;  // communicator id, source, tag
 
@@ -81,6 +87,8 @@ class TcpTransport {
   std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
+  int senders_running_ = 0;
+  std::chrono::milliseconds teardown_bound_{std::chrono::seconds(300)};
   std::vector<Peer> peers_;
   std::map<Key, std::deque<std::shared_ptr<TcpOperation>>> posted_;
   std::map<Key, std::deque<std::vector<char>>> unexpected_;

@@ -5,7 +5,7 @@
 // communicator from the environment and checks one scenario: every operation of the interface,
 // ring attention and every ParallelAttention strategy against the double reference, a peer that
 // dies or hangs (an Error naming it, not a hang), communicators made and destroyed 30 times at once
-// (and with a peer already gone), a rendezvous that cannot complete. Bad
+// (and with a peer already gone or stopped from reading), a rendezvous that cannot complete. Bad
 // environments are checked in this process.
 #include <gtest/gtest.h>
 #include <fcntl.h>
@@ -427,6 +427,37 @@ void check_teardown_peer_gone() {
   std::_Exit(::testing::Test::HasFailure() ? 1 : 0);  // a peer is gone: no orderly end to agree on
 }
 
+// A live peer that stops reading (the whole process stopped, as a debugger or a stuck host would
+// leave it) while this rank's message to it is too large for the socket buffers: destroying the
+// communicator must give up after its timeout, not block on the write forever. Rank 1 stops
+// itself; rank 0 resumes it once the destructor has returned, and rank 1 then just leaves.
+void check_teardown_peer_not_reading() {
+  auto comm = make_tcp_communicator_from_env();
+  exchange_and_check(*comm, 0);
+  std::int64_t pid = ::getpid();
+  std::vector<std::int64_t> pids(static_cast<std::size_t>(comm->size()));
+  comm->allgather(&pid, pids.data(), sizeof pid);
+  comm->barrier();
+  if (comm->rank() == 1) {
+    ::raise(SIGSTOP);
+    std::_Exit(0);  // the connection is gone by now: no orderly end to agree on
+  }
+  if (comm->rank() != 0) std::_Exit(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // rank 1 has stopped
+  std::vector<char> bytes(256 << 20, 5);  // far beyond what the kernel buffers on both sides
+  auto queued = comm->isend(bytes.data(), bytes.size(), 1, 4, nullptr);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the sender is blocked in its write
+  EXPECT_FALSE(queued->test()) << "the message to a stopped peer was written in full";
+  const auto start = std::chrono::steady_clock::now();
+  queued.reset();  // the request shares the connections: the last owner gone closes them
+  comm.reset();
+  const auto took = std::chrono::steady_clock::now() - start;
+  ::kill(static_cast<pid_t>(pids[1]), SIGCONT);
+  EXPECT_GE(took, std::chrono::seconds(2)) << "the destructor did not wait for the queued message at all";
+  EXPECT_LT(took, std::chrono::seconds(15)) << "the destructor waited past its bound (LONGATTN_COMM_TIMEOUT_S=3)";
+  std::_Exit(::testing::Test::HasFailure() ? 1 : 0);
+}
+
 // A rendezvous that cannot complete: the caught error must be the expected one.
 void check_failed_rendezvous(ErrorCode want, const std::string& words) {
   try {
@@ -447,6 +478,7 @@ void run_worker() {
   if (scenario == "world_mismatch") return check_failed_rendezvous(ErrorCode::invalid_argument, "WORLD_SIZE=3 but rank 0 has WORLD_SIZE=2");
   if (scenario == "teardown") return check_teardown();
   if (scenario == "teardown_peer_gone") return check_teardown_peer_gone();
+  if (scenario == "teardown_peer_not_reading") return check_teardown_peer_not_reading();
   auto comm = make_tcp_communicator_from_env();
   EXPECT_EQ(comm->rank(), std::atoi(std::getenv("RANK")));
   EXPECT_EQ(comm->size(), std::atoi(std::getenv("WORLD_SIZE")));
@@ -481,6 +513,12 @@ TEST_P(TcpRanks, TeardownWithAPeerGoneIsQuick) {
   expect_all_passed(run(l), "teardown_peer_gone");
 }
 INSTANTIATE_TEST_SUITE_P(Ranks, TcpRanks, ::testing::Values(2, 3, 4));
+
+TEST(Tcp, TeardownWithAPeerThatStoppedReadingIsBounded) {
+  Launch l(3, "teardown_peer_not_reading");
+  l.env["LONGATTN_COMM_TIMEOUT_S"] = "3";
+  expect_all_passed(run(l), "teardown_peer_not_reading");
+}
 
 TEST(Tcp, SimulatedNodesFromNodeSize) {
   Launch l(4, "nodes_of_two");
