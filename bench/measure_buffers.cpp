@@ -11,7 +11,7 @@
 namespace longattn::bench {
 
 std::unique_ptr<DeviceBuffer> random_buffer(DeviceOps& ops, std::size_t elements, DType dtype, std::uint64_t seed) {
-  constexpr std::size_t kPatternElements = 1 << 20;
+  constexpr std::size_t kPatternElements = 1 << 18;
   const std::size_t element_bytes = dtype_size(dtype);
   const std::size_t bytes = std::max<std::size_t>(elements, 1) * element_bytes;
   auto buffer = ops.allocate(bytes);
