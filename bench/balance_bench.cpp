@@ -20,13 +20,14 @@
 #include "measure_lengths.hpp"
 #include "longattn/error.hpp"
 #include "partition/cost_model.hpp"
+#include "partition/machine_file.hpp"
 #include "partition/varlen_planner.hpp"
 
 namespace longattn::bench {
 namespace {
 
 constexpr const char* kUsage =
-    "longattn-bench balance --lengths-file F [--ranks 64] [--gpus-per-node 8] [--machine h200|h100]\n"
+    "longattn-bench balance --lengths-file F [--ranks 64] [--gpus-per-node 8] [--machine h200|h100] [--machine-file F]\n"
     "  [--cap-tokens 0] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype-bytes 2] [--chunk-tokens 4096]\n"
     "  [--full]\n"
     "Plans a batch of sequences over P GPUs with the hierarchical variable-length planner and with three\n"
@@ -37,6 +38,8 @@ constexpr const char* kUsage =
     "                   bench/data/ ships three synthetic distributions\n"
     "  --ranks          GPUs P; --gpus-per-node G of them to a node (P a multiple of G)\n"
     "  --machine        built-in machine model (kernel rates by block size, links, linear layers)\n"
+    "  --machine-file   what it gives (kernel rates, links, linear layers) replaces the built-in machine's;\n"
+    "                   `longattn-bench calibrate --out F` writes the rates of the device it runs on\n"
     "  --cap-tokens     most tokens one GPU may hold (0: no cap)\n"
     "  --chunk-tokens   the flat min-heap baseline's chunk size\n"
     "  --full           no causal mask (default causal)\n";
@@ -51,7 +54,7 @@ std::string number_or_null(std::optional<double> value) { return value ? fmt::fo
 
 int run_balance(int argc, char** argv) {
   const examples::Flags f(argc, argv, kUsage,
-                          {"lengths-file", "ranks", "gpus-per-node", "machine", "cap-tokens", "heads", "kv-heads", "head-dim",
+                          {"lengths-file", "ranks", "gpus-per-node", "machine", "machine-file", "cap-tokens", "heads", "kv-heads", "head-dim",
                            "dtype-bytes", "chunk-tokens"},
                           {"full"});
   if (!f.has("lengths-file"))
@@ -69,7 +72,8 @@ int run_balance(int argc, char** argv) {
   problem.shape.element_bytes = static_cast<int>(f.integer("dtype-bytes", 2, 1, 8));
   problem.shape.causal = !f.flag("full");
   const std::int64_t chunk_tokens = f.integer("chunk-tokens", 4096, 1, std::numeric_limits<std::int32_t>::max());
-  const auto machine = partition::default_machine(f.str("machine", "h200"));
+  auto machine = partition::default_machine(f.str("machine", "h200"));
+  if (f.has("machine-file")) machine = partition::apply_machine_file(machine, partition::load_machine_file(f.str("machine-file", "")));
   partition::check_problem(problem);  // one clear error for the batch before any planner runs
 
   std::vector<Row> rows;
