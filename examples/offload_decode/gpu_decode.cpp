@@ -2,17 +2,23 @@
 // projections on the GPU. Two ways to attend, same model and same KV values:
 //   offloaded (default): the new token's k, v and the queries are copied to the host and sent to
 //     the servers, which hold the KV; o comes back and is copied to the GPU. No KV in GPU memory.
+//     With --micro-batches N the shared loop (pipeline_loop.hpp) keeps N in flight, each with its
+//     own stream, so the GPU computes one while the servers attend another.
 //   --local-attention (all on the GPU): KV caches in GPU memory, attention by the "cuda" backend's
 //     forward (one query token per sequence over its KV: the split-KV decode kernel).
-// Every step ends with a synchronization, as a real decode loop's sampling would. Reported: tokens
-// per second, attention time per step, GPU memory in use, and the KV bytes the servers hold.
+// All on the GPU, every step ends with a synchronization, as a real decode loop's sampling would
+// (offloaded, the host waits for each micro-batch's work anyway: it sends its q, k, v). Reported:
+// tokens per second, attention time per step, GPU memory in use, and the KV bytes the servers hold.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <fmt/format.h>
@@ -20,6 +26,8 @@
 #include "capacity.hpp"
 #include "decode_common.hpp"
 #include "gpu_kernels.hpp"
+#include "pipeline_loop.hpp"
+#include "pipeline_output.hpp"
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
 
@@ -90,6 +98,122 @@ void append_f32(const std::byte* raw, DType t, std::size_t n, std::vector<float>
   for (std::size_t i = 0; i < n; ++i) dst.push_back(load_as_f32(raw, t, i));
 }
 
+// The model's side of the pipeline on the GPU: micro-batch m owns rows [first, first + count) of
+// the batch's buffers, its own stream and a begin/end event pair around each piece of work it
+// enqueues (o in, x += o Wo, norm, the next layer's projections, q and the new k, v out), so the
+// loop can ask whether it is done without blocking, and the GPU's busy time is the union of those
+// intervals (work of several streams that overlaps is counted once).
+class GpuModel final : public MicroBatchModel {
+ public:
+  using Weights = std::vector<std::unique_ptr<DeviceMem>>;
+  struct Buffers {
+    const Weights &wq, &wk, &wv, &wo;
+    float *x, *y, *q, *k, *v, *o;  // device, [B, ...] rows
+    std::byte* kv_lp;              // device, per micro-batch: its k rows then its v rows (KV dtype)
+    float* h_q;                    // pinned, the same layouts as the device buffers
+    std::byte* h_kv;
+    float *h_o, *h_lse;            // lse per micro-batch: [H][count] from its first * H
+  };
+  using CheckFn = std::function<void(const MicroBatchRange&, int layer, const float* q, const std::byte* kv, const float* o, const float* lse)>;
+
+  GpuModel(const Config& c, offload::Client& client, const Buffers& b, CheckFn check)
+      : c_(c), client_(client), b_(b), check_(std::move(check)), es_(dtype_size(c.dtype)), et_(elem_of(c.dtype)) {
+    for (const auto& r : split_batch(c.batch, c.micro_batches)) {
+      auto p = std::make_unique<Part>();
+      p->seqs = r;
+      for (int s = r.first; s < r.first + r.count; ++s) p->queries.push_back({static_cast<std::uint64_t>(s), 1});
+      parts_.push_back(std::move(p));
+    }
+    cuda_ok(cudaEventRecord(origin_.e, parts_[0]->stream.s), "cudaEventRecord");
+    cuda_ok(cudaEventSynchronize(origin_.e), "cudaEventSynchronize");
+  }
+
+  void start(int m, int finish_layer, int next_layer, int) override {
+    Part& p = *parts_[static_cast<std::size_t>(m)];
+    const int n = p.seqs.count, H = c_.heads, D = c_.head_dim, hidden = c_.hidden(), row = static_cast<int>(c_.kv_row());
+    const std::size_t qo = static_cast<std::size_t>(p.seqs.first) * H * D;  // q, o rows
+    const std::size_t xo = static_cast<std::size_t>(p.seqs.first) * hidden;
+    const std::size_t kvo = static_cast<std::size_t>(p.seqs.first) * row;  // k, v rows (f32)
+    std::byte* const kv_lp = b_.kv_lp + 2 * kvo * es_;
+    std::byte* const h_kv = b_.h_kv + 2 * kvo * es_;
+    const std::size_t kv_bytes = 2 * static_cast<std::size_t>(n) * row * es_;
+    if (finish_layer >= 0 && check_) check_(p.seqs, finish_layer, b_.h_q + qo, h_kv, b_.h_o + qo, b_.h_lse + static_cast<std::size_t>(p.seqs.first) * H);
+    const cudaStream_t s = p.stream.s;
+    cuda_ok(cudaEventRecord(p.begin.e, s), "cudaEventRecord");
+    if (finish_layer >= 0) {
+      cuda_ok(cudaMemcpyAsync(b_.o + qo, b_.h_o + qo, static_cast<std::size_t>(n) * H * D * 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+      gpu::matmul(b_.o + qo, b_.wo[static_cast<std::size_t>(finish_layer)]->p, b_.y + xo, n, H * D, hidden, s);
+      gpu::residual_rmsnorm(b_.x + xo, b_.y + xo, n, hidden, s);
+    }
+    if (next_layer >= 0) {
+      const auto l = static_cast<std::size_t>(next_layer);
+      gpu::matmul(b_.x + xo, b_.wq[l]->p, b_.q + qo, n, hidden, H * D, s);
+      gpu::matmul(b_.x + xo, b_.wk[l]->p, b_.k + kvo, n, hidden, row, s);
+      gpu::matmul(b_.x + xo, b_.wv[l]->p, b_.v + kvo, n, hidden, row, s);
+      gpu::store_rows(kv_lp, et_, row, b_.k + kvo, n, row, s);
+      gpu::store_rows(kv_lp + static_cast<std::size_t>(n) * row * es_, et_, row, b_.v + kvo, n, row, s);
+      cuda_ok(cudaMemcpyAsync(b_.h_q + qo, b_.q + qo, static_cast<std::size_t>(n) * H * D * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+      cuda_ok(cudaMemcpyAsync(h_kv, kv_lp, kv_bytes, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+    }
+    cuda_ok(cudaEventRecord(p.end.e, s), "cudaEventRecord");
+    p.in_flight = true;
+  }
+
+  bool done(int m) override {
+    Part& p = *parts_[static_cast<std::size_t>(m)];
+    if (!p.in_flight) return true;
+    const cudaError_t e = cudaEventQuery(p.end.e);
+    if (e == cudaErrorNotReady) return false;
+    cuda_ok(e, "cudaEventQuery");
+    float from = 0, to = 0;
+    cuda_ok(cudaEventElapsedTime(&from, origin_.e, p.begin.e), "cudaEventElapsedTime");
+    cuda_ok(cudaEventElapsedTime(&to, origin_.e, p.end.e), "cudaEventElapsedTime");
+    busy_.push_back({from, to});
+    p.in_flight = false;
+    return true;
+  }
+
+  std::future<void> send(int m, int layer, std::chrono::steady_clock::time_point* answered) override {
+    Part& p = *parts_[static_cast<std::size_t>(m)];
+    const int n = p.seqs.count, H = c_.heads, D = c_.head_dim;
+    const std::size_t qo = static_cast<std::size_t>(p.seqs.first) * H * D, kvo = static_cast<std::size_t>(p.seqs.first) * c_.kv_row();
+    const std::byte* h_kv = b_.h_kv + 2 * kvo * es_;
+    return client_.append_attend(layer, H, D, p.queries, b_.h_q + qo, h_kv, h_kv + static_cast<std::size_t>(n) * c_.kv_row() * es_, b_.h_o + qo,
+                                 b_.h_lse + static_cast<std::size_t>(p.seqs.first) * H, answered);
+  }
+
+  // Seconds the GPU had model work of some micro-batch in flight.
+  double gpu_busy_seconds() const {
+    auto spans = busy_;
+    std::sort(spans.begin(), spans.end());
+    double ms = 0, until = -1e30;
+    for (const auto& [from, to] : spans) {
+      const double a = std::max<double>(from, until);
+      if (to > a) ms += to - a;
+      until = std::max<double>(until, to);
+    }
+    return ms * 1e-3;
+  }
+
+ private:
+  struct Part {
+    MicroBatchRange seqs;
+    std::vector<offload::DecodeQuery> queries;
+    Stream stream;
+    Event begin, end;
+    bool in_flight = false;
+  };
+  const Config& c_;
+  offload::Client& client_;
+  Buffers b_;
+  CheckFn check_;
+  std::size_t es_;
+  gpu::Elem et_;
+  Event origin_;
+  std::vector<std::unique_ptr<Part>> parts_;
+  std::vector<std::pair<float, float>> busy_;
+};
+
 }  // namespace
 
 // --find-max-batch: the largest batch of this shape that fits all on the GPU, and what the
@@ -122,8 +246,6 @@ int run_gpu(const Config& c) {
   int dev_index = 0;
   cuda_ok(cudaGetDevice(&dev_index), "cudaGetDevice");
   const Device dev{DeviceKind::cuda, dev_index};
-  if (c.micro_batches > 1)
-    throw Error(ErrorCode::unsupported, "--micro-batches > 1 runs with --device cpu only so far; use --device cpu or --micro-batches 1");
   // Checked before anything is allocated: a batch that cannot fit is refused with the batch that can.
   std::size_t free_bytes = 0, total_bytes = 0;
   cuda_ok(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
@@ -240,22 +362,20 @@ int run_gpu(const Config& c) {
   }
   const double prefill_s = std::chrono::duration<double>(Clock::now() - t_prefill).count();
 
-  std::vector<offload::DecodeQuery> queries;
-  for (int b = 0; b < B; ++b) queries.push_back({static_cast<std::uint64_t>(b), 1});
-  std::vector<Event> ev_begin(static_cast<std::size_t>(L)), ev_end(static_cast<std::size_t>(L));
   const offload::ClientStats s0 = client ? client->stats() : offload::ClientStats{};
-  double attn_s = 0, max_err = 0;
-  std::vector<float> qf(qn), of(qn), lf(static_cast<std::size_t>(B) * H);
-  std::vector<std::byte> raw(std::max(qn, 2 * B * row) * es);
-
-  const auto t_decode = Clock::now();
-  for (int step = 0; step < steps; ++step) {
-    for (int l = 0; l < L; ++l) {
-      gpu::matmul(x.as<float>(), wq[l]->p, q.as<float>(), B, hidden, H * D, st.s);
-      gpu::matmul(x.as<float>(), wk[l]->p, k.as<float>(), B, hidden, static_cast<int>(row), st.s);
-      gpu::matmul(x.as<float>(), wv[l]->p, v.as<float>(), B, hidden, static_cast<int>(row), st.s);
-      const std::int64_t pos = ctx + step, len = pos + 1;
-      if (local) {
+  double attn_s = 0, max_err = 0, decode_s = 0;
+  std::string pipeline_text, pipeline_lines_json;  // offloaded: the pipeline's table lines and RESULT keys
+  if (local) {
+    std::vector<Event> ev_begin(static_cast<std::size_t>(L)), ev_end(static_cast<std::size_t>(L));
+    std::vector<float> qf(qn), of(qn), lf(static_cast<std::size_t>(B) * H);
+    std::vector<std::byte> raw(std::max(qn, 2 * B * row) * es);
+    const auto t_decode = Clock::now();
+    for (int step = 0; step < steps; ++step) {
+      for (int l = 0; l < L; ++l) {
+        gpu::matmul(x.as<float>(), wq[l]->p, q.as<float>(), B, hidden, H * D, st.s);
+        gpu::matmul(x.as<float>(), wk[l]->p, k.as<float>(), B, hidden, static_cast<int>(row), st.s);
+        gpu::matmul(x.as<float>(), wv[l]->p, v.as<float>(), B, hidden, static_cast<int>(row), st.s);
+        const std::int64_t pos = ctx + step, len = pos + 1;
         // The new token's k, v into the caches (rounded to the KV dtype), q to the kernel's dtype.
         gpu::store_rows(kc[l]->as() + static_cast<std::size_t>(pos) * row * es, et, cap * static_cast<std::int64_t>(row), k.as<float>(), B,
                         static_cast<int>(row), st.s);
@@ -275,29 +395,9 @@ int run_gpu(const Config& c) {
                           TensorView(lse.as<float>() + static_cast<std::size_t>(b) * H, DType::f32, {H, 1}, dev)});
         }
         cuda_ok(cudaEventRecord(ev_end[l].e, st.s), "cudaEventRecord");
-      } else {
-        gpu::store_rows(kv_lp->p, et, static_cast<std::int64_t>(row), k.as<float>(), B, static_cast<int>(row), st.s);
-        gpu::store_rows(kv_lp->as() + B * row * es, et, static_cast<std::int64_t>(row), v.as<float>(), B, static_cast<int>(row), st.s);
-        // Attention time: from the copies off the GPU to o back on it.
-        st.sync();
-        const auto ta = Clock::now();
-        cuda_ok(cudaMemcpyAsync(h_q->p, q.p, qn * 4, cudaMemcpyDeviceToHost, st.s), "cudaMemcpyAsync");
-        cuda_ok(cudaMemcpyAsync(h_kv->p, kv_lp->p, 2 * B * row * es, cudaMemcpyDeviceToHost, st.s), "cudaMemcpyAsync");
-        st.sync();
-        std::vector<std::future<void>> app;
-        for (int b = 0; b < B; ++b)
-          app.push_back(client->append(static_cast<std::uint64_t>(b), l, h_kv->as() + b * row * es, h_kv->as() + (B + b) * row * es, 1));
-        for (auto& f : app) f.get();
-        client->attend(l, H, D, queries, h_q->as<float>(), h_o->as<float>(), h_lse->as<float>()).get();
-        cuda_ok(cudaMemcpyAsync(o.p, h_o->p, qn * 4, cudaMemcpyHostToDevice, st.s), "cudaMemcpyAsync");
-        st.sync();
-        attn_s += std::chrono::duration<double>(Clock::now() - ta).count();
-      }
-
-      if (c.check) {
-        // The same layer over the host's f32 copies, with the q the attention saw.
-        st.sync();
-        if (local) {
+        if (c.check) {
+          // The same layer over the host's f32 copies, with the q the attention saw.
+          st.sync();
           cuda_ok(cudaMemcpy(raw.data(), q_lp.p, qn * es, cudaMemcpyDeviceToHost), "cudaMemcpy");
           for (std::size_t i = 0; i < qn; ++i) qf[i] = load_as_f32(raw.data(), c.dtype, i);
           cuda_ok(cudaMemcpy(of.data(), o.p, qn * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
@@ -309,30 +409,48 @@ int run_gpu(const Config& c) {
             append_f32(raw.data(), c.dtype, row, kh[l][b]);
             append_f32(raw.data() + row * es, c.dtype, row, vh[l][b]);
           }
-        } else {
-          std::memcpy(qf.data(), h_q->p, qn * 4);
-          std::memcpy(of.data(), h_o->p, qn * 4);
-          std::memcpy(lf.data(), h_lse->p, lf.size() * 4);
-          for (int b = 0; b < B; ++b) {
-            append_f32(h_kv->as() + b * row * es, c.dtype, row, kh[l][b]);
-            append_f32(h_kv->as() + (B + b) * row * es, c.dtype, row, vh[l][b]);
-          }
+          max_err = std::max(max_err, check_against_local(*cpu, c, kh[l], vh[l], qf.data(), of.data(), lf.data(), true));
         }
-        max_err = std::max(max_err, check_against_local(*cpu, c, kh[l], vh[l], qf.data(), of.data(), lf.data(), local));
+        gpu::matmul(o.as<float>(), wo[l]->p, y.as<float>(), B, H * D, hidden, st.s);
+        gpu::residual_rmsnorm(x.as<float>(), y.as<float>(), B, hidden, st.s);
       }
-      gpu::matmul(o.as<float>(), wo[l]->p, y.as<float>(), B, H * D, hidden, st.s);
-      gpu::residual_rmsnorm(x.as<float>(), y.as<float>(), B, hidden, st.s);
-    }
-    // The step's tokens are final here (a real loop samples them now).
-    st.sync();
-    if (local)
+      // The step's tokens are final here (a real loop samples them now).
+      st.sync();
       for (int l = 0; l < L; ++l) {
         float ms = 0;
         cuda_ok(cudaEventElapsedTime(&ms, ev_begin[l].e, ev_end[l].e), "cudaEventElapsedTime");
         attn_s += ms * 1e-3;
       }
+    }
+    decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
+  } else {
+    GpuModel::Buffers bufs{wq, wk, wv, wo, x.as<float>(), y.as<float>(), q.as<float>(), k.as<float>(), v.as<float>(), o.as<float>(),
+                           kv_lp->as(), h_q->as<float>(), h_kv->as(), h_o->as<float>(), h_lse->as<float>()};
+    // --check: each micro-batch's layer against the cpu backend over the host's f32 copies, with the
+    // q, k, v the servers got and the o, lse they answered (still in the pinned buffers then).
+    auto check_part = [&](const MicroBatchRange& r, int l, const float* hq, const std::byte* hkv, const float* ho, const float* hl) {
+      Config part = c;
+      part.batch = r.count;
+      std::vector<std::vector<float>> kpart, vpart;
+      for (int i = 0; i < r.count; ++i) {
+        append_f32(hkv + static_cast<std::size_t>(i) * row * es, c.dtype, row, kh[l][r.first + i]);
+        append_f32(hkv + static_cast<std::size_t>(r.count + i) * row * es, c.dtype, row, vh[l][r.first + i]);
+        kpart.push_back(kh[l][r.first + i]);
+        vpart.push_back(vh[l][r.first + i]);
+      }
+      max_err = std::max(max_err, check_against_local(*cpu, part, kpart, vpart, hq, ho, hl, false));
+    };
+    GpuModel model(c, *client, bufs, c.check ? GpuModel::CheckFn(check_part) : nullptr);
+    ServerKernelMeter kernels(*client, c.client.servers.size());
+    const auto times = run_pipeline(model, c.micro_batches, steps, L);
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    decode_s = times.decode_s;
+    attn_s = times.wait_s;
+    kernels.finish();
+    const auto pipe = pipeline_report(times.trips, model.gpu_busy_seconds(), times.wait_s, decode_s, steps, L, c.micro_batches, B);
+    pipeline_text = pipeline_lines(pipe, c.micro_batches, kernels, steps, "GPU");
+    pipeline_lines_json = pipeline_json(pipe, c.micro_batches, kernels, steps);
   }
-  const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
   const std::size_t gpu_used = gpu_memory_used_bytes();
 
   // A fingerprint of the final hidden states: equal models give (nearly) equal numbers in both modes.
@@ -356,22 +474,23 @@ int run_gpu(const Config& c) {
   std::printf("offload_decode (cuda, attention %s): %s%d layers, batch %d, context %lld + %d steps, %d/%d heads x %d, %s KV\n", mode,
               local ? "" : fmt::format("{} server(s), ", c.client.servers.size()).c_str(), L, B, static_cast<long long>(ctx), steps, H, K,
               D, to_string(c.dtype));
-  std::printf("  prefill %.3f s; decode %.3f s: %.1f tokens/s; attention %.3f ms per step (all layers)\n", prefill_s, decode_s, tokens_per_s,
-              attn_s * 1e3 / steps);
+  std::printf("  prefill %.3f s; decode %.3f s: %.1f tokens/s; attention%s %.3f ms per step (all layers)\n", prefill_s, decode_s, tokens_per_s,
+              local ? "" : " wait", attn_s * 1e3 / steps);
   std::printf("  GPU memory in use %.3f GiB (weights %.3f GiB, KV on the GPU %.3f GiB); KV held by the servers %.3f GiB%s\n",
               static_cast<double>(gpu_used) / gib, static_cast<double>(weight_bytes) / gib, static_cast<double>(kv_gpu_bytes) / gib,
               server_kv / gib, c.check ? fmt::format("; max |error| vs local attention {:.3g}", max_err).c_str() : "");
+  std::fputs(pipeline_text.c_str(), stdout);
   std::printf("RESULT {\"program\":\"offload_decode\",\"device\":\"cuda\",\"attention\":\"%s\",\"transport\":\"%s\",\"servers\":%zu,"
               "\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\","
               "\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"decode_s\":%.4f,\"tokens_per_s\":%.3f,\"attention_ms_per_step\":%.4f,"
               "\"gpu_memory_used_bytes\":%zu,\"weights_bytes\":%zu,\"kv_bytes_gpu\":%zu,\"kv_bytes_servers\":%.0f,"
               "\"bytes_sent_per_step\":%.1f,\"bytes_received_per_step\":%.1f,\"retries\":%llu,\"hidden_fingerprint\":%.6g,"
-              "\"checked\":%s,\"max_error\":%.6g}\n",
+              "\"checked\":%s,\"max_error\":%.6g%s}\n",
               mode, local ? "none" : c.client.transport.c_str(), c.client.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D,
               to_string(c.dtype), static_cast<long long>(c.client.shard_tokens), prefill_s, decode_s, tokens_per_s, attn_s * 1e3 / steps,
               gpu_used, weight_bytes, kv_gpu_bytes, server_kv, static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps,
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps, static_cast<unsigned long long>(s1.retries - s0.retries),
-              fingerprint, c.check ? "true" : "false", c.check ? max_err : 0.0);
+              fingerprint, c.check ? "true" : "false", c.check ? max_err : 0.0, pipeline_lines_json.c_str());
   // Offloaded: the servers' f32 kernel; local: the GPU kernel (f32 accumulation, fast exp2).
   const double tol = local ? 2e-3 : 1e-3;
   if (c.check && !(max_err < tol)) {

@@ -17,8 +17,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <deque>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -28,7 +28,8 @@
 
 #include "../common/flags.hpp"
 #include "decode_common.hpp"
-#include "pipeline_stats.hpp"
+#include "pipeline_loop.hpp"
+#include "pipeline_output.hpp"
 #include "longattn/backend.hpp"
 #include "longattn/dtype_convert.hpp"
 #include "longattn/error.hpp"
@@ -165,112 +166,103 @@ int run_cpu(const Config& cfg) {
   if (check) local = make_backend("cpu", DeviceKind::cpu);
   std::vector<float> x = randn(static_cast<std::size_t>(B) * hidden, 1.0f);
 
-  // The batch in micro-batches of consecutive sequences. Each keeps one append_attend in flight:
-  // while the servers attend one micro-batch at layer l, this thread computes the others.
-  struct MicroBatch {
-    int first = 0, count = 0;
-    std::vector<float> x, q, kk, vv, o, lse, y;
-    std::vector<offload::DecodeQuery> queries;
-    std::future<void> pending;
-    int pending_layer = -1;
-  };
-  const int N = cfg.micro_batches;
-  std::vector<MicroBatch> mbs(static_cast<std::size_t>(N));
-  for (int m = 0, first = 0; m < N; ++m) {
-    auto& mb = mbs[static_cast<std::size_t>(m)];
-    mb.first = first;
-    mb.count = B / N + (m < B % N ? 1 : 0);
-    first += mb.count;
-    mb.x.assign(x.begin() + static_cast<std::ptrdiff_t>(mb.first) * hidden, x.begin() + static_cast<std::ptrdiff_t>(mb.first + mb.count) * hidden);
-    for (int b = mb.first; b < mb.first + mb.count; ++b) mb.queries.push_back({static_cast<std::uint64_t>(b), 1});
-    mb.o.resize(static_cast<std::size_t>(mb.count) * H * D);
-    mb.lse.resize(static_cast<std::size_t>(mb.count) * H);
-  }
-  std::deque<offload_decode::RoundTrip> trips;  // stable addresses: the client writes answer times into them
+  // The model's side of the pipeline on this host's CPU: each micro-batch's work runs to the end
+  // before start() returns, so the loop sends its request at once and computes the next one's.
+  class CpuModel final : public offload_decode::MicroBatchModel {
+   public:
+    struct Part {
+      offload_decode::MicroBatchRange seqs;
+      std::vector<float> x, q, kk, vv, o, lse, y;
+      std::vector<std::byte> kraw, vraw;
+      std::vector<offload::DecodeQuery> queries;
+    };
+    CpuModel(const Config& c, offload::Client& client, const std::vector<Layer>& layers, const std::vector<float>& x,
+             std::function<std::vector<std::byte>(std::vector<float>&)> to_dtype,
+             std::function<void(Part&, int)> check_layer)
+        : c_(c), client_(client), layers_(layers), to_dtype_(std::move(to_dtype)), check_layer_(std::move(check_layer)) {
+      const int hidden = c.hidden();
+      for (const auto& r : offload_decode::split_batch(c.batch, c.micro_batches)) {
+        Part p;
+        p.seqs = r;
+        p.x.assign(x.begin() + static_cast<std::ptrdiff_t>(r.first) * hidden, x.begin() + static_cast<std::ptrdiff_t>(r.first + r.count) * hidden);
+        for (int b = r.first; b < r.first + r.count; ++b) p.queries.push_back({static_cast<std::uint64_t>(b), 1});
+        p.o.resize(static_cast<std::size_t>(r.count) * c.heads * c.head_dim);
+        p.lse.resize(static_cast<std::size_t>(r.count) * c.heads);
+        parts_.push_back(std::move(p));
+      }
+    }
+    void start(int m, int finish_layer, int next_layer, int) override {
+      Part& p = parts_[static_cast<std::size_t>(m)];
+      if (finish_layer >= 0 && check_layer_) check_layer_(p, finish_layer);  // not model time
+      const auto t = Clock::now();
+      const int hidden = c_.hidden(), H = c_.heads, K = c_.kv_heads, D = c_.head_dim, n = p.seqs.count;
+      if (finish_layer >= 0) {  // x += o Wo; x = rmsnorm(x)
+        matmul(p.o, layers_[static_cast<std::size_t>(finish_layer)].wo, p.y, n, H * D, hidden);
+        for (int b = 0; b < n; ++b) {
+          float ss = 0;
+          float* xb = &p.x[static_cast<std::size_t>(b) * hidden];
+          for (int i = 0; i < hidden; ++i) {
+            xb[i] += p.y[static_cast<std::size_t>(b) * hidden + i];
+            ss += xb[i] * xb[i];
+          }
+          const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + 1e-6f);
+          for (int i = 0; i < hidden; ++i) xb[i] *= inv;
+        }
+      }
+      if (next_layer >= 0) {
+        const auto& W = layers_[static_cast<std::size_t>(next_layer)];
+        matmul(p.x, W.wq, p.q, n, hidden, H * D);
+        matmul(p.x, W.wk, p.kk, n, hidden, K * D);
+        matmul(p.x, W.wv, p.vv, n, hidden, K * D);
+        p.kraw = to_dtype_(p.kk);
+        p.vraw = to_dtype_(p.vv);
+      }
+      compute_s += std::chrono::duration<double>(Clock::now() - t).count();
+    }
+    bool done(int) override { return true; }
+    std::future<void> send(int m, int layer, Clock::time_point* answered) override {
+      Part& p = parts_[static_cast<std::size_t>(m)];
+      return client_.append_attend(layer, c_.heads, c_.head_dim, p.queries, p.q.data(), p.kraw.data(), p.vraw.data(), p.o.data(),
+                                   p.lse.data(), answered);
+    }
+    double compute_s = 0;
 
+   private:
+    const Config& c_;
+    offload::Client& client_;
+    const std::vector<Layer>& layers_;
+    std::function<std::vector<std::byte>(std::vector<float>&)> to_dtype_;
+    std::function<void(Part&, int)> check_layer_;
+    std::vector<Part> parts_;
+  };
+
+  double max_err = 0;
+  // --check: local attention over the same KV with the cpu backend (f32 copies of the KV values).
+  auto check_layer = [&](CpuModel::Part& p, int l) {
+    Config part = cfg;
+    part.batch = p.seqs.count;
+    std::vector<std::vector<float>> kpart, vpart;
+    for (int i = 0; i < p.seqs.count; ++i) {
+      auto& kc = kcache[l][p.seqs.first + i];
+      auto& vc = vcache[l][p.seqs.first + i];
+      kc.insert(kc.end(), p.kk.begin() + static_cast<std::ptrdiff_t>(i * row), p.kk.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+      vc.insert(vc.end(), p.vv.begin() + static_cast<std::ptrdiff_t>(i * row), p.vv.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+      kpart.push_back(kc);
+      vpart.push_back(vc);
+    }
+    max_err = std::max(max_err, offload_decode::check_against_local(*local, part, kpart, vpart, p.q.data(), p.o.data(), p.lse.data(), false));
+  };
+  CpuModel model(cfg, client, layers, x, to_dtype, check ? std::function<void(CpuModel::Part&, int)>(check_layer) : nullptr);
+
+  const int N = cfg.micro_batches;
   const auto s0 = client.stats();
-  const auto kernel_before = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_seconds_total");
-  const auto read_before = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_kv_bytes_read_total");
-  double compute_s = 0, wait_s = 0, max_err = 0;
-  auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
-  // The second half of a layer once its attention is back: x += o Wo; x = rmsnorm(x).
-  auto finish_layer = [&](MicroBatch& mb) {
-    const int l = mb.pending_layer;
-    if (check) {
-      // Local attention over the same KV with the cpu backend (f32 copies of the KV values).
-      Config part = cfg;
-      part.batch = mb.count;
-      std::vector<std::vector<float>> kpart, vpart;
-      for (int i = 0; i < mb.count; ++i) {
-        auto& kc = kcache[l][mb.first + i];
-        auto& vc = vcache[l][mb.first + i];
-        kc.insert(kc.end(), mb.kk.begin() + static_cast<std::ptrdiff_t>(i * row), mb.kk.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
-        vc.insert(vc.end(), mb.vv.begin() + static_cast<std::ptrdiff_t>(i * row), mb.vv.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
-        kpart.push_back(kc);
-        vpart.push_back(vc);
-      }
-      max_err = std::max(max_err, offload_decode::check_against_local(*local, part, kpart, vpart, mb.q.data(), mb.o.data(), mb.lse.data(), false));
-    }
-    const auto t = Clock::now();
-    matmul(mb.o, layers[static_cast<std::size_t>(l)].wo, mb.y, mb.count, H * D, hidden);
-    for (int b = 0; b < mb.count; ++b) {
-      float ss = 0;
-      float* xb = &mb.x[static_cast<std::size_t>(b) * hidden];
-      for (int i = 0; i < hidden; ++i) {
-        xb[i] += mb.y[static_cast<std::size_t>(b) * hidden + i];
-        ss += xb[i] * xb[i];
-      }
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + 1e-6f);
-      for (int i = 0; i < hidden; ++i) xb[i] *= inv;
-    }
-    compute_s += seconds_since(t);
-    mb.pending_layer = -1;
-  };
-  auto wait_for = [&](MicroBatch& mb) {
-    if (!mb.pending.valid()) return;
-    const auto t = Clock::now();
-    mb.pending.get();
-    wait_s += seconds_since(t);
-    finish_layer(mb);
-  };
-  const auto t_decode = Clock::now();
-  for (int step = 0; step < steps; ++step) {
-    for (int l = 0; l < L; ++l) {
-      for (auto& mb : mbs) {
-        wait_for(mb);
-        const auto t = Clock::now();
-        auto& W = layers[static_cast<std::size_t>(l)];
-        matmul(mb.x, W.wq, mb.q, mb.count, hidden, H * D);
-        matmul(mb.x, W.wk, mb.kk, mb.count, hidden, K * D);
-        matmul(mb.x, W.wv, mb.vv, mb.count, hidden, K * D);
-        const auto kraw = to_dtype(mb.kk), vraw = to_dtype(mb.vv);
-        compute_s += seconds_since(t);
-        trips.push_back({Clock::now(), {}});
-        mb.pending = client.append_attend(l, H, D, mb.queries, mb.q.data(), kraw.data(), vraw.data(), mb.o.data(), mb.lse.data(),
-                                          &trips.back().answered);
-        mb.pending_layer = l;
-      }
-    }
-  }
-  for (auto& mb : mbs) wait_for(mb);
-  const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
-  const double attn_s = wait_s;
-  const auto pipe = offload_decode::pipeline_report(std::vector<offload_decode::RoundTrip>(trips.begin(), trips.end()), compute_s, wait_s,
-                                                    decode_s, steps, L, N, B);
+  offload_decode::ServerKernelMeter kernels(client, co.servers.size());
+  const auto times = offload_decode::run_pipeline(model, N, steps, L);
+  const double decode_s = times.decode_s, attn_s = times.wait_s;
+  const auto pipe = offload_decode::pipeline_report(times.trips, model.compute_s, times.wait_s, decode_s, steps, L, N, B);
+  kernels.finish();
   const auto s1 = client.stats();
   const double server_kv = offload_decode::servers_kv_bytes(client, co.servers.size());
-  // The servers' decode kernels during the decode: the busiest server's time per step, and the
-  // rate all of them read KV at.
-  const auto kernel_after = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_seconds_total");
-  const auto read_after = offload_decode::servers_metric(client, co.servers.size(), "longattn_offload_kernel_kv_bytes_read_total");
-  double kernel_busiest_s = 0, kernel_sum_s = 0, kv_read = 0;
-  for (std::size_t i = 0; i < co.servers.size(); ++i) {
-    const double ks = kernel_after[i] - kernel_before[i];
-    kernel_busiest_s = std::max(kernel_busiest_s, ks);
-    kernel_sum_s += ks;
-    kv_read += read_after[i] - read_before[i];
-  }
-  const double kernel_gbps = kernel_sum_s > 0 ? kv_read / kernel_sum_s / 1e9 : 0;
   for (int b = 0; b < B; ++b) client.drop(static_cast<std::uint64_t>(b)).get();
 
   const double tokens_per_s = static_cast<double>(B) * steps / decode_s;
@@ -282,26 +274,16 @@ int run_cpu(const Config& cfg) {
               static_cast<double>(s1.bytes_received - s0.bytes_received) / steps / 1024,
               check ? fmt::format("; max |error| vs local attention {:.3g}", max_err).c_str() : "");
   std::printf("  KV held by the servers: %.3f GiB\n", server_kv / (1 << 30));
-  std::printf("  %d micro-batch%s: model busy %.1f%% of the time, %.3f ms between tokens, attention wait %.3f ms per step\n", N,
-              N == 1 ? "" : "es", 100 * pipe.compute_busy_fraction, pipe.time_between_tokens_s * 1e3, pipe.attention_wait_s_per_step * 1e3);
-  std::printf("  per micro-batch and layer: model %.3f ms, attention %.3f ms; bound %.1f tokens/s, reached %.2f of it\n",
-              pipe.compute_s_per_part * 1e3, pipe.attention_s_per_part * 1e3, pipe.bound_tokens_per_s, pipe.ratio());
-  std::printf("  servers' decode kernels: %.3f ms per step on the busiest server, %.2f GB/s of KV read\n", kernel_busiest_s * 1e3 / steps,
-              kernel_gbps);
+  std::fputs(offload_decode::pipeline_lines(pipe, N, kernels, steps, "model").c_str(), stdout);
   std::printf("RESULT {\"program\":\"offload_decode\",\"transport\":\"%s\",\"servers\":%zu,\"layers\":%d,\"batch\":%d,\"context\":%lld,\"steps\":%d,\"heads\":%d,"
-              "\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\",\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"tokens_per_s\":%.3f,"
+              "\"kv_heads\":%d,\"head_dim\":%d,\"dtype\":\"%s\",\"shard_tokens\":%lld,\"prefill_s\":%.4f,\"decode_s\":%.4f,\"tokens_per_s\":%.3f,"
               "\"attention_ms_per_step\":%.4f,\"bytes_sent_per_step\":%.1f,\"bytes_received_per_step\":%.1f,\"retries\":%llu,"
-              "\"checked\":%s,\"max_error\":%.6g,\"device\":\"cpu\",\"attention\":\"offloaded\",\"kv_bytes_servers\":%.0f,"
-              "\"micro_batches\":%d,\"compute_busy_fraction\":%.4f,\"time_between_tokens_ms\":%.4f,\"attention_wait_ms_per_step\":%.4f,"
-              "\"compute_ms_per_part\":%.4f,\"attention_ms_per_part\":%.4f,\"bound_tokens_per_s\":%.3f,\"tokens_per_s_over_bound\":%.4f,"
-              "\"server_kernel_ms_per_step\":%.4f,\"server_kernel_gbps\":%.3f}\n",
+              "\"checked\":%s,\"max_error\":%.6g,\"device\":\"cpu\",\"attention\":\"offloaded\",\"kv_bytes_servers\":%.0f%s}\n",
               co.transport.c_str(), co.servers.size(), L, B, static_cast<long long>(ctx), steps, H, K, D, to_string(dt),
-              static_cast<long long>(co.shard_tokens), prefill_s,
-              tokens_per_s, attn_s * 1e3 / steps, static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps,
-              static_cast<double>(s1.bytes_received - s0.bytes_received) / steps, static_cast<unsigned long long>(s1.retries - s0.retries),
-              check ? "true" : "false", check ? max_err : 0.0, server_kv, N, pipe.compute_busy_fraction, pipe.time_between_tokens_s * 1e3,
-              pipe.attention_wait_s_per_step * 1e3, pipe.compute_s_per_part * 1e3, pipe.attention_s_per_part * 1e3, pipe.bound_tokens_per_s,
-              pipe.ratio(), kernel_busiest_s * 1e3 / steps, kernel_gbps);
+              static_cast<long long>(co.shard_tokens), prefill_s, decode_s, tokens_per_s, attn_s * 1e3 / steps,
+              static_cast<double>(s1.bytes_sent - s0.bytes_sent) / steps, static_cast<double>(s1.bytes_received - s0.bytes_received) / steps,
+              static_cast<unsigned long long>(s1.retries - s0.retries), check ? "true" : "false", check ? max_err : 0.0, server_kv,
+              offload_decode::pipeline_json(pipe, N, kernels, steps).c_str());
   if (check && !(max_err < 1e-3)) {
     std::fprintf(stderr, "offload_decode: error: offloaded attention differs from local attention by %.3g\n", max_err);
     return 1;
