@@ -269,7 +269,8 @@ class RankRunner {
     g.o = view(*t_.o, options_.dtype, c.q_count, c.query_heads, c.q_begin);
     g.d_o = view(*t_.d_o, options_.dtype, c.q_count, c.query_heads, c.q_begin);
     g.lse = TensorView(t_.lse->data(), DType::f32, {c.query_heads, c.q_count}, device());
-    g.delta = TensorView(t_.delta->data(), DType::f32, {c.query_heads, c.q_count}, device());
+    // The ring hands its launches rowsum(dO * O) computed once; a one-rank group's call derives it.
+    if (c.in_ring) g.delta = TensorView(t_.delta->data(), DType::f32, {c.query_heads, c.q_count}, device());
     g.dq = view(*t_.dq, grad, c.q_count, c.query_heads, c.q_begin);
     g.dk = view(*t_.dk, grad, c.k_count, c.kv_heads, c.k_begin);
     g.dv = view(*t_.dv, grad, c.k_count, c.kv_heads, c.k_begin);
