@@ -50,6 +50,7 @@ struct Options {
   std::int64_t load_context = 4096;
   std::string memory = "16G";
   std::string transport = "tcp";
+  std::string server_device = "cpu";  // the daemon's --device: KV in host memory (cpu) or GPU memory (cuda)
   bool skip_latency = false, skip_load = false, tls = false;
 };
 
@@ -57,10 +58,11 @@ Options parse(int argc, char** argv) {
   static const char* const kUsage =
       "longattn-bench offload [--batch 32] [--context 32768] [--heads 32] [--kv-heads 8] [--head-dim 128] [--dtype bf16]\n"
       "  [--reps 10] [--threads cores] [--clients 64] [--seconds 60] [--load-context 4096] [--memory-limit 16G]\n"
-      "  [--no-latency] [--no-load] [--transport tcp|ucx] [--tls]\n";
+      "  [--no-latency] [--no-load] [--transport tcp|ucx] [--tls] [--server-device cpu|cuda]\n"
+      "  --server-device cuda starts the server with --device cuda (KV in GPU memory, the cuda decode kernel)\n";
   const examples::Flags f(argc, argv, kUsage,
                           {"batch", "context", "heads", "kv-heads", "head-dim", "dtype", "reps", "threads", "clients", "seconds",
-                           "load-context", "memory-limit", "transport"},
+                           "load-context", "memory-limit", "transport", "server-device"},
                           {"no-latency", "no-load", "tls"});
   constexpr int kMax = std::numeric_limits<int>::max();
   constexpr std::int64_t kMax64 = std::numeric_limits<std::int64_t>::max();
@@ -84,6 +86,9 @@ Options parse(int argc, char** argv) {
   o.load_context = f.integer("load-context", o.load_context, 1, kMax64);
   o.memory = f.str("memory-limit", o.memory);
   o.transport = f.str("transport", o.transport);
+  o.server_device = f.str("server-device", o.server_device);
+  if (o.server_device != "cpu" && o.server_device != "cuda")
+    throw Error(ErrorCode::invalid_argument, "--server-device must be cpu or cuda, got '" + o.server_device + "'");
   o.skip_latency = f.flag("no-latency");
   o.skip_load = f.flag("no-load");
   o.tls = f.flag("tls");
@@ -123,7 +128,8 @@ struct Daemon {
     std::ofstream(tf) << token << "\n";
     ::chmod(tf.c_str(), 0600);
     std::vector<std::string> args = {exe.string(), "--listen", "127.0.0.1:0", "--token-file", tf, "--threads", std::to_string(o.threads),
-                                     "--memory-limit", o.memory, "--io-threads", "2", "--transport", o.transport};
+                                     "--memory-limit", o.memory, "--io-threads", "2", "--transport", o.transport,
+                                     "--device", o.server_device};
     if (o.tls) {
       cert = (dir / "cert.pem").string();
       const auto key = (dir / "key.pem").string();
@@ -212,7 +218,7 @@ int run_offload(int argc, char** argv) {
   Daemon d(o);
   std::mt19937_64 rng(3);
   std::uniform_real_distribution<float> val(-1, 1);
-  std::string json = fmt::format("{{\"bench\":\"offload\",\"tls\":{},\"transport\":\"{}\",\"threads\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"dtype\":\"{}\"", o.tls, o.transport, o.threads,
+  std::string json = fmt::format("{{\"bench\":\"offload\",\"server_device\":\"{}\",\"tls\":{},\"transport\":\"{}\",\"threads\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"dtype\":\"{}\"", o.server_device, o.tls, o.transport, o.threads,
                                  o.q_heads, o.kv_heads, o.head_dim, to_string(o.dtype));
 
   if (!o.skip_latency) {
