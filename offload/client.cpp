@@ -48,6 +48,13 @@ namespace {
 // resolver blocked in the system's name lookup can take longer.
 constexpr std::chrono::milliseconds kShutdownDrainLimit{5000};
 
+// Refill (replicas > 1): how often a failed server is asked whether it is back; how much KV one
+// export reads (the most the client holds of it at once); and how many bytes of writes may wait
+// for a server being refilled before its refill starts over.
+constexpr std::chrono::milliseconds kRefillProbeInterval{250};
+constexpr std::size_t kRefillChunkBytes = std::size_t{16} << 20;
+constexpr std::size_t kRefillBacklogLimit = std::size_t{64} << 20;
+
 Limits client_limits() {
   Limits l;
   l.max_payload = 0xffffffffu;
@@ -168,6 +175,7 @@ struct Client::Impl {
     std::vector<std::byte> payload_bytes;                // of the frame being read
     int generation = 0;
     int connect_failures = 0;
+    std::uint32_t peer_version = 0;  // from the hello reply; 0 until one came
 
     Conn(Impl* owner, int i, const std::string& where)
         : client(owner), index(i), name(where), backoff(owner->io) {
@@ -323,6 +331,11 @@ struct Client::Impl {
         }
         state = State::ready;
         connect_failures = 0;
+        try {
+          peer_version = decode_hello_reply(payload_bytes, client_limits()).version;
+        } catch (const Error&) {
+          peer_version = 0;  // an older reply layout: newer requests are then not sent to it
+        }
         read_header();
         pump();
         return;
@@ -401,12 +414,16 @@ struct Client::Impl {
   // A write (open, append, drop) of the piece whose primary server is `primary`, sent to every
   // complete copy. `outcome` runs once on the I/O thread: success when any copy took it (the
   // copies that failed are incomplete from then on), else the error. Without replicas: one send.
+  // A copy being refilled gets the write later, in order, once its refill has caught up
+  // (backlog_write). The caller holds seqs_mutex.
   template <class Build>
   void send_replicated(int primary, MsgType t, Build&& build, bool idempotent, std::function<void(const Error*)> outcome) {
     if (!replicas->replicated()) {
       send_frame(primary, t, std::forward<Build>(build), idempotent, [outcome](const Error* e, std::vector<std::byte>&) { outcome(e); });
       return;
     }
+    for (int h : replicas->holders(primary))
+      if (replicas->state(h) == CopyState::refilling) backlog_write(h, t, build(0), idempotent);
     const auto targets = replicas->complete_holders(primary);
     if (targets.empty()) {
       const Error lost(ErrorCode::communication, fmt::format("a {} request cannot be served: {}", to_string(t), replicas->describe_lost(primary)));
@@ -442,9 +459,17 @@ struct Client::Impl {
     return Error(last.code(), fmt::format("{}; the last error: {}", replicas->describe_lost(primary), last.what()));
   }
 
+  // On the I/O thread, after a request to `server` failed.
   void copy_failed(int server, const Error& why) {
-    if (replicas->mark_incomplete(server))
-      logger(Subsystem::offload).warn("server {} failed ({}); its copies of KV are incomplete, the replicas serve from now on", opt.servers[static_cast<std::size_t>(server)], why.what());
+    bool news = false;
+    {
+      std::lock_guard lock(seqs_mutex);
+      news = replicas->mark_incomplete(server);
+      drop_backlog(server);
+    }
+    if (!news) return;
+    logger(Subsystem::offload).warn("server {} failed ({}); its copies of KV are incomplete, the replicas serve from now on", opt.servers[static_cast<std::size_t>(server)], why.what());
+    schedule_probe(server);
   }
 
   // An attend part for the pieces whose primary is `primary`, sent to their first complete copy;
@@ -479,6 +504,307 @@ struct Client::Impl {
     });
   }
 
+  // ---- refill: a server that failed and answers again gets its copies back (replicas > 1) ----
+  // The client keeps no KV of its own: every piece the server should hold is read from a complete
+  // copy with export requests and appended to it, one chunk at a time (so at most one chunk is in
+  // the client). The lengths to copy are those the client had sent when the refill began; writes
+  // from then on are kept, in order, as the frames already built (the backlog: in decode, a few
+  // tokens per step) and sent after the copied ones, in the same step that makes the server
+  // complete again, so it never misses a write and never sees one out of order. Reads stay on the
+  // complete copies until then.
+  struct RefillPiece {
+    std::uint64_t seq = 0, shard = 0;
+    int primary = 0;
+    Open open;
+    std::vector<std::int64_t> target;  // tokens per layer to copy
+    bool opened = false;
+    std::size_t layer = 0;
+    std::int64_t done = 0;  // of `layer`
+  };
+  struct RefillRun {
+    int server = 0;
+    std::vector<RefillPiece> pieces;
+    std::size_t next = 0;
+    std::uint64_t tokens_copied = 0;
+    bool ended = false;
+    std::vector<std::shared_ptr<std::promise<void>>> waiters;
+  };
+  struct BackloggedWrite {
+    MsgType type = MsgType::append;
+    std::vector<std::byte> frame;
+    bool idempotent = false;
+  };
+  // Per server: guarded by seqs_mutex.
+  std::vector<std::vector<BackloggedWrite>> backlog;
+  std::vector<std::size_t> backlog_bytes;
+  // Per server: I/O thread only.
+  std::vector<std::unique_ptr<asio::steady_timer>> probes;
+  std::vector<std::shared_ptr<RefillRun>> refills;
+  bool stopping = false;  // I/O thread only
+  std::atomic<std::uint64_t> n_refills{0};
+
+  // A write for a copy being refilled; caller holds seqs_mutex. Past kRefillBacklogLimit (a bulk
+  // prefill during the refill) the refill starts over rather than hold more.
+  void backlog_write(int server, MsgType t, std::vector<std::byte> frame, bool idempotent) {
+    const auto i = static_cast<std::size_t>(server);
+    if (backlog_bytes[i] + frame.size() > kRefillBacklogLimit) {
+      replicas->mark_incomplete(server);
+      drop_backlog(server);
+      const Error why(ErrorCode::out_of_capacity, fmt::format("more than {} MiB of writes arrived while it was refilled; starting over",
+                                                              kRefillBacklogLimit >> 20));
+      asio::post(io, [this, server, why] { refill_failed(server, why); });
+      return;
+    }
+    backlog_bytes[i] += frame.size();
+    backlog[i].push_back({t, std::move(frame), idempotent});
+  }
+  void drop_backlog(int server) {  // caller holds seqs_mutex
+    backlog[static_cast<std::size_t>(server)].clear();
+    backlog_bytes[static_cast<std::size_t>(server)] = 0;
+  }
+
+  // Sends a frame built earlier under request id 0 (the id sits at bytes 12..19 of the header).
+  void send_built(int server, BackloggedWrite w, Done done) {
+    send_frame(server, w.type, [&w](std::uint64_t id) {
+      for (int i = 0; i < 8; ++i) w.frame[12 + static_cast<std::size_t>(i)] = static_cast<std::byte>((id >> (8 * i)) & 0xff);
+      return std::move(w.frame);
+    }, w.idempotent, std::move(done));
+  }
+
+  // I/O thread: asks a failed server for its stats every kRefillProbeInterval; the first answer
+  // starts its refill.
+  void schedule_probe(int server) {
+    if (stopping) return;
+    auto& timer = *probes[static_cast<std::size_t>(server)];
+    timer.expires_after(kRefillProbeInterval);
+    timer.async_wait([this, server](boost::system::error_code ec) {
+      if (ec || stopping || replicas->state(server) != CopyState::incomplete) return;
+      send(server, MsgType::stats, {}, true, [this, server](const Error* e, std::vector<std::byte>&) {
+        if (stopping || replicas->state(server) != CopyState::incomplete) return;
+        if (e) {
+          schedule_probe(server);
+        } else {
+          start_refill(server, nullptr);
+        }
+      });
+    });
+  }
+
+  // I/O thread. `waiter` (may be null) is told when the server is complete again, or why not.
+  void start_refill(int server, std::shared_ptr<std::promise<void>> waiter) {
+    if (stopping) {
+      if (waiter) waiter->set_exception(std::make_exception_ptr(Error(ErrorCode::communication, "the offload client was destroyed")));
+      return;
+    }
+    auto& running = refills[static_cast<std::size_t>(server)];
+    if (running) {
+      if (waiter) running->waiters.push_back(std::move(waiter));
+      return;
+    }
+    auto run = std::make_shared<RefillRun>();
+    run->server = server;
+    if (waiter) run->waiters.push_back(std::move(waiter));
+    {
+      std::lock_guard lock(seqs_mutex);
+      if (!replicas->begin_refill(server)) {  // complete already
+        for (auto& w : run->waiters) w->set_value();
+        return;
+      }
+      drop_backlog(server);
+      for (const auto& [id, st] : seqs) {
+        if (st.broken) continue;
+        for (const std::uint64_t k : st.opened_shards) {
+          const int primary = server_of(st, k);
+          if (!replicas->holds(server, primary)) continue;
+          RefillPiece p;
+          p.seq = id;
+          p.shard = k;
+          p.primary = primary;
+          p.open = open_message(st, k);
+          for (const auto length : st.layer_lengths) p.target.push_back(layout.tokens_in(length, k));
+          run->pieces.push_back(std::move(p));
+        }
+      }
+    }
+    running = run;
+    logger(Subsystem::offload).info("refilling server {}: {} piece(s) of KV copied from the replicas, which serve its reads until it is "
+                                    "done", replicas->name(server), run->pieces.size());
+    refill_step(run);
+  }
+
+  // I/O thread: the next request of a refill, or its end.
+  void refill_step(const std::shared_ptr<RefillRun>& run) {
+    const int server = run->server;
+    while (!run->ended) {
+      if (stopping) return;
+      if (replicas->state(server) != CopyState::refilling) {
+        refill_failed(server, Error(ErrorCode::communication, "it failed again while being refilled"));
+        return;
+      }
+      if (run->next == run->pieces.size()) {
+        refill_done(run);
+        return;
+      }
+      RefillPiece& p = run->pieces[run->next];
+      if (!p.opened) {
+        // Whatever it still holds of the piece (a server that hung rather than restarted) goes first.
+        p.opened = true;
+        const auto drop_payload = encode(Drop{p.open.seq});
+        send(server, MsgType::drop, drop_payload, true, [](const Error*, std::vector<std::byte>&) {});  // an error shows in the open
+        send(server, MsgType::open, encode(p.open), true, [this, run](const Error* e, std::vector<std::byte>&) {
+          if (run->ended) return;
+          if (e) {
+            refill_failed(run->server, *e);
+            return;
+          }
+          refill_step(run);
+        });
+        return;
+      }
+      while (p.layer < p.target.size() && p.done >= p.target[p.layer]) {
+        ++p.layer;
+        p.done = 0;
+      }
+      if (p.layer == p.target.size()) {
+        ++run->next;
+        continue;
+      }
+      const int source = replicas->reader(p.primary);
+      if (source < 0) {
+        // No complete copy is left to read: the sequence is lost (its calls say so), not refilled.
+        logger(Subsystem::offload).warn("refill of server {}: sequence {} has no complete copy left; it is not refilled",
+                                        replicas->name(server), p.seq);
+        mark_broken(p.seq);
+        ++run->next;
+        continue;
+      }
+      const std::uint32_t peer = conns[static_cast<std::size_t>(source)]->peer_version;
+      if (peer != 0 && peer < version_of(MsgType::export_kv)) {
+        refill_failed(server, Error(ErrorCode::unsupported,
+                                    fmt::format("server {} speaks protocol version {}; a refill reads KV with export, which needs version {}: "
+                                                "upgrade it",
+                                                replicas->name(source), peer, version_of(MsgType::export_kv))));
+        return;
+      }
+      const std::size_t row = static_cast<std::size_t>(p.open.kv_heads) * p.open.head_dim * dtype_size(p.open.dtype);
+      Export req;
+      req.seq = p.open.seq;
+      req.layer = static_cast<std::uint32_t>(p.layer);
+      req.start = p.done;
+      req.tokens = static_cast<std::uint32_t>(
+          std::min<std::int64_t>(p.target[p.layer] - p.done, std::max<std::size_t>(1, kRefillChunkBytes / (2 * row))));
+      send(source, MsgType::export_kv, encode(req), true, [this, run, source, req](const Error* e, std::vector<std::byte>& payload) {
+        if (run->ended || stopping) return;
+        refill_copy(run, source, req, e, payload);
+      });
+      return;
+    }
+  }
+
+  // I/O thread: one export reply from `source`, appended to the refilled server.
+  void refill_copy(const std::shared_ptr<RefillRun>& run, int source, const Export& req, const Error* e, std::vector<std::byte>& payload) {
+    RefillPiece& p = run->pieces[run->next];
+    std::optional<ExportReply> reply;
+    std::optional<Error> failure;
+    if (e) {
+      failure = *e;
+    } else {
+      try {
+        reply = decode_export_reply(payload, client_limits());
+        if (reply->kv.seq != req.seq || reply->kv.layer != req.layer || reply->kv.start != req.start || reply->kv.tokens > req.tokens)
+          throw Error(ErrorCode::protocol, "its export reply does not match the request");
+      } catch (const Error& bad) {
+        failure = Error(bad.code(), fmt::format("server {}: {}", replicas->name(source), bad.what()));
+      }
+    }
+    if (failure) {
+      bool gone = false;
+      {
+        std::lock_guard lock(seqs_mutex);
+        gone = seqs.find(p.seq) == seqs.end();
+      }
+      if (gone) {
+        ++run->next;  // dropped meanwhile: the backlog holds the drop
+      } else {
+        copy_failed(source, *failure);  // the next complete copy is read instead
+      }
+      refill_step(run);
+      return;
+    }
+    p.done += reply->kv.tokens;
+    run->tokens_copied += reply->kv.tokens;
+    send_frame(run->server, MsgType::append, [&reply](std::uint64_t id) { return append_frame(id, reply->kv); }, false,
+               [this, run](const Error* err, std::vector<std::byte>&) {
+                 if (run->ended) return;
+                 if (err) {
+                   refill_failed(run->server, *err);
+                   return;
+                 }
+                 refill_step(run);
+               });
+  }
+
+  // I/O thread: every piece copied; the backlog goes out and the server is complete, both under
+  // seqs_mutex so that no write falls between them.
+  void refill_done(const std::shared_ptr<RefillRun>& run) {
+    const int server = run->server;
+    {
+      std::lock_guard lock(seqs_mutex);
+      if (replicas->state(server) != CopyState::refilling) {
+        drop_backlog(server);
+      } else {
+        auto writes = std::move(backlog[static_cast<std::size_t>(server)]);
+        drop_backlog(server);
+        for (auto& w : writes)
+          send_built(server, std::move(w), [this, server](const Error* e, std::vector<std::byte>&) {
+            if (e) copy_failed(server, *e);
+          });
+        replicas->finish_refill(server);
+      }
+    }
+    if (!replicas->complete(server)) {
+      refill_failed(server, Error(ErrorCode::communication, "it failed again while being refilled"));
+      return;
+    }
+    run->ended = true;
+    refills[static_cast<std::size_t>(server)] = nullptr;
+    n_refills++;
+    logger(Subsystem::offload).info("server {} refilled ({} piece(s), {} token-layers copied); it serves reads again", replicas->name(server),
+                                    run->pieces.size(), run->tokens_copied);
+    for (auto& w : run->waiters) w->set_value();
+  }
+
+  // I/O thread: the refill of `server` stopped; it stays out of service and is probed again.
+  void refill_failed(int server, const Error& why) {
+    auto run = std::move(refills[static_cast<std::size_t>(server)]);
+    if (!run || run->ended) return;
+    run->ended = true;
+    {
+      std::lock_guard lock(seqs_mutex);
+      replicas->mark_incomplete(server);
+      drop_backlog(server);
+    }
+    const Error told(why.code(), fmt::format("refill of server {} failed: {}", replicas->name(server), why.what()));
+    if (!stopping) {
+      logger(Subsystem::offload).warn("{}; it stays out of service and is tried again", told.what());
+      schedule_probe(server);
+    }
+    for (auto& w : run->waiters) w->set_exception(std::make_exception_ptr(told));
+  }
+
+  // I/O thread, at shutdown.
+  void stop_refills() {
+    stopping = true;
+    for (auto& t : probes) t->cancel();
+    for (std::size_t s = 0; s < refills.size(); ++s) {
+      auto run = std::move(refills[s]);
+      if (!run || run->ended) continue;
+      run->ended = true;
+      for (auto& w : run->waiters)
+        w->set_exception(std::make_exception_ptr(Error(ErrorCode::communication, "the offload client was destroyed during a refill")));
+    }
+  }
+
   std::unique_ptr<ByteStream> make_stream() {
     if (ucx) return ucx->stream();
     if (tls) return make_tls_byte_stream(io, tls, opt.tls.server_name);
@@ -505,6 +831,10 @@ struct Client::Impl {
     }
     layout = {opt.shard_tokens, opt.servers.size()};
     for (std::size_t i = 0; i < opt.servers.size(); ++i) conns.push_back(std::make_shared<Conn>(this, static_cast<int>(i), opt.servers[i]));
+    backlog.resize(opt.servers.size());
+    backlog_bytes.assign(opt.servers.size(), 0);
+    refills.resize(opt.servers.size());
+    for (std::size_t i = 0; i < opt.servers.size(); ++i) probes.push_back(std::make_unique<asio::steady_timer>(io));
     work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
     io_drained = io_done.get_future();
     thread = std::thread([this] {
@@ -519,6 +849,7 @@ struct Client::Impl {
   // completions (they find a newer generation and do nothing). Only then do the streams go.
   ~Impl() {
     asio::post(io, [this] {
+      stop_refills();
       for (auto& c : conns) c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
     });
     work.reset();
@@ -555,11 +886,7 @@ struct Client::Impl {
 
   int server_of(const SeqState& st, std::uint64_t shard) const { return layout.server_of(st.home, shard); }
 
-  // Sends an open for shard `k` unless done; caller holds seqs_mutex.
-  template <class J>
-  void ensure_open(SeqState& st, std::uint64_t k, const std::shared_ptr<J>& join) {
-    if (st.opened_shards.count(k)) return;
-    st.opened_shards.insert(k);
+  Open open_message(const SeqState& st, std::uint64_t k) const {
     Open m;
     m.seq = server_seq_id(st.spec.id, k);
     m.layers = static_cast<std::uint32_t>(st.spec.layers);
@@ -567,6 +894,15 @@ struct Client::Impl {
     m.head_dim = static_cast<std::uint32_t>(st.spec.head_dim);
     m.dtype = st.spec.dtype;
     m.kv_start = layout.first_token(k);
+    return m;
+  }
+
+  // Sends an open for shard `k` unless done; caller holds seqs_mutex.
+  template <class J>
+  void ensure_open(SeqState& st, std::uint64_t k, const std::shared_ptr<J>& join) {
+    if (st.opened_shards.count(k)) return;
+    st.opened_shards.insert(k);
+    const Open m = open_message(st, k);
     join->left++;
     const auto seq = st.spec.id;
     const auto payload = encode(m);
@@ -855,9 +1191,30 @@ std::future<std::string> Client::server_stats(int server) {
   return fut;
 }
 
+std::future<void> Client::refill(int server) {
+  auto& impl = *impl_;
+  LONGATTN_INVALID(impl.replicas->replicated(),
+                   "refill: the client keeps one copy of KV (ClientOptions::replicas = 1), so there is no replica to refill from");
+  LONGATTN_INVALID(server >= 0 && static_cast<std::size_t>(server) < impl.conns.size(), "refill: no server {} (the client has {})", server,
+                   impl.conns.size());
+  auto pr = std::make_shared<std::promise<void>>();
+  auto fut = pr->get_future();
+  asio::post(impl.io, [&impl, server, pr] { impl.start_refill(server, pr); });
+  return fut;
+}
+
+bool Client::serving(int server) const {
+  const auto& impl = *impl_;
+  LONGATTN_INVALID(server >= 0 && static_cast<std::size_t>(server) < impl.conns.size(), "serving: no server {} (the client has {})", server,
+                   impl.conns.size());
+  return impl.replicas->complete(server);
+}
+
 ClientStats Client::stats() const {
   const auto& impl = *impl_;
-  return {impl.n_requests.load(), impl.n_retries.load(), impl.n_sent.load(), impl.n_received.load(), impl.n_errors.load()};
+  ClientStats s{impl.n_requests.load(), impl.n_retries.load(), impl.n_sent.load(), impl.n_received.load(), impl.n_errors.load()};
+  s.refills = impl.n_refills.load();
+  return s;
 }
 
 }  // namespace longattn::offload

@@ -280,6 +280,56 @@ std::int64_t KvStore::append(std::uint64_t client, const Append& m) {
   return L.length;
 }
 
+ExportReply KvStore::read(std::uint64_t client, const Export& m, std::size_t max_kv_bytes, std::vector<std::byte>& k,
+                          std::vector<std::byte>& v) const {
+  auto s = find(client, m.seq);
+  LONGATTN_INVALID(s != nullptr, "export: sequence {} is not open on this server", m.seq);
+  const auto& g = s->geom;
+  LONGATTN_INVALID(m.layer < g.layers, "export: layer {} but sequence {} has {} layers", m.layer, m.seq, g.layers);
+  std::shared_lock lock(s->mu);
+  LONGATTN_INVALID(!s->dropped, "export: sequence {} was dropped", m.seq);
+  const Layer& L = s->layers[m.layer];
+  LONGATTN_INVALID(m.start < L.length, "export: layer {} of sequence {} holds {} tokens, none from {}", m.layer, m.seq, L.length, m.start);
+  const std::size_t es = dtype_size(g.dtype), row = static_cast<std::size_t>(g.head_dim) * es, token_row = row * g.kv_heads;
+  const std::int64_t fit = static_cast<std::int64_t>(max_kv_bytes / (2 * token_row));
+  LONGATTN_INVALID(fit >= 1, "export: one token of sequence {} ({} bytes of k and v) exceeds the reply limit of {} bytes; raise --max-frame",
+                   m.seq, 2 * token_row, max_kv_bytes);
+  const std::int64_t n = std::min({static_cast<std::int64_t>(m.tokens), L.length - m.start, fit});
+  k.resize(static_cast<std::size_t>(n) * token_row);
+  v.resize(k.size());
+  if (gpu_) {
+    const std::size_t at = static_cast<std::size_t>(m.start) * token_row;
+    gpu_->ops().copy_bytes(k.data(), static_cast<const std::byte*>(L.gpu.k()) + at, k.size(), nullptr);
+    gpu_->ops().copy_bytes(v.data(), static_cast<const std::byte*>(L.gpu.v()) + at, v.size(), nullptr);
+    gpu_->ops().synchronize(nullptr);
+  } else {
+    // A page holds k as [kv_heads][page_tokens] rows, then v the same way (see append).
+    const int P = opt_.page_tokens;
+    for (std::int64_t t = 0; t < n; ++t) {
+      const std::int64_t pos = m.start + t;
+      const std::byte* page = L.pages[static_cast<std::size_t>(pos / P)];
+      const std::size_t r = static_cast<std::size_t>(pos % P);
+      for (std::uint32_t h = 0; h < g.kv_heads; ++h) {
+        const std::size_t dst = (static_cast<std::size_t>(t) * g.kv_heads + h) * row;
+        std::memcpy(k.data() + dst, page + ((static_cast<std::size_t>(h) * P + r) * row), row);
+        std::memcpy(v.data() + dst, page + (((static_cast<std::size_t>(g.kv_heads) + h) * P + r) * row), row);
+      }
+    }
+  }
+  ExportReply reply;
+  reply.length = L.length;
+  reply.kv.seq = m.seq;
+  reply.kv.layer = m.layer;
+  reply.kv.tokens = static_cast<std::uint32_t>(n);
+  reply.kv.start = m.start;
+  reply.kv.kv_heads = g.kv_heads;
+  reply.kv.head_dim = g.head_dim;
+  reply.kv.dtype = g.dtype;
+  reply.kv.k = k;
+  reply.kv.v = v;
+  return reply;
+}
+
 bool KvStore::drop(std::uint64_t client, std::uint64_t seq) {
   std::shared_ptr<Sequence> s;
   {

@@ -97,6 +97,11 @@ class KvStore {
   // an append already applied (start + tokens <= length) changes nothing; a gap is an error.
   std::int64_t append(std::uint64_t client, const Append& m);
   bool drop(std::uint64_t client, std::uint64_t seq);
+  // Copies tokens [m.start, m.start + n) of one layer out as an export reply whose k and v point
+  // into `k` and `v`: n is m.tokens cut to what the layer holds and to what fits max_kv_bytes (k and
+  // v together). Throws when m.start is not below the layer's length or one token does not fit.
+  ExportReply read(std::uint64_t client, const Export& m, std::size_t max_kv_bytes, std::vector<std::byte>& k,
+                   std::vector<std::byte>& v) const;
   // Drops every sequence of `client`; returns how many there were.
   std::size_t drop_client(std::uint64_t client);
   std::vector<SequenceInfo> list() const;

@@ -10,7 +10,7 @@
 namespace longattn::offload {
 namespace {
 
-constexpr std::array<const char*, kRequestTypeSlots> kRequestTypeNames = {"", "hello", "open", "append", "attend", "drop", "stats", "append_attend"};
+constexpr std::array<const char*, kRequestTypeSlots> kRequestTypeNames = {"", "hello", "open", "append", "attend", "drop", "stats", "append_attend", "export"};
 constexpr std::array<const char*, kErrorKindSlots> kErrorKindNames = {"none",    "invalid_argument", "unsupported", "io",
                                                                       "communication", "timeout",   "out_of_capacity",
                                                                       "protocol", "unauthorized",   "internal"};

@@ -15,7 +15,7 @@ namespace longattn::offload {
 
 // Request counters are indexed by MsgType's value (0 is no type); error counters by wire code
 // (0 is none): both arrays are sized from the enums they count.
-inline constexpr std::size_t kRequestTypeSlots = static_cast<std::size_t>(MsgType::append_attend) + 1;
+inline constexpr std::size_t kRequestTypeSlots = static_cast<std::size_t>(MsgType::export_kv) + 1;
 inline constexpr std::size_t kErrorKindSlots = kMaxWireCode + 1;
 static_assert(wire_code(ErrorCode::internal) < kErrorKindSlots, "every error code needs a counter");
 static_assert(static_cast<std::size_t>(MsgType::hello) == 1, "request types count from 1");

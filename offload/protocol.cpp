@@ -108,6 +108,7 @@ const char* to_string(MsgType t) noexcept {
     case MsgType::drop: return "drop";
     case MsgType::stats: return "stats";
     case MsgType::append_attend: return "append_attend";
+    case MsgType::export_kv: return "export";
     case MsgType::error: return "error";
   }
   return "unknown";
@@ -138,7 +139,7 @@ FrameHeader decode_header(std::span<const std::byte> bytes, const Limits& lim) {
     throw Error(ErrorCode::protocol, "protocol version " + std::to_string(h.version) + " is not supported (this build speaks " +
                                          std::to_string(kMinVersion) + " to " + std::to_string(kVersion) + ")");
   const std::uint16_t t = r.u16();
-  if (!((t >= 1 && t <= 7) || t == 127)) bad("unknown message type " + std::to_string(t));
+  if (!((t >= 1 && t <= 8) || t == 127)) bad("unknown message type " + std::to_string(t));
   h.type = static_cast<MsgType>(t);
   if (h.version < version_of(h.type))
     bad(std::string("a ") + to_string(h.type) + " frame needs protocol version " + std::to_string(version_of(h.type)) + ", not " +
@@ -312,6 +313,21 @@ std::vector<std::byte> encode(const Drop& m) {
   w.u64(m.seq);
   return w.take();
 }
+std::vector<std::byte> encode(const Export& m) {
+  Writer w;
+  w.u64(m.seq);
+  w.u32(m.layer);
+  w.i64(m.start);
+  w.u32(m.tokens);
+  return w.take();
+}
+std::vector<std::byte> encode(const ExportReply& m) {
+  Writer w;
+  w.reserve(kExportReplyHeadBytes + m.kv.k.size() + m.kv.v.size());
+  w.i64(m.length);
+  write_append(w, m.kv);
+  return w.take();
+}
 std::vector<std::byte> encode(const ErrorReply& m) {
   Writer w;
   w.u32(wire_code(m.code));
@@ -352,8 +368,8 @@ Open decode_open(std::span<const std::byte> p, const Limits& lim) {
   if (m.kv_start < 0 || m.kv_start > lim.max_position) bad("kv_start " + std::to_string(m.kv_start) + " out of range");
   return m;
 }
-Append decode_append(std::span<const std::byte> p, const Limits& lim) {
-  Reader r(p, "append");
+namespace {
+Append read_append(Reader& r, const Limits& lim) {
   Append m;
   m.seq = r.u64();
   m.layer = r.u32();
@@ -370,6 +386,12 @@ Append decode_append(std::span<const std::byte> p, const Limits& lim) {
                                          dtype_size(m.dtype), "append k/v");
   m.k = r.bytes(each, "k");
   m.v = r.bytes(each, "v");
+  return m;
+}
+}  // namespace
+Append decode_append(std::span<const std::byte> p, const Limits& lim) {
+  Reader r(p, "append");
+  Append m = read_append(r, lim);
   r.finish();
   return m;
 }
@@ -477,6 +499,31 @@ Drop decode_drop(std::span<const std::byte> p, const Limits&) {
   r.finish();
   return m;
 }
+Export decode_export(std::span<const std::byte> p, const Limits& lim) {
+  Reader r(p, "export");
+  Export m;
+  m.seq = r.u64();
+  m.layer = r.u32();
+  m.start = r.i64();
+  m.tokens = r.u32();
+  r.finish();
+  check_range(m.layer, 0, lim.max_layers - 1, "layer");
+  if (m.start < 0 || m.start > lim.max_position) bad("export start " + std::to_string(m.start) + " out of range");
+  check_range(m.tokens, 1, 0xffffffffu, "tokens");
+  return m;
+}
+ExportReply decode_export_reply(std::span<const std::byte> p, const Limits& lim) {
+  Reader r(p, "export reply");
+  ExportReply m;
+  m.length = r.i64();
+  if (m.length < 1 || m.length > lim.max_position) bad("export reply: layer length " + std::to_string(m.length) + " out of range");
+  m.kv = read_append(r, lim);
+  r.finish();
+  if (m.kv.start + static_cast<std::int64_t>(m.kv.tokens) > m.length)
+    bad("export reply: tokens [" + std::to_string(m.kv.start) + ", " + std::to_string(m.kv.start + m.kv.tokens) +
+        ") lie past the layer's length " + std::to_string(m.length));
+  return m;
+}
 ErrorReply decode_error(std::span<const std::byte> p, const Limits& lim) {
   Reader r(p, "error");
   ErrorReply m;
@@ -499,6 +546,7 @@ void validate_frame(std::span<const std::byte> bytes, const Limits& lim) {
     case MsgType::drop: if (!resp) decode_drop(p, lim); break;
     case MsgType::stats: if (!resp && !p.empty()) bad("stats request carries a payload"); break;
     case MsgType::append_attend: resp ? (void)decode_attend_reply(p, lim) : (void)decode_append_attend(p, lim); break;
+    case MsgType::export_kv: resp ? (void)decode_export_reply(p, lim) : (void)decode_export(p, lim); break;
     case MsgType::error: decode_error(p, lim); break;
   }
 }

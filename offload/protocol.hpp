@@ -17,16 +17,19 @@
 namespace longattn::offload {
 
 inline constexpr std::uint32_t kMagic = 0x464f414cu;  // the bytes "LAOF"
-// Version 2 added append_attend; every other message is still sent as version 1, so a version-2
-// peer and a version-1 peer understand each other as long as append_attend is not used.
-inline constexpr std::uint16_t kVersion = 2;
+// Version 2 added append_attend, version 3 export_kv; every other message is still sent as version
+// 1, so peers of different versions understand each other as long as the newer messages are not
+// used (a client reads the server's version in its hello reply before it sends one).
+inline constexpr std::uint16_t kVersion = 3;
 inline constexpr std::uint16_t kMinVersion = 1;
 inline constexpr std::size_t kHeaderBytes = 24;
 
-enum class MsgType : std::uint16_t { hello = 1, open = 2, append = 3, attend = 4, drop = 5, stats = 6, append_attend = 7, error = 127 };
+enum class MsgType : std::uint16_t { hello = 1, open = 2, append = 3, attend = 4, drop = 5, stats = 6, append_attend = 7, export_kv = 8, error = 127 };
 const char* to_string(MsgType t) noexcept;
 // The protocol version a frame of this type is sent with: the first version that knew the type.
-constexpr std::uint16_t version_of(MsgType t) noexcept { return t == MsgType::append_attend ? 2 : 1; }
+constexpr std::uint16_t version_of(MsgType t) noexcept {
+  return t == MsgType::export_kv ? 3 : t == MsgType::append_attend ? 2 : 1;
+}
 
 inline constexpr std::uint32_t kFlagResponse = 1u;           // header flag: set on every server reply
 inline constexpr std::uint32_t kAttendHasPositions = 1u;     // Attend::flags: per-query absolute positions follow
@@ -140,6 +143,26 @@ struct AppendAttend {
   std::uint64_t total_new = 0;
   std::span<const std::byte> k, v;  // [total_new, kv_heads, head_dim] each, in dtype
 };
+// Reads a token range of one layer back out of a server (version 3): how a client copies KV from
+// a complete replica to a server that restarted empty. The reply (ExportReply) carries the first
+// tokens of [start, start + tokens), as many as fit kMaxExportReplyBytes and the server's payload
+// limit (at least one), so a long range is read in several requests and neither side ever
+// buffers more than one reply. A start at or past the layer's length is refused.
+struct Export {
+  std::uint64_t seq = 0;
+  std::uint32_t layer = 0;
+  std::int64_t start = 0;
+  std::uint32_t tokens = 0;
+};
+// The layer's length on the server, then the tokens laid out as an append to the same sequence,
+// layer and start: forwarding it to another server is one append.
+struct ExportReply {
+  std::int64_t length = 0;
+  Append kv;
+};
+inline constexpr std::uint32_t kMaxExportReplyBytes = 64u << 20;
+// Bytes of an export reply ahead of k and v: the length and the append's fixed fields.
+inline constexpr std::uint32_t kExportReplyHeadBytes = 8 + 33;
 struct Drop {
   std::uint64_t seq = 0;
 };
@@ -166,6 +189,8 @@ std::vector<std::byte> encode_attend_reply(std::uint64_t total_q, std::uint32_t 
 std::vector<std::byte> encode(const AppendAttend& m);
 std::vector<std::byte> encode(const Drop& m);
 std::vector<std::byte> encode(const ErrorReply& m);
+std::vector<std::byte> encode(const Export& m);
+std::vector<std::byte> encode(const ExportReply& m);
 
 // Decoders: the spans they return point into `payload`, which must outlive them.
 Hello decode_hello(std::span<const std::byte> payload, const Limits& lim);
@@ -178,6 +203,9 @@ AttendReply decode_attend_reply(std::span<const std::byte> payload, const Limits
 // Also checks q_heads % kv_heads == 0, head_dim shared by q and kv, and new_tokens <= length.
 AppendAttend decode_append_attend(std::span<const std::byte> payload, const Limits& lim);
 Drop decode_drop(std::span<const std::byte> payload, const Limits& lim);
+Export decode_export(std::span<const std::byte> payload, const Limits& lim);
+// Also checks that the tokens lie inside the length the reply states.
+ExportReply decode_export_reply(std::span<const std::byte> payload, const Limits& lim);
 ErrorReply decode_error(std::span<const std::byte> payload, const Limits& lim);
 
 // Decodes one whole frame (header + payload) of any request type and throws on any defect: the

@@ -9,7 +9,7 @@
 namespace longattn::offload {
 
 ReplicaSet::ReplicaSet(std::vector<std::string> servers, int replicas)
-    : servers_(std::move(servers)), replicas_(replicas), incomplete_(servers_.size(), false) {
+    : servers_(std::move(servers)), replicas_(replicas), state_(servers_.size(), CopyState::complete) {
   LONGATTN_INVALID(replicas >= 1 && static_cast<std::size_t>(replicas) <= servers_.size(),
                    "offload client: replicas {} must be between 1 and the number of servers ({}): each copy needs a server of its own",
                    replicas, servers_.size());
@@ -22,11 +22,16 @@ std::vector<int> ReplicaSet::holders(int primary) const {
   return out;
 }
 
+bool ReplicaSet::holds(int server, int primary) const {
+  const int n = static_cast<int>(servers_.size());
+  return (server - primary + n) % n < replicas_;
+}
+
 std::vector<int> ReplicaSet::complete_holders(int primary) const {
   std::vector<int> out;
   std::lock_guard lock(mu_);
   for (int s : holders(primary))
-    if (!incomplete_[static_cast<std::size_t>(s)]) out.push_back(s);
+    if (state_[static_cast<std::size_t>(s)] == CopyState::complete) out.push_back(s);
   return out;
 }
 
@@ -37,14 +42,31 @@ int ReplicaSet::reader(int primary) const {
 
 bool ReplicaSet::mark_incomplete(int server) {
   std::lock_guard lock(mu_);
-  const bool news = !incomplete_[static_cast<std::size_t>(server)];
-  incomplete_[static_cast<std::size_t>(server)] = true;
-  return news;
+  auto& s = state_[static_cast<std::size_t>(server)];
+  const bool was_complete = s == CopyState::complete;
+  s = CopyState::incomplete;
+  return was_complete;
 }
 
-bool ReplicaSet::complete(int server) const {
+bool ReplicaSet::begin_refill(int server) {
   std::lock_guard lock(mu_);
-  return !incomplete_[static_cast<std::size_t>(server)];
+  auto& s = state_[static_cast<std::size_t>(server)];
+  if (s != CopyState::incomplete) return false;
+  s = CopyState::refilling;
+  return true;
+}
+
+bool ReplicaSet::finish_refill(int server) {
+  std::lock_guard lock(mu_);
+  auto& s = state_[static_cast<std::size_t>(server)];
+  if (s != CopyState::refilling) return false;
+  s = CopyState::complete;
+  return true;
+}
+
+CopyState ReplicaSet::state(int server) const {
+  std::lock_guard lock(mu_);
+  return state_[static_cast<std::size_t>(server)];
 }
 
 std::string ReplicaSet::describe_lost(int primary) const {

@@ -1,6 +1,7 @@
 // The server's request logic (see request_handler.hpp).
 #include "offload/request_handler.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <memory>
@@ -164,6 +165,16 @@ void RequestHandler::on_frame(Session& s, const FrameHeader& h, std::vector<std:
         compute_.submit([this, m, keep, client = s.client, peer = s.peer, id = h.request_id, respond] {
           respond(run_attend(client, peer, id, m->attend, MsgType::append_attend), false);
         });
+        return;
+      }
+      case MsgType::export_kv: {
+        // One reply at most per connection is in flight (the next frame is read once it is sent),
+        // so the reply cap bounds what an export holds.
+        const std::size_t room = std::min<std::size_t>(lim.max_payload, kMaxExportReplyBytes);
+        const std::size_t kv_room = room > kExportReplyHeadBytes ? room - kExportReplyHeadBytes : 0;
+        std::vector<std::byte> k, v;
+        const ExportReply r = store_.read(s.client, decode_export(payload, lim), kv_room, k, v);
+        reply(encode(r));
         return;
       }
       case MsgType::error: break;

@@ -1,6 +1,6 @@
 // The request logic of the offload server, the same for every transport: authenticates
 // connections (token, rate limit per address, --max-connections), serves hello, open, append,
-// drop and stats from the KV store, hands attends (and the attend half of append_attend, after
+// drop, stats and export from the KV store, hands attends (and the attend half of append_attend, after
 // its appends) to the compute queue, bounds what a frame may announce, and releases the KV of
 // client ids that vanished (--orphan-timeout).
 #pragma once

@@ -6,6 +6,7 @@
 // returning), shards KV over several servers (whole sequences by id; with shard_tokens, token
 // ranges spread over the servers and joined with the LSE merge), reconnects, retries idempotent
 // requests (open, attend, drop, stats) within the call's timeout, and never retries appends.
+// With replicas, a failed server is refilled from the other copies once it answers again.
 // When a server dies or hangs, the future holds Error(communication or timeout) within the
 // timeout: never a wrong answer (attends name the KV length they expect), never a hang.
 #pragma once
@@ -63,6 +64,7 @@ struct DecodeQuery {
 
 struct ClientStats {
   std::uint64_t requests = 0, retries = 0, bytes_sent = 0, bytes_received = 0, errors = 0;
+  std::uint64_t refills = 0;  // servers brought back by a refill (replicas > 1)
 };
 
 class Client {
@@ -95,6 +97,15 @@ class Client {
   std::future<void> drop(std::uint64_t seq);
   // A server's metrics (Prometheus text), by its index in ClientOptions::servers.
   std::future<std::string> server_stats(int server);
+
+  // With replicas > 1, a server that failed is asked every 250 ms whether it is back, and once it
+  // answers it is refilled from the complete copies before it serves reads again. refill() starts
+  // that now (for an operator who restarted it) and is ready when the server is complete again:
+  // at once when it is; Error when it cannot be reached or no complete copy is left to read.
+  std::future<void> refill(int server);
+  // Whether the server holds complete copies (it takes reads and writes); false from its failure
+  // until its refill is done.
+  bool serving(int server) const;
 
   ClientStats stats() const;
 

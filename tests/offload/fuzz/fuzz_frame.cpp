@@ -34,6 +34,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   refused_or_fine([&] { (void)decode_attend_reply(in, lim); });
   refused_or_fine([&] { (void)decode_append_attend(in, lim); });
   refused_or_fine([&] { (void)decode_drop(in, lim); });
+  refused_or_fine([&] { (void)decode_export(in, lim); });
+  refused_or_fine([&] { (void)decode_export_reply(in, lim); });
   refused_or_fine([&] { (void)decode_error(in, lim); });
   return 0;
 }

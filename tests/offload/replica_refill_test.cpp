@@ -1,0 +1,257 @@
+// Refill of a restarted server from its replicas (ClientOptions::replicas = 2): a daemon killed
+// with SIGKILL in the middle of a decode and restarted empty on the same port is refilled by the
+// client while the decode goes on, and every answer still equals the double reference. Once it
+// serves again, its admin listing shows every sequence it should hold with the token counts the
+// client sent, and with the other copy killed it alone answers correctly. refill() is the same
+// thing on demand, and says clearly when it cannot be done.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio.hpp>
+
+#include "daemon_process.hpp"
+#include "http_request.hpp"
+#include "longattn/error.hpp"
+#include "longattn/offload_client.hpp"
+#include "offload/attend_plan.hpp"
+#include "offload_test_util.hpp"
+#include "support/test_util.hpp"
+
+namespace longattn::offload {
+namespace {
+
+using namespace std::chrono_literals;
+
+int free_port() {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  return a.local_endpoint().port();
+}
+
+// Daemons on fixed ports (protocol and admin), so that one can be killed and started again where
+// the client looks for it.
+struct Servers {
+  test::TempDir dir;
+  std::string token_file;
+  std::vector<int> ports, admin_ports;
+  std::vector<std::unique_ptr<test::Daemon>> daemons;
+  int starts = 0;
+
+  explicit Servers(int n) : token_file(test::write_token_file(dir, test::kToken)) {
+    for (int i = 0; i < n; ++i) {
+      ports.push_back(free_port());
+      admin_ports.push_back(free_port());
+      daemons.emplace_back();
+      start(i);
+    }
+  }
+  void start(int i) {
+    const auto at = static_cast<std::size_t>(i);
+    daemons[at] = std::make_unique<test::Daemon>(
+        std::vector<std::string>{"--listen", "127.0.0.1:" + std::to_string(ports[at]), "--metrics-listen",
+                                 "127.0.0.1:" + std::to_string(admin_ports[at]), "--token-file", token_file, "--threads", "1",
+                                 "--memory-limit", "64M"},
+        dir.file("stderr" + std::to_string(starts++)));
+    ASSERT_EQ(daemons[at]->port(), ports[at]) << "server " << i << " did not start on its port";
+  }
+  void kill(int i) {
+    auto& d = *daemons[static_cast<std::size_t>(i)];
+    ::kill(d.pid(), SIGKILL);
+    d.wait_exit(5s);
+  }
+  std::vector<std::string> addresses() const {
+    std::vector<std::string> out;
+    for (int p : ports) out.push_back("127.0.0.1:" + std::to_string(p));
+    return out;
+  }
+  // Server-side sequence id -> tokens held summed over layers, from GET /admin/sequences.
+  std::map<std::uint64_t, std::size_t> listing(int i) const {
+    const auto reply = test::http(admin_ports[static_cast<std::size_t>(i)], "GET", "/admin/sequences", test::kToken);
+    EXPECT_NE(reply.status_line.find("200"), std::string::npos) << reply.status_line;
+    std::map<std::uint64_t, std::size_t> out;
+    std::istringstream in(reply.body);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty() || line[0] == '#') continue;
+      std::istringstream f(line);
+      std::uint64_t client = 0, seq = 0, layers = 0, token_layers = 0;
+      f >> client >> seq >> layers >> token_layers;
+      out[seq] = token_layers;
+    }
+    return out;
+  }
+};
+
+// A decode of B sequences over `layers` layers: each step appends one token per sequence and layer
+// to every copy, then attends every layer and compares with the double reference.
+struct Decode {
+  static constexpr int layers = 2, q_heads = 4, kv_heads = 2, head_dim = 32, max_steps = 400;
+  std::mt19937_64& rng;
+  Client& client;
+  std::vector<std::int64_t> lens;
+  std::vector<test::DenseKv> kv;
+  int steps = 0;
+
+  Decode(std::mt19937_64& r, Client& c) : rng(r), client(c) {
+    std::uniform_int_distribution<std::int64_t> len(20, 120);
+    for (int s = 0; s < 5; ++s) lens.push_back(len(rng));
+    std::vector<std::int64_t> most = lens;
+    for (auto& l : most) l += max_steps;
+    for (int l = 0; l < layers; ++l) kv.emplace_back(rng, DType::bf16, kv_heads, head_dim, most);
+    for (std::size_t s = 0; s < lens.size(); ++s) client.open({s + 1, layers, kv_heads, head_dim, DType::bf16}).get();
+    for (int l = 0; l < layers; ++l)
+      for (std::size_t s = 0; s < lens.size(); ++s) client.append(s + 1, l, kv[l].k_at(s, 0), kv[l].v_at(s, 0), lens[s]).get();
+  }
+
+  // One step; "" when every answer matched, else what went wrong.
+  std::string step() {
+    if (steps == max_steps) return "the test ran out of steps";
+    ++steps;
+    const std::size_t B = lens.size();
+    std::uniform_real_distribution<float> val(-1, 1);
+    try {
+      for (int l = 0; l < layers; ++l)
+        for (std::size_t s = 0; s < B; ++s) client.append(s + 1, l, kv[l].k_at(s, lens[s]), kv[l].v_at(s, lens[s]), 1).get();
+      for (auto& x : lens) ++x;
+      std::vector<DecodeQuery> qs;
+      for (std::size_t s = 0; s < B; ++s) qs.push_back({s + 1, 1});
+      std::vector<float> q(B * q_heads * head_dim), o(q.size()), lse(B * q_heads), o_ref, lse_ref;
+      for (auto& x : q) x = val(rng);
+      for (int l = 0; l < layers; ++l) {
+        client.attend(l, q_heads, head_dim, qs, q.data(), o.data(), lse.data()).get();
+        test::reference_decode(kv[l], lens, std::vector<int>(B, 1), q_heads, q, o_ref, lse_ref);
+        if (test::max_abs_diff(o, o_ref) > 1e-4 || test::max_abs_diff(lse, lse_ref) > 1e-4)
+          return "wrong answer at step " + std::to_string(steps) + " layer " + std::to_string(l);
+      }
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  }
+
+  // What server `server` of `servers` should list once complete: every piece it holds a copy of
+  // (replicas 2: primary p is kept on p and p + 1), with its tokens summed over layers.
+  std::map<std::uint64_t, std::size_t> expected_on(int server, int servers, std::int64_t shard_tokens) const {
+    const ShardLayout layout{shard_tokens, static_cast<std::size_t>(servers)};
+    std::map<std::uint64_t, std::size_t> out;
+    for (std::size_t s = 0; s < lens.size(); ++s) {
+      const std::uint64_t id = s + 1;
+      const int home = static_cast<int>(id % static_cast<std::uint64_t>(servers));
+      for (std::uint64_t k = 0; k < layout.shards_for(lens[s]); ++k) {
+        const int primary = layout.server_of(home, k);
+        if (primary != server && (primary + 1) % servers != server) continue;
+        out[server_seq_id(id, k)] = static_cast<std::size_t>(layers * layout.tokens_in(lens[s], k));
+      }
+    }
+    return out;
+  }
+};
+
+void restarted_server_is_refilled(int n, std::int64_t shard_tokens) {
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const int victim = 1, other = 0;
+  Servers servers(n);
+  ClientOptions co;
+  co.servers = servers.addresses();
+  co.token = test::kToken;
+  co.timeout = 3s;
+  co.replicas = 2;
+  co.shard_tokens = shard_tokens;
+  Client c(co);
+  Decode d(rng, c);
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(d.step(), "");
+  servers.kill(victim);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(d.step(), "") << "after the kill";
+  EXPECT_FALSE(c.serving(victim));
+  servers.start(victim);  // empty, on the same port
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!c.serving(victim) && std::chrono::steady_clock::now() - t0 < 20s) {
+    ASSERT_EQ(d.step(), "") << "while it is refilled";
+    std::this_thread::sleep_for(10ms);
+  }
+  ASSERT_TRUE(c.serving(victim)) << "not refilled within 20 s";
+  EXPECT_EQ(c.stats().refills, 1u);
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(d.step(), "") << "after the refill";
+
+  // Everything it should hold, with the client's token counts (those of the last step included,
+  // which went to both copies).
+  const auto expected = d.expected_on(victim, n, shard_tokens);
+  ASSERT_FALSE(expected.empty());
+  EXPECT_EQ(servers.listing(victim), expected);
+  EXPECT_EQ(servers.listing(other), d.expected_on(other, n, shard_tokens));
+
+  // With the other copy gone, the pieces they shared are read from the refilled server alone.
+  servers.kill(other);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(d.step(), "") << "served by the refilled server";
+  EXPECT_TRUE(c.serving(victim));
+  EXPECT_FALSE(c.serving(other));
+}
+
+TEST(OffloadRefill, RestartedServerIsRefilledWhileDecoding) { restarted_server_is_refilled(2, 0); }
+
+TEST(OffloadRefill, RestartedServerGetsItsTokenRangesBack) { restarted_server_is_refilled(3, 32); }
+
+TEST(OffloadRefill, RefillOnDemand) {
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  Servers servers(2);
+  ClientOptions co;
+  co.servers = servers.addresses();
+  co.token = test::kToken;
+  co.timeout = 2s;
+  co.replicas = 2;
+  Client c(co);
+  Decode d(rng, c);
+  ASSERT_EQ(d.step(), "");
+  c.refill(1).get();  // complete already: nothing to do
+  EXPECT_EQ(c.stats().refills, 0u);
+
+  servers.kill(1);
+  ASSERT_EQ(d.step(), "");
+  try {
+    c.refill(1).get();
+    ADD_FAILURE() << "a refill of a server that is down succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("refill of server " + co.servers[1] + " failed"), std::string::npos) << e.what();
+  }
+  servers.start(1);
+  c.refill(1).get();
+  EXPECT_TRUE(c.serving(1));
+  EXPECT_EQ(servers.listing(1), d.expected_on(1, 2, 0));
+  servers.kill(0);
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(d.step(), "") << "served by the refilled server";
+
+  for (int bad : {-1, 2}) {
+    try {
+      (void)c.refill(bad);
+      ADD_FAILURE() << "refill(" << bad << ") accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+      EXPECT_NE(std::string(e.what()).find("no server"), std::string::npos) << e.what();
+    }
+  }
+  ClientOptions single = co;
+  single.replicas = 1;
+  Client one(single);
+  try {
+    (void)one.refill(0);
+    ADD_FAILURE() << "refill without replicas accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no replica to refill from"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace longattn::offload
