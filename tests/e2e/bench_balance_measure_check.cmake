@@ -2,8 +2,8 @@
 # machine file that reads back with a positive rate for every length; balance-measure, run with it
 # on a fresh random batch and a shipped one at 2 and 4 ranks, forward and backward, reports for
 # every executable plan a measured compute per rank (positive, max/mean >= 1, one entry per rank),
-# the model's prediction beside it and both step times, flat-minheap as modelled only; a bad device
-# is refused in one line.
+# the model's prediction beside it and both step times, flat-minheap as modelled only; a batch is cut
+# to --total-tokens as the help says (a hand-computed case); a bad device is refused in one line.
 #   cmake -DBENCH=<longattn-bench> -DDATA=<bench/data> -DWORK=<scratch dir> -P bench_balance_measure_check.cmake
 set(failures "")
 set(tiny --device cpu --heads 2 --kv-heads 1 --head-dim 16 --warmups 1 --reps 1)
@@ -89,6 +89,16 @@ else()
   if(NOT out MATCHES "cut to --total-tokens 512")
     string(APPEND failures "\n  the output does not say the shipped batch was cut: ${out}")
   endif()
+endif()
+
+# The cut by hand: the longest (1000) at most half of 800, then 300 and 50 fit and the last 400 no
+# longer does: 3 sequences, 750 tokens, longest 400.
+file(WRITE ${WORK}/balance_measure_cut.txt "1000\n300\n50\n400\n")
+execute_process(COMMAND ${BENCH} balance-measure ${tiny} --ranks 2 --gpus-per-node 2 --total-tokens 800
+                        --lengths-file ${WORK}/balance_measure_cut.txt
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 120)
+if(NOT rc EQUAL 0 OR NOT out MATCHES "measured batch: 3 sequences, 750 tokens, longest 400 \\(cut to --total-tokens 800\\)")
+  string(APPEND failures "\n  the cut of 1000,300,50,400 to 800 tokens: exit ${rc}, ${err}${out}")
 endif()
 
 execute_process(COMMAND ${BENCH} balance-measure --device gpu --lengths-file ${WORK}/balance_measure_lengths.txt
