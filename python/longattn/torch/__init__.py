@@ -4,13 +4,14 @@ implementation for torch.compile), and the helpers that say which rows each rank
 Under torchrun the op runs over all of torchrun's processes (longattn's TCP communicator, from
 torchrun's environment); under mpirun over MPI's world; in a plain process as one rank. CPU tensors
 run the CPU backend, CUDA tensors the GPU backends over NCCL on torch.cuda.current_stream().
-The varlen remap (linear layout <-> balanced attention layout) is not in the C API yet, so it is
-not offered here.
+`BalancedBatch` balances a packed variable-length batch over the ranks and remaps tensors between
+the layout linear layers want and the one attention runs on, with gradients through the remap.
 """
 
 from .._capi import LongattnError, LongattnValueError
 from ._op import attention
 from ._sharding import Sharding, shard, unshard
+from ._varlen import BalancedBatch
 
 
 def world_size():
@@ -27,4 +28,4 @@ def rank():
     return world().rank
 
 
-__all__ = ["attention", "Sharding", "shard", "unshard", "world_size", "rank", "LongattnError", "LongattnValueError"]
+__all__ = ["attention", "BalancedBatch", "Sharding", "shard", "unshard", "world_size", "rank", "LongattnError", "LongattnValueError"]
