@@ -147,7 +147,8 @@ longattn_status longattn_comm_create_tcp_from_env(int port_offset, longattn_comm
 longattn_status longattn_comm_create_nccl(longattn_comm* host, longattn_comm** out);
 
 /* Releases a communicator (NULL is ignored). Not collective; every attention object made over it
- * must be destroyed first. */
+ * must be destroyed first. A TCP communicator lets queued messages be written for at most its
+ * timeout, then closes the connections (logging a warning naming the peers that did not read). */
 void longattn_comm_destroy(longattn_comm* comm);
 
 /* This process's rank in `comm`, 0..size-1. */
