@@ -14,6 +14,10 @@ namespace {
 
 // The tensors one rank's launches read and write, sized for the largest of them; every launch takes
 // views at its rows (and a hybrid member's fewer heads), as the executor's workspaces do.
+// Scores of random unit-range inputs are small: a log-sum-exp of this size keeps every probability
+// the backward recomputes below one.
+constexpr float kSavedLse = 8.0f;
+
 struct RankTensors {
   std::unique_ptr<DeviceBuffer> q, k, v, o, lse, d_o, delta, dq, dk, dv, offsets;
 };
@@ -52,10 +56,12 @@ struct RankRunner::Impl {
       for (std::size_t i = 0; i < calls.size(); ++i) backend_.forward(args(calls[i], i), forward_outputs(calls[i]));
     });
     if (options_.backward) {
-      // Saved results for the backward: the forward's o and lse (each launch's last writer wins; the
-      // values only need to be a softmax's), and rowsum(dO * O) once.
-      for (std::size_t i = 0; i < calls.size(); ++i) backend_.forward(args(calls[i], i), forward_outputs(calls[i]));
+      // Saved results for the backward: o random, lse one finite value for every row (a forward's
+      // would hold -inf on rows a launch leaves without keys, and the timing needs no true values),
+      // and rowsum(dO * O) once.
       const auto hq = options_.shape.query_heads;
+      backend_.device_ops().fill(TensorView(t_.lse->data(), DType::f32, {hq, std::max(max_q_rows_, max_q_count_)}, device()),
+                                 kSavedLse, nullptr);
       backend_.compute_delta(view(*t_.o, options_.dtype, max_q_rows_, hq), view(*t_.d_o, options_.dtype, max_q_rows_, hq),
                              TensorView(t_.delta->data(), DType::f32, {hq, max_q_rows_}, device()), nullptr);
       m.backward_ms = timer_.median_ms(options_.warmups, options_.reps, [&] {
