@@ -1,7 +1,7 @@
 """longattn.torch.BalancedBatch in one process (one rank) against the float64 SDPA oracle: a step
 from the linear layout through to_attention, attention and from_attention, forward and gradients,
 for every balance, causal and full, GQA; the remap's rows and its round trip; torch.compile through
-the ops; bad input. test_varlen_torchrun.py runs the same step over 2 and 3 ranks."""
+the ops; bad input; and CUDA tensors in bf16 where a GPU is present. test_varlen_torchrun.py runs the same step over 2 and 3 ranks."""
 
 import pytest
 import torch
@@ -10,29 +10,30 @@ import longattn.torch as lt
 from reference import prefix_sums, random_lengths, reference_attention
 
 TOLERANCE = dict(atol=3e-5, rtol=3e-5)
+LOW_PRECISION_TOLERANCE = 5e-2  # bf16: largest error relative to the oracle's largest magnitude
 BALANCES = ["hierarchical", "per-sequence-zigzag", "whole-sequences"]
 
 
 def check_balanced_step(generator, *, balance, causal, q_heads, kv_heads, lengths, cap_tokens=0, gpus_per_node=None,
-                        head_dim=16):
+                        head_dim=16, device="cpu", dtype=torch.float32):
     """Every rank draws the same whole batch; its linear slice goes to the attention layout,
     through attention and back, and its rows of o and of the gradients (which flow back through
     both remaps) must be the oracle's on the whole batch."""
     cu_seqlens = prefix_sums(lengths)
     total = int(cu_seqlens[-1])
-    q = torch.randn((total, q_heads, head_dim), generator=generator)
-    k, v = (torch.randn((total, kv_heads, head_dim), generator=generator) for _ in range(2))
-    d_o = torch.randn(q.shape, generator=generator)
+    q = torch.randn((total, q_heads, head_dim), generator=generator).to(device, dtype)
+    k, v = (torch.randn((total, kv_heads, head_dim), generator=generator).to(device, dtype) for _ in range(2))
+    d_o = torch.randn(q.shape, generator=generator).to(device, dtype)
 
     batch = lt.BalancedBatch(cu_seqlens, balance, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, causal=causal,
-                             dtype=torch.float32, cap_tokens=cap_tokens, gpus_per_node=gpus_per_node)
+                             dtype=dtype, device=device, cap_tokens=cap_tokens, gpus_per_node=gpus_per_node)
     rows = batch.linear_slice()
     assert rows.stop - rows.start == batch.linear_tokens
     local = [t[rows].clone().requires_grad_() for t in (q, k, v)]
     in_attention_layout = [batch.to_attention(t) for t in local]
     index, positions = batch.attention_index()
     for moved, whole in zip(in_attention_layout, (q, k, v)):
-        assert torch.equal(moved.detach(), whole[index]), "the remap did not deliver the rows attention_index names"
+        assert torch.equal(moved.detach(), whole[index.to(device)]), "the remap did not deliver the rows attention_index names"
     starts = cu_seqlens.long()[torch.searchsorted(cu_seqlens.long(), index, right=True) - 1]
     assert torch.equal(positions.long(), index - starts), "positions are not those inside each sequence"
     o = batch.from_attention(batch.attention(*in_attention_layout))
@@ -45,7 +46,11 @@ def check_balanced_step(generator, *, balance, causal, q_heads, kv_heads, length
              f"lengths {lengths}, cap {cap_tokens}")
     for name, got, want in zip(("o", "dq", "dk", "dv"), [o.detach()] + [t.grad for t in local],
                                [o_ref.detach()] + [t.grad for t in full]):
-        torch.testing.assert_close(got, want[rows], **TOLERANCE, msg=lambda m, name=name: f"{where}: {name}: {m}")
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want[rows], **TOLERANCE, msg=lambda m, name=name: f"{where}: {name}: {m}")
+        else:
+            error, scale = (got.float() - want[rows].float()).abs().max(), want.float().abs().max().clamp(min=1)
+            assert error <= LOW_PRECISION_TOLERANCE * scale, f"{where}: {name}: max error {error} (scale {scale})"
 
 
 @pytest.mark.parametrize("balance", BALANCES)
@@ -53,6 +58,13 @@ def check_balanced_step(generator, *, balance, causal, q_heads, kv_heads, length
 def test_step_through_remap_matches_sdpa(generator, balance, causal):
     check_balanced_step(generator, balance=balance, causal=causal, q_heads=6, kv_heads=2,
                         lengths=random_lengths(generator, 4, 50))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("balance", BALANCES)
+def test_step_on_cuda_tensors_matches_sdpa(generator, balance):
+    check_balanced_step(generator, balance=balance, causal=True, q_heads=8, kv_heads=2, head_dim=64,
+                        lengths=random_lengths(generator, 4, 300), device="cuda", dtype=torch.bfloat16)
 
 
 def test_round_trip_is_the_identity_and_the_remaps_are_each_others_gradient(generator):

@@ -5,6 +5,7 @@ and attention on the attention layout. The backward of one remap is the other re
 so gradients flow through remap -> attention -> remap back to the linear layout's tensors."""
 
 import atexit
+import contextlib
 import ctypes
 import itertools
 import math
@@ -253,7 +254,7 @@ class BalancedBatch:
         params.cap_tokens = int(cap_tokens)
         params.machine = machine.encode() if machine else None
         handle = ctypes.c_void_p()
-        with _runtime.on_device_of(torch.empty(0, device=device)) if device.type == "cuda" else _no_device():
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             check(lib.longattn_varlen_create(world.context_for(device), world.communicator_for(device),
                                              ctypes.byref(params), ctypes.byref(handle)))
         self._plan = _Plan(handle, device)
@@ -346,11 +347,3 @@ class BalancedBatch:
                              f"{self.total_tokens} in the {layout} layout"
                              + (" (rows linear_slice() of the packed batch)" if layout == "linear" else
                                 " (to_attention's output)"))
-
-
-class _no_device:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
