@@ -748,12 +748,14 @@ struct Client::Impl {
   // seqs_mutex so that no write falls between them.
   void refill_done(const std::shared_ptr<RefillRun>& run) {
     const int server = run->server;
+    std::size_t held = 0;
     {
       std::lock_guard lock(seqs_mutex);
       if (replicas->state(server) != CopyState::refilling) {
         drop_backlog(server);
       } else {
         auto writes = std::move(backlog[static_cast<std::size_t>(server)]);
+        held = writes.size();
         drop_backlog(server);
         for (auto& w : writes)
           send_built(server, std::move(w), [this, server](const Error* e, std::vector<std::byte>&) {
@@ -769,8 +771,8 @@ struct Client::Impl {
     run->ended = true;
     refills[static_cast<std::size_t>(server)] = nullptr;
     n_refills++;
-    logger(Subsystem::offload).info("server {} refilled ({} piece(s), {} token-layers copied); it serves reads again", replicas->name(server),
-                                    run->pieces.size(), run->tokens_copied);
+    logger(Subsystem::offload).info("server {} refilled ({} piece(s), {} token-layers copied, then {} write(s) that came meanwhile); it "
+                                    "serves reads again", replicas->name(server), run->pieces.size(), run->tokens_copied, held);
     for (auto& w : run->waiters) w->set_value();
   }
 

@@ -9,11 +9,11 @@
 #include <signal.h>
 
 #include <chrono>
+#include <future>
 #include <map>
 #include <memory>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <boost/asio.hpp>
@@ -94,15 +94,17 @@ struct Servers {
 // A decode of B sequences over `layers` layers: each step appends one token per sequence and layer
 // to every copy, then attends every layer and compares with the double reference.
 struct Decode {
-  static constexpr int layers = 2, q_heads = 4, kv_heads = 2, head_dim = 32, max_steps = 400;
+  static constexpr int layers = 2, q_heads = 4, kv_heads = 2, head_dim = 32, max_steps = 1000;
   std::mt19937_64& rng;
   Client& client;
   std::vector<std::int64_t> lens;
   std::vector<test::DenseKv> kv;
   int steps = 0;
 
+  // Long enough prompts that copying them takes longer than a decode step, so that steps append
+  // while a refill runs.
   Decode(std::mt19937_64& r, Client& c) : rng(r), client(c) {
-    std::uniform_int_distribution<std::int64_t> len(20, 120);
+    std::uniform_int_distribution<std::int64_t> len(1000, 2000);
     for (int s = 0; s < 5; ++s) lens.push_back(len(rng));
     std::vector<std::int64_t> most = lens;
     for (auto& l : most) l += max_steps;
@@ -112,16 +114,27 @@ struct Decode {
       for (std::size_t s = 0; s < lens.size(); ++s) client.append(s + 1, l, kv[l].k_at(s, 0), kv[l].v_at(s, 0), lens[s]).get();
   }
 
-  // One step; "" when every answer matched, else what went wrong.
-  std::string step() {
+  // One token more for every sequence and layer; "" or what went wrong.
+  std::string grow() {
     if (steps == max_steps) return "the test ran out of steps";
     ++steps;
+    try {
+      for (int l = 0; l < layers; ++l)
+        for (std::size_t s = 0; s < lens.size(); ++s) client.append(s + 1, l, kv[l].k_at(s, lens[s]), kv[l].v_at(s, lens[s]), 1).get();
+      for (auto& x : lens) ++x;
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  }
+
+  // One decode step (grow, then attend every layer); "" when every answer matched, else what
+  // went wrong.
+  std::string step() {
+    if (auto grown = grow(); !grown.empty()) return grown;
     const std::size_t B = lens.size();
     std::uniform_real_distribution<float> val(-1, 1);
     try {
-      for (int l = 0; l < layers; ++l)
-        for (std::size_t s = 0; s < B; ++s) client.append(s + 1, l, kv[l].k_at(s, lens[s]), kv[l].v_at(s, lens[s]), 1).get();
-      for (auto& x : lens) ++x;
       std::vector<DecodeQuery> qs;
       for (std::size_t s = 0; s < B; ++s) qs.push_back({s + 1, 1});
       std::vector<float> q(B * q_heads * head_dim), o(q.size()), lse(B * q_heads), o_ref, lse_ref;
@@ -176,9 +189,11 @@ void restarted_server_is_refilled(int n, std::int64_t shard_tokens) {
   EXPECT_FALSE(c.serving(victim));
   servers.start(victim);  // empty, on the same port
   const auto t0 = std::chrono::steady_clock::now();
+  // Appends run while the refill copies (the reference check is slower than a refill), so some
+  // of them reach the server only after its copied tokens.
   while (!c.serving(victim) && std::chrono::steady_clock::now() - t0 < 20s) {
+    for (int i = 0; i < 8; ++i) ASSERT_EQ(d.grow(), "") << "while it is refilled";
     ASSERT_EQ(d.step(), "") << "while it is refilled";
-    std::this_thread::sleep_for(10ms);
   }
   ASSERT_TRUE(c.serving(victim)) << "not refilled within 20 s";
   EXPECT_EQ(c.stats().refills, 1u);
@@ -227,8 +242,11 @@ TEST(OffloadRefill, RefillOnDemand) {
     EXPECT_NE(std::string(e.what()).find("refill of server " + co.servers[1] + " failed"), std::string::npos) << e.what();
   }
   servers.start(1);
-  c.refill(1).get();
+  auto refilled = c.refill(1);
+  while (refilled.wait_for(0s) != std::future_status::ready) ASSERT_EQ(d.grow(), "") << "while it is refilled";
+  refilled.get();
   EXPECT_TRUE(c.serving(1));
+  ASSERT_EQ(d.step(), "");
   EXPECT_EQ(servers.listing(1), d.expected_on(1, 2, 0));
   servers.kill(0);
   for (int i = 0; i < 2; ++i) ASSERT_EQ(d.step(), "") << "served by the refilled server";
