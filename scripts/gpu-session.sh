@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU-machine call for the parts of this tree that have never run on a GPU: build every GPU
+# target, run test_gpu, then one-rank smoke checks of the jobs (ring strategies, varlen job, the
+# PyTorch op on CUDA tensors, the offload server with --device cuda). Logs under $OUT; a short
+# table of exit codes last.  Usage: scripts/gpu-session.sh [smoke]
+set -uo pipefail
+source "$(dirname "$0")/gpu-build-common.sh"
+gpu_build test_gpu longattn-bench ring_attention varlen_attention longattn-offload-server offload_decode longattn
+# liblongattn_c.so for the Python package, linked against an install of this build (python/CMakeLists.txt).
+{ cmake --install "$BUILD" --prefix "$BUILD/prefix" && cmake -S "$SRC/python" -B "$BUILD/python" -DCMAKE_BUILD_TYPE=Release \
+    -DLONGATTN_CUDA=ON -DLONGATTN_LIBRARY_PREFIX="$BUILD/prefix" && cmake --build "$BUILD/python" -j"$JOBS"; } > "$OUT/build_python.log" 2>&1 \
+  || { echo "python library build failed"; tail -20 "$OUT/build_python.log"; }
+declare -A rc
+run() {  # run NAME CMD...: output to $OUT/NAME.log, exit code kept for the table
+  local name=$1; shift
+  timeout "${LIMIT:-120}" "$@" > "$OUT/$name.log" 2>&1
+  rc[$name]=$?
+  grep -E "^RESULT" "$OUT/$name.log" | tail -1 | cut -c1-300
+  [ "${rc[$name]}" = 0 ] || tail -5 "$OUT/$name.log"
+}
+LIMIT=90 run test_gpu "$BUILD/bin/test_gpu" --gtest_brief=1 --gtest_filter="GpuLocalParallel*:GpuLocalRing*:GpuDecode*"
+grep -E "^\[ +(PASSED|FAILED|SKIPPED) +\]|Failure" "$OUT/test_gpu.log" | head -30
+MPI=(mpirun --allow-run-as-root --oversubscribe -np 1)
+for s in ring ulysses hybrid auto; do
+  run ring_$s "${MPI[@]}" "$BUILD/bin/ring_attention" --device cuda --strategy $s --seq-len 8192 --heads 8 --kv-heads 2 \
+    --head-dim 128 --causal --backward --check
+done
+run varlen_cuda "${MPI[@]}" "$BUILD/bin/varlen_attention" --device cuda --seq-lens 0,1,300,5000,900,64,20000 --heads 8 \
+  --kv-heads 2 --head-dim 128 --causal --backward --check
+run torch_op_cuda env PYTHONPATH="$SRC/python" LONGATTN_C_LIBRARY="$(find "$BUILD/python" -name liblongattn_c.so | head -1)" python3 "$SRC/scripts/gpu_torch_smoke.py"
+# The GPU KV server: a --check decode against it.
+TOKEN=$OUT/token; head -c 32 /dev/urandom | base64 > "$TOKEN"; chmod 600 "$TOKEN"
+"$BUILD/bin/longattn-offload-server" --device cuda --listen 127.0.0.1:7171 --token-file "$TOKEN" --memory-limit 8G \
+  > "$OUT/server_cuda.log" 2>&1 & spid=$!
+sleep 2
+run offload_cuda_server "$BUILD/bin/offload_decode" --servers 127.0.0.1:7171 --token-file "$TOKEN" --device cuda --layers 2 \
+  --batch 3 --context 5000 --steps 3 --heads 32 --kv-heads 8 --head-dim 128 --dtype bf16 --check
+kill $spid; wait $spid 2>/dev/null
+# The C++ API at the op's shape (one rank): the op's overhead is the difference.
+run ring_32k_cpp "${MPI[@]}" "$BUILD/bin/longattn-bench" ring --device cuda --seq-lens 32768 --heads 32 --head-dim 128 --iters 10 --single-max 0
+echo "| check | exit code |"; echo "|---|---|"
+for k in "${!rc[@]}"; do echo "| $k | ${rc[$k]} |"; done | sort
