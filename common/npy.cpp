@@ -1,9 +1,11 @@
-// .npy reader/writer for float32 C-order arrays. The header is parsed strictly: anything we do not
+// .npy reader/writer for float32 C-order arrays, and a reader of integer arrays (int32, int64, or
+// float32 holding exact integers). The header is parsed strictly: anything we do not
 // understand is an error naming the file, never a silent misread.
 #include "longattn/npy.hpp"
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 
@@ -75,8 +77,11 @@ std::vector<std::int64_t> parse_shape(const std::string& path, const std::string
 
 }  // namespace
 
-NpyReader::NpyReader(const std::string& path) : path_(path), in_(path, std::ios::binary) {
-  auto& in = in_;
+namespace {
+
+// Reads the magic, version and header of an open .npy file, leaving `in` at the first data byte;
+// returns the header's dtype ('descr') and sets `shape` and `count` (values in the array).
+std::string read_header(const std::string& path, std::ifstream& in, std::vector<std::int64_t>& shape, std::int64_t& count) {
   if (!in) fail(path, "cannot open (does the file exist and is it readable?)");
   char magic[6];
   unsigned char ver[2];
@@ -99,28 +104,39 @@ NpyReader::NpyReader(const std::string& path) : path_(path), in_(path, std::ios:
   if (!in.read(header.data(), header_len)) fail(path, "truncated header");
 
   const std::string descr = header_value(path, header, "descr", '\'', '\'');
-  if (descr != "<f4" && descr != "=f4")
-    fail(path, fmt::format("dtype '{}' is not float32; save with np.save(path, a.astype(np.float32))", descr));
   const std::string fortran = header_value(path, header, "fortran_order", 0, ',');
   if (fortran != "True" && fortran != "False") fail(path, fmt::format("header has 'fortran_order': {}, not True or False", fortran));
   if (fortran == "True") fail(path, "Fortran-ordered arrays are not supported; save np.ascontiguousarray(a)");
-  shape_ = parse_shape(path, header_value(path, header, "shape", '(', ')'));
-  std::int64_t count = 1;
-  for (const auto d : shape_) {
+  shape = parse_shape(path, header_value(path, header, "shape", '(', ')'));
+  count = 1;
+  for (const auto d : shape) {
     if (d != 0 && count > kMaxElements / d)
-      fail(path, fmt::format("shape ({}) holds more than 2^40 values; split the array", fmt::join(shape_, ", ")));
+      fail(path, fmt::format("shape ({}) holds more than 2^40 values; split the array", fmt::join(shape, ", ")));
     count *= d;
   }
-  size_ = count;
-  // Compare with the bytes actually there before anything is allocated or read: a wrong header
-  // must cost neither memory nor a half-done job.
+  return descr;
+}
+
+// Compares with the bytes actually there before anything is allocated or read: a wrong header
+// must cost neither memory nor a half-done job.
+void check_data_present(const std::string& path, std::ifstream& in, const std::vector<std::int64_t>& shape, std::int64_t count,
+                        int element_bytes, const char* type_name) {
   const auto data_begin = in.tellg();
   in.seekg(0, std::ios::end);
   const auto available = static_cast<std::int64_t>(in.tellg() - data_begin);
   in.seekg(data_begin);
-  if (available < count * 4)
-    fail(path, fmt::format("truncated data: expected {} float32 values ({} bytes) for shape ({}), the file holds {} bytes", count,
-                           count * 4, fmt::join(shape_, ", "), available));
+  if (available < count * element_bytes)
+    fail(path, fmt::format("truncated data: expected {} {} values ({} bytes) for shape ({}), the file holds {} bytes", count,
+                           type_name, count * element_bytes, fmt::join(shape, ", "), available));
+}
+
+}  // namespace
+
+NpyReader::NpyReader(const std::string& path) : path_(path), in_(path, std::ios::binary) {
+  const std::string descr = read_header(path, in_, shape_, size_);
+  if (descr != "<f4" && descr != "=f4")
+    fail(path, fmt::format("dtype '{}' is not float32; save with np.save(path, a.astype(np.float32))", descr));
+  check_data_present(path, in_, shape_, size_, 4, "float32");
 }
 
 void NpyReader::read(float* out, std::int64_t count) {
@@ -141,6 +157,48 @@ NpyArray load_npy(const std::string& path) {
     fail(path, fmt::format("not enough memory for its {} float32 values", reader.size()));
   }
   reader.read(arr.data.data(), reader.size());
+  return arr;
+}
+
+NpyIntegerArray load_npy_integers(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  NpyIntegerArray arr;
+  std::int64_t count = 0;
+  const std::string descr = read_header(path, in, arr.shape, count);
+  const char kind = descr.size() == 3 && (descr[0] == '<' || descr[0] == '=' || descr[0] == '|') ? descr[1] : '?';
+  const int bytes = descr.size() == 3 ? descr[2] - '0' : 0;
+  const bool integer = kind == 'i' && (bytes == 4 || bytes == 8), single = kind == 'f' && bytes == 4;
+  if (!integer && !single)
+    fail(path, fmt::format("dtype '{}' is not int32, int64 or float32; save with np.save(path, a.astype(np.int64))", descr));
+  check_data_present(path, in, arr.shape, count, bytes, integer ? (bytes == 4 ? "int32" : "int64") : "float32");
+  try {
+    arr.data.resize(static_cast<std::size_t>(count));
+  } catch (const std::bad_alloc&) {
+    fail(path, fmt::format("not enough memory for its {} values", count));
+  }
+  std::vector<char> raw(static_cast<std::size_t>(count) * static_cast<std::size_t>(bytes));
+  if (!in.read(raw.data(), static_cast<std::streamsize>(raw.size()))) fail(path, fmt::format("read failed for its {} values", count));
+  // float32 holds every integer up to 2^24 exactly; beyond that, or off an integer, the value the
+  // writer meant is already lost.
+  constexpr float kExactFloat = 16777216.0f;
+  for (std::size_t i = 0; i < arr.data.size(); ++i) {
+    const char* at = raw.data() + i * static_cast<std::size_t>(bytes);
+    if (integer && bytes == 4) {
+      std::int32_t v;
+      std::memcpy(&v, at, 4);
+      arr.data[i] = v;
+    } else if (integer) {
+      std::memcpy(&arr.data[i], at, 8);
+    } else {
+      float x;
+      std::memcpy(&x, at, 4);
+      if (!(std::fabs(x) <= kExactFloat) || x != std::floor(x))
+        fail(path, fmt::format("value {} is {}, not an integer a float32 holds exactly (at most 2^24); save the array as "
+                               "int32 or int64",
+                               i, x));
+      arr.data[i] = static_cast<std::int64_t>(x);
+    }
+  }
   return arr;
 }
 

@@ -23,7 +23,7 @@ constexpr const char* kUsage = R"(usage: mpirun -np P varlen_attention [flags]
   The batch (one of the three):
   --seq-lens L,L,... the sequence lengths, in batch order (0 allowed)
   --lengths-file F   one length per line ('#' starts a comment)
-  --load DIR         DIR/cu_seqlens.npy: float32 prefix sums [batch + 1] starting at 0
+  --load DIR         DIR/cu_seqlens.npy: prefix sums [batch + 1] starting at 0 (int32, int64, or float32 up to 2^24)
   How it is spread over the ranks:
   --balance B        hierarchical | per-sequence-zigzag | whole-sequences | flat-minheap (default
                      hierarchical); flat-minheap is planned and priced only (longattn-bench balance)
@@ -96,22 +96,26 @@ inline std::vector<std::int64_t> read_lengths_file(const std::string& path) {
   return lengths;
 }
 
-// float32 holds every integer up to 2^24 exactly; a larger prefix sum would be rounded.
+// int32, int64, or float32 holding exact integers (at most 2^24; a larger float32 prefix sum may
+// already be rounded, and is refused).
 inline std::vector<std::int64_t> read_cu_seqlens_npy(const std::string& dir) {
   const std::string path = dir + "/cu_seqlens.npy";
-  const auto array = load_npy(path);
+  const auto array = load_npy_integers(path);
   if (array.shape.size() != 1)
     throw Error(ErrorCode::io, fmt::format("{}: cu_seqlens must be one-dimensional [batch + 1], got {} dimensions", path, array.shape.size()));
-  constexpr float kExact = 16777216.0f;
   std::vector<std::int32_t> cu;
   for (std::size_t i = 0; i < array.data.size(); ++i) {
-    const float x = array.data[i];
-    if (!(std::fabs(x) <= kExact) || x != std::floor(x))
-      throw Error(ErrorCode::io, fmt::format("{}: entry {} is {}, not an integer a float32 holds exactly (at most 2^24); give "
-                                             "the lengths with --lengths-file instead", path, i, x));
+    const std::int64_t x = array.data[i];
+    if (x < 0 || x > std::numeric_limits<std::int32_t>::max())
+      throw Error(ErrorCode::io, fmt::format("{}: entry {} is {}, outside [0, 2^31): packed batches use int32 prefix sums", path,
+                                             i, x));
     cu.push_back(static_cast<std::int32_t>(x));
   }
-  return lengths_from_cu_seqlens(cu);
+  try {
+    return lengths_from_cu_seqlens(cu);
+  } catch (const Error& e) {
+    throw Error(e.code(), fmt::format("{}: {}", path, e.what()));
+  }
 }
 
 inline Options parse_options(const examples::Flags& f) {

@@ -36,6 +36,15 @@ class NpyReader {
 // Throws Error(io) naming the file and what is wrong with it (missing, not .npy, not float32,
 // Fortran order, truncated).
 NpyArray load_npy(const std::string& path);
+
+struct NpyIntegerArray {
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> data;
+};
+// An array of integers (offsets, lengths, indices): int32 or int64, or float32 whose every value is
+// an integer of at most 2^24 (where float32 is still exact). Throws Error(io) naming the file (and
+// the value, for an inexact float32).
+NpyIntegerArray load_npy_integers(const std::string& path);
 void save_npy(const std::string& path, const float* data, const std::vector<std::int64_t>& shape);
 
 }  // namespace longattn

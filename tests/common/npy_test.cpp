@@ -6,6 +6,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -160,6 +161,59 @@ TEST(Npy, HugeShapeInASmallFileIsRefusedWithoutAllocating) {
   const auto path = temp_path("huge.npy");
   write_file(path, shape_header("1048576, 1048576") + std::string(64, '\x3f'));
   expect_io_error(path, "truncated data");
+}
+
+// Integer arrays (cu_seqlens and the like) come as int32 or int64, or as float32 where every value
+// is an integer float32 holds exactly; values beyond int32 survive an int64 file.
+TEST(Npy, IntegerArraysReadAsInt32Int64OrExactFloat32) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<std::int64_t> values(static_cast<std::size_t>(std::uniform_int_distribution<int>(1, 40)(rng)));
+  for (auto& v : values) v = std::uniform_int_distribution<std::int64_t>(-(1LL << 31), (1LL << 31) - 1)(rng);
+  const std::string shape = std::to_string(values.size()) + ",";
+  auto bytes_of = [&](auto type_tag) {
+    std::string data;
+    for (const auto v : values) {
+      const auto x = static_cast<decltype(type_tag)>(v);
+      data.append(reinterpret_cast<const char*>(&x), sizeof x);
+    }
+    return data;
+  };
+  const auto as_int32 = temp_path("i4.npy"), as_int64 = temp_path("i8.npy");
+  write_file(as_int32, npy_header("{'descr': '<i4', 'fortran_order': False, 'shape': (" + shape + "), }") + bytes_of(std::int32_t{}));
+  auto wide = values;
+  wide.back() += std::int64_t{1} << 40;  // beyond int32 and float32
+  std::swap(values, wide);
+  write_file(as_int64, npy_header("{'descr': '<i8', 'fortran_order': False, 'shape': (" + shape + "), }") + bytes_of(std::int64_t{}));
+  std::swap(values, wide);
+  EXPECT_EQ(load_npy_integers(as_int32).data, values);
+  EXPECT_EQ(load_npy_integers(as_int64).data, wide);
+  EXPECT_EQ(load_npy_integers(as_int64).shape, (std::vector<std::int64_t>{static_cast<std::int64_t>(values.size())}));
+  for (auto& v : values) v = std::uniform_int_distribution<std::int64_t>(-(1 << 24), 1 << 24)(rng);
+  const auto as_float = temp_path("exact_f4.npy");
+  write_file(as_float, shape_header(shape) + bytes_of(float{}));
+  EXPECT_EQ(load_npy_integers(as_float).data, values);
+
+  auto expect_refused = [](const std::string& path, const std::string& needle) {
+    try {
+      load_npy_integers(path);
+      FAIL() << "no error for " << path;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::io);
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << "the message does not name the file: " << e.what();
+    }
+  };
+  const float inexact[] = {0.0f, 33554432.0f};  // 2^25: an integer, but past where float32 is exact
+  write_file(temp_path("big_f4.npy"), shape_header("2,") + std::string(reinterpret_cast<const char*>(inexact), 8));
+  expect_refused(temp_path("big_f4.npy"), "value 1 is 33554432");
+  const float fraction[] = {0.0f, 2.5f};
+  write_file(temp_path("half_f4.npy"), shape_header("2,") + std::string(reinterpret_cast<const char*>(fraction), 8));
+  expect_refused(temp_path("half_f4.npy"), "value 1 is 2.5");
+  write_file(temp_path("f8_int.npy"), npy_header("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }") + std::string(16, '\0'));
+  expect_refused(temp_path("f8_int.npy"), "not int32, int64 or float32");
+  write_file(temp_path("short_i8.npy"), npy_header("{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }") + std::string(20, '\0'));
+  expect_refused(temp_path("short_i8.npy"), "truncated data");
+  expect_refused(temp_path("missing_int.npy"), "cannot open");
 }
 
 }  // namespace
