@@ -47,7 +47,6 @@ class BranchAndBound {
       return;
     }
     const int s = order_[j];
-    const std::int64_t length = problem_.lengths[static_cast<std::size_t>(s)];
     for (std::size_t i = 0; i < costs_.sizes().size(); ++i) {
       const int size = costs_.sizes()[i];
       const double seconds = costs_(s, static_cast<int>(i));
@@ -59,22 +58,23 @@ class BranchAndBound {
         for (int u = 0; u < size && fits; ++u) {
           const auto r = static_cast<std::size_t>(first + u);
           group_slowest = std::max(group_slowest, loads_[r] + seconds);
-          fits = tokens_[r] + member_token_bound(problem_, length, size) <= cap_;
+          fits = tokens_[r] + costs_.member_tokens(s, static_cast<int>(i)) <= cap_;
         }
         if (!fits || group_slowest >= best_.makespan) continue;
-        apply(first, size, seconds, length, +1);
+        const std::int64_t tokens = costs_.member_tokens(s, static_cast<int>(i));
+        apply(first, size, seconds, tokens, +1);
         slots_[static_cast<std::size_t>(s)] = {first, size};
         search(j + 1, group_slowest, total_load + seconds * size);
-        apply(first, size, seconds, length, -1);
+        apply(first, size, seconds, tokens, -1);
       }
     }
   }
 
-  void apply(int first, int size, double seconds, std::int64_t length, int sign) {
+  void apply(int first, int size, double seconds, std::int64_t member_tokens, int sign) {
     for (int u = 0; u < size; ++u) {
       const auto r = static_cast<std::size_t>(first + u);
       loads_[r] += sign * seconds;
-      tokens_[r] += sign * member_token_bound(problem_, length, size);
+      tokens_[r] += sign * member_tokens;
     }
   }
 

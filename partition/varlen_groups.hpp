@@ -15,6 +15,7 @@ namespace longattn::partition {
 struct GroupSlot {
   int first_rank = 0;
   int size = 1;
+  bool operator==(const GroupSlot&) const = default;
 };
 
 // Group sizes in increasing order: 1, 2, 4, ... inside a node up to the node itself, then 2, 4, ...
@@ -34,8 +35,12 @@ std::vector<int> hybrid_ulysses_sizes(const VarlenProblem& problem, int size);
 // per sequence and per member and the cap holds whatever the group becomes.
 std::int64_t member_token_bound(const VarlenProblem& problem, std::int64_t length, int size);
 
+// The most tokens a rank holds when every sequence is zigzagged over all ranks (TE's plan).
+std::int64_t all_ranks_zigzag_tokens(const VarlenProblem& problem);
+
 // A plan running sequence s on slot_of_sequence[s], priced. Sequences of one slot form one group;
 // groups are ordered largest first, then by first rank, so every rank runs its groups in one order.
+// Under a cap, groups fall back to plain zigzag rings where the hybrids' rounding would break it.
 VarlenPlan assemble_ring_plan(std::string planner, const VarlenProblem& problem, const MachineModel& machine,
                               std::span<const GroupSlot> slot_of_sequence);
 
@@ -48,12 +53,15 @@ class SequenceGroupCosts {
   SequenceGroupCosts(const VarlenProblem& problem, const MachineModel& machine);
   const std::vector<int>& sizes() const noexcept { return sizes_; }
   double operator()(int sequence, int size_index);
+  // member_token_bound of the sequence on a group of that size.
+  std::int64_t member_tokens(int sequence, int size_index);
 
  private:
   const VarlenProblem& problem_;
   const MachineModel& machine_;
   std::vector<int> sizes_;
-  std::vector<double> cache_;  // [sequence][size index]; negative: not computed yet
+  std::vector<double> cache_;               // [sequence][size index]; negative: not computed yet
+  std::vector<std::int64_t> tokens_cache_;  // [sequence][size index]; negative: not computed yet
 };
 
 // Sequence indices longest first, ties by index: the order every planner places in.
@@ -67,10 +75,16 @@ struct SlotPlacement {
   double makespan = 0;
 };
 SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs);
+// The placements the search ends with, best first: on small batches one per distinct start (each
+// finished by local moves), on large ones the best alone.
+std::vector<SlotPlacement> hierarchical_placements(const VarlenProblem& problem, SequenceGroupCosts& costs);
 
 // Improves a placement by local moves while they lower the slowest rank: one of its sequences to
-// any other group (of any size), or a whole sequence of it swapped with a shorter whole one of
-// another rank. Stops when no move helps or after `max_moves`. Deterministic.
-void improve_placement(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement, int max_moves);
+// any other group (of any size), two sequences trading groups, and on small batches every
+// sequence inside a larger group moved into it, or an ejection chain (a sequence into a group it
+// overloads, then up to `chain_depth` sequences of overloaded ranks out to others). Stops when no
+// move helps or after `max_moves`. Deterministic.
+void improve_placement(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement, int max_moves,
+                       int chain_depth = 1);
 
 }  // namespace longattn::partition

@@ -24,7 +24,16 @@ SequenceGroupCosts::SequenceGroupCosts(const VarlenProblem& problem, const Machi
     : problem_(problem),
       machine_(machine),
       sizes_(candidate_group_sizes(problem.ranks, problem.gpus_per_node)),
-      cache_(problem.lengths.size() * sizes_.size(), -1.0) {}
+      cache_(problem.lengths.size() * sizes_.size(), -1.0),
+      tokens_cache_(problem.lengths.size() * sizes_.size(), -1) {}
+
+std::int64_t SequenceGroupCosts::member_tokens(int sequence, int size_index) {
+  std::int64_t& cached = tokens_cache_[static_cast<std::size_t>(sequence) * sizes_.size() + static_cast<std::size_t>(size_index)];
+  if (cached < 0)
+    cached = member_token_bound(problem_, problem_.lengths[static_cast<std::size_t>(sequence)],
+                                sizes_[static_cast<std::size_t>(size_index)]);
+  return cached;
+}
 
 double SequenceGroupCosts::operator()(int sequence, int size_index) {
   double& cached = cache_[static_cast<std::size_t>(sequence) * sizes_.size() + static_cast<std::size_t>(size_index)];
@@ -89,6 +98,7 @@ class Placer {
       // size) whose slowest member ends soonest.
       GroupSlot chosen{-1, 0};
       double chosen_finish = 0, chosen_seconds = 0;
+      std::int64_t chosen_tokens = 0;
       for (std::size_t i = 0; i < costs_.sizes().size(); ++i) {
         const double seconds = costs_(s, static_cast<int>(i));
         if (seconds > target) continue;
@@ -101,7 +111,7 @@ class Placer {
         } else {
           // No group is less loaded than the least loaded rank: skip the scan when even that is too full.
           if (least_load() + seconds > target) continue;
-          const std::int64_t share = member_token_bound(problem_, length, size);
+          const std::int64_t share = costs_.member_tokens(s, static_cast<int>(i));
           for (int b = 0; b < counts_[i]; ++b) {
             const auto block = static_cast<std::size_t>(b);
             if (block_tokens_[i][block] > cap_ - share) continue;
@@ -119,11 +129,12 @@ class Placer {
           chosen = {first, size};
           chosen_finish = load + seconds;
           chosen_seconds = seconds;
+          chosen_tokens = costs_.member_tokens(s, static_cast<int>(i));
         }
         if (fit_ != Fit::earliest_finish) break;
       }
       if (chosen.first_rank < 0) return false;
-      assign(chosen.first_rank, chosen.size, chosen_seconds, length);
+      assign(chosen.first_rank, chosen.size, chosen_seconds, chosen_tokens);
       out.slots[static_cast<std::size_t>(s)] = chosen;
     }
     out.makespan = *std::max_element(loads_.begin(), loads_.end());
@@ -188,7 +199,7 @@ class Placer {
     return -1;
   }
 
-  void assign(int first, int size, double seconds, std::int64_t length) {
+  void assign(int first, int size, double seconds, std::int64_t member_tokens) {
     for (int u = 0; u < size; ++u) {
       const int rank = first + u;
       const auto r = static_cast<std::size_t>(rank);
@@ -196,7 +207,7 @@ class Placer {
       loads_[r] += seconds;
       if (fit_ == Fit::best) by_load_.insert({loads_[r], rank});
       if (seconds > 0) least_loaded_.push({loads_[r], rank});
-      tokens_[r] += member_token_bound(problem_, length, size);
+      tokens_[r] += member_tokens;
       for (std::size_t i = 1; i < counts_.size(); ++i) {
         const auto block = static_cast<std::size_t>(rank / costs_.sizes()[i]);
         if (block >= block_load_[i].size()) continue;
@@ -237,16 +248,24 @@ constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 14;
 constexpr std::size_t kOrderAttemptSequences = 64;
 constexpr int kOrderAttempts = 16;
 constexpr std::uint64_t kOrderSeed = 0x5eed;
+// Small batches: how many of the best placements get ejection chains this long.
+constexpr std::size_t kDeepSearchPlacements = 3;
+constexpr int kDeepChainDepth = 2;
 
 // The least target step time the greedy meets, searched between a lower bound and the whole-sequence
 // packing; none when even that packing breaks the cap in this order.
 std::optional<SlotPlacement> search_target(const VarlenProblem& problem, SequenceGroupCosts& costs,
-                                           const std::vector<int>& order, Fit fit) {
+                                           const std::vector<int>& order, Fit fit,
+                                           const std::optional<SlotPlacement>& fallback) {
   Placer placer(problem, costs, order, fit);
   // With no target every sequence stays whole on the least loaded rank with room (the whole-sequence
-  // packing), splitting only what the cap forces: the plan to beat.
+  // packing), splitting only what the cap forces: the plan to beat. Where the cap leaves that packing
+  // no room, the placement found by packing tokens first is.
   SlotPlacement best;
-  if (!placer.place(std::numeric_limits<double>::infinity(), best)) return std::nullopt;
+  if (!placer.place(std::numeric_limits<double>::infinity(), best)) {
+    if (!fallback) return std::nullopt;
+    best = *fallback;
+  }
   // No target below the longest sequence's best share can be met, nor one below the mean whole-sequence
   // work per rank unless splitting saves work, which it rarely does (shorter blocks run slower and
   // rings add transfers).
@@ -280,50 +299,183 @@ std::optional<SlotPlacement> search_target(const VarlenProblem& problem, Sequenc
   return best;
 }
 
+// Under a tight cap: any placement that fits, found by packing tokens rather than time. Longest
+// first, each sequence whole on the rank whose room it fills best, else over the smallest group
+// with room in every member (the fullest such); failing that, every sequence over all ranks.
+std::optional<SlotPlacement> pack_tokens_first(const VarlenProblem& problem, SequenceGroupCosts& costs,
+                                               const std::vector<int>& order) {
+  const std::int64_t cap = problem.cap_tokens > 0 ? problem.cap_tokens : std::numeric_limits<std::int64_t>::max();
+  const auto P = static_cast<std::size_t>(problem.ranks);
+  std::vector<std::int64_t> tokens(P, 0);
+  std::vector<double> loads(P, 0.0);
+  std::set<std::pair<std::int64_t, int>> by_tokens;  // (tokens, rank)
+  for (int r = 0; r < problem.ranks; ++r) by_tokens.insert({0, r});
+  SlotPlacement out;
+  out.slots.assign(problem.lengths.size(), GroupSlot{});
+  bool packed = true;
+  for (const int s : order) {
+    GroupSlot chosen{-1, 0};
+    for (std::size_t i = 0; i < costs.sizes().size() && chosen.first_rank < 0; ++i) {
+      const int size = costs.sizes()[i];
+      const std::int64_t share = costs.member_tokens(s, static_cast<int>(i));
+      if (size == 1) {
+        auto it = by_tokens.upper_bound({cap - share, problem.ranks});
+        if (it != by_tokens.begin()) chosen = {(--it)->second, 1};
+        continue;
+      }
+      std::int64_t chosen_tokens = -1;
+      for (int first = 0; first + size <= problem.ranks; first += size) {
+        const std::int64_t fullest = *std::max_element(tokens.begin() + first, tokens.begin() + first + size);
+        if (fullest <= cap - share && fullest > chosen_tokens) {
+          chosen = {first, size};
+          chosen_tokens = fullest;
+        }
+      }
+    }
+    if (chosen.first_rank < 0) {
+      packed = false;
+      break;
+    }
+    const int index = static_cast<int>(std::find(costs.sizes().begin(), costs.sizes().end(), chosen.size) - costs.sizes().begin());
+    for (int u = 0; u < chosen.size; ++u) {
+      const auto r = static_cast<std::size_t>(chosen.first_rank + u);
+      by_tokens.erase({tokens[r], chosen.first_rank + u});
+      tokens[r] += costs.member_tokens(s, index);
+      loads[r] += costs(s, index);
+      by_tokens.insert({tokens[r], chosen.first_rank + u});
+    }
+    out.slots[static_cast<std::size_t>(s)] = chosen;
+  }
+  if (packed) {
+    out.makespan = *std::max_element(loads.begin(), loads.end());
+    return out;
+  }
+  // Every sequence zigzagged over all ranks (TE's plan) holds the fewest tokens per rank any plan
+  // can, up to rounding; assembling keeps such a group a zigzag where a hybrid would break the cap.
+  if (all_ranks_zigzag_tokens(problem) > cap) return std::nullopt;
+  const int all = static_cast<int>(costs.sizes().size()) - 1;
+  out.slots.assign(problem.lengths.size(), GroupSlot{0, problem.ranks});
+  out.makespan = 0;
+  for (std::size_t s = 0; s < problem.lengths.size(); ++s) out.makespan += costs(static_cast<int>(s), all);
+  return out;
+}
+
 }  // namespace
 
-SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs) {
+std::vector<SlotPlacement> hierarchical_placements(const VarlenProblem& problem, SequenceGroupCosts& costs) {
   const auto order = longest_first(problem.lengths);
-  auto first = search_target(problem, costs, order, Fit::least_loaded);
+  std::optional<SlotPlacement> fallback;
+  auto first = search_target(problem, costs, order, Fit::least_loaded, fallback);
+  if (!first) {
+    fallback = pack_tokens_first(problem, costs, order);
+    first = search_target(problem, costs, order, Fit::least_loaded, fallback);
+  }
   LONGATTN_INVALID(first.has_value(),
                    "no placement of the {} sequences keeps every rank under the cap of {} tokens: raise the cap or add "
                    "ranks",
                    problem.lengths.size(), problem.cap_tokens);
-  auto best = std::move(*first);
-  auto keep_better = [&](std::optional<SlotPlacement> other) {
-    if (other && other->makespan < best.makespan) best = std::move(*other);
+  // Small batches: few sequences on few ranks are sensitive to which one claims a group first, so
+  // several starts are tried, each finished by local moves, and all of them are kept; large ones
+  // keep the best start, finished by the moves.
+  const bool small = problem.lengths.size() <= kOrderAttemptSequences &&
+                     problem.lengths.size() * static_cast<std::size_t>(problem.ranks) <= kEarliestFinishWork;
+  std::vector<SlotPlacement> kept;
+  // Starts often repeat (several orders and fits reach one packing), and so do their ends: each
+  // start is improved once, each end kept once.
+  std::set<std::vector<std::pair<int, int>>> starts, ends;
+  auto is_new = [](std::set<std::vector<std::pair<int, int>>>& seen, const SlotPlacement& placement) {
+    std::vector<std::pair<int, int>> key;
+    for (const auto& slot : placement.slots) key.emplace_back(slot.first_rank, slot.size);
+    return seen.insert(std::move(key)).second;
   };
+  auto consider = [&](std::optional<SlotPlacement> start) {
+    if (!start) return;
+    if (!small) {
+      if (kept.empty() || start->makespan < kept.front().makespan) kept.assign(1, std::move(*start));
+      return;
+    }
+    if (!is_new(starts, *start)) return;
+    improve_placement(problem, costs, *start, kMaxLocalMoves);
+    if (is_new(ends, *start)) kept.push_back(std::move(*start));
+  };
+  consider(std::move(first));
   for (const Fit fit : {Fit::best, Fit::earliest_finish}) {
     // Earliest finish scans every group size for every sequence: worth it on small batches, where
     // a few sequences must share few ranks, and too slow on large ones.
     if (fit == Fit::earliest_finish && problem.lengths.size() * static_cast<std::size_t>(problem.ranks) > kEarliestFinishWork)
       continue;
-    keep_better(search_target(problem, costs, order, fit));
+    consider(search_target(problem, costs, order, fit, fallback));
   }
-  if (problem.lengths.size() <= kOrderAttemptSequences &&
-      problem.lengths.size() * static_cast<std::size_t>(problem.ranks) <= kEarliestFinishWork) {
-    // Small batches: longest first is a guess about which sequence should claim a group first, and
-    // a few sequences on few ranks are sensitive to it; other orders, drawn from a fixed seed so the
-    // plan stays a function of the input, often find a better packing.
+  if (small) {
+    // Other orders, drawn from a fixed seed so the plan stays a function of the input.
     std::mt19937_64 shuffler(kOrderSeed);
     for (int attempt = 0; attempt < kOrderAttempts; ++attempt) {
       // Fisher-Yates by hand: std::shuffle's draws differ between standard libraries, and every
       // rank must make the same plan.
       auto shuffled = order;
       for (std::size_t i = shuffled.size(); i > 1; --i) std::swap(shuffled[i - 1], shuffled[shuffler() % i]);
-      for (const Fit fit : {Fit::least_loaded, Fit::earliest_finish}) keep_better(search_target(problem, costs, shuffled, fit));
+      for (const Fit fit : {Fit::least_loaded, Fit::earliest_finish})
+        consider(search_target(problem, costs, shuffled, fit, fallback));
     }
+  } else {
+    improve_placement(problem, costs, kept.front(), kMaxLocalMoves);
   }
-  improve_placement(problem, costs, best, kMaxLocalMoves);
-  return best;
+  auto by_makespan = [](const SlotPlacement& a, const SlotPlacement& b) { return a.makespan < b.makespan; };
+  std::stable_sort(kept.begin(), kept.end(), by_makespan);
+  if (small) {
+    // The best few go on with longer ejection chains: a few sequences on few ranks can need three
+    // moved at once (a rotation between groups) to reach a better plan.
+    for (std::size_t i = 0; i < std::min<std::size_t>(kept.size(), kDeepSearchPlacements); ++i)
+      improve_placement(problem, costs, kept[i], kMaxLocalMoves, kDeepChainDepth);
+    std::stable_sort(kept.begin(), kept.end(), by_makespan);
+  }
+  return kept;
+}
+
+SlotPlacement hierarchical_placement(const VarlenProblem& problem, SequenceGroupCosts& costs) {
+  return std::move(hierarchical_placements(problem, costs).front());
 }
 
 VarlenPlan plan_hierarchical(const VarlenProblem& problem, const MachineModel& machine) {
   const PlannerTimer timer;
   check_problem(problem);
   SequenceGroupCosts costs(problem, machine);
-  const auto placement = hierarchical_placement(problem, costs);
+  const auto placements = hierarchical_placements(problem, costs);
+  const auto& placement = placements.front();
   auto plan = assemble_ring_plan("hierarchical", problem, machine, placement.slots);
+  auto keep_if_faster = [&](std::span<const GroupSlot> slots) {
+    auto other = assemble_ring_plan("hierarchical", problem, machine, slots);
+    if (other.step_seconds() < plan.step_seconds()) plan = std::move(other);
+  };
+  // A finished plan runs each group's sequences as one ring with one Ulysses size, which the
+  // placements' per-sequence sums only approximate: the other candidates are priced as plans too.
+  for (std::size_t i = 1; i < placements.size(); ++i) keep_if_faster(placements[i].slots);
+  // The executable baselines are plans of these groups too, so the plan is never slower than the
+  // faster of them. Whole sequences: the placement started from that packing and only got faster,
+  // unless a ring's sequences together prefer another Ulysses size than each alone (a finished plan
+  // runs one per group); then the packing is priced as a plan of its own.
+  if (plan.step_seconds() > placement.makespan) {
+    SlotPlacement whole;
+    const auto order = longest_first(problem.lengths);
+    if (Placer(problem, costs, order, Fit::least_loaded).place(std::numeric_limits<double>::infinity(), whole))
+      keep_if_faster(whole.slots);
+  }
+  // Per-sequence zigzag: every sequence over all ranks, priced first as one member's share (every
+  // member has the same) and assembled only where it wins.
+  if (problem.ranks > 1) {
+    const bool fits = problem.cap_tokens == 0 || all_ranks_zigzag_tokens(problem) <= problem.cap_tokens;
+    double fastest = std::numeric_limits<double>::infinity();
+    auto ulysses_sizes = hybrid_ulysses_sizes(problem, problem.ranks);
+    ulysses_sizes.insert(ulysses_sizes.begin(), 1);
+    for (const int ulysses : fits ? ulysses_sizes : std::vector<int>{}) {
+      const auto tiers = group_tiers(0, problem.ranks, ulysses, problem.gpus_per_node);
+      fastest = std::min(fastest, group_member_cost(machine, problem.shape, problem.lengths, problem.ranks, ulysses,
+                                                    tiers.ring, tiers.all_to_all)
+                                      .total_seconds());
+    }
+    if (fastest < plan.step_seconds())
+      keep_if_faster(std::vector<GroupSlot>(problem.lengths.size(), GroupSlot{0, problem.ranks}));
+  }
   plan.planner_ms = timer.elapsed_ms();
   return plan;
 }

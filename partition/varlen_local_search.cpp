@@ -1,8 +1,12 @@
 // Local moves after the greedy: the greedy puts each sequence in the smallest group that meets the
-// target, which on small batches can leave one rank well above the others; moving or swapping one
-// sequence at a time off the slowest rank closes most of that gap.
+// target, which on small batches can leave one rank well above the others. Moves lower the slowest
+// rank one at a time: a sequence of it to another group, two sequences trading groups, or (on small
+// batches) an ejection chain: a sequence into a group that it would overload, and one sequence of
+// that group out to a third.
 #include <algorithm>
 #include <limits>
+#include <array>
+#include <span>
 #include <vector>
 
 #include "partition/varlen_cost.hpp"
@@ -11,17 +15,29 @@
 namespace longattn::partition {
 namespace {
 
+struct Reassign {
+  int sequence = 0;
+  GroupSlot to;
+};
+
 class LocalSearch {
  public:
-  LocalSearch(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement)
-      : problem_(problem), costs_(costs), slots_(placement.slots) {
+  LocalSearch(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement, int chain_depth)
+      : problem_(problem), costs_(costs), slots_(placement.slots), chain_depth_(chain_depth) {
     cap_ = problem.cap_tokens > 0 ? problem.cap_tokens : std::numeric_limits<std::int64_t>::max();
     const auto& sizes = costs.sizes();
-    for (std::size_t i = 0; i < sizes.size(); ++i) size_index_[sizes[i]] = static_cast<int>(i);
-    loads_.assign(static_cast<std::size_t>(problem.ranks), 0.0);
-    tokens_.assign(static_cast<std::size_t>(problem.ranks), 0);
-    sequences_of_.assign(static_cast<std::size_t>(problem.ranks), {});
+    for (std::size_t i = 0; i < sizes.size(); ++i) size_index_[static_cast<std::size_t>(sizes[i])] = static_cast<int>(i);
+    const auto P = static_cast<std::size_t>(problem.ranks);
+    loads_.assign(P, 0.0);
+    tokens_.assign(P, 0);
+    delta_load_.assign(P, 0.0);
+    delta_tokens_.assign(P, 0);
+    is_touched_.assign(P, 0);
+    sequences_of_.assign(P, {});
+    for (const int size : sizes)
+      for (int g = 0; g < groups_of_size(problem.ranks, problem.gpus_per_node, size); ++g) all_slots_.push_back({g * size, size});
     for (std::size_t s = 0; s < slots_.size(); ++s) add(static_cast<int>(s), slots_[s], +1);
+    small_ = slots_.size() * all_slots_.size() <= kSmallBatchWork;
   }
 
   double makespan() const { return *std::max_element(loads_.begin(), loads_.end()); }
@@ -33,30 +49,41 @@ class LocalSearch {
     auto here = sequences_of_[static_cast<std::size_t>(slowest)];
     std::sort(here.begin(), here.end());
     for (const int s : here)
-      if (move_elsewhere(s, limit)) return true;
-    // A swap pairs every sequence here with every whole sequence elsewhere: only on small batches.
-    if (here.size() * slots_.size() > kMaxSwapPairs) return false;
+      for (const GroupSlot to : all_slots_)
+        if (cost(s, to.size) < limit && try_apply(std::array{Reassign{s, to}}, limit)) return true;
+    // A swap pairs every sequence here with every sequence elsewhere: only on small batches, or
+    // whole sequences with whole ones on batches of moderate size.
+    const bool all_pairs = here.size() * slots_.size() <= kMaxSwapPairs;
+    if (!all_pairs) return false;
     for (const int s : here)
-      if (slots_[static_cast<std::size_t>(s)].size == 1 && swap_whole(s, slowest, limit)) return true;
-    return false;
+      for (std::size_t o = 0; o < slots_.size(); ++o) {
+        const GroupSlot mine = slots_[static_cast<std::size_t>(s)], theirs = slots_[o];
+        if (static_cast<int>(o) == s || mine == theirs) continue;
+        if (!small_ && (mine.size != 1 || theirs.size != 1)) continue;
+        if (try_apply(std::array{Reassign{s, theirs}, Reassign{static_cast<int>(o), mine}}, limit)) return true;
+      }
+    return small_ && (merge(slowest, limit) || split(slowest, limit) || eject(here, limit));
   }
 
  private:
   // Smaller gains are not worth a move: they would only trade places between near-equal ranks.
   static constexpr double kMinGain = 1e-9;
   static constexpr std::size_t kMaxSwapPairs = std::size_t{1} << 16;
+  // Sequences x slots up to which every pair swap and ejection chain is tried.
+  static constexpr std::size_t kSmallBatchWork = 128;
+  // A group's sequences dealt between it and its halves: 3^n deals.
+  static constexpr std::size_t kMaxDealtSequences = 8;
 
-  double cost(int s, int size) { return costs_(s, size_index_.at(size)); }
-  std::int64_t member_tokens(int s, int size) const {
-    return member_token_bound(problem_, problem_.lengths[static_cast<std::size_t>(s)], size);
-  }
+  double cost(int s, int size) { return costs_(s, size_index_[static_cast<std::size_t>(size)]); }
+  std::int64_t member_tokens(int s, int size) { return costs_.member_tokens(s, size_index_[static_cast<std::size_t>(size)]); }
 
   void add(int s, GroupSlot slot, int sign) {
     const double seconds = cost(s, slot.size);
+    const std::int64_t tokens = member_tokens(s, slot.size);
     for (int u = 0; u < slot.size; ++u) {
       const auto r = static_cast<std::size_t>(slot.first_rank + u);
       loads_[r] += sign * seconds;
-      tokens_[r] += sign * member_tokens(s, slot.size);
+      tokens_[r] += sign * tokens;
       auto& list = sequences_of_[r];
       if (sign > 0) {
         list.push_back(s);
@@ -66,81 +93,214 @@ class LocalSearch {
     }
   }
 
+  // The loads and tokens the ranks would have after `changes`, as deltas on the touched ranks.
+  void stage(std::span<const Reassign> changes) {
+    for (const auto& [s, to] : changes) {
+      const GroupSlot from = slots_[static_cast<std::size_t>(s)];
+      for (const auto& [slot, sign] : {std::pair{from, -1}, std::pair{to, +1}}) {
+        const double seconds = cost(s, slot.size);
+        const std::int64_t tokens = member_tokens(s, slot.size);
+        for (int u = 0; u < slot.size; ++u) {
+          const int rank = slot.first_rank + u;
+          const auto r = static_cast<std::size_t>(rank);
+          if (!is_touched_[r]) {
+            is_touched_[r] = 1;
+            touched_.push_back(rank);
+          }
+          delta_load_[r] += sign * seconds;
+          delta_tokens_[r] += sign * tokens;
+        }
+      }
+    }
+  }
+
+  void unstage() {
+    for (const int rank : touched_) {
+      delta_load_[static_cast<std::size_t>(rank)] = 0;
+      delta_tokens_[static_cast<std::size_t>(rank)] = 0;
+      is_touched_[static_cast<std::size_t>(rank)] = 0;
+    }
+    touched_.clear();
+  }
+
+  // Every touched rank ends below `limit` and within the cap.
+  bool staged_fits(double limit) const {
+    for (const int rank : touched_) {
+      const auto r = static_cast<std::size_t>(rank);
+      if (loads_[r] + delta_load_[r] >= limit || tokens_[r] + delta_tokens_[r] > cap_) return false;
+    }
+    return true;
+  }
+
   bool in_slot(int rank, GroupSlot slot) const { return rank >= slot.first_rank && rank < slot.first_rank + slot.size; }
 
-  bool move_elsewhere(int s, double limit) {
-    const GroupSlot current = slots_[static_cast<std::size_t>(s)];
-    const double now = cost(s, current.size);
-    for (const int size : costs_.sizes()) {
-      const double then = cost(s, size);
-      if (then >= limit) continue;
-      const int groups = groups_of_size(problem_.ranks, problem_.gpus_per_node, size);
-      for (int g = 0; g < groups; ++g) {
-        const GroupSlot candidate{g * size, size};
-        if (candidate.first_rank == current.first_rank && size == current.size) continue;
-        bool fits = true;
-        for (int u = 0; u < size && fits; ++u) {
-          const int rank = candidate.first_rank + u;
-          const auto r = static_cast<std::size_t>(rank);
-          const bool leaving = in_slot(rank, current);
-          const double load = loads_[r] - (leaving ? now : 0) + then;
-          const std::int64_t tokens = tokens_[r] - (leaving ? member_tokens(s, current.size) : 0) +
-                                      member_tokens(s, size);
-          fits = load < limit && tokens <= cap_;
+  // One sequence moving: the new group's members checked one by one, stopping at the first that
+  // fails (most candidate groups do, and large ones are costly to stage).
+  bool single_move_fits(const Reassign& change, double limit) {
+    const GroupSlot from = slots_[static_cast<std::size_t>(change.sequence)], to = change.to;
+    const double now = cost(change.sequence, from.size), then = cost(change.sequence, to.size);
+    const std::int64_t tokens_now = member_tokens(change.sequence, from.size), tokens_then = member_tokens(change.sequence, to.size);
+    for (int u = 0; u < to.size; ++u) {
+      const int rank = to.first_rank + u;
+      const auto r = static_cast<std::size_t>(rank);
+      const bool leaving = in_slot(rank, from);
+      if (loads_[r] - (leaving ? now : 0) + then >= limit) return false;
+      if (tokens_[r] - (leaving ? tokens_now : 0) + tokens_then > cap_) return false;
+    }
+    return true;
+  }
+
+  bool try_apply(std::span<const Reassign> changes, double limit) {
+    for (const auto& [s, to] : changes)
+      if (slots_[static_cast<std::size_t>(s)] == to) return false;
+    if (changes.size() == 1) {
+      // Ranks the sequence leaves only get lighter, so the new group's members decide.
+      if (!single_move_fits(*changes.begin(), limit)) return false;
+      apply(changes);
+      return true;
+    }
+    stage(changes);
+    const bool fits = staged_fits(limit);
+    unstage();
+    if (fits) apply(changes);
+    return fits;
+  }
+
+  void apply(std::span<const Reassign> changes) {
+    for (const auto& [s, to] : changes) {
+      add(s, slots_[static_cast<std::size_t>(s)], -1);
+      add(s, to, +1);
+      slots_[static_cast<std::size_t>(s)] = to;
+    }
+  }
+
+  // Every sequence inside a larger group holding the slowest rank into that group: ranks that each
+  // run their own sequences whole can balance better as a pair sharing them all.
+  bool merge(int slowest, double limit) {
+    for (const GroupSlot to : all_slots_) {
+      if (to.size == 1 || !in_slot(slowest, to)) continue;
+      std::vector<Reassign> changes;
+      for (std::size_t s = 0; s < slots_.size(); ++s) {
+        const GroupSlot from = slots_[s];
+        if (from != to && from.first_rank >= to.first_rank && from.first_rank + from.size <= to.first_rank + to.size)
+          changes.push_back({static_cast<int>(s), to});
+      }
+      if (changes.size() >= 2 && try_apply(changes, limit)) return true;
+    }
+    return false;
+  }
+
+  // The sequences of a group holding the slowest rank and of its two halves dealt anew between
+  // the three: the best such deal, if it lowers the slowest rank.
+  bool split(int slowest, double limit) {
+    for (const GroupSlot whole : all_slots_) {
+      if (whole.size == 1 || !in_slot(slowest, whole)) continue;
+      const int half = whole.size / 2;
+      const std::array<GroupSlot, 3> options{whole, GroupSlot{whole.first_rank, half}, GroupSlot{whole.first_rank + half, half}};
+      std::vector<int> dealt;
+      for (std::size_t s = 0; s < slots_.size(); ++s)
+        if (std::find(options.begin(), options.end(), slots_[s]) != options.end()) dealt.push_back(static_cast<int>(s));
+      if (dealt.size() < 2 || dealt.size() > kMaxDealtSequences) continue;
+      std::size_t deals = 1;
+      for (std::size_t i = 0; i < dealt.size(); ++i) deals *= options.size();
+      std::vector<Reassign> changes, best;
+      double best_load = limit;
+      for (std::size_t deal = 0; deal < deals; ++deal) {
+        changes.clear();
+        for (std::size_t i = 0, code = deal; i < dealt.size(); ++i, code /= options.size()) {
+          const GroupSlot to = options[code % options.size()];
+          if (slots_[static_cast<std::size_t>(dealt[i])] != to) changes.push_back({dealt[i], to});
         }
-        if (!fits) continue;
-        add(s, current, -1);
-        add(s, candidate, +1);
-        slots_[static_cast<std::size_t>(s)] = candidate;
+        if (changes.empty()) continue;
+        stage(changes);
+        double slowest_after = 0;
+        bool fits = true;
+        for (const int rank : touched_) {
+          const auto r = static_cast<std::size_t>(rank);
+          slowest_after = std::max(slowest_after, loads_[r] + delta_load_[r]);
+          fits = fits && tokens_[r] + delta_tokens_[r] <= cap_;
+        }
+        unstage();
+        if (fits && slowest_after < best_load) {
+          best_load = slowest_after;
+          best = changes;
+        }
+      }
+      if (!best.empty()) {
+        apply(best);
         return true;
       }
     }
     return false;
   }
 
-  bool swap_whole(int s, int slowest, double limit) {
-    const double mine = cost(s, 1);
-    const std::int64_t my_tokens = problem_.lengths[static_cast<std::size_t>(s)];
-    for (int rank = 0; rank < problem_.ranks; ++rank) {
-      if (rank == slowest) continue;
-      const auto r = static_cast<std::size_t>(rank);
-      for (const int other : sequences_of_[r]) {
-        if (slots_[static_cast<std::size_t>(other)].size != 1) continue;
-        const double theirs = cost(other, 1);
-        if (theirs >= mine) continue;
-        const std::int64_t their_tokens = problem_.lengths[static_cast<std::size_t>(other)];
-        const double slowest_after = loads_[static_cast<std::size_t>(slowest)] - mine + theirs;
-        const double other_after = loads_[r] - theirs + mine;
-        if (slowest_after >= limit || other_after >= limit) continue;
-        if (tokens_[static_cast<std::size_t>(slowest)] - my_tokens + their_tokens > cap_ ||
-            tokens_[r] - their_tokens + my_tokens > cap_)
-          continue;
-        add(s, {slowest, 1}, -1);
-        add(other, {rank, 1}, -1);
-        add(s, {rank, 1}, +1);
-        add(other, {slowest, 1}, +1);
-        slots_[static_cast<std::size_t>(s)] = {rank, 1};
-        slots_[static_cast<std::size_t>(other)] = {slowest, 1};
-        return true;
+  // A sequence of the slowest rank into a group it overloads, then sequences holding a share of
+  // a rank left at or above the limit out to other groups, up to `chain_depth_` of them.
+  bool eject(const std::vector<int>& here, double limit) {
+    std::vector<Reassign> changes;
+    for (const int s : here)
+      for (const GroupSlot to : all_slots_) {
+        // Only worth it where the sequence itself would run below the limit.
+        if (slots_[static_cast<std::size_t>(s)] == to || cost(s, to.size) >= limit) continue;
+        changes.assign(1, {s, to});
+        if (chain(changes, chain_depth_, limit)) return true;
       }
+    return false;
+  }
+
+  bool chain(std::vector<Reassign>& changes, int depth, double limit) {
+    stage(changes);
+    std::vector<int> overloaded;
+    for (const int rank : touched_) {
+      const auto r = static_cast<std::size_t>(rank);
+      if (loads_[r] + delta_load_[r] >= limit || tokens_[r] + delta_tokens_[r] > cap_) overloaded.push_back(rank);
     }
+    unstage();
+    if (overloaded.empty()) {
+      apply(changes);
+      return true;
+    }
+    if (depth == 0) return false;
+    auto moved = [&](int o) {
+      return std::any_of(changes.begin(), changes.end(), [&](const Reassign& c) { return c.sequence == o; });
+    };
+    std::vector<int> displaced;
+    for (const int rank : overloaded)
+      for (const int o : sequences_of_[static_cast<std::size_t>(rank)])
+        if (!moved(o) && std::find(displaced.begin(), displaced.end(), o) == displaced.end()) displaced.push_back(o);
+    std::sort(displaced.begin(), displaced.end());
+    for (const int o : displaced)
+      for (const GroupSlot away : all_slots_) {
+        if (slots_[static_cast<std::size_t>(o)] == away || cost(o, away.size) >= limit) continue;
+        changes.push_back({o, away});
+        if (chain(changes, depth - 1, limit)) return true;
+        changes.pop_back();
+      }
     return false;
   }
 
   const VarlenProblem& problem_;
   SequenceGroupCosts& costs_;
   std::vector<GroupSlot>& slots_;
+  std::vector<GroupSlot> all_slots_;  // every aligned group of every candidate size
+  bool small_ = false;
+  int chain_depth_ = 1;  // sequences an ejection chain moves after the first
   std::int64_t cap_ = 0;
   std::vector<int> size_index_ = std::vector<int>(static_cast<std::size_t>(problem_.ranks) + 1, -1);
   std::vector<double> loads_;
   std::vector<std::int64_t> tokens_;
+  std::vector<double> delta_load_;
+  std::vector<std::int64_t> delta_tokens_;
+  std::vector<int> touched_;
+  std::vector<char> is_touched_;
   std::vector<std::vector<int>> sequences_of_;  // [rank]: the sequences it holds a share of
 };
 
 }  // namespace
 
-void improve_placement(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement, int max_moves) {
-  LocalSearch search(problem, costs, placement);
+void improve_placement(const VarlenProblem& problem, SequenceGroupCosts& costs, SlotPlacement& placement, int max_moves,
+                       int chain_depth) {
+  LocalSearch search(problem, costs, placement, chain_depth);
   for (int move = 0; move < max_moves && search.step(); ++move) {
   }
   placement.makespan = search.makespan();

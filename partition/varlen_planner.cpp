@@ -239,7 +239,23 @@ VarlenPlan assemble_ring_plan(std::string planner, const VarlenProblem& problem,
     plan.groups.push_back(std::move(group));
   }
   price_ring_groups(plan, machine, problem.shape);
+  // The planners reserve every sequence's largest share under any sharding, so this only happens
+  // where a placement was checked against the zigzag shares alone (every sequence over all ranks).
+  if (problem.cap_tokens > 0 && plan.max_rank_tokens() > problem.cap_tokens) {
+    for (auto& group : plan.groups)
+      if (group.sharding == Sharding::hybrid) {
+        group.sharding = Sharding::zigzag;
+        group.ulysses = 1;
+      }
+    price_ring_groups(plan, machine, problem.shape);
+  }
   return plan;
+}
+
+std::int64_t all_ranks_zigzag_tokens(const VarlenProblem& problem) {
+  std::vector<std::int32_t> cu{0};
+  for (const auto length : problem.lengths) cu.push_back(cu.back() + static_cast<std::int32_t>(length));
+  return ShardPlan(std::move(cu), problem.ranks == 1 ? Layout::contiguous : Layout::zigzag, problem.ranks).max_local_tokens();
 }
 
 }  // namespace longattn::partition

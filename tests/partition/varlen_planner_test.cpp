@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <map>
 #include <random>
 #include <string>
@@ -197,6 +198,43 @@ TEST(VarlenPlanner, CapsRespected) {
   for (const int percent_over_mean : {1, 5}) {
     problem.cap_tokens = total / problem.ranks * (100 + percent_over_mean) / 100;
     SCOPED_TRACE(::testing::Message() << "cap " << problem.cap_tokens << " on 64 ranks");
+    const auto plan = plan_hierarchical(problem, machine);
+    EXPECT_LE(plan.max_rank_tokens(), problem.cap_tokens);
+    expect_every_token_once(plan);
+  }
+}
+
+// Where a placement under the cap exists, the planner finds one: a cap that only TE's per-sequence
+// zigzag meets (every sequence over all ranks), one that a whole-sequence packing meets exactly,
+// and a perfect packing of two ranks that placing by time misses (the two longest go to different
+// ranks, and the last sequence then fits on neither) but packing by tokens finds.
+TEST(VarlenPlanner, FindsAPlacementUnderTheCapWhereOneExists) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const auto machine = default_machine("h200");
+  for (int trial = 0; trial < 12; ++trial) {
+    const int node = 1 << uniform_int(rng, 1, 3), ranks = node * (1 << uniform_int(rng, 0, 2));
+    auto problem = problem_of(random_lengths(rng, uniform_int(rng, 4, 40), uniform_int(rng, 500, 5000), trial % 2 == 0),
+                              ranks, node, 32, 8);
+    SCOPED_TRACE(::testing::Message() << ranks << " ranks, lengths " << ::testing::PrintToString(problem.lengths));
+    for (const auto& reference : {plan_per_sequence_zigzag(problem, machine), plan_whole_sequences(problem, machine)}) {
+      auto capped = problem;
+      capped.cap_tokens = reference.max_rank_tokens();
+      SCOPED_TRACE(::testing::Message() << "cap " << capped.cap_tokens << " from " << reference.planner);
+      const auto plan = plan_hierarchical(capped, machine);
+      EXPECT_LE(plan.max_rank_tokens(), capped.cap_tokens);
+      expect_every_token_once(plan);
+      EXPECT_LE(plan.step_seconds(), reference.step_seconds() * (1 + 1e-12));
+    }
+  }
+  for (int trial = 0; trial < 20; ++trial) {
+    const std::int64_t unit = uniform_int(rng, 20, 2000);
+    std::vector<std::int64_t> lengths{50 * unit, 50 * unit, 40 * unit, 30 * unit, 30 * unit};
+    std::shuffle(lengths.begin(), lengths.end(), rng);
+    auto problem = problem_of(lengths, 2, 2, 32, 8);
+    problem.cap_tokens = 100 * unit;
+    SCOPED_TRACE(::testing::Message() << "lengths " << ::testing::PrintToString(lengths) << ", cap " << problem.cap_tokens);
     const auto plan = plan_hierarchical(problem, machine);
     EXPECT_LE(plan.max_rank_tokens(), problem.cap_tokens);
     expect_every_token_once(plan);
@@ -394,8 +432,7 @@ TEST(VarlenPlanner, GreedyWithinFivePercentOfExact) {
   std::mt19937_64 rng(seed);
   const auto machine = default_machine("h200");
   double worst = 0, sum = 0;
-  const int trials = 40;
-  int over_five_percent = 0;
+  const int trials = 2000;
   for (int trial = 0; trial < trials; ++trial) {
     const bool two_nodes = trial % 2 == 1;
     auto problem = problem_of(random_lengths(rng, uniform_int(rng, 3, two_nodes ? 5 : 7), 20000, false),
@@ -408,16 +445,55 @@ TEST(VarlenPlanner, GreedyWithinFivePercentOfExact) {
     const double gap = greedy / exact - 1;
     worst = std::max(worst, gap);
     sum += gap;
-    over_five_percent += gap > 0.05 ? 1 : 0;
-    // A few sequences on few ranks can need several sequences moved at once to reach the optimum,
-    // which the greedy's single moves miss: about one instance in a hundred lands above 5%.
-    EXPECT_LE(gap, 0.15) << "trial " << trial << ", lengths " << ::testing::PrintToString(problem.lengths) << " on "
+    EXPECT_LE(gap, 0.05) << "trial " << trial << ", lengths " << ::testing::PrintToString(problem.lengths) << " on "
                          << problem.ranks << " ranks";
   }
-  std::printf("greedy vs exact over %d instances: mean gap %.4f, worst %.4f, %d above 5%%\n", trials, sum / trials, worst,
-              over_five_percent);
+  std::printf("greedy vs exact over %d instances: mean gap %.4f, worst %.4f\n", trials, sum / trials, worst);
   EXPECT_LE(sum / trials, 0.01);
-  EXPECT_LE(over_five_percent, 4);
+}
+
+// The shipped batches (bench/data/, next to this file's folder) at the sizes the balance results
+// report, and a fresh random long-tail batch: the plan is never slower than the executable
+// baselines (they are plans of the same groups), and faster than the flat min-heap wherever the
+// batch spans nodes, except where the model prices the min-heap's rectangular calls at a faster
+// kernel rate than any ring over at most two nodes can reach for one giant sequence (the
+// documented miss in bench/results/balance_model_*.md).
+std::vector<std::int64_t> read_shipped_lengths(const std::string& name) {
+  const std::string here = __FILE__;
+  const std::string path = here.substr(0, here.rfind("/tests/")) + "/bench/data/" + name + ".txt";
+  std::ifstream in(path);
+  EXPECT_TRUE(in.good()) << "cannot read " << path;
+  std::vector<std::int64_t> lengths;
+  for (std::int64_t l = 0; in >> l;) lengths.push_back(l);
+  return lengths;
+}
+
+TEST(VarlenPlanner, NeverSlowerThanTheBestBaseline) {
+  const auto seed = test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  const auto machine = default_machine("h200");
+  std::vector<std::pair<std::string, std::vector<std::int64_t>>> batches;
+  for (const std::string name : {"lognormal_long_tail", "bimodal_mix", "giant_and_short"})
+    batches.emplace_back(name, read_shipped_lengths(name));
+  auto random_batch = random_lengths(rng, uniform_int(rng, 500, 3000), uniform_int(rng, 1000, 8000), false);
+  random_batch.push_back(uniform_int(rng, 300'000, 1'500'000));
+  batches.emplace_back("random long tail", random_batch);
+  for (const auto& [name, lengths] : batches) {
+    ASSERT_GT(lengths.size(), 100u) << name;
+    for (const int ranks : {8, 16, 64, 512, 1024}) {
+      SCOPED_TRACE(::testing::Message() << name << " on " << ranks << " ranks");
+      const auto problem = problem_of(lengths, ranks, 8, 32, 8);
+      const double ours = plan_hierarchical(problem, machine).step_seconds();
+      const double zigzag = plan_per_sequence_zigzag(problem, machine).step_seconds();
+      const double whole = plan_whole_sequences(problem, machine).step_seconds();
+      EXPECT_LE(ours, std::min(zigzag, whole) * (1 + 1e-12)) << "per-sequence zigzag " << zigzag << " s, whole " << whole << " s";
+      const bool giant_on_two_nodes_or_fewer = name == "giant_and_short" && ranks <= 16;
+      if (ranks > 8 && !giant_on_two_nodes_or_fewer) {
+        EXPECT_LT(ours, plan_flat_minheap(problem, machine, 4096).step_seconds()) << "flat min-heap";
+      }
+    }
+  }
 }
 
 TEST(VarlenPlanner, BaselinesStructure) {
