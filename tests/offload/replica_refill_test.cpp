@@ -3,17 +3,22 @@
 // client while the decode goes on, and every answer still equals the double reference. Once it
 // serves again, its admin listing shows every sequence it should hold with the token counts the
 // client sent, and with the other copy killed it alone answers correctly. refill() is the same
-// thing on demand, and says clearly when it cannot be done.
+// thing on demand, and says clearly when it cannot be done; offload_decode --replicas 2 --check
+// goes on through a restart of one of its servers.
 #include <gtest/gtest.h>
 
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <chrono>
+#include <cstdio>
 #include <future>
 #include <map>
 #include <memory>
+#include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/asio.hpp>
@@ -270,6 +275,47 @@ TEST(OffloadRefill, RefillOnDemand) {
     EXPECT_NE(std::string(e.what()).find("no replica to refill from"), std::string::npos) << e.what();
   }
 }
+
+#ifdef LONGATTN_OFFLOAD_DECODE_PROGRAM
+// The same through the decode program: offload_decode --replicas 2 --check runs while one of its
+// servers is killed and started again; the program logs the failure and the refill, and its check
+// passes. The replica answered export requests and the restarted server took appends.
+TEST(OffloadRefill, DecodeProgramGoesOnThroughARestart) {
+  Servers servers(2);
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  const auto addresses = servers.addresses();
+  const std::string cmd = std::string(LONGATTN_OFFLOAD_DECODE_PROGRAM) + " --servers " + addresses[0] + "," + addresses[1] +
+                          " --token-file " + servers.token_file + " --layers 2 --batch 4 --context 64 --steps 200 --heads 4" +
+                          " --kv-heads 2 --head-dim 16 --replicas 2 --timeout-ms 3000 --check --seed " + std::to_string(seed % 1000000) +
+                          " 2>&1";
+  std::string output;
+  int status = -1;
+  std::thread program([&] {
+    std::FILE* p = ::popen(cmd.c_str(), "r");
+    if (!p) return;
+    char buf[4096];
+    while (std::fgets(buf, sizeof buf, p)) output += buf;
+    const int st = ::pclose(p);
+    status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  });
+  std::this_thread::sleep_for(800ms);
+  servers.kill(1);
+  std::this_thread::sleep_for(200ms);
+  servers.start(1);
+  program.join();
+  ASSERT_EQ(status, 0) << cmd << "\n" << output;
+  EXPECT_NE(output.find("server " + addresses[1] + " failed"), std::string::npos) << output;
+  EXPECT_NE(output.find("server " + addresses[1] + " refilled"), std::string::npos) << output;
+  const auto at = output.rfind("RESULT {");
+  ASSERT_NE(at, std::string::npos) << output;
+  EXPECT_NE(output.find("\"checked\":true", at), std::string::npos) << output.substr(at);
+  const auto replica = test::http(servers.admin_ports[0], "GET", "/metrics").body;
+  const auto restarted = test::http(servers.admin_ports[1], "GET", "/metrics").body;
+  EXPECT_TRUE(std::regex_search(replica, std::regex(R"(requests_total\{type="export"\} [1-9])"))) << replica;
+  EXPECT_TRUE(std::regex_search(restarted, std::regex(R"(requests_total\{type="append"\} [1-9])"))) << restarted;
+}
+#endif
 
 }  // namespace
 }  // namespace longattn::offload
