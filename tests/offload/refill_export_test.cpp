@@ -1,14 +1,18 @@
 // The export request that a refill reads KV with (protocol version 3): its frames round-trip and
 // every defect is refused like any other frame's; peers of versions 1 and 2 are unaffected; and a
 // server answers exports only after hello, with what the append stored, in replies that never pass
-// its payload limit, refusing ranges it does not hold and frames that are malformed or too large.
+// its payload limit, refusing ranges it does not hold and frames that are malformed or too large;
+// a --device cuda store exports the same way (where a GPU exists).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "longattn/backend.hpp"
+#include "longattn/dtype_convert.hpp"
 #include "offload/kv_store.hpp"
 #include "offload/protocol.hpp"
 #include "offload/server.hpp"
@@ -301,6 +305,59 @@ TEST(OffloadExport, TokenLargerThanTheReplyRefused) {
   EXPECT_EQ(r.kv.tokens, 1u);
   EXPECT_EQ(std::memcmp(r.kv.k.data(), k.data(), 2048), 0);
   EXPECT_EQ(std::memcmp(r.kv.v.data(), v.data(), 2048), 0);
+}
+
+// A --device cuda store exports what was appended, across the growths of its GPU buffers (runs
+// where a GPU and the cuda backend exist; skipped elsewhere).
+TEST(OffloadExport, GpuStoreExportsWhatWasAppended) {
+  const auto names = available_backends();
+  if (std::find(names.begin(), names.end(), "cuda") == names.end()) GTEST_SKIP() << "no cuda backend in this build or no GPU on this machine";
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  KvStoreOptions opt;
+  opt.device = "cuda";
+  KvStore store(opt);
+  Open open;
+  open.seq = 3;
+  open.layers = 2;
+  open.kv_heads = 2;
+  open.head_dim = 64;
+  open.dtype = DType::bf16;
+  store.open(1, open);
+  const std::size_t row = 2 * 64 * 2;
+  std::vector<std::byte> k, v;
+  std::uniform_real_distribution<float> val(-1, 1);
+  std::int64_t length = 0;
+  for (std::uint32_t n : {1u, 7u, 100u, 1u, 300u}) {  // the buffers double several times
+    std::vector<std::byte> nk(n * row), nv(nk.size());
+    for (std::size_t i = 0; i < nk.size() / 2; ++i) {
+      store_from_f32(nk.data(), DType::bf16, i, val(rng));
+      store_from_f32(nv.data(), DType::bf16, i, val(rng));
+    }
+    Append a;
+    a.seq = 3;
+    a.layer = 1;
+    a.tokens = n;
+    a.start = length;
+    a.kv_heads = 2;
+    a.head_dim = 64;
+    a.dtype = DType::bf16;
+    a.k = nk;
+    a.v = nv;
+    length = store.append(1, a);
+    k.insert(k.end(), nk.begin(), nk.end());
+    v.insert(v.end(), nv.begin(), nv.end());
+  }
+  std::vector<std::byte> kb, vb;
+  for (std::int64_t at = std::uniform_int_distribution<std::int64_t>(0, length - 1)(rng); at < length;) {
+    const auto r = store.read(1, {3, 1, at, 0xffffffffu}, 50 * 2 * row, kb, vb);  // at most 50 tokens a reply
+    ASSERT_GE(r.kv.tokens, 1u);
+    ASSERT_LE(r.kv.tokens, 50u);
+    EXPECT_EQ(std::memcmp(r.kv.k.data(), k.data() + static_cast<std::size_t>(at) * row, r.kv.k.size()), 0) << "at " << at;
+    EXPECT_EQ(std::memcmp(r.kv.v.data(), v.data() + static_cast<std::size_t>(at) * row, r.kv.v.size()), 0) << "at " << at;
+    at += r.kv.tokens;
+  }
 }
 
 }  // namespace
