@@ -5,7 +5,9 @@
 // public calls only encode (copying the caller's data), register, and post to that thread.
 // Per server connection: requests are written in order and answered in order; each has its own
 // deadline timer. A lost connection fails or requeues its requests (requeue only for idempotent
-// ones, or ones never written) and reconnects with a short backoff while any remain.
+// ones, or ones never written) and reconnects with a short backoff while any remain. With
+// replicas, a server that failed is probed and refilled from the complete copies (the refill part
+// of Impl) before it takes reads again.
 #include "longattn/offload_client.hpp"
 
 #include <algorithm>

@@ -103,8 +103,8 @@ class Client {
   // that now (for an operator who restarted it) and is ready when the server is complete again:
   // at once when it is; Error when it cannot be reached or no complete copy is left to read.
   std::future<void> refill(int server);
-  // Whether the server holds complete copies (it takes reads and writes); false from its failure
-  // until its refill is done.
+  // With replicas > 1: whether the server holds complete copies (it takes reads and writes);
+  // false from its failure until its refill is done. Always true with one copy (nothing is tracked).
   bool serving(int server) const;
 
   ClientStats stats() const;
