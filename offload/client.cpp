@@ -50,10 +50,13 @@ namespace {
 // resolver blocked in the system's name lookup can take longer.
 constexpr std::chrono::milliseconds kShutdownDrainLimit{5000};
 
-// Refill (replicas > 1): how often a failed server is asked whether it is back; how much KV one
-// export reads (the most the client holds of it at once); and how many bytes of writes may wait
-// for a server being refilled before its refill starts over.
+// Refill (replicas > 1): how often a failed server is asked whether it is back (doubled after each
+// refill that failed, up to the longest interval, so that a server which keeps refusing the copy,
+// say for lack of memory, is not copied to again and again); how much KV one export reads (the
+// most the client holds of it at once); and how many bytes of writes may wait for a server being
+// refilled before its refill starts over.
 constexpr std::chrono::milliseconds kRefillProbeInterval{250};
+constexpr std::chrono::milliseconds kRefillProbeLongestInterval{30000};
 constexpr std::size_t kRefillChunkBytes = std::size_t{16} << 20;
 constexpr std::size_t kRefillBacklogLimit = std::size_t{64} << 20;
 
@@ -542,6 +545,7 @@ struct Client::Impl {
   // Per server: I/O thread only.
   std::vector<std::unique_ptr<asio::steady_timer>> probes;
   std::vector<std::shared_ptr<RefillRun>> refills;
+  std::vector<int> refill_failures;  // in a row, per server
   bool stopping = false;  // I/O thread only
   std::atomic<std::uint64_t> n_refills{0};
 
@@ -578,7 +582,8 @@ struct Client::Impl {
   void schedule_probe(int server) {
     if (stopping) return;
     auto& timer = *probes[static_cast<std::size_t>(server)];
-    timer.expires_after(kRefillProbeInterval);
+    const int doublings = std::min(refill_failures[static_cast<std::size_t>(server)], 7);
+    timer.expires_after(std::min<std::chrono::milliseconds>(kRefillProbeInterval * (1 << doublings), kRefillProbeLongestInterval));
     timer.async_wait([this, server](boost::system::error_code ec) {
       if (ec || stopping || replicas->state(server) != CopyState::incomplete) return;
       send(server, MsgType::stats, {}, true, [this, server](const Error* e, std::vector<std::byte>&) {
@@ -772,6 +777,7 @@ struct Client::Impl {
     }
     run->ended = true;
     refills[static_cast<std::size_t>(server)] = nullptr;
+    refill_failures[static_cast<std::size_t>(server)] = 0;
     n_refills++;
     logger(Subsystem::offload).info("server {} refilled ({} piece(s), {} token-layers copied, then {} write(s) that came meanwhile); it "
                                     "serves reads again", replicas->name(server), run->pieces.size(), run->tokens_copied, held);
@@ -783,6 +789,7 @@ struct Client::Impl {
     auto run = std::move(refills[static_cast<std::size_t>(server)]);
     if (!run || run->ended) return;
     run->ended = true;
+    ++refill_failures[static_cast<std::size_t>(server)];
     {
       std::lock_guard lock(seqs_mutex);
       replicas->mark_incomplete(server);
@@ -838,6 +845,7 @@ struct Client::Impl {
     backlog.resize(opt.servers.size());
     backlog_bytes.assign(opt.servers.size(), 0);
     refills.resize(opt.servers.size());
+    refill_failures.assign(opt.servers.size(), 0);
     for (std::size_t i = 0; i < opt.servers.size(); ++i) probes.push_back(std::make_unique<asio::steady_timer>(io));
     work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
     io_drained = io_done.get_future();
