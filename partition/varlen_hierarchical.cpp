@@ -246,10 +246,10 @@ constexpr int kMaxLocalMoves = 64;
 constexpr std::size_t kEarliestFinishWork = std::size_t{1} << 14;
 // Other sequence orders tried on batches of at most so many sequences, and the seed they are drawn from.
 constexpr std::size_t kOrderAttemptSequences = 64;
-constexpr int kOrderAttempts = 16;
+constexpr int kOrderAttempts = 8;
 constexpr std::uint64_t kOrderSeed = 0x5eed;
 // Small batches: how many of the best placements get ejection chains this long.
-constexpr std::size_t kDeepSearchPlacements = 3;
+constexpr std::size_t kDeepSearchPlacements = 2;
 constexpr int kDeepChainDepth = 2;
 
 // The least target step time the greedy meets, searched between a lower bound and the whole-sequence
@@ -395,7 +395,7 @@ std::vector<SlotPlacement> hierarchical_placements(const VarlenProblem& problem,
       return;
     }
     if (!is_new(starts, *start)) return;
-    improve_placement(problem, costs, *start, kMaxLocalMoves);
+    improve_placement(problem, costs, *start, kMaxLocalMoves, 0);
     if (is_new(ends, *start)) kept.push_back(std::move(*start));
   };
   consider(std::move(first));

@@ -36,8 +36,16 @@ class LocalSearch {
     sequences_of_.assign(P, {});
     for (const int size : sizes)
       for (int g = 0; g < groups_of_size(problem.ranks, problem.gpus_per_node, size); ++g) all_slots_.push_back({g * size, size});
+    // Small batches try many moves per step: every sequence's costs up front, in one array.
+    if (slots_.size() * all_slots_.size() <= kSmallBatchWork) {
+      for (std::size_t s = 0; s < slots_.size(); ++s)
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+          dense_costs_.push_back(costs_(static_cast<int>(s), static_cast<int>(i)));
+          dense_tokens_.push_back(costs_.member_tokens(static_cast<int>(s), static_cast<int>(i)));
+        }
+      small_ = true;
+    }
     for (std::size_t s = 0; s < slots_.size(); ++s) add(static_cast<int>(s), slots_[s], +1);
-    small_ = slots_.size() * all_slots_.size() <= kSmallBatchWork;
   }
 
   double makespan() const { return *std::max_element(loads_.begin(), loads_.end()); }
@@ -62,7 +70,7 @@ class LocalSearch {
         if (!small_ && (mine.size != 1 || theirs.size != 1)) continue;
         if (try_apply(std::array{Reassign{s, theirs}, Reassign{static_cast<int>(o), mine}}, limit)) return true;
       }
-    return small_ && (merge(slowest, limit) || split(slowest, limit) || eject(here, limit));
+    return small_ && (merge(slowest, limit) || split(slowest, limit) || (chain_depth_ > 0 && eject(here, limit)));
   }
 
  private:
@@ -72,10 +80,17 @@ class LocalSearch {
   // Sequences x slots up to which every pair swap and ejection chain is tried.
   static constexpr std::size_t kSmallBatchWork = 128;
   // A group's sequences dealt between it and its halves: 3^n deals.
-  static constexpr std::size_t kMaxDealtSequences = 8;
+  static constexpr std::size_t kMaxDealtSequences = 6;
 
-  double cost(int s, int size) { return costs_(s, size_index_[static_cast<std::size_t>(size)]); }
-  std::int64_t member_tokens(int s, int size) { return costs_.member_tokens(s, size_index_[static_cast<std::size_t>(size)]); }
+  double cost(int s, int size) {
+    const int i = size_index_[static_cast<std::size_t>(size)];
+    return small_ ? dense_costs_[static_cast<std::size_t>(s) * costs_.sizes().size() + static_cast<std::size_t>(i)] : costs_(s, i);
+  }
+  std::int64_t member_tokens(int s, int size) {
+    const int i = size_index_[static_cast<std::size_t>(size)];
+    return small_ ? dense_tokens_[static_cast<std::size_t>(s) * costs_.sizes().size() + static_cast<std::size_t>(i)]
+                  : costs_.member_tokens(s, i);
+  }
 
   void add(int s, GroupSlot slot, int sign) {
     const double seconds = cost(s, slot.size);
@@ -243,23 +258,32 @@ class LocalSearch {
         // Only worth it where the sequence itself would run below the limit.
         if (slots_[static_cast<std::size_t>(s)] == to || cost(s, to.size) >= limit) continue;
         changes.assign(1, {s, to});
-        if (chain(changes, chain_depth_, limit)) return true;
+        stage_one(changes.back(), +1);
+        const bool found = chain(changes, {}, chain_depth_, limit);
+        stage_one(changes.back(), -1);
+        if (found) {
+          apply(changes);
+          return true;
+        }
       }
     return false;
   }
 
-  bool chain(std::vector<Reassign>& changes, int depth, double limit) {
-    stage(changes);
-    std::vector<int> overloaded;
-    for (const int rank : touched_) {
+  // With `changes` staged: true, leaving them in `changes`, if they or up to `depth` more moves of
+  // sequences off the ranks left overloaded bring every rank below the limit. Only ranks that were
+  // overloaded or that the last move added to can be overloaded now.
+  bool chain(std::vector<Reassign>& changes, const std::vector<int>& were_overloaded, int depth, double limit) {
+    auto over = [&](int rank) {
       const auto r = static_cast<std::size_t>(rank);
-      if (loads_[r] + delta_load_[r] >= limit || tokens_[r] + delta_tokens_[r] > cap_) overloaded.push_back(rank);
-    }
-    unstage();
-    if (overloaded.empty()) {
-      apply(changes);
-      return true;
-    }
+      return loads_[r] + delta_load_[r] >= limit || tokens_[r] + delta_tokens_[r] > cap_;
+    };
+    std::vector<int> overloaded;
+    for (const int rank : were_overloaded)
+      if (over(rank)) overloaded.push_back(rank);
+    const GroupSlot last = changes.back().to;
+    for (int rank = last.first_rank; rank < last.first_rank + last.size; ++rank)
+      if (over(rank) && std::find(overloaded.begin(), overloaded.end(), rank) == overloaded.end()) overloaded.push_back(rank);
+    if (overloaded.empty()) return true;
     if (depth == 0) return false;
     auto moved = [&](int o) {
       return std::any_of(changes.begin(), changes.end(), [&](const Reassign& c) { return c.sequence == o; });
@@ -273,10 +297,27 @@ class LocalSearch {
       for (const GroupSlot away : all_slots_) {
         if (slots_[static_cast<std::size_t>(o)] == away || cost(o, away.size) >= limit) continue;
         changes.push_back({o, away});
-        if (chain(changes, depth - 1, limit)) return true;
+        stage_one(changes.back(), +1);
+        const bool found = chain(changes, overloaded, depth - 1, limit);
+        stage_one(changes.back(), -1);
+        if (found) return true;
         changes.pop_back();
       }
     return false;
+  }
+
+  // Adds (sign +1) or takes back (-1) one move's deltas, without tracking touched ranks.
+  void stage_one(const Reassign& change, int sign) {
+    const GroupSlot from = slots_[static_cast<std::size_t>(change.sequence)];
+    for (const auto& [slot, way] : {std::pair{from, -1}, std::pair{change.to, +1}}) {
+      const double seconds = cost(change.sequence, slot.size);
+      const std::int64_t tokens = member_tokens(change.sequence, slot.size);
+      for (int u = 0; u < slot.size; ++u) {
+        const auto r = static_cast<std::size_t>(slot.first_rank + u);
+        delta_load_[r] += sign * way * seconds;
+        delta_tokens_[r] += sign * way * tokens;
+      }
+    }
   }
 
   const VarlenProblem& problem_;
@@ -284,6 +325,8 @@ class LocalSearch {
   std::vector<GroupSlot>& slots_;
   std::vector<GroupSlot> all_slots_;  // every aligned group of every candidate size
   bool small_ = false;
+  std::vector<double> dense_costs_;          // small batches: [sequence][size index]
+  std::vector<std::int64_t> dense_tokens_;   // small batches: [sequence][size index]
   int chain_depth_ = 1;  // sequences an ejection chain moves after the first
   std::int64_t cap_ = 0;
   std::vector<int> size_index_ = std::vector<int>(static_cast<std::size_t>(problem_.ranks) + 1, -1);
