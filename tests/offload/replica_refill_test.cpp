@@ -28,6 +28,7 @@
 #include "longattn/error.hpp"
 #include "longattn/offload_client.hpp"
 #include "offload/attend_plan.hpp"
+#include "offload/replica_set.hpp"
 #include "offload_test_util.hpp"
 #include "support/test_util.hpp"
 
@@ -274,6 +275,29 @@ TEST(OffloadRefill, RefillOnDemand) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("no replica to refill from"), std::string::npos) << e.what();
   }
+}
+
+// The states behind it: a refilling server takes no reads until its refill is finished, and a
+// failure while refilling sends it back to incomplete.
+TEST(OffloadRefill, RefillingServerTakesNoReads) {
+  ReplicaSet r({"a:1", "b:1", "c:1"}, 2);
+  EXPECT_FALSE(r.begin_refill(0));  // complete: nothing to refill
+  EXPECT_TRUE(r.mark_incomplete(0));
+  EXPECT_TRUE(r.holds(0, 2));
+  EXPECT_FALSE(r.holds(0, 1));
+  EXPECT_EQ(r.reader(0), 1);
+  EXPECT_TRUE(r.begin_refill(0));
+  EXPECT_FALSE(r.begin_refill(0));
+  EXPECT_EQ(r.state(0), CopyState::refilling);
+  EXPECT_EQ(r.reader(0), 1);
+  EXPECT_EQ(r.complete_holders(2), (std::vector<int>{2}));
+  EXPECT_FALSE(r.mark_incomplete(0));  // not news: it was not serving
+  EXPECT_FALSE(r.finish_refill(0));    // it failed meanwhile
+  EXPECT_EQ(r.reader(0), 1);
+  EXPECT_TRUE(r.begin_refill(0));
+  EXPECT_TRUE(r.finish_refill(0));
+  EXPECT_EQ(r.reader(0), 0);
+  EXPECT_EQ(r.complete_holders(2), (std::vector<int>{2, 0}));
 }
 
 #ifdef LONGATTN_OFFLOAD_DECODE_PROGRAM
