@@ -178,7 +178,15 @@ class GpuModel final : public MicroBatchModel {
     const int n = p.seqs.count, H = c_.heads, D = c_.head_dim;
     const std::size_t qo = static_cast<std::size_t>(p.seqs.first) * H * D, kvo = static_cast<std::size_t>(p.seqs.first) * c_.kv_row();
     const std::byte* h_kv = b_.h_kv + 2 * kvo * es_;
-    return client_.append_attend(layer, H, D, p.queries, b_.h_q + qo, h_kv, h_kv + static_cast<std::size_t>(n) * c_.kv_row() * es_, b_.h_o + qo,
+    // q in the KV dtype, as the all-on-GPU mode has it: a GPU server rounds q to it anyway, so the
+    // --check reference and every kind of server then see the same numbers.
+    float* q = b_.h_q + qo;
+    std::byte rounded[4];
+    for (std::size_t i = 0; i < static_cast<std::size_t>(n) * H * D; ++i) {
+      store_from_f32(rounded, c_.dtype, 0, q[i]);
+      q[i] = load_as_f32(rounded, c_.dtype, 0);
+    }
+    return client_.append_attend(layer, H, D, p.queries, q, h_kv, h_kv + static_cast<std::size_t>(n) * c_.kv_row() * es_, b_.h_o + qo,
                                  b_.h_lse + static_cast<std::size_t>(p.seqs.first) * H, answered);
   }
 

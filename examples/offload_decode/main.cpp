@@ -214,6 +214,9 @@ int run_cpu(const Config& cfg) {
         matmul(p.x, W.wq, p.q, n, hidden, H * D);
         matmul(p.x, W.wk, p.kk, n, hidden, K * D);
         matmul(p.x, W.wv, p.vv, n, hidden, K * D);
+        // q rounded to the KV dtype too (a GPU server takes q in it), so every kind of server and
+        // the --check reference see the same numbers.
+        to_dtype_(p.q);
         p.kraw = to_dtype_(p.kk);
         p.vraw = to_dtype_(p.vv);
       }
