@@ -1,7 +1,7 @@
 // offload_decode --micro-batches N --check against two servers started here on loopback: for N = 1,
 // 2, 3 the pipelined decode equals local attention, and the RESULT line carries the pipeline's
 // report (busy fraction, bound, tokens/s over the bound). A micro-batch count above the batch is
-// refused in one line.
+// refused in one line. The same with --device cuda where a GPU is visible.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -64,6 +64,36 @@ TEST(OffloadDecodeProgram, MicroBatchesOneTwoThreeMatchLocalAttention) {
     EXPECT_GT(json_number(result, "bound_tokens_per_s"), 0) << result;
     EXPECT_GT(json_number(result, "tokens_per_s_over_bound"), 0) << result;
     EXPECT_GT(json_number(result, "attention_ms_per_part"), 0) << result;
+  }
+}
+
+// The same with the model on the GPU (each micro-batch on its own stream); skipped where this build
+// has no CUDA or no GPU is visible.
+TEST(OffloadDecodeProgram, GpuMicroBatchesOneTwoThreeMatchLocalAttention) {
+  auto s1 = test::start_server(), s2 = test::start_server();
+  test::TempDir dir;
+  const std::string token = dir.file("token");
+  std::ofstream(token) << test::kToken << "\n";
+  const auto seed = ::longattn::test::fresh_seed();
+  SCOPED_TRACE(seed);
+  for (int n : {1, 2, 3}) {
+    const std::string cmd = std::string(LONGATTN_OFFLOAD_DECODE_PROGRAM) + " --device cuda --servers " + test::addr(*s1) + "," +
+                            test::addr(*s2) + " --token-file " + token +
+                            " --layers 2 --batch 5 --context 300 --steps 3 --heads 4 --kv-heads 2 --head-dim 64 --check --seed " +
+                            std::to_string(seed % 1000000) + " --micro-batches " + std::to_string(n);
+    const ProgramRun r = run_program(cmd);
+    if (r.output.find("this build has no CUDA") != std::string::npos || r.output.find("no CUDA GPU is visible") != std::string::npos)
+      GTEST_SKIP() << "no CUDA here: " << r.output;
+    ASSERT_EQ(r.status, 0) << cmd << "\n" << r.output;
+    const auto at = r.output.rfind("RESULT {");
+    ASSERT_NE(at, std::string::npos) << r.output;
+    const std::string result = r.output.substr(at);
+    EXPECT_NE(result.find("\"checked\":true"), std::string::npos) << result;
+    EXPECT_LT(json_number(result, "max_error"), 1e-3) << result;
+    EXPECT_EQ(json_number(result, "micro_batches"), n) << result;
+    EXPECT_GT(json_number(result, "compute_busy_fraction"), 0) << result;
+    EXPECT_LE(json_number(result, "compute_busy_fraction"), 1) << result;
+    EXPECT_GT(json_number(result, "tokens_per_s_over_bound"), 0) << result;
   }
 }
 
