@@ -81,6 +81,8 @@ class LocalSearch {
   static constexpr std::size_t kSmallBatchWork = 128;
   // A group's sequences dealt between it and its halves: 3^n deals.
   static constexpr std::size_t kMaxDealtSequences = 6;
+  // Chains one search may try, over all its steps.
+  static constexpr long kMaxChains = 4000;
 
   double cost(int s, int size) {
     const int i = size_index_[static_cast<std::size_t>(size)];
@@ -273,6 +275,8 @@ class LocalSearch {
   // sequences off the ranks left overloaded bring every rank below the limit. Only ranks that were
   // overloaded or that the last move added to can be overloaded now.
   bool chain(std::vector<Reassign>& changes, const std::vector<int>& were_overloaded, int depth, double limit) {
+    // Long chains grow as (sequences x groups)^depth: a budget of tried chains bounds the search.
+    if (++chains_tried_ > kMaxChains) return false;
     auto over = [&](int rank) {
       const auto r = static_cast<std::size_t>(rank);
       return loads_[r] + delta_load_[r] >= limit || tokens_[r] + delta_tokens_[r] > cap_;
@@ -328,6 +332,7 @@ class LocalSearch {
   std::vector<double> dense_costs_;          // small batches: [sequence][size index]
   std::vector<std::int64_t> dense_tokens_;   // small batches: [sequence][size index]
   int chain_depth_ = 1;  // sequences an ejection chain moves after the first
+  long chains_tried_ = 0;
   std::int64_t cap_ = 0;
   std::vector<int> size_index_ = std::vector<int>(static_cast<std::size_t>(problem_.ranks) + 1, -1);
   std::vector<double> loads_;
