@@ -216,35 +216,42 @@ elif pts:
 else:
     per_token = fixed = None
 rows = []
+def offload_model(r, n, servers, token_ms, fixed_ms, gbps, latency_us):
+    cmd = [bench, "offload-model", "--layers", str(r["layers"]), "--hidden", str(r["heads"] * r["head_dim"]), "--heads", str(r["heads"]),
+           "--kv-heads", str(r["kv_heads"]), "--head-dim", str(r["head_dim"]), "--ffn", "0", "--dtype-bytes", "2",
+           "--batch", str(r["batch"]), "--context", str(r["context"] + r["steps"] // 2), "--micro-batches", str(n), "--gpus", "1",
+           "--gpu-token-ms", f"{max(token_ms, 1e-6):.6f}", "--gpu-fixed-ms", f"{fixed_ms:.6f}", "--servers", str(servers),
+           "--server-gbps", f"{max(gbps, 1e-3):.4f}", "--link-gbps", "0", "--link-latency-us", f"{max(latency_us, 0):.1f}"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    print(" ".join(cmd)); print(p.stdout.strip()); print(p.stderr.strip())
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])["rows"][0]["tokens_per_s"]
+    return None
+def kernel_ms_per_part(r, n):
+    return r["server_kernel_ms_per_step"] / (r["layers"] * n)
 def predict(label, runs, servers):
-    # Inputs per server kind: the kernel rate each run's servers measured (their metrics over the
-    # decode), and the round trip beyond the kernel from the run with 1 micro-batch.
+    # Shared inputs (a prediction across N): the GPU time fitted above, each run's server kernel
+    # rate (their metrics over the decode), the round trip beyond the kernel from the N = 1 run.
+    # Own parts (the pipeline arithmetic alone): the run's own model time per token, kernel rate
+    # and round trip beyond the kernel.
     one = runs.get(1)
     if not one or per_token is None:
         return
-    kernel_part = one["server_kernel_ms_per_step"] / one["layers"]
-    latency_us = max(0.0, (one["attention_ms_per_part"] - kernel_part) * 1e3)
+    latency_us = (one["attention_ms_per_part"] - kernel_ms_per_part(one, 1)) * 1e3
     for n, r in runs.items():
         if not r:
             continue
-        cmd = [bench, "offload-model", "--layers", str(r["layers"]), "--hidden", str(r["heads"] * r["head_dim"]), "--heads", str(r["heads"]),
-               "--kv-heads", str(r["kv_heads"]), "--head-dim", str(r["head_dim"]), "--ffn", "0", "--dtype-bytes", "2",
-               "--batch", str(r["batch"]), "--context", str(r["context"] + r["steps"] // 2), "--micro-batches", str(n), "--gpus", "1",
-               "--gpu-token-ms", f"{per_token:.6f}", "--gpu-fixed-ms", f"{fixed:.6f}", "--servers", str(servers),
-               "--server-gbps", f"{max(r['server_kernel_gbps'], 1e-3):.4f}", "--link-gbps", "0", "--link-latency-us", f"{latency_us:.1f}"]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        print(" ".join(cmd)); print(p.stdout.strip()); print(p.stderr.strip())
-        pred = None
-        for line in p.stdout.splitlines():
-            if line.startswith("RESULT "):
-                pred = json.loads(line[7:])["rows"][0]
-        rows.append({"label": label, "n": n, "servers": servers, "measured": r, "pred": pred, "latency_us": latency_us})
+        shared = offload_model(r, n, servers, per_token, fixed, r["server_kernel_gbps"], latency_us)
+        own = offload_model(r, n, servers, r["compute_ms_per_part"] / (r["batch"] / n), 0.0, r["server_kernel_gbps"],
+                            (r["attention_ms_per_part"] - kernel_ms_per_part(r, n)) * 1e3)
+        rows.append({"label": label, "n": n, "servers": servers, "latency_us": latency_us, "measured": r["tokens_per_s"],
+                     "predicted": shared, "own_parts": own})
 predict("CPU servers", cpu_runs, 2)
 predict("GPU server", gpu_runs, 1)
 print("FIT " + json.dumps({"gpu_token_ms": per_token, "gpu_fixed_ms": fixed}))
 for row in rows:
-    print("ROW " + json.dumps({k: row[k] for k in ("label", "n", "servers", "latency_us")} | {
-        "measured": row["measured"]["tokens_per_s"], "predicted": row["pred"]["tokens_per_s"] if row["pred"] else None}))
+    print("ROW " + json.dumps(row))
 PY
 [ $? -eq 0 ] || { status=1; echo "[model] FAILED:"; tail -5 "$OUT/model_vs_measured.txt"; }
 
@@ -289,14 +296,15 @@ if m:
     print(f"{m['layers']} layers, batch {m['batch']}, context {m['context']} + {m['steps']} steps, {m['heads']}/{m['kv_heads']} heads x "
           f"{m['head_dim']}, {m['dtype']}, model on {m.get('device', 'cpu')}\n")
 print("| run | N | tokens/s | bound 1/max(model, attention) | reached | model busy | ms between tokens | attention wait ms/step | "
-      "model ms/part | attention ms/part | server kernel GB/s | kernel vs KV/bench rate | predicted tokens/s | error |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "model ms/part | attention ms/part | server kernel GB/s | kernel vs KV/bench rate | predicted tokens/s | error | "
+      "predicted from own parts | error |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for label, prefix, ns in [("CPU servers (2)", "cpu_servers_n", (1, 2, 3)), ("GPU server (1)", "gpu_server_n", (1, 2))]:
     for n in ns:
         r = result(f"{prefix}{n}")
         if not r:
             if os.path.exists(os.path.join(out, f"{prefix}{n}.log")):
-                print(f"| {label} | {n} | FAILED | | | | | | | | | | | |")
+                print(f"| {label} | {n} | FAILED | | | | | | | | | | | | | |")
             continue
         # The busiest server's kernel time per step against the step's KV over the host's decode-bench rate.
         kv_ratio = None
@@ -304,19 +312,22 @@ for label, prefix, ns in [("CPU servers (2)", "cpu_servers_n", (1, 2, 3)), ("GPU
             kv_ratio = r["server_kernel_ms_per_step"] / (r["kv_bytes_servers"] / (bench_gbps * 1e9) * 1e3)
         p = model.get(("CPU servers" if label.startswith("CPU") else "GPU server", n))
         pred = p["predicted"] if p else None
+        own = p["own_parts"] if p else None
         err = (pred / r["tokens_per_s"] - 1) * 100 if pred and r["tokens_per_s"] else None
+        own_err = (own / r["tokens_per_s"] - 1) * 100 if own and r["tokens_per_s"] else None
         print(f"| {label} | {n} | {f(r['tokens_per_s'], '{:.1f}')} | {f(r['bound_tokens_per_s'], '{:.1f}')} | "
               f"{f(r['tokens_per_s_over_bound'])} | {f(r['compute_busy_fraction'])} | {f(r['time_between_tokens_ms'])} | "
               f"{f(r['attention_wait_ms_per_step'])} | {f(r['compute_ms_per_part'], '{:.3f}')} | {f(r['attention_ms_per_part'], '{:.3f}')} | "
-              f"{f(r['server_kernel_gbps'], '{:.1f}')} | {f(kv_ratio)} | {f(pred, '{:.1f}')} | {f(err, '{:+.0f}%')} |")
+              f"{f(r['server_kernel_gbps'], '{:.1f}')} | {f(kv_ratio)} | {f(pred, '{:.1f}')} | {f(err, '{:+.0f}%')} | "
+              f"{f(own, '{:.1f}')} | {f(own_err, '{:+.0f}%')} |")
 loc = result("local")
 if loc:
     print(f"| all on the GPU | - | {f(loc['tokens_per_s'], '{:.1f}')} | | | | {f(loc['decode_s'] * 1e3 / loc['steps'])} | "
-          f"{f(loc['attention_ms_per_step'])} (attention) | | | | | | |")
+          f"{f(loc['attention_ms_per_step'])} (attention) | | | | | | | | |")
 if "fit" in model and model["fit"]["gpu_token_ms"] is not None:
     print(f"\nModel inputs: GPU {model['fit']['gpu_token_ms']:.4f} ms per token and layer + {model['fit']['gpu_fixed_ms']:.4f} ms per "
           f"micro-batch and layer (fitted to the CPU-server runs), each run's own server kernel GB/s, round trip beyond the kernel from "
-          f"its N = 1 run; host decode-bench rate {f(bench_gbps, '{:.1f}')} GB/s ({dec.get('threads', '-')} threads).")
+          f"its N = 1 run (\"own parts\": each run's own model time, kernel rate and round trip); host decode-bench rate {f(bench_gbps, '{:.1f}')} GB/s ({dec.get('threads', '-')} threads).")
 
 sc, sg, cp = result("bench_server_cpu"), result("bench_server_gpu"), result("bench_gpu_copy")
 if sc or sg:
