@@ -55,7 +55,8 @@ std::string descriptor_problem(const char* name, const longattn_tensor* desc) {
     if (shape[k] > 1 && strides[k] != dense[k]) contiguous = false;
     elements *= shape[k];
   }
-  if (!contiguous)
+  // A tensor without elements has no layout to get wrong (PyTorch gives a [2, 0] tensor strides [1, 1]).
+  if (!contiguous && elements > 0)
     return fmt::format("tensor '{}' of shape [{}] has strides [{}] (in elements), which is not a dense row-major layout "
                        "(that would be strides [{}]): the kernels read contiguous tensors only; pass a contiguous copy "
                        "(e.g. tensor.contiguous())",

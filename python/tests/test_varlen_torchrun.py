@@ -1,7 +1,8 @@
 """BalancedBatch under torchrun --nproc-per-node 2 and 3 on CPU (longattn's TCP communicator): every
 rank runs test_varlen's step from its linear slice through the remap, attention and back, and its
 rows of o and of the gradients must be the float64 SDPA oracle's on the whole batch, for every
-balance, with a cap and one rank per node forcing long sequences over several ranks. Run by
+balance, with a cap and one rank per node forcing long sequences over several ranks, and with
+ranks that hold no rows in the attention layout. Run by
 torchrun, this file is the worker."""
 
 import os
@@ -44,6 +45,9 @@ def main():
         lengths = random_lengths(generator, 3, 20) + [60 * world + 5]
         check_balanced_step(generator, balance=balance, causal=True, q_heads=6, kv_heads=3, lengths=lengths,
                             cap_tokens=(sum(lengths) + world - 1) // world + 6, gpus_per_node=1)
+    # One sequence, whole on one rank: the others hold no rows in the attention layout.
+    check_balanced_step(generator, balance="whole-sequences", causal=True, q_heads=2, kv_heads=1,
+                        lengths=[0, 20 + world])
     print(f"rank {lt.rank()}: balanced steps match the oracle")
 
 

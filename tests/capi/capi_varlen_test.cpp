@@ -89,12 +89,15 @@ longattn_varlen_params params_for(const Case& c, const std::vector<std::int32_t>
   return p;
 }
 
-void check_case(Session& s, const Case& c, std::uint64_t seed) {
+// `cu`: the batch's prefix sums; empty: short sequences and a long one, so the hierarchical
+// planner has a sequence worth splitting.
+void check_case(Session& s, const Case& c, std::uint64_t seed, std::vector<std::int32_t> cu = {}) {
   SCOPED_TRACE(describe(c) + fmt::format(" seed {} rank {}/{}", seed, s.rank, s.size));
   std::mt19937_64 rng(seed);
-  // Short sequences and a long one, so the hierarchical planner has a sequence worth splitting.
-  auto cu = test::random_cu_seqlens(rng, 5, 23);
-  cu.push_back(cu.back() + 40 * s.size + static_cast<std::int32_t>(rng() % 17));
+  if (cu.empty()) {
+    cu = test::random_cu_seqlens(rng, 5, 23);
+    cu.push_back(cu.back() + 40 * s.size + static_cast<std::int32_t>(rng() % 17));
+  }
   const std::int64_t T = cu.back();
   const int D = 16;
   auto q = test::random_tensor(rng, DType::f32, {T, c.hq, D});
@@ -162,7 +165,8 @@ void check_case(Session& s, const Case& c, std::uint64_t seed) {
   }
   auto o = test::poisoned_tensor(DType::f32, {n, c.hq, D});
   auto lse = test::poisoned_tensor(DType::f32, {c.hq, n});
-  const auto dq_ = desc(aq), dk_ = desc(ak), dv_ = desc(av), do_ = desc(o), dl_ = desc(lse);
+  auto dq_ = desc(aq), dk_ = desc(ak), dv_ = desc(av), do_ = desc(o), dl_ = desc(lse);
+  if (n == 0) dl_.strides[0] = dl_.strides[1] = 1;  // an empty tensor's strides do not matter
   ASSERT_EQ(longattn_varlen_forward(h, &dq_, &dk_, &dv_, &do_, &dl_, nullptr), LONGATTN_OK) << longattn_last_error();
   auto lo = test::poisoned_tensor(DType::f32, {L, c.hq, D});
   const auto lo_ = desc(lo);
@@ -235,6 +239,13 @@ TEST(CapiVarlen, RoundTripIsTheIdentityForAnyRowWidth) {
     ASSERT_EQ(longattn_varlen_to_linear(p.h, &t, &b, nullptr), LONGATTN_OK) << longattn_last_error();
     EXPECT_EQ(std::memcmp(back.view.data, linear.view.data, linear.view.bytes()), 0) << to_string(dtype) << " width " << width;
   }
+}
+
+// One sequence whole on one rank: the other ranks hold no rows in the attention layout (and pass
+// empty tensors with the strides PyTorch gives them).
+TEST(CapiVarlen, RanksWithoutAttentionRows) {
+  Session s;
+  check_case(s, {LONGATTN_BALANCE_WHOLE_SEQUENCES, true, 2, 1, 0, false}, s.shared_seed(), {0, 0, 29});
 }
 
 TEST(CapiVarlenRefuses, BadParametersWithAStatusOnEveryRank) {

@@ -65,18 +65,15 @@ def _plan(plan_id):
     return plan
 
 
-def _as_rows(x):
-    """x as a contiguous [rows, width] tensor (the remap moves whole rows of any shape)."""
-    return x.contiguous().reshape(x.shape[0], -1) if x.dim() != 2 else x.contiguous()
-
-
 def _remap(x, plan_id, function, rows):
     plan = _plan(plan_id)
-    source = _as_rows(x)
+    # As [rows, width]: the remap moves whole rows of any shape (and a rank may hold no rows).
+    width = math.prod(x.shape[1:])
+    source = x.contiguous().reshape(x.shape[0], width)
     out = x.new_empty((rows,) + tuple(x.shape[1:]))
     d = _runtime.descriptor
     with _runtime.on_device_of(x):
-        check(function(plan.handle, d(source), d(out.view(rows, source.shape[1])), _runtime.stream_of(x)))
+        check(function(plan.handle, d(source), d(out.view(rows, width)), _runtime.stream_of(x)))
     return out
 
 
