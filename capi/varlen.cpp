@@ -93,8 +93,7 @@ std::array<TensorView, 2> remap_views(longattn_varlen& h, const char* from_name,
       problem = fmt::format("{} {} and {} {} must have the same dimensions after the first (token) one", from_name,
                             to_view(*from).describe(), to_name, to_view(*to).describe());
   }
-  refuse_on_every_rank_if_any(*h.comm->comm, problem);
-  return agreed_views<2>(*h.comm->comm, h.context->device, {{{from_name, from}, {to_name, to}}});
+  return agreed_views<2>(*h.comm->comm, h.context->device, {{{from_name, from}, {to_name, to}}}, problem);
 }
 
 }  // namespace
