@@ -26,6 +26,8 @@
 #include "capacity.hpp"
 #include "decode_common.hpp"
 #include "gpu_kernels.hpp"
+#include "gpu_micro_batches.hpp"
+#include "gpu_resources.hpp"
 #include "pipeline_loop.hpp"
 #include "pipeline_output.hpp"
 #include "longattn/dtype_convert.hpp"
@@ -37,54 +39,6 @@ namespace {
 using namespace longattn;
 using Clock = std::chrono::steady_clock;
 
-void cuda_ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(ErrorCode::internal, fmt::format("{} failed: {}", what, cudaGetErrorString(e)));
-}
-
-// Owned GPU memory.
-struct DeviceMem {
-  void* p = nullptr;
-  std::size_t bytes = 0;
-  explicit DeviceMem(std::size_t n) : bytes(n) {
-    const cudaError_t e = cudaMalloc(&p, std::max<std::size_t>(n, 16));
-    if (e != cudaSuccess)
-      throw Error(ErrorCode::out_of_capacity, fmt::format("cannot allocate {:.2f} GiB of GPU memory ({}); use smaller --batch/--context/--layers",
-                                                          static_cast<double>(n) / (1 << 30), cudaGetErrorString(e)));
-  }
-  ~DeviceMem() { cudaFree(p); }
-  DeviceMem(const DeviceMem&) = delete;
-  DeviceMem& operator=(const DeviceMem&) = delete;
-  template <class T = std::byte>
-  T* as() const { return static_cast<T*>(p); }
-};
-
-// Owned page-locked host memory (copies to and from the GPU at full speed).
-struct PinnedMem {
-  void* p = nullptr;
-  explicit PinnedMem(std::size_t n) { cuda_ok(cudaMallocHost(&p, std::max<std::size_t>(n, 16)), "cudaMallocHost"); }
-  ~PinnedMem() { cudaFreeHost(p); }
-  PinnedMem(const PinnedMem&) = delete;
-  PinnedMem& operator=(const PinnedMem&) = delete;
-  template <class T = std::byte>
-  T* as() const { return static_cast<T*>(p); }
-};
-
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); }
-  ~Stream() { cudaStreamDestroy(s); }
-  void sync() const { cuda_ok(cudaStreamSynchronize(s), "cudaStreamSynchronize"); }
-};
-
-struct Event {
-  cudaEvent_t e = nullptr;
-  Event() { cuda_ok(cudaEventCreate(&e), "cudaEventCreate"); }
-  ~Event() { cudaEventDestroy(e); }
-  Event(const Event&) = delete;
-  Event(Event&& o) noexcept : e(o.e) { o.e = nullptr; }
-};
-
-gpu::Elem elem_of(DType t) { return t == DType::bf16 ? gpu::kBf16 : t == DType::f16 ? gpu::kF16 : gpu::kF32; }
 
 // The random stream of one tensor: what (1 = k, 2 = v, 3..6 = weights, 7 = x), layer, sequence.
 std::uint64_t key_of(std::uint64_t seed, int what, int layer, int seq) {
@@ -97,130 +51,6 @@ std::uint64_t key_of(std::uint64_t seed, int what, int layer, int seq) {
 void append_f32(const std::byte* raw, DType t, std::size_t n, std::vector<float>& dst) {
   for (std::size_t i = 0; i < n; ++i) dst.push_back(load_as_f32(raw, t, i));
 }
-
-// The model's side of the pipeline on the GPU: micro-batch m owns rows [first, first + count) of
-// the batch's buffers, its own stream and a begin/end event pair around each piece of work it
-// enqueues (o in, x += o Wo, norm, the next layer's projections, q and the new k, v out), so the
-// loop can ask whether it is done without blocking, and the GPU's busy time is the union of those
-// intervals (work of several streams that overlaps is counted once).
-class GpuModel final : public MicroBatchModel {
- public:
-  using Weights = std::vector<std::unique_ptr<DeviceMem>>;
-  struct Buffers {
-    const Weights &wq, &wk, &wv, &wo;
-    float *x, *y, *q, *k, *v, *o;  // device, [B, ...] rows
-    std::byte* kv_lp;              // device, per micro-batch: its k rows then its v rows (KV dtype)
-    float* h_q;                    // pinned, the same layouts as the device buffers
-    std::byte* h_kv;
-    float *h_o, *h_lse;            // lse per micro-batch: [H][count] from its first * H
-  };
-  using CheckFn = std::function<void(const MicroBatchRange&, int layer, const float* q, const std::byte* kv, const float* o, const float* lse)>;
-
-  GpuModel(const Config& c, offload::Client& client, const Buffers& b, CheckFn check)
-      : c_(c), client_(client), b_(b), check_(std::move(check)), es_(dtype_size(c.dtype)), et_(elem_of(c.dtype)) {
-    for (const auto& r : split_batch(c.batch, c.micro_batches)) {
-      auto p = std::make_unique<Part>();
-      p->seqs = r;
-      for (int s = r.first; s < r.first + r.count; ++s) p->queries.push_back({static_cast<std::uint64_t>(s), 1});
-      parts_.push_back(std::move(p));
-    }
-    cuda_ok(cudaEventRecord(origin_.e, parts_[0]->stream.s), "cudaEventRecord");
-    cuda_ok(cudaEventSynchronize(origin_.e), "cudaEventSynchronize");
-  }
-
-  void start(int m, int finish_layer, int next_layer, int) override {
-    Part& p = *parts_[static_cast<std::size_t>(m)];
-    const int n = p.seqs.count, H = c_.heads, D = c_.head_dim, hidden = c_.hidden(), row = static_cast<int>(c_.kv_row());
-    const std::size_t qo = static_cast<std::size_t>(p.seqs.first) * H * D;  // q, o rows
-    const std::size_t xo = static_cast<std::size_t>(p.seqs.first) * hidden;
-    const std::size_t kvo = static_cast<std::size_t>(p.seqs.first) * row;  // k, v rows (f32)
-    std::byte* const kv_lp = b_.kv_lp + 2 * kvo * es_;
-    std::byte* const h_kv = b_.h_kv + 2 * kvo * es_;
-    const std::size_t kv_bytes = 2 * static_cast<std::size_t>(n) * row * es_;
-    if (finish_layer >= 0 && check_) check_(p.seqs, finish_layer, b_.h_q + qo, h_kv, b_.h_o + qo, b_.h_lse + static_cast<std::size_t>(p.seqs.first) * H);
-    const cudaStream_t s = p.stream.s;
-    cuda_ok(cudaEventRecord(p.begin.e, s), "cudaEventRecord");
-    if (finish_layer >= 0) {
-      cuda_ok(cudaMemcpyAsync(b_.o + qo, b_.h_o + qo, static_cast<std::size_t>(n) * H * D * 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-      gpu::matmul(b_.o + qo, b_.wo[static_cast<std::size_t>(finish_layer)]->p, b_.y + xo, n, H * D, hidden, s);
-      gpu::residual_rmsnorm(b_.x + xo, b_.y + xo, n, hidden, s);
-    }
-    if (next_layer >= 0) {
-      const auto l = static_cast<std::size_t>(next_layer);
-      gpu::matmul(b_.x + xo, b_.wq[l]->p, b_.q + qo, n, hidden, H * D, s);
-      gpu::matmul(b_.x + xo, b_.wk[l]->p, b_.k + kvo, n, hidden, row, s);
-      gpu::matmul(b_.x + xo, b_.wv[l]->p, b_.v + kvo, n, hidden, row, s);
-      gpu::store_rows(kv_lp, et_, row, b_.k + kvo, n, row, s);
-      gpu::store_rows(kv_lp + static_cast<std::size_t>(n) * row * es_, et_, row, b_.v + kvo, n, row, s);
-      cuda_ok(cudaMemcpyAsync(b_.h_q + qo, b_.q + qo, static_cast<std::size_t>(n) * H * D * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
-      cuda_ok(cudaMemcpyAsync(h_kv, kv_lp, kv_bytes, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
-    }
-    cuda_ok(cudaEventRecord(p.end.e, s), "cudaEventRecord");
-    p.in_flight = true;
-  }
-
-  bool done(int m) override {
-    Part& p = *parts_[static_cast<std::size_t>(m)];
-    if (!p.in_flight) return true;
-    const cudaError_t e = cudaEventQuery(p.end.e);
-    if (e == cudaErrorNotReady) return false;
-    cuda_ok(e, "cudaEventQuery");
-    float from = 0, to = 0;
-    cuda_ok(cudaEventElapsedTime(&from, origin_.e, p.begin.e), "cudaEventElapsedTime");
-    cuda_ok(cudaEventElapsedTime(&to, origin_.e, p.end.e), "cudaEventElapsedTime");
-    busy_.push_back({from, to});
-    p.in_flight = false;
-    return true;
-  }
-
-  std::future<void> send(int m, int layer, std::chrono::steady_clock::time_point* answered) override {
-    Part& p = *parts_[static_cast<std::size_t>(m)];
-    const int n = p.seqs.count, H = c_.heads, D = c_.head_dim;
-    const std::size_t qo = static_cast<std::size_t>(p.seqs.first) * H * D, kvo = static_cast<std::size_t>(p.seqs.first) * c_.kv_row();
-    const std::byte* h_kv = b_.h_kv + 2 * kvo * es_;
-    // q in the KV dtype, as the all-on-GPU mode has it: a GPU server rounds q to it anyway, so the
-    // --check reference and every kind of server then see the same numbers.
-    float* q = b_.h_q + qo;
-    std::byte rounded[4];
-    for (std::size_t i = 0; i < static_cast<std::size_t>(n) * H * D; ++i) {
-      store_from_f32(rounded, c_.dtype, 0, q[i]);
-      q[i] = load_as_f32(rounded, c_.dtype, 0);
-    }
-    return client_.append_attend(layer, H, D, p.queries, q, h_kv, h_kv + static_cast<std::size_t>(n) * c_.kv_row() * es_, b_.h_o + qo,
-                                 b_.h_lse + static_cast<std::size_t>(p.seqs.first) * H, answered);
-  }
-
-  // Seconds the GPU had model work of some micro-batch in flight.
-  double gpu_busy_seconds() const {
-    auto spans = busy_;
-    std::sort(spans.begin(), spans.end());
-    double ms = 0, until = -1e30;
-    for (const auto& [from, to] : spans) {
-      const double a = std::max<double>(from, until);
-      if (to > a) ms += to - a;
-      until = std::max<double>(until, to);
-    }
-    return ms * 1e-3;
-  }
-
- private:
-  struct Part {
-    MicroBatchRange seqs;
-    std::vector<offload::DecodeQuery> queries;
-    Stream stream;
-    Event begin, end;
-    bool in_flight = false;
-  };
-  const Config& c_;
-  offload::Client& client_;
-  Buffers b_;
-  CheckFn check_;
-  std::size_t es_;
-  gpu::Elem et_;
-  Event origin_;
-  std::vector<std::unique_ptr<Part>> parts_;
-  std::vector<std::pair<float, float>> busy_;
-};
 
 }  // namespace
 
