@@ -10,7 +10,6 @@ import ctypes
 import itertools
 import math
 import weakref
-from typing import Optional
 
 import torch
 
@@ -34,8 +33,8 @@ class _Plan:
     """Owns one longattn_varlen handle; released when the last BalancedBatch or autograd graph
     holding it goes, or at exit before the process's communicator."""
 
-    def __init__(self, handle, device):
-        self.handle, self.device = handle, device
+    def __init__(self, handle):
+        self.handle = handle
         info = _bindings().VarlenInfo()
         check(lib.longattn_varlen_get_info(handle, ctypes.byref(info)))
         self.total_tokens, self.groups = info.total_tokens, info.groups
@@ -254,7 +253,7 @@ class BalancedBatch:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             check(lib.longattn_varlen_create(world.context_for(device), world.communicator_for(device),
                                              ctypes.byref(params), ctypes.byref(handle)))
-        self._plan = _Plan(handle, device)
+        self._plan = _Plan(handle)
         self.cu_seqlens = torch.tensor(prefix_sums, dtype=torch.int32)
         self.balance, self.causal, self.dtype, self.device = balance_name, causal, dtype, device
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
