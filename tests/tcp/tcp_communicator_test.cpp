@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <map>
 #include <optional>
@@ -443,7 +444,19 @@ void check_teardown_peer_not_reading() {
     std::_Exit(0);  // the connection is gone by now: no orderly end to agree on
   }
   if (comm->rank() != 0) std::_Exit(0);
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // rank 1 has stopped
+  // Rank 1 runs on this host: wait until the kernel reports it stopped ("T" in /proc/PID/stat).
+  const auto stopped = [pid = pids[1]] {
+    std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+    std::string fields((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const auto after_name = fields.rfind(')');
+    return after_name != std::string::npos && fields.size() > after_name + 2 && fields[after_name + 2] == 'T';
+  };
+  for (int i = 0; i < 500 && !stopped(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (!stopped()) {
+    ::kill(static_cast<pid_t>(pids[1]), SIGCONT);
+    ADD_FAILURE() << "rank 1 did not stop itself";
+    std::_Exit(1);
+  }
   std::vector<char> bytes(256 << 20, 5);  // far beyond what the kernel buffers on both sides
   auto queued = comm->isend(bytes.data(), bytes.size(), 1, 4, nullptr);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the sender is blocked in its write
