@@ -99,6 +99,7 @@ gpu && step bench_server_gpu $T "$BIN/longattn-bench" offload $SERVER_BENCH --se
 secrets=$(mktemp -d)
 server_pids=()
 stop_servers() {
+  server_pids+=($(cat "$OUT"/*.pid 2>/dev/null))
   for p in "${server_pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${server_pids[@]}"; do
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
@@ -115,6 +116,7 @@ start_server() {  # name, flags...: starts a server on a free loopback port, pri
   "$BIN/longattn-offload-server" --listen 127.0.0.1:0 --token-file "$secrets/token" "$@" > "$OUT/$name.out" 2> "$OUT/$name.log" &
   local pid=$!
   server_pids+=($pid)
+  echo "$pid" > "$OUT/$name.pid"  # callers run this in $(...): the array above does not reach them
   for _ in $(seq 200); do
     local port
     port=$(awk '/^LISTENING/ {print $2}' "$OUT/$name.out" 2>/dev/null)
@@ -152,7 +154,7 @@ if gpu; then
     step check_gpu_server $T "$BIN/offload_decode" --device cuda $GPU_OFFLOAD $CHECK_MODEL --micro-batches 2 --check
     for n in 1 2; do step gpu_server_n$n $T "$BIN/offload_decode" --device cuda $GPU_OFFLOAD $MODEL --micro-batches $n; done
     # Its GPU memory must be free again before the capacity steps measure what fits.
-    gpid=${server_pids[-1]}
+    gpid=$(cat "$OUT/gpu_server.pid")
     kill -TERM "$gpid" 2>/dev/null
     for _ in $(seq 100); do kill -0 "$gpid" 2>/dev/null || break; sleep 0.2; done
   fi
