@@ -147,9 +147,8 @@ expect_check_passed() {
   shift 2
   if [ "$status" -ne 0 ]; then
     fail "$name" "offload_decode exited with $status$([ "$status" -eq 124 ] && echo " (timed out after ${run_limit_s}s)")"
-  elif ! $result_check "$work/$name.out" "$@" >/dev/null; then
-    $result_check "$work/$name.out" "$@" || true
-    fail "$name" "unexpected RESULT"
+  elif ! $result_check "$work/$name.out" "$@" >"$work/$name.check" 2>&1; then
+    fail "$name" "unexpected RESULT: $(grep -v '^RESULT' "$work/$name.check" | tr '\n' ' ')"
   else
     echo "ok: $name ($(grep -o 'max |error| vs local attention [^ ]*' "$work/$name.out" || true))"
   fi
@@ -177,31 +176,55 @@ else
   echo "ok: $name (exit $status: $(grep -h -m1 "${server_address[1]}:$((port + 1))" "$work/$name.err" "$work/$name.out" | head -c 200))"
 fi
 
-# Replicas: every piece of KV on both servers. Server 2 is killed with SIGKILL once it has
-# answered decode queries (its attend counter moves), while the client still has most steps to
-# go; the reads fail over to server 1 and every answer must still equal local attention.
-name=replica_server_killed
+# Server 2 is killed with SIGKILL once it has answered decode queries (its attend counter moves),
+# while the client still has most of its steps to go. run_with_kill <name> <replicas> sets
+# `status` (the client's exit status) and `killed` (whether the kill landed before the client ended).
 kill_steps=12
-before=$(metric 1 longattn_offload_attend_queries_total)
-ip netns exec "$ns_client" timeout --kill-after=5 "$run_limit_s" "$decode" --servers "$servers" "${model[@]}" \
-  --steps "$kill_steps" --micro-batches 2 --replicas 2 --seed "$((RANDOM + 1))" >"$work/$name.out" 2>"$work/$name.err" &
-client=$!
-deadline=$((SECONDS + run_limit_s))
-killed=false
-while kill -0 "$client" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
-  if [ "$(metric 1 longattn_offload_attend_queries_total)" -gt "$before" ]; then
-    kill -9 "${server_pid[1]}"
-    wait "${server_pid[1]}" 2>/dev/null || true
-    killed=true
-    break
-  fi
-  sleep 0.05
-done
-status=0
-wait "$client" || status=$?
+run_with_kill() {
+  local name=$1 replicas=$2 before client deadline
+  before=$(metric 1 longattn_offload_attend_queries_total)
+  timeout --kill-after=5 "$run_limit_s" ip netns exec "$ns_client" "$decode" --servers "$servers" "${model[@]}" \
+    --steps "$kill_steps" --micro-batches 2 --replicas "$replicas" --seed "$((RANDOM + 1))" >"$work/$name.out" 2>"$work/$name.err" &
+  client=$!
+  deadline=$((SECONDS + run_limit_s))
+  killed=false
+  while kill -0 "$client" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+    if [ "$(metric 1 longattn_offload_attend_queries_total)" -gt "$before" ]; then
+      kill -9 "${server_pid[1]}"
+      wait "${server_pid[1]}" 2>/dev/null || true
+      killed=true
+      break
+    fi
+    sleep 0.05
+  done
+  status=0
+  wait "$client" || status=$?
+}
+
+# Without replicas the KV on server 2 is gone: the run must fail, promptly, naming server 2.
+name=server_killed_without_replicas
+run_with_kill "$name" 1
 if [ $killed != true ]; then
   fail "$name" "the decode ended before server 2 served a query: nothing was killed mid-run (raise kill_steps)"
-elif ! grep -q "the replicas serve from now on" "$work/$name.err"; then
+elif [ $status -eq 0 ]; then
+  fail "$name" "offload_decode succeeded although server 2 and its only copy of the KV were killed mid-decode"
+elif [ $status -eq 124 ] || [ $status -eq 137 ]; then
+  fail "$name" "offload_decode hung (timed out after ${run_limit_s}s) instead of failing"
+elif ! grep -q "${server_address[1]}:$port" "$work/$name.err"; then
+  fail "$name" "offload_decode failed (exit $status) without naming the killed server"
+else
+  echo "ok: $name (exit $status: $(grep -m1 "${server_address[1]}:$port" "$work/$name.err" | head -c 200))"
+fi
+
+# With --replicas 2 every piece of KV is on both servers: the reads fail over to server 1 and
+# every answer must still equal local attention.
+start_server 1
+wait_for_server 1
+name=server_killed_with_replicas
+run_with_kill "$name" 2
+if [ $killed != true ]; then
+  fail "$name" "the decode ended before server 2 served a query: nothing was killed mid-run (raise kill_steps)"
+elif [ $status -eq 0 ] && ! grep -q "the replicas serve from now on" "$work/$name.err"; then
   fail "$name" "the client never saw server 2 fail: it was not killed mid-decode (raise kill_steps)"
 else
   expect_check_passed "$name" "$status" "${checked[@]}" steps="$kill_steps" micro_batches=2
