@@ -3,8 +3,9 @@
 # own network namespace, and the client in a third, joined by one veth pair per server, so every
 # request crosses a network interface rather than loopback. offload_decode --check compares every
 # attention result with local attention over the same KV, for 1, 2 and 3 micro-batches in flight.
-# Then: a server address that answers nothing must make the run fail; and with --replicas 2, one
-# server killed with SIGKILL in the middle of the decode must leave the answers unchanged.
+# Then the failures: a server address where nothing listens, and a server killed with SIGKILL in
+# the middle of the decode, must make the run fail promptly, naming the server; with --replicas 2
+# the same kill must leave every answer unchanged.
 #
 # usage: netns_pipelined_decode.sh <longattn-offload-server binary> <offload_decode binary>
 # Exits 77 (ctest's skip) with the reason where namespaces cannot be made here.
@@ -114,7 +115,7 @@ wait_for_server() {
 metric() {
   local i=$1 name=$2
   timeout 2 ip netns exec "${ns_server[$i]}" curl -sf "http://127.0.0.1:$metrics_port/metrics" 2>/dev/null |
-    awk -v name="$name" '$1 == name { printf "%d", $2; found = 1 } END { if (!found) printf "0" }' || echo 0
+    awk -v name="$name" '$1 == name { printf "%d", $2; found = 1 } END { if (!found) printf "0" }' || true
 }
 
 for i in 0 1; do start_server "$i"; done
