@@ -180,7 +180,7 @@ fi
 # Server 2 is killed with SIGKILL once it has answered decode queries (its attend counter moves),
 # while the client still has most of its steps to go. run_with_kill <name> <replicas> sets
 # `status` (the client's exit status) and `killed` (whether the kill landed before the client ended).
-kill_steps=12
+kill_steps=400
 run_with_kill() {
   local name=$1 replicas=$2 before client deadline
   before=$(metric 1 longattn_offload_attend_queries_total)
