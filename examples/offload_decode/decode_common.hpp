@@ -31,10 +31,13 @@ struct Config {
 };
 
 // One unlabelled metric of every server, by server index (-1 where a server does not report it).
+// A server the client took out of service (with --replicas: it failed, the decode went on without
+// it) is not asked: it is likely dead, and its copy of the KV is not counted anyway.
 inline std::vector<double> servers_metric(longattn::offload::Client& c, std::size_t servers, const std::string& name) {
   std::vector<double> values(servers, -1);
   const std::string prefix = name + " ";
   for (std::size_t i = 0; i < servers; ++i) {
+    if (!c.serving(static_cast<int>(i))) continue;
     std::string text;
     try {
       text = c.server_stats(static_cast<int>(i)).get();
@@ -48,13 +51,15 @@ inline std::vector<double> servers_metric(longattn::offload::Client& c, std::siz
   return values;
 }
 
-// KV bytes the servers hold (their longattn_offload_kv_bytes gauges, summed): what offloading
-// keeps out of GPU memory. -1 when a server's metrics cannot be read.
+// KV bytes the serving servers hold (their longattn_offload_kv_bytes gauges, summed): what
+// offloading keeps out of GPU memory. -1 when a serving server's metrics cannot be read.
 inline double servers_kv_bytes(longattn::offload::Client& c, std::size_t servers) {
   double sum = 0;
-  for (double v : servers_metric(c, servers, "longattn_offload_kv_bytes")) {
-    if (v < 0) return -1;
-    sum += v;
+  const auto values = servers_metric(c, servers, "longattn_offload_kv_bytes");
+  for (std::size_t i = 0; i < servers; ++i) {
+    if (!c.serving(static_cast<int>(i))) continue;
+    if (values[i] < 0) return -1;
+    sum += values[i];
   }
   return sum;
 }
