@@ -310,7 +310,7 @@ TEST(OffloadRefill, DecodeProgramGoesOnThroughARestart) {
   SCOPED_TRACE(seed);
   const auto addresses = servers.addresses();
   const std::string cmd = std::string(LONGATTN_OFFLOAD_DECODE_PROGRAM) + " --servers " + addresses[0] + "," + addresses[1] +
-                          " --token-file " + servers.token_file + " --layers 2 --batch 4 --context 64 --steps 200 --heads 4" +
+                          " --token-file " + servers.token_file + " --layers 2 --batch 4 --context 64 --steps 1500 --heads 4" +
                           " --kv-heads 2 --head-dim 16 --replicas 2 --timeout-ms 3000 --check --seed " + std::to_string(seed % 1000000) +
                           " 2>&1";
   std::string output;
@@ -323,7 +323,21 @@ TEST(OffloadRefill, DecodeProgramGoesOnThroughARestart) {
     const int st = ::pclose(p);
     status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   });
-  std::this_thread::sleep_for(800ms);
+  // Kill once the decode is under way (server 1 has answered attends), not after a fixed pause: a
+  // fast machine finishes a short decode before any pause a slow one needs; 1500 steps leave most
+  // of the decode to run through the failure and the refill.
+  const auto started = std::chrono::steady_clock::now();
+  const std::regex attends(R"(longattn_offload_attend_queries_total ([0-9]+))");
+  for (;;) {
+    std::smatch m;
+    const auto metrics = test::http(servers.admin_ports[1], "GET", "/metrics").body;
+    if (std::regex_search(metrics, m, attends) && std::stoull(m[1].str()) > 0) break;
+    if (std::chrono::steady_clock::now() - started > 60s) {
+      ADD_FAILURE() << "the decode never reached server 1 within 60 s";  // the kill below still ends the run
+      break;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
   servers.kill(1);
   std::this_thread::sleep_for(200ms);
   servers.start(1);
