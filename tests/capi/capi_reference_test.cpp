@@ -17,6 +17,7 @@
 
 #include "longattn/backend.hpp"
 #include "longattn/longattn.h"
+#include "capi/capi_session.hpp"
 #include "support/test_util.hpp"
 
 namespace longattn {
@@ -24,7 +25,9 @@ namespace {
 
 using test::HostTensor;
 
-constexpr longattn_device kCpu{LONGATTN_DEVICE_CPU, 0};
+using capi_test::desc;
+using capi_test::kCpu;
+using capi_test::Session;
 
 // Stores an integer outside the enum in a C enum field, as a C caller can (C++ may not form such a
 // value of the enum type).
@@ -33,32 +36,6 @@ void store_raw(CEnum& field, int value) {
   std::memcpy(&field, &value, sizeof value);
 }
 
-longattn_tensor desc(const HostTensor& t) {
-  const auto& v = t.view;
-  return longattn_tensor_contiguous(v.data, static_cast<longattn_dtype>(v.dtype), kCpu, v.ndim, v.shape.data());
-}
-
-// Handles of one C API session over MPI's world, released at scope end.
-struct Session {
-  longattn_comm* comm = nullptr;
-  longattn_context* context = nullptr;
-  int rank = 0, size = 1;
-  Session() {
-    EXPECT_EQ(longattn_comm_create_mpi_world(&comm), LONGATTN_OK) << longattn_last_error();
-    EXPECT_EQ(longattn_context_create("cpu", kCpu, &context), LONGATTN_OK) << longattn_last_error();
-    longattn_comm_rank(comm, &rank);
-    longattn_comm_size(comm, &size);
-  }
-  ~Session() {
-    longattn_context_destroy(context);
-    longattn_comm_destroy(comm);
-  }
-  std::uint64_t shared_seed() const {
-    std::uint64_t seed = test::fresh_seed();
-    MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
-    return seed;
-  }
-};
 
 struct Case {
   longattn_strategy strategy;
