@@ -6,7 +6,9 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <vector>
 
+#include "longattn/backend.hpp"
 #include "longattn/longattn.h"
 #include "support/test_util.hpp"
 
@@ -42,5 +44,30 @@ struct Session {
     return seed;
   }
 };
+
+// The double-precision reference over the whole packed batch: o, lse and the gradients for d_o.
+struct WholeBatchReference {
+  test::HostTensor o, lse, dq, dk, dv;
+};
+
+inline WholeBatchReference whole_batch_reference(const test::HostTensor& q, const test::HostTensor& k,
+                                                 const test::HostTensor& v, const test::HostTensor& d_o,
+                                                 const std::vector<std::int32_t>& cu, bool causal) {
+  const std::int64_t T = q.view.dim(0), hq = q.view.dim(1), hkv = k.view.dim(1), D = q.view.dim(2);
+  WholeBatchReference r{test::HostTensor(DType::f32, {T, hq, D}), test::HostTensor(DType::f32, {hq, T}),
+                        test::HostTensor(DType::f32, {T, hq, D}), test::HostTensor(DType::f32, {T, hkv, D}),
+                        test::HostTensor(DType::f32, {T, hkv, D})};
+  auto ref = make_backend("reference");
+  AttentionArgs args;
+  args.q = q.view;
+  args.k = k.view;
+  args.v = v.view;
+  args.batch = static_cast<int>(cu.size()) - 1;
+  args.cu_seqlens_q = args.cu_seqlens_k = cu.data();
+  args.causal = causal;
+  ref->forward(args, {r.o.view, r.lse.view});
+  ref->backward(args, {r.o.view, r.lse.view, d_o.view, {}, r.dq.view, r.dk.view, r.dv.view, false});
+  return r;
+}
 
 }  // namespace longattn::capi_test

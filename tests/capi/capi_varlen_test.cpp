@@ -83,18 +83,8 @@ void check_case(Session& s, const Case& c, std::uint64_t seed, std::vector<std::
   auto v = test::random_tensor(rng, DType::f32, {T, c.hkv, D});
   auto d_o = test::random_tensor(rng, DType::f32, {T, c.hq, D});
 
-  auto ref = make_backend("reference");
-  AttentionArgs args;
-  args.q = q.view;
-  args.k = k.view;
-  args.v = v.view;
-  args.batch = static_cast<int>(cu.size()) - 1;
-  args.cu_seqlens_q = args.cu_seqlens_k = cu.data();
-  args.causal = c.causal;
-  HostTensor ro(DType::f32, {T, c.hq, D}), rl(DType::f32, {c.hq, T});
-  ref->forward(args, {ro.view, rl.view});
-  HostTensor rdq(DType::f32, {T, c.hq, D}), rdk(DType::f32, {T, c.hkv, D}), rdv(DType::f32, {T, c.hkv, D});
-  ref->backward(args, {ro.view, rl.view, d_o.view, {}, rdq.view, rdk.view, rdv.view, false});
+  auto reference = capi_test::whole_batch_reference(q, k, v, d_o, cu, c.causal);
+  auto &ro = reference.o, &rdq = reference.dq, &rdk = reference.dk, &rdv = reference.dv;
 
   auto p = params_for(c, cu, D);
   if (c.capped) p.cap_tokens = (T + s.size - 1) / s.size + 8;
