@@ -31,7 +31,8 @@ build: configure
 # tests/CMakeLists.txt registers them as one entry there, so ctest does not list each case).
 test: build
 	cd $(BUILD) && { ctest --output-on-failure --timeout 900; status=$$?; \
-	  awk -f $(CURDIR)/tests/gpu_test_summary.awk Testing/Temporary/LastTest.log; exit $$status; }
+	  awk -f $(CURDIR)/tests/gpu_test_summary.awk Testing/Temporary/LastTest.log; \
+	  if [ $$status -ne 0 ]; then awk -f $(CURDIR)/tests/failure_digest.awk Testing/Temporary/LastTest.log; fi; exit $$status; }
 	@$(MAKE) --no-print-directory test-python
 
 # The Python package and its pytest suite (python/tests): .venv/ at the repository root with torch
@@ -50,8 +51,9 @@ test-sanitize:
 	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLONGATTN_CUDA=OFF $(CMAKE_ARGS) \
 	  -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
 	cmake --build $(SAN_BUILD) -j $(JOBS)
-	cd $(SAN_BUILD) && ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
-	  ctest --output-on-failure --timeout 900 -E install_find_package
+	cd $(SAN_BUILD) && { ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --output-on-failure --timeout 900 -E install_find_package || \
+	  { awk -f $(CURDIR)/tests/failure_digest.awk Testing/Temporary/LastTest.log; exit 1; }; }
 	for t in test_common test_partition test_kernels test_offload; do \
 	  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $(SAN_BUILD)/bin/$$t --gtest_brief=1 || exit 1; done
 

@@ -95,9 +95,9 @@ std::string random_rates(std::mt19937_64& rng, int head_dim) {
   return text;
 }
 
-AttentionProblem random_problem(std::mt19937_64& rng, int q_heads, int kv_heads) {
+AttentionProblem random_problem(std::mt19937_64& rng, int q_heads, int kv_heads, int max_tokens = 65536) {
   AttentionProblem problem;
-  problem.cu_seqlens = {0, uniform_int(rng, 8192, 65536)};
+  problem.cu_seqlens = {0, uniform_int(rng, 8192, max_tokens)};
   problem.q_heads = q_heads;
   problem.kv_heads = kv_heads;
   problem.head_dim = 64;
@@ -131,15 +131,19 @@ TEST(StrategyChoice, SlowNetworkPicksHybridWithOneGroupPerNode) {
   const auto seed = shared_seed(*comm);
   SCOPED_TRACE(seed);
   std::mt19937_64 rng(seed);
-  // A fast node and a network a thousand times slower: the ring should cross it as rarely as it can.
+  // A fast node and a network ten thousand times slower: the ring should cross it as rarely as it
+  // can. The claim is the model's, not a law: with a network only a thousand times slower (0.05 to
+  // 0.3 GB/s) and up to 64k tokens, pure Ulysses or the flat ring came first for 1.6% of the draws
+  // (their transfers hide behind the longer compute), which made this test fail now and then. In
+  // the ranges below the node-sized hybrid led in every one of 200,000 draws at 4, 6 and 8 ranks.
   const std::string text = random_rates(rng, 64) +
                            fmt::format("link intra_node {} {}\nlink inter_node {} {}\nlinear_seconds_per_token 0\n",
-                                       uniform(rng, 300, 900), uniform(rng, 1, 5), uniform(rng, 0.05, 0.3), uniform(rng, 50, 200));
+                                       uniform(rng, 300, 900), uniform(rng, 1, 5), uniform(rng, 0.005, 0.02), uniform(rng, 50, 200));
   MachineFileOnRank0 file(*comm, seed, text);
   const int q_heads = 2 * node_size * uniform_int(rng, 1, 4);
   // kv heads the node-sized group can split or replicate (1, or as many as the group): with 2 kv
   // heads and nodes of 3, no Ulysses group fits a node and the claim below does not hold.
-  const AttentionProblem problem = random_problem(rng, q_heads, uniform_int(rng, 0, 1) ? 1 : node_size);
+  const AttentionProblem problem = random_problem(rng, q_heads, uniform_int(rng, 0, 1) ? 1 : node_size, 16384);
   ParallelOptions options;
   options.strategy = Strategy::automatic;
   options.machine_file = file.path();
