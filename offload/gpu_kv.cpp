@@ -64,54 +64,93 @@ std::string GpuAttention::unsupported_reason(const Open& g) const {
   return backend_->unsupported_reason(probe);
 }
 
-void GpuAttention::attend(const GpuAttendPart& p) {
-  const std::int64_t tq = p.q_count, tk = p.kv->length();
-  const std::size_t rows = static_cast<std::size_t>(tq) * static_cast<std::size_t>(p.q_heads);
-  const std::size_t o_count = rows * static_cast<std::size_t>(p.head_dim);
-  if (tq == 0) return;
-  if (tk == 0) {  // nothing to see: o = 0, lse = -inf
-    std::fill(p.o, p.o + o_count, 0.0f);
-    for (int h = 0; h < p.q_heads; ++h)
-      std::fill(p.lse + h * p.lse_pitch, p.lse + h * p.lse_pitch + tq, -std::numeric_limits<float>::infinity());
-    return;
+namespace {
+
+// A device buffer of at least `bytes`, reallocated only when a request needs more than it has.
+void* grown(DeviceOps& ops, std::unique_ptr<DeviceBuffer>& buffer, std::size_t bytes) {
+  if (!buffer || buffer->bytes() < bytes) {
+    buffer.reset();
+    buffer = ops.allocate(std::max<std::size_t>(bytes, 256));
   }
+  return buffer->data();
+}
+
+// A query at absolute position p sees stored token i (at kv_start + i) iff i <= p - kv_start: the
+// kernel's "key position = index" convention with the query's position made relative, clamped to
+// int32 (below -1 sees nothing, past the stored tokens sees all), so no key positions are needed.
+std::int32_t relative_position(std::int64_t position, std::int64_t kv_start, std::int64_t stored) {
+  return static_cast<std::int32_t>(std::clamp<std::int64_t>(position - kv_start, -1, std::max<std::int64_t>(stored, 0)));
+}
+
+}  // namespace
+
+void GpuAttention::attend(const GpuAttendBatch& b) {
+  std::lock_guard lock(mu_);
+  const std::size_t row = static_cast<std::size_t>(b.q_heads) * static_cast<std::size_t>(b.head_dim);
+  const std::size_t values = static_cast<std::size_t>(b.total_q) * row, rows = static_cast<std::size_t>(b.total_q) * b.q_heads;
+  if (values == 0) return;
   DeviceOps& ops = backend_->device_ops();
   const Device dev = backend_->device();
-  const std::int64_t dims[3] = {tq, p.q_heads, p.head_dim};
-  auto q32 = ops.allocate(o_count * sizeof(float)), q = ops.allocate(o_count * dtype_size(p.dtype));
-  auto o = ops.allocate(o_count * sizeof(float)), lse = ops.allocate(rows * sizeof(float));
-  ops.copy_bytes(q32->data(), p.q, o_count * sizeof(float), nullptr);
-  ops.convert(TensorView(q->data(), p.dtype, {dims[0], dims[1], dims[2]}, dev), TensorView(q32->data(), DType::f32, {dims[0], dims[1], dims[2]}, dev),
-              nullptr);
-  AttentionArgs a;
-  a.q = TensorView(q->data(), p.dtype, {dims[0], dims[1], dims[2]}, dev);
-  a.k = TensorView(const_cast<void*>(p.kv->k()), p.dtype, {tk, p.kv_heads, p.head_dim}, dev);
-  a.v = TensorView(const_cast<void*>(p.kv->v()), p.dtype, {tk, p.kv_heads, p.head_dim}, dev);
-  std::unique_ptr<DeviceBuffer> pos_q, pos_k;
-  if (p.positions) {
-    // Causal by absolute position: a stored token at kv_start + i is seen by a query at p iff kv_start + i <= p.
-    std::vector<std::int32_t> hq(static_cast<std::size_t>(tq)), hk(static_cast<std::size_t>(tk));
-    for (std::int64_t i = 0; i < tq; ++i) hq[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(p.positions[i]);
-    for (std::int64_t i = 0; i < tk; ++i) hk[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(p.kv_start + i);
-    pos_q = ops.allocate(hq.size() * sizeof(std::int32_t));
-    pos_k = ops.allocate(hk.size() * sizeof(std::int32_t));
-    ops.copy_bytes(pos_q->data(), hq.data(), hq.size() * sizeof(std::int32_t), nullptr);
-    ops.copy_bytes(pos_k->data(), hk.data(), hk.size() * sizeof(std::int32_t), nullptr);
-    ops.synchronize(nullptr);  // hq and hk go out of scope
-    a.q_positions = static_cast<const std::int32_t*>(pos_q->data());
-    a.k_positions = static_cast<const std::int32_t*>(pos_k->data());
-    a.causal = true;
+  auto* q32 = static_cast<float*>(grown(ops, q32_, values * sizeof(float)));
+  auto* q = static_cast<std::byte*>(grown(ops, q_, values * sizeof(float)));  // room for any KV dtype
+  auto* o = static_cast<float*>(grown(ops, o_, values * sizeof(float)));
+  auto* lse = static_cast<float*>(grown(ops, lse_, rows * sizeof(float)));
+  const bool causal = std::any_of(b.parts.begin(), b.parts.end(), [](const GpuAttendPart& p) { return p.positions != nullptr; });
+  std::int32_t* positions = nullptr;
+  if (causal) {
+    positions_host_.assign(static_cast<std::size_t>(b.total_q), 0);
+    std::size_t at = 0;
+    for (const auto& p : b.parts) {
+      for (int i = 0; p.positions && i < p.q_count; ++i)
+        positions_host_[at + static_cast<std::size_t>(i)] = relative_position(p.positions[i], p.kv_start, p.kv->length());
+      at += static_cast<std::size_t>(p.q_count);
+    }
+    positions = static_cast<std::int32_t*>(grown(ops, positions_, positions_host_.size() * sizeof(std::int32_t)));
+    ops.copy_bytes(positions, positions_host_.data(), positions_host_.size() * sizeof(std::int32_t), nullptr);
   }
-  const std::string why = backend_->unsupported_reason(a);
-  LONGATTN_REQUIRE(why.empty(), ErrorCode::unsupported, "the cuda backend cannot run this attend: {}", why);
-  backend_->forward(a, {TensorView(o->data(), DType::f32, {dims[0], dims[1], dims[2]}, dev),
-                        TensorView(lse->data(), DType::f32, {static_cast<std::int64_t>(p.q_heads), tq}, dev)});
-  std::vector<float> lse_host(rows);
-  ops.copy_bytes(p.o, o->data(), o_count * sizeof(float), nullptr);
-  ops.copy_bytes(lse_host.data(), lse->data(), rows * sizeof(float), nullptr);
+  ops.copy_bytes(q32, b.q, values * sizeof(float), nullptr);
+
+  // Queue every sequence's conversion and kernels; nothing waits until the results are copied back.
+  std::int64_t q_begin = 0;
+  for (const auto& p : b.parts) {
+    const std::int64_t tq = p.q_count, tk = p.kv->length();
+    const std::size_t first = static_cast<std::size_t>(q_begin);
+    q_begin += tq;
+    if (tq == 0 || tk == 0) continue;
+    const std::initializer_list<std::int64_t> dims = {tq, b.q_heads, b.head_dim};
+    AttentionArgs a;
+    a.q = TensorView(q + first * row * dtype_size(p.dtype), p.dtype, dims, dev);
+    ops.convert(a.q, TensorView(q32 + first * row, DType::f32, dims, dev), nullptr);
+    a.k = TensorView(const_cast<void*>(p.kv->k()), p.dtype, {tk, p.kv_heads, b.head_dim}, dev);
+    a.v = TensorView(const_cast<void*>(p.kv->v()), p.dtype, {tk, p.kv_heads, b.head_dim}, dev);
+    if (p.positions) {
+      a.q_positions = positions + first;
+      a.causal = true;
+    }
+    const std::string why = backend_->unsupported_reason(a);
+    LONGATTN_REQUIRE(why.empty(), ErrorCode::unsupported, "the cuda backend cannot run this attend: {}", why);
+    backend_->forward(a, {TensorView(o + first * row, DType::f32, dims, dev),
+                          TensorView(lse + first * b.q_heads, DType::f32, {static_cast<std::int64_t>(b.q_heads), tq}, dev)});
+  }
+  lse_host_.resize(rows);
+  ops.copy_bytes(b.o, o, values * sizeof(float), nullptr);
+  ops.copy_bytes(lse_host_.data(), lse, rows * sizeof(float), nullptr);
   ops.synchronize(nullptr);
-  for (int h = 0; h < p.q_heads; ++h)
-    std::memcpy(p.lse + h * p.lse_pitch, lse_host.data() + static_cast<std::size_t>(h) * tq, static_cast<std::size_t>(tq) * sizeof(float));
+
+  // Part i's lse came back as its own [q_heads, q_count] block; the request wants [q_heads, total_q].
+  // A sequence with nothing stored sees no key: o = 0, lse = -inf (its rows were not computed).
+  q_begin = 0;
+  for (const auto& p : b.parts) {
+    const std::size_t first = static_cast<std::size_t>(q_begin), tq = static_cast<std::size_t>(p.q_count);
+    q_begin += p.q_count;
+    const bool empty = p.kv->length() == 0;
+    if (empty) std::fill(b.o + first * row, b.o + (first + tq) * row, 0.0f);
+    for (int h = 0; h < b.q_heads; ++h) {
+      float* out = b.lse + static_cast<std::size_t>(h) * static_cast<std::size_t>(b.total_q) + first;
+      if (empty) std::fill(out, out + tq, -std::numeric_limits<float>::infinity());
+      else std::memcpy(out, lse_host_.data() + first * b.q_heads + static_cast<std::size_t>(h) * tq, tq * sizeof(float));
+    }
+  }
 }
 
 }  // namespace longattn::offload

@@ -9,7 +9,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "longattn/backend.hpp"
 #include "longattn/device_ops.hpp"
@@ -33,18 +35,25 @@ class GpuLayerKv {
   std::int64_t capacity_ = 0, length_ = 0;
 };
 
-// One sequence's part of an attend: q_count query rows (f32, host) against a layer's KV.
+// One sequence's part of an attend: q_count query rows against a layer's KV.
 struct GpuAttendPart {
   const GpuLayerKv* kv = nullptr;
-  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  int kv_heads = 0;
   DType dtype = DType::bf16;
-  std::int64_t kv_start = 0;            // absolute position of stored token 0
+  std::int64_t kv_start = 0;                // absolute position of stored token 0
   int q_count = 0;
-  const float* q = nullptr;             // [q_count, q_heads, head_dim]
   const std::int64_t* positions = nullptr;  // [q_count] absolute positions (causal); null = see every stored token
-  float* o = nullptr;                   // host [q_count, q_heads, head_dim] f32
-  float* lse = nullptr;                 // host, row h of q_count values at lse + h * lse_pitch
-  std::size_t lse_pitch = 0;
+};
+
+// Every sequence of one attend request, their query rows back to back in request order (part i's
+// q_count rows follow part i-1's), in host memory as the protocol carries them.
+struct GpuAttendBatch {
+  int q_heads = 0, head_dim = 0;
+  std::int64_t total_q = 0;
+  const float* q = nullptr;  // [total_q, q_heads, head_dim] f32
+  float* o = nullptr;        // [total_q, q_heads, head_dim] f32
+  float* lse = nullptr;      // [q_heads, total_q] f32
+  std::vector<GpuAttendPart> parts;
 };
 
 class GpuAttention {
@@ -55,10 +64,18 @@ class GpuAttention {
   DeviceOps& ops() { return backend_->device_ops(); }
   // Empty when sequences of this geometry can be served; else why not (checked at open).
   std::string unsupported_reason(const Open& geometry) const;
-  void attend(const GpuAttendPart& part);
+  // One request: a single copy of all queries in, the sequences' kernels queued back to back on
+  // the GPU, a single copy of all results out and one wait (a wait and allocations per sequence
+  // left the GPU idle between sequences). Serialized: the device scratch below is shared.
+  void attend(const GpuAttendBatch& batch);
 
  private:
   std::unique_ptr<AttentionBackend> backend_;
+  std::mutex mu_;
+  // Grow-only device scratch of the requests: q in f32 and in the KV dtype, o, lse, q positions.
+  std::unique_ptr<DeviceBuffer> q32_, q_, o_, lse_, positions_;
+  std::vector<float> lse_host_;
+  std::vector<std::int32_t> positions_host_;
 };
 
 }  // namespace longattn::offload

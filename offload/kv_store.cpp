@@ -444,34 +444,35 @@ AttendStats KvStore::attend(std::uint64_t client, const Attend& m, float* o, flo
   return st;
 }
 
-// One cuda backend call per sequence (the decode kernel takes one sequence at a time); the shared
-// locks taken by attend() are held throughout.
+// All sequences of the request (one geometry, checked by attend()) in one GpuAttention::attend: one
+// copy in, the kernels queued, one copy out; the shared locks taken by attend() are held throughout.
 AttendStats KvStore::attend_on_gpu(const Attend& m, const std::vector<std::shared_ptr<Sequence>>& seqs, const float* q, float* o,
                                    float* lse) {
   const auto t0 = std::chrono::steady_clock::now();
   AttendStats st;
-  const std::size_t row = static_cast<std::size_t>(m.q_heads) * m.head_dim;
+  GpuAttendBatch batch;
+  batch.q_heads = static_cast<int>(m.q_heads);
+  batch.head_dim = static_cast<int>(m.head_dim);
+  batch.total_q = static_cast<std::int64_t>(m.total_q);
+  batch.q = q;
+  batch.o = o;
+  batch.lse = lse;
   std::int64_t q_begin = 0;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const auto& g = seqs[i]->geom;
     const Layer& L = seqs[i]->layers[m.layer];
     GpuAttendPart part;
     part.kv = &L.gpu;
-    part.q_heads = static_cast<int>(m.q_heads);
     part.kv_heads = static_cast<int>(g.kv_heads);
-    part.head_dim = static_cast<int>(g.head_dim);
     part.dtype = g.dtype;
     part.kv_start = g.kv_start;
     part.q_count = static_cast<int>(m.seqs[i].q_count);
-    part.q = q + static_cast<std::size_t>(q_begin) * row;
     part.positions = (m.flags & kAttendHasPositions) ? m.positions.data() + q_begin : nullptr;
-    part.o = o + static_cast<std::size_t>(q_begin) * row;
-    part.lse = lse + q_begin;
-    part.lse_pitch = static_cast<std::size_t>(m.total_q);
-    gpu_->attend(part);
+    batch.parts.push_back(part);
     st.kv_bytes_read += L.gpu.length() > 0 ? 2 * static_cast<std::size_t>(L.gpu.length()) * g.kv_heads * g.head_dim * dtype_size(g.dtype) : 0;
     q_begin += m.seqs[i].q_count;
   }
+  gpu_->attend(batch);
   st.kernel_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return st;
 }
