@@ -2,7 +2,9 @@
 The PyTorch op on CUDA tensors, one process (one rank): forward and backward against PyTorch's
 SDPA in fp32 on the same bf16 inputs (causal and full, GQA, a varlen batch), then the op's time at
 32k tokens (32 heads, d128, bf16, causal, forward and forward+backward), medians of CUDA-event
-timings, printed for the comparison with `longattn-bench ring` at the same shape. RESULT line last."""
+timings, printed for the comparison with `longattn-bench ring` at the same shape, and a breakdown
+of that time (the C API called straight from ctypes, the custom ops without autograd; PROFILE=1 adds
+torch.profiler's tables). RESULT line last."""
 import json
 import os
 import sys
@@ -60,6 +62,45 @@ def timed(fn, iters=int(os.environ.get("ITERS", "10"))):
     return sorted(times)[len(times) // 2]
 
 
+def breakdown(q, k, v, d_o):
+    """Where the op's time goes against the C++ bench: the same C API calls made straight from ctypes
+    with descriptors built beforehand (no custom-op dispatch, no allocation, no autograd), then the
+    custom ops called without autograd. The op minus `capi` is Python's and PyTorch's share; `capi`
+    against `longattn-bench ring` is the C API's. PROFILE=1 adds torch.profiler's table of one
+    forward+backward through autograd (GPU kernels and host ops by time)."""
+    from longattn._capi import check, lib
+    from longattn.torch import _op, _runtime
+
+    scale = 1.0 / 128 ** 0.5
+    args = (None, True, scale, "auto", "zigzag", -1, -1)
+    qd, kd, vd = (x.detach() for x in (q, k, v))
+    o, lse = _op.attention_forward(qd, kd, vd, *args)
+    attention = _op.planned_attention(qd, kd, None, True, scale, "auto", "zigzag", -1, -1)
+    # Every tensor a descriptor points at stays referenced here: a descriptor holds only the address.
+    o_out, lse_out = torch.empty_like(o), torch.empty_like(lse)
+    dq, dk, dv = (torch.empty_like(x) for x in (qd, kd, vd))
+    d = _runtime.descriptor
+    fwd_desc = [d(x) for x in (qd, kd, vd, o_out, lse_out)]
+    bwd_desc = [d(x) for x in (qd, kd, vd, o, lse, d_o, dq, dk, dv)]
+    stream = _runtime.stream_of(qd)
+    parts = {
+        "capi_fwd_ms": timed(lambda: check(lib.longattn_attention_forward(attention.handle, *fwd_desc, stream))),
+        "capi_bwd_ms": timed(lambda: check(lib.longattn_attention_backward(attention.handle, *bwd_desc, stream))),
+        "custom_op_fwd_ms": timed(lambda: _op.attention_forward(qd, kd, vd, *args)),
+        "custom_op_bwd_ms": timed(lambda: _op.attention_backward(d_o, qd, kd, vd, o, lse, *args)),
+    }
+    print("breakdown: " + ", ".join(f"{name} {ms:.3f}" for name, ms in parts.items()))
+    if os.environ.get("PROFILE") == "1":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            torch.autograd.grad(lt.attention(q, k, v, causal=True), (q, k, v), d_o)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+    return parts
+
+
 def main():
     ok = True
     if os.environ.get("TIMING_ONLY") != "1":
@@ -72,7 +113,8 @@ def main():
     fwd = timed(lambda: lt.attention(q, k, v, causal=True))
     both = timed(lambda: torch.autograd.grad(lt.attention(q, k, v, causal=True), (q, k, v), d_o))
     print(f"op at 32k, 32 heads d128 bf16 causal: forward {fwd:.3f} ms, forward+backward {both:.3f} ms")
-    print("RESULT " + json.dumps({"ok": ok, "seq": tokens, "op_fwd_ms": fwd, "op_fwd_bwd_ms": both}))
+    parts = breakdown(q, k, v, d_o)
+    print("RESULT " + json.dumps({"ok": ok, "seq": tokens, "op_fwd_ms": fwd, "op_fwd_bwd_ms": both, **parts}))
     return 0 if ok else 1
 
 
