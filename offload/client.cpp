@@ -1,14 +1,15 @@
 // The offload client (include/longattn/offload_client.hpp): connections, requests, retries.
 // Where sequences live and how an attend is split and joined: attend_plan.cpp; the TCP stream:
-// tcp_byte_stream.cpp; the in-process LocalEngine: local_engine.cpp.
+// tcp_byte_stream.cpp; the in-process LocalEngine: local_engine.cpp; the client's state, which
+// the refill shares: client_impl.hpp.
 // One I/O thread runs every connection of a client, so connection state needs no locks; the
 // public calls only encode (copying the caller's data), register, and post to that thread.
 // Per server connection: requests are written in order and answered in order; each has its own
 // deadline timer. A lost connection fails or requeues its requests (requeue only for idempotent
 // ones, or ones never written) and reconnects with a short backoff while any remain. With
-// replicas, a server that failed is probed and refilled from the complete copies (the refill part
-// of Impl) before it takes reads again.
-#include "longattn/offload_client.hpp"
+// replicas, a server that failed is probed and refilled from the complete copies
+// (client_refill.cpp) before it takes reads again.
+#include "offload/client_impl.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -40,31 +41,11 @@
 
 namespace longattn::offload {
 
-namespace asio = boost::asio;
-using tcp = asio::ip::tcp;
-using Clock = std::chrono::steady_clock;
-
 namespace {
 
 // How long the destructor waits for cancelled operations to deliver their completions; only a
 // resolver blocked in the system's name lookup can take longer.
 constexpr std::chrono::milliseconds kShutdownDrainLimit{5000};
-
-// Refill (replicas > 1): how often a failed server is asked whether it is back (doubled after each
-// refill that failed, up to the longest interval, so that a server which keeps refusing the copy,
-// say for lack of memory, is not copied to again and again); how much KV one export reads (the
-// most the client holds of it at once); and how many bytes of writes may wait for a server being
-// refilled before its refill starts over.
-constexpr std::chrono::milliseconds kRefillProbeInterval{250};
-constexpr std::chrono::milliseconds kRefillProbeLongestInterval{30000};
-constexpr std::size_t kRefillChunkBytes = std::size_t{16} << 20;
-constexpr std::size_t kRefillBacklogLimit = std::size_t{64} << 20;
-
-Limits client_limits() {
-  Limits l;
-  l.max_payload = 0xffffffffu;
-  return l;
-}
 
 // A server's error reply; one that cannot be decoded is itself a protocol error.
 ErrorReply error_reply_in(const std::vector<std::byte>& payload) {
@@ -74,21 +55,6 @@ ErrorReply error_reply_in(const std::vector<std::byte>& payload) {
     return {ErrorCode::protocol, e.what()};
   }
 }
-
-// Called on the I/O thread with the outcome: err == nullptr means success with `payload`.
-using Done = std::function<void(const Error* err, std::vector<std::byte>& payload)>;
-
-struct Request {
-  std::uint64_t id = 0;
-  MsgType type = MsgType::stats;
-  std::vector<std::byte> frame;
-  bool idempotent = false;
-  bool sent = false, completed = false;
-  int attempts_left = 0;
-  Clock::time_point deadline;
-  std::unique_ptr<asio::steady_timer> timer;
-  Done done;
-};
 
 // Joins the outcomes of several requests into one promise: the first error wins, success when all
 // parts succeeded (then `finish` runs once, on the I/O thread).
@@ -143,797 +109,429 @@ std::pair<std::shared_ptr<Join<void>>, std::future<void>> void_join() {
 
 }  // namespace
 
-struct Client::Impl {
-  ClientOptions opt;
-  asio::io_context io;
-  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
-  std::thread thread;
-  std::promise<void> io_done;  // set when io.run() returns
-  std::future<void> io_drained;
-  std::atomic<std::uint64_t> next_id{1};
-  std::atomic<std::uint64_t> n_requests{0}, n_retries{0}, n_sent{0}, n_received{0}, n_errors{0};
+Client::Impl::Conn::Conn(Impl* owner, int i, const std::string& where)
+    : client(owner), index(i), name(where), backoff(owner->io) {
+  const auto [h, p] = parse_host_port(where);
+  host = h;
+  port = std::to_string(p);
+}
 
-  struct SeqState {
-    SequenceSpec spec;
-    std::vector<std::int64_t> layer_lengths;  // tokens per layer, as the client has sent them
-    std::set<std::uint64_t> opened_shards;
-    bool broken = false;
-    int home = 0;  // server of shard 0
-  };
-  ShardLayout layout;
-  std::mutex seqs_mutex;
-  std::map<std::uint64_t, SeqState> seqs;  // guarded by seqs_mutex
-
-  struct Conn : std::enable_shared_from_this<Conn> {
-    Impl* client;
-    int index;
-    std::string host, port, name;
-    std::unique_ptr<ByteStream> stream;  // one per connection attempt
-    asio::steady_timer backoff;
-    enum class State { idle, connecting, handshaking, ready } state = State::idle;
-    std::map<std::uint64_t, std::shared_ptr<Request>> pending;
-    std::deque<std::shared_ptr<Request>> queue;
-    bool writing = false;
-    std::uint64_t hello_id = 0;
-    std::vector<std::byte> hello_frame;
-    std::array<std::byte, kHeaderBytes> header_bytes{};  // of the frame being read
-    std::vector<std::byte> payload_bytes;                // of the frame being read
-    int generation = 0;
-    int connect_failures = 0;
-    std::uint32_t peer_version = 0;  // from the hello reply; 0 until one came
-
-    Conn(Impl* owner, int i, const std::string& where)
-        : client(owner), index(i), name(where), backoff(owner->io) {
-      const auto [h, p] = parse_host_port(where);
-      host = h;
-      port = std::to_string(p);
+void Client::Impl::Conn::submit(std::shared_ptr<Request> r) {
+  r->timer = std::make_unique<asio::steady_timer>(client->io);
+  r->timer->expires_at(r->deadline);
+  std::weak_ptr<Request> w = r;
+  auto self = shared_from_this();
+  r->timer->async_wait([self, w](boost::system::error_code ec) {
+    if (ec) return;
+    if (auto rq = w.lock()) {
+      // No hello reply at all usually means the port speaks something else: say which transport was tried.
+      const std::string hint =
+          self->state == State::ready
+              ? ""
+              : fmt::format("; it never answered this connection's hello over {}: check that it is a longattn offload server "
+                            "started with --transport {} (a server on the other transport does not answer)",
+                            self->client->opt.transport, self->client->opt.transport);
+      self->complete(*rq, Error(ErrorCode::timeout, fmt::format("server {} did not answer a {} request within {} ms{}", self->name,
+                                                                to_string(rq->type), self->client->opt.timeout.count(), hint)));
     }
+  });
+  pending[r->id] = r;
+  queue.push_back(r);
+  if (state == State::ready) {
+    pump();
+  } else if (state == State::idle) {
+    connect();
+  }
+}
 
-    void submit(std::shared_ptr<Request> r) {
-      r->timer = std::make_unique<asio::steady_timer>(client->io);
-      r->timer->expires_at(r->deadline);
-      std::weak_ptr<Request> w = r;
-      auto self = shared_from_this();
-      r->timer->async_wait([self, w](boost::system::error_code ec) {
-        if (ec) return;
-        if (auto rq = w.lock()) {
-          // No hello reply at all usually means the port speaks something else: say which transport was tried.
-          const std::string hint =
-              self->state == State::ready
-                  ? ""
-                  : fmt::format("; it never answered this connection's hello over {}: check that it is a longattn offload server "
-                                "started with --transport {} (a server on the other transport does not answer)",
-                                self->client->opt.transport, self->client->opt.transport);
-          self->complete(*rq, Error(ErrorCode::timeout, fmt::format("server {} did not answer a {} request within {} ms{}", self->name,
-                                                                    to_string(rq->type), self->client->opt.timeout.count(), hint)));
-        }
-      });
-      pending[r->id] = r;
-      queue.push_back(r);
-      if (state == State::ready) {
-        pump();
-      } else if (state == State::idle) {
-        connect();
-      }
-    }
+void Client::Impl::Conn::complete(Request& r, const Error& e) {
+  std::vector<std::byte> none;
+  finish(r, &e, none);
+}
 
-    void complete(Request& r, const Error& e) {
-      std::vector<std::byte> none;
-      finish(r, &e, none);
-    }
-    void finish(Request& r, const Error* e, std::vector<std::byte>& payload) {
-      if (r.completed) return;
-      r.completed = true;
-      if (r.timer) r.timer->cancel();
-      auto keep = pending[r.id];  // `r` may be owned only by the map
-      pending.erase(r.id);
-      if (e) client->n_errors++;
-      r.done(e, payload);
-    }
+void Client::Impl::Conn::finish(Request& r, const Error* e, std::vector<std::byte>& payload) {
+  if (r.completed) return;
+  r.completed = true;
+  if (r.timer) r.timer->cancel();
+  auto keep = pending[r.id];  // `r` may be owned only by the map
+  pending.erase(r.id);
+  if (e) client->n_errors++;
+  r.done(e, payload);
+}
 
-    void connect() {
-      state = State::connecting;
-      const int gen = generation;
-      auto self = shared_from_this();
-      stream = client->make_stream();
-      stream->connect(host, port, [self, gen](const std::string& err, std::size_t) {
-        if (gen != self->generation) return;
-        if (!err.empty()) {
-          self->lost(Error(ErrorCode::communication, fmt::format("cannot connect to server {}: {}", self->name, err)), true,
-                     !is_tls_failure(err));
-          return;
-        }
-        self->handshake();
-      });
+void Client::Impl::Conn::connect() {
+  state = State::connecting;
+  const int gen = generation;
+  auto self = shared_from_this();
+  stream = client->make_stream();
+  stream->connect(host, port, [self, gen](const std::string& err, std::size_t) {
+    if (gen != self->generation) return;
+    if (!err.empty()) {
+      self->lost(Error(ErrorCode::communication, fmt::format("cannot connect to server {}: {}", self->name, err)), true,
+                 !is_tls_failure(err));
+      return;
     }
+    self->handshake();
+  });
+}
 
-    void handshake() {
-      state = State::handshaking;
-      hello_id = client->next_id++;
-      hello_frame = frame(MsgType::hello, 0, hello_id, encode(Hello{client->opt.token, client->opt.client_id}));
-      const int gen = generation;
-      auto self = shared_from_this();
-      stream->write(hello_frame.data(), hello_frame.size(), [self, gen](const std::string& err, std::size_t n) {
-        if (gen != self->generation) return;
-        self->client->n_sent += n;
-        if (!err.empty()) self->lost(Error(ErrorCode::communication, fmt::format("server {}: {}", self->name, err)), true);
-      });
-      read_header();
+void Client::Impl::Conn::handshake() {
+  state = State::handshaking;
+  hello_id = client->next_id++;
+  hello_frame = frame(MsgType::hello, 0, hello_id, encode(Hello{client->opt.token, client->opt.client_id}));
+  const int gen = generation;
+  auto self = shared_from_this();
+  stream->write(hello_frame.data(), hello_frame.size(), [self, gen](const std::string& err, std::size_t n) {
+    if (gen != self->generation) return;
+    self->client->n_sent += n;
+    if (!err.empty()) self->lost(Error(ErrorCode::communication, fmt::format("server {}: {}", self->name, err)), true);
+  });
+  read_header();
+}
+
+void Client::Impl::Conn::pump() {
+  if (writing || state != State::ready) return;
+  while (!queue.empty() && queue.front()->completed) queue.pop_front();
+  if (queue.empty()) return;
+  auto r = queue.front();
+  queue.pop_front();
+  r->sent = true;
+  writing = true;
+  const int gen = generation;
+  auto self = shared_from_this();
+  stream->write(r->frame.data(), r->frame.size(), [self, gen, r](const std::string& err, std::size_t n) {
+    if (gen != self->generation) return;
+    self->writing = false;
+    self->client->n_sent += n;
+    if (!err.empty()) {
+      self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)), false);
+      return;
     }
+    self->pump();
+  });
+}
 
-    void pump() {
-      if (writing || state != State::ready) return;
-      while (!queue.empty() && queue.front()->completed) queue.pop_front();
-      if (queue.empty()) return;
-      auto r = queue.front();
-      queue.pop_front();
-      r->sent = true;
-      writing = true;
-      const int gen = generation;
-      auto self = shared_from_this();
-      stream->write(r->frame.data(), r->frame.size(), [self, gen, r](const std::string& err, std::size_t n) {
-        if (gen != self->generation) return;
-        self->writing = false;
-        self->client->n_sent += n;
-        if (!err.empty()) {
-          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err)), false);
-          return;
-        }
-        self->pump();
-      });
+void Client::Impl::Conn::read_header() {
+  const int gen = generation;
+  auto self = shared_from_this();
+  stream->read(header_bytes.data(), header_bytes.size(), [self, gen](const std::string& err, std::size_t n) {
+    if (gen != self->generation) return;
+    if (!err.empty()) {
+      // A TLS error while the hello is answered is the server refusing this client's certificate;
+      // a plain client's hello closed unanswered is often a TLS server refusing the handshake.
+      const bool in_hello = self->state == State::handshaking;
+      const std::string hint = in_hello && !self->client->tls && self->client->opt.transport == "tcp"
+                                   ? " (the server closed the connection before answering the hello: if it was started with "
+                                     "--tls-cert, turn TLS on in the client, ClientOptions::tls)"
+                                   : "";
+      self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}{}", self->name, err, hint)),
+                 self->state != State::ready, !is_tls_failure(err));
+      return;
     }
-
-    void read_header() {
-      const int gen = generation;
-      auto self = shared_from_this();
-      stream->read(header_bytes.data(), header_bytes.size(), [self, gen](const std::string& err, std::size_t n) {
-        if (gen != self->generation) return;
-        if (!err.empty()) {
-          // A TLS error while the hello is answered is the server refusing this client's certificate;
-          // a plain client's hello closed unanswered is often a TLS server refusing the handshake.
-          const bool in_hello = self->state == State::handshaking;
-          const std::string hint = in_hello && !self->client->tls && self->client->opt.transport == "tcp"
-                                       ? " (the server closed the connection before answering the hello: if it was started with "
-                                         "--tls-cert, turn TLS on in the client, ClientOptions::tls)"
-                                       : "";
-          self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}{}", self->name, err, hint)),
-                     self->state != State::ready, !is_tls_failure(err));
-          return;
-        }
-        self->client->n_received += n;
-        FrameHeader h;
-        try {
-          h = decode_header(self->header_bytes, client_limits());
-          if (!(h.flags & kFlagResponse)) throw Error(ErrorCode::protocol, "the server sent a request frame");
-        } catch (const Error& e) {
-          self->lost(Error(ErrorCode::protocol, fmt::format("server {}: {}", self->name, e.what())), false, false);
-          return;
-        }
-        self->payload_bytes.resize(h.payload_bytes);
-        if (h.payload_bytes == 0) {
-          self->on_reply(h);
-          return;
-        }
-        self->stream->read(self->payload_bytes.data(), self->payload_bytes.size(), [self, gen, h](const std::string& err2, std::size_t n2) {
-          if (gen != self->generation) return;
-          if (!err2.empty()) {
-            self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err2)), false);
-            return;
-          }
-          self->client->n_received += n2;
-          self->on_reply(h);
-        });
-      });
+    self->client->n_received += n;
+    FrameHeader h;
+    try {
+      h = decode_header(self->header_bytes, client_limits());
+      if (!(h.flags & kFlagResponse)) throw Error(ErrorCode::protocol, "the server sent a request frame");
+    } catch (const Error& e) {
+      self->lost(Error(ErrorCode::protocol, fmt::format("server {}: {}", self->name, e.what())), false, false);
+      return;
     }
-
-    void on_reply(const FrameHeader& h) {
-      if (h.request_id == hello_id && state == State::handshaking) {
-        if (h.type == MsgType::error) {
-          const ErrorReply reply = error_reply_in(payload_bytes);
-          // A refused token is permanent: fail everything, no retries.
-          lost(Error(reply.code, fmt::format("server {} refused the connection: {}", name, reply.message)), false, false);
-          return;
-        }
-        state = State::ready;
-        connect_failures = 0;
-        try {
-          peer_version = decode_hello_reply(payload_bytes, client_limits()).version;
-        } catch (const Error&) {
-          peer_version = 0;  // an older reply layout: newer requests are then not sent to it
-        }
-        read_header();
-        pump();
+    self->payload_bytes.resize(h.payload_bytes);
+    if (h.payload_bytes == 0) {
+      self->on_reply(h);
+      return;
+    }
+    self->stream->read(self->payload_bytes.data(), self->payload_bytes.size(), [self, gen, h](const std::string& err2, std::size_t n2) {
+      if (gen != self->generation) return;
+      if (!err2.empty()) {
+        self->lost(Error(ErrorCode::communication, fmt::format("connection to server {} lost: {}", self->name, err2)), false);
         return;
       }
-      auto it = pending.find(h.request_id);
-      if (it != pending.end()) {
-        auto r = it->second;
-        if (h.type == MsgType::error) {
-          const ErrorReply reply = error_reply_in(payload_bytes);
-          complete(*r, Error(reply.code, fmt::format("server {}: {}", name, reply.message)));
-        } else if (h.type != r->type) {
-          complete(*r, Error(ErrorCode::protocol, fmt::format("server {} answered a {} request with {}", name, to_string(r->type), to_string(h.type))));
-        } else {
-          finish(*r, nullptr, payload_bytes);
-        }
-      }  // else: the answer to a request that already timed out
-      read_header();
-    }
-
-    // The connection is gone (or never came): close, fail what cannot be retried, requeue the
-    // rest and reconnect after a short backoff.
-    void lost(const Error& why, bool connecting, bool retryable = true) {
-      ++generation;
-      if (stream) stream->close();
-      writing = false;
-      state = State::idle;
-      if (connecting) ++connect_failures;
-      std::vector<std::shared_ptr<Request>> keep;
-      std::vector<std::shared_ptr<Request>> all;
-      for (auto& [id, r] : pending) all.push_back(r);
-      for (auto& r : all) {
-        if (r->completed) continue;
-        const bool may = retryable && Clock::now() < r->deadline && (r->idempotent || !r->sent);
-        // A refused connection consumes an attempt of every request; a lost one only of those sent.
-        const bool costs = connecting || r->sent;
-        if (may && (!costs || r->attempts_left > 0)) {
-          if (costs) {
-            --r->attempts_left;
-            client->n_retries++;
-          }
-          r->sent = false;
-          keep.push_back(r);
-        } else {
-          complete(*r, why);
-        }
-      }
-      queue.assign(keep.begin(), keep.end());
-      std::sort(queue.begin(), queue.end(), [](const auto& a, const auto& b) { return a->id < b->id; });
-      if (queue.empty()) return;
-      logger(Subsystem::offload).debug("server {}: {}; retrying {} request(s)", name, why.what(), queue.size());
-      backoff.expires_after(std::chrono::milliseconds(std::min(50 * (1 << std::min(connect_failures, 4)), 500)));
-      const int gen = generation;
-      auto self = shared_from_this();
-      backoff.async_wait([self, gen](boost::system::error_code e) {
-        if (e || gen != self->generation || self->state != State::idle) return;
-        if (self->pending.empty()) return;
-        self->connect();
-      });
-    }
-
-    void shutdown(const Error& why) {
-      ++generation;
-      if (stream) stream->close();
-      backoff.cancel();
-      std::vector<std::shared_ptr<Request>> all;
-      for (auto& [id, r] : pending) all.push_back(r);
-      for (auto& r : all) complete(*r, why);
-      queue.clear();
-    }
-  };
-  std::vector<std::shared_ptr<Conn>> conns;
-  std::unique_ptr<UcxClientEngine> ucx;  // only with transport "ucx"
-  std::shared_ptr<asio::ssl::context> tls;  // only with tls.enabled
-  std::unique_ptr<ReplicaSet> replicas;
-
-  // A write (open, append, drop) of the piece whose primary server is `primary`, sent to every
-  // complete copy. `outcome` runs once on the I/O thread: success when any copy took it (the
-  // copies that failed are incomplete from then on), else the error. Without replicas: one send.
-  // A copy being refilled gets the write later, in order, once its refill has caught up
-  // (backlog_write). The caller holds seqs_mutex.
-  template <class Build>
-  void send_replicated(int primary, MsgType t, Build&& build, bool idempotent, std::function<void(const Error*)> outcome) {
-    if (!replicas->replicated()) {
-      send_frame(primary, t, std::forward<Build>(build), idempotent, [outcome](const Error* e, std::vector<std::byte>&) { outcome(e); });
-      return;
-    }
-    for (int h : replicas->holders(primary))
-      if (replicas->state(h) == CopyState::refilling) backlog_write(h, t, build(0), idempotent);
-    const auto targets = replicas->complete_holders(primary);
-    if (targets.empty()) {
-      const Error lost(ErrorCode::communication, fmt::format("a {} request cannot be served: {}", to_string(t), replicas->describe_lost(primary)));
-      asio::post(io, [outcome, lost] { outcome(&lost); });
-      return;
-    }
-    struct Tally {
-      std::size_t left = 0;
-      bool any_ok = false;
-      std::optional<Error> last;
-    };
-    auto tally = std::make_shared<Tally>();
-    tally->left = targets.size();
-    for (int s : targets)
-      send_frame(s, t, build, idempotent, [this, primary, s, tally, outcome](const Error* e, std::vector<std::byte>&) {
-        if (e) {
-          copy_failed(s, *e);
-          tally->last = *e;
-        } else {
-          tally->any_ok = true;
-        }
-        if (--tally->left > 0) return;
-        if (tally->any_ok) {
-          outcome(nullptr);
-          return;
-        }
-        const Error lost = every_copy_failed(primary, *tally->last);
-        outcome(&lost);
-      });
-  }
-
-  Error every_copy_failed(int primary, const Error& last) const {
-    return Error(last.code(), fmt::format("{}; the last error: {}", replicas->describe_lost(primary), last.what()));
-  }
-
-  // On the I/O thread, after a request to `server` failed.
-  void copy_failed(int server, const Error& why) {
-    bool news = false;
-    {
-      std::lock_guard lock(seqs_mutex);
-      news = replicas->mark_incomplete(server);
-      drop_backlog(server);
-    }
-    if (!news) return;
-    logger(Subsystem::offload).warn("server {} failed ({}); its copies of KV are incomplete, the replicas serve from now on", opt.servers[static_cast<std::size_t>(server)], why.what());
-    schedule_probe(server);
-  }
-
-  // An attend part for the pieces whose primary is `primary`, sent to their first complete copy;
-  // when that server fails, to the next one (the same request: the copies hold the same sequence
-  // ids and token ranges).
-  void send_attend(int primary, std::shared_ptr<const std::vector<std::byte>> request, Done done) {
-    if (!replicas->replicated()) {
-      send(primary, MsgType::attend, *request, true, std::move(done));
-      return;
-    }
-    const int target = replicas->reader(primary);
-    if (target < 0) {
-      auto lost = std::make_shared<Error>(ErrorCode::communication, fmt::format("attend cannot be served: {}", replicas->describe_lost(primary)));
-      asio::post(io, [done, lost] {
-        std::vector<std::byte> none;
-        done(lost.get(), none);
-      });
-      return;
-    }
-    send(target, MsgType::attend, *request, true, [this, primary, target, request, done](const Error* e, std::vector<std::byte>& reply) {
-      if (e) {
-        copy_failed(target, *e);
-        if (replicas->reader(primary) >= 0) {
-          send_attend(primary, request, done);
-          return;
-        }
-        const Error lost = every_copy_failed(primary, *e);
-        done(&lost, reply);
-        return;
-      }
-      done(e, reply);
+      self->client->n_received += n2;
+      self->on_reply(h);
     });
-  }
+  });
+}
 
-  // ---- refill: a server that failed and answers again gets its copies back (replicas > 1) ----
-  // The client keeps no KV of its own: every piece the server should hold is read from a complete
-  // copy with export requests and appended to it, one chunk at a time (so at most one chunk is in
-  // the client). The lengths to copy are those the client had sent when the refill began; writes
-  // from then on are kept, in order, as the frames already built (the backlog: in decode, a few
-  // tokens per step) and sent after the copied ones, in the same step that makes the server
-  // complete again, so it never misses a write and never sees one out of order. Reads stay on the
-  // complete copies until then.
-  struct RefillPiece {
-    std::uint64_t seq = 0, shard = 0;
-    int primary = 0;
-    Open open;
-    std::vector<std::int64_t> target;  // tokens per layer to copy
-    bool opened = false;
-    std::size_t layer = 0;
-    std::int64_t done = 0;  // of `layer`
-  };
-  struct RefillRun {
-    int server = 0;
-    std::vector<RefillPiece> pieces;
-    std::size_t next = 0;
-    std::uint64_t tokens_copied = 0;
-    bool ended = false;
-    std::vector<std::shared_ptr<std::promise<void>>> waiters;
-  };
-  struct BackloggedWrite {
-    MsgType type = MsgType::append;
-    std::vector<std::byte> frame;
-    bool idempotent = false;
-  };
-  // Per server: guarded by seqs_mutex.
-  std::vector<std::vector<BackloggedWrite>> backlog;
-  std::vector<std::size_t> backlog_bytes;
-  // Per server: I/O thread only.
-  std::vector<std::unique_ptr<asio::steady_timer>> probes;
-  std::vector<std::shared_ptr<RefillRun>> refills;
-  std::vector<int> refill_failures;  // in a row, per server
-  bool stopping = false;  // I/O thread only
-  std::atomic<std::uint64_t> n_refills{0};
-
-  // A write for a copy being refilled; caller holds seqs_mutex. Past kRefillBacklogLimit (a bulk
-  // prefill during the refill) the refill starts over rather than hold more.
-  void backlog_write(int server, MsgType t, std::vector<std::byte> frame, bool idempotent) {
-    const auto i = static_cast<std::size_t>(server);
-    if (backlog_bytes[i] + frame.size() > kRefillBacklogLimit) {
-      replicas->mark_incomplete(server);
-      drop_backlog(server);
-      const Error why(ErrorCode::out_of_capacity, fmt::format("more than {} MiB of writes arrived while it was refilled; starting over",
-                                                              kRefillBacklogLimit >> 20));
-      asio::post(io, [this, server, why] { refill_failed(server, why); });
+void Client::Impl::Conn::on_reply(const FrameHeader& h) {
+  if (h.request_id == hello_id && state == State::handshaking) {
+    if (h.type == MsgType::error) {
+      const ErrorReply reply = error_reply_in(payload_bytes);
+      // A refused token is permanent: fail everything, no retries.
+      lost(Error(reply.code, fmt::format("server {} refused the connection: {}", name, reply.message)), false, false);
       return;
     }
-    backlog_bytes[i] += frame.size();
-    backlog[i].push_back({t, std::move(frame), idempotent});
-  }
-  void drop_backlog(int server) {  // caller holds seqs_mutex
-    backlog[static_cast<std::size_t>(server)].clear();
-    backlog_bytes[static_cast<std::size_t>(server)] = 0;
-  }
-
-  // Sends a frame built earlier under request id 0 (the id sits at bytes 12..19 of the header).
-  void send_built(int server, BackloggedWrite w, Done done) {
-    send_frame(server, w.type, [&w](std::uint64_t id) {
-      for (int i = 0; i < 8; ++i) w.frame[12 + static_cast<std::size_t>(i)] = static_cast<std::byte>((id >> (8 * i)) & 0xff);
-      return std::move(w.frame);
-    }, w.idempotent, std::move(done));
-  }
-
-  // I/O thread: asks a failed server for its stats every kRefillProbeInterval; the first answer
-  // starts its refill.
-  void schedule_probe(int server) {
-    if (stopping) return;
-    auto& timer = *probes[static_cast<std::size_t>(server)];
-    const int doublings = std::min(refill_failures[static_cast<std::size_t>(server)], 7);
-    timer.expires_after(std::min<std::chrono::milliseconds>(kRefillProbeInterval * (1 << doublings), kRefillProbeLongestInterval));
-    timer.async_wait([this, server](boost::system::error_code ec) {
-      if (ec || stopping || replicas->state(server) != CopyState::incomplete) return;
-      send(server, MsgType::stats, {}, true, [this, server](const Error* e, std::vector<std::byte>&) {
-        if (stopping || replicas->state(server) != CopyState::incomplete) return;
-        if (e) {
-          schedule_probe(server);
-        } else {
-          start_refill(server, nullptr);
-        }
-      });
-    });
-  }
-
-  // I/O thread. `waiter` (may be null) is told when the server is complete again, or why not.
-  void start_refill(int server, std::shared_ptr<std::promise<void>> waiter) {
-    if (stopping) {
-      if (waiter) waiter->set_exception(std::make_exception_ptr(Error(ErrorCode::communication, "the offload client was destroyed")));
-      return;
+    state = State::ready;
+    connect_failures = 0;
+    try {
+      peer_version = decode_hello_reply(payload_bytes, client_limits()).version;
+    } catch (const Error&) {
+      peer_version = 0;  // an older reply layout: newer requests are then not sent to it
     }
-    auto& running = refills[static_cast<std::size_t>(server)];
-    if (running) {
-      if (waiter) running->waiters.push_back(std::move(waiter));
-      return;
-    }
-    auto run = std::make_shared<RefillRun>();
-    run->server = server;
-    if (waiter) run->waiters.push_back(std::move(waiter));
-    {
-      std::lock_guard lock(seqs_mutex);
-      if (!replicas->begin_refill(server)) {  // complete already
-        for (auto& w : run->waiters) w->set_value();
-        return;
-      }
-      drop_backlog(server);
-      for (const auto& [id, st] : seqs) {
-        if (st.broken) continue;
-        for (const std::uint64_t k : st.opened_shards) {
-          const int primary = server_of(st, k);
-          if (!replicas->holds(server, primary)) continue;
-          RefillPiece p;
-          p.seq = id;
-          p.shard = k;
-          p.primary = primary;
-          p.open = open_message(st, k);
-          for (const auto length : st.layer_lengths) p.target.push_back(layout.tokens_in(length, k));
-          run->pieces.push_back(std::move(p));
-        }
-      }
-    }
-    running = run;
-    logger(Subsystem::offload).info("refilling server {}: {} piece(s) of KV copied from the replicas, which serve its reads until it is "
-                                    "done", replicas->name(server), run->pieces.size());
-    refill_step(run);
+    read_header();
+    pump();
+    return;
   }
-
-  // I/O thread: the next request of a refill, or its end.
-  void refill_step(const std::shared_ptr<RefillRun>& run) {
-    const int server = run->server;
-    while (!run->ended) {
-      if (stopping) return;
-      if (replicas->state(server) != CopyState::refilling) {
-        refill_failed(server, Error(ErrorCode::communication, "it failed again while being refilled"));
-        return;
-      }
-      if (run->next == run->pieces.size()) {
-        refill_done(run);
-        return;
-      }
-      RefillPiece& p = run->pieces[run->next];
-      if (!p.opened) {
-        // Whatever it still holds of the piece (a server that hung rather than restarted) goes first.
-        p.opened = true;
-        const auto drop_payload = encode(Drop{p.open.seq});
-        send(server, MsgType::drop, drop_payload, true, [](const Error*, std::vector<std::byte>&) {});  // an error shows in the open
-        send(server, MsgType::open, encode(p.open), true, [this, run](const Error* e, std::vector<std::byte>&) {
-          if (run->ended) return;
-          if (e) {
-            refill_failed(run->server, *e);
-            return;
-          }
-          refill_step(run);
-        });
-        return;
-      }
-      while (p.layer < p.target.size() && p.done >= p.target[p.layer]) {
-        ++p.layer;
-        p.done = 0;
-      }
-      if (p.layer == p.target.size()) {
-        ++run->next;
-        continue;
-      }
-      const int source = replicas->reader(p.primary);
-      if (source < 0) {
-        // No complete copy is left to read: the sequence is lost (its calls say so), not refilled.
-        logger(Subsystem::offload).warn("refill of server {}: sequence {} has no complete copy left; it is not refilled",
-                                        replicas->name(server), p.seq);
-        mark_broken(p.seq);
-        ++run->next;
-        continue;
-      }
-      const std::uint32_t peer = conns[static_cast<std::size_t>(source)]->peer_version;
-      if (peer != 0 && peer < version_of(MsgType::export_kv)) {
-        refill_failed(server, Error(ErrorCode::unsupported,
-                                    fmt::format("server {} speaks protocol version {}; a refill reads KV with export, which needs version {}: "
-                                                "upgrade it",
-                                                replicas->name(source), peer, version_of(MsgType::export_kv))));
-        return;
-      }
-      const std::size_t row = static_cast<std::size_t>(p.open.kv_heads) * p.open.head_dim * dtype_size(p.open.dtype);
-      Export req;
-      req.seq = p.open.seq;
-      req.layer = static_cast<std::uint32_t>(p.layer);
-      req.start = p.done;
-      req.tokens = static_cast<std::uint32_t>(
-          std::min<std::int64_t>(p.target[p.layer] - p.done, std::max<std::size_t>(1, kRefillChunkBytes / (2 * row))));
-      send(source, MsgType::export_kv, encode(req), true, [this, run, source, req](const Error* e, std::vector<std::byte>& payload) {
-        if (run->ended || stopping) return;
-        refill_copy(run, source, req, e, payload);
-      });
-      return;
-    }
-  }
-
-  // I/O thread: one export reply from `source`, appended to the refilled server.
-  void refill_copy(const std::shared_ptr<RefillRun>& run, int source, const Export& req, const Error* e, std::vector<std::byte>& payload) {
-    RefillPiece& p = run->pieces[run->next];
-    std::optional<ExportReply> reply;
-    std::optional<Error> failure;
-    if (e) {
-      failure = *e;
+  auto it = pending.find(h.request_id);
+  if (it != pending.end()) {
+    auto r = it->second;
+    if (h.type == MsgType::error) {
+      const ErrorReply reply = error_reply_in(payload_bytes);
+      complete(*r, Error(reply.code, fmt::format("server {}: {}", name, reply.message)));
+    } else if (h.type != r->type) {
+      complete(*r, Error(ErrorCode::protocol, fmt::format("server {} answered a {} request with {}", name, to_string(r->type), to_string(h.type))));
     } else {
-      try {
-        reply = decode_export_reply(payload, client_limits());
-        if (reply->kv.seq != req.seq || reply->kv.layer != req.layer || reply->kv.start != req.start || reply->kv.tokens > req.tokens)
-          throw Error(ErrorCode::protocol, "its export reply does not match the request");
-      } catch (const Error& bad) {
-        failure = Error(bad.code(), fmt::format("server {}: {}", replicas->name(source), bad.what()));
+      finish(*r, nullptr, payload_bytes);
+    }
+  }  // else: the answer to a request that already timed out
+  read_header();
+}
+
+// The connection is gone (or never came): close, fail what cannot be retried, requeue the
+// rest and reconnect after a short backoff.
+void Client::Impl::Conn::lost(const Error& why, bool connecting, bool retryable) {
+  ++generation;
+  if (stream) stream->close();
+  writing = false;
+  state = State::idle;
+  if (connecting) ++connect_failures;
+  std::vector<std::shared_ptr<Request>> keep;
+  std::vector<std::shared_ptr<Request>> all;
+  for (auto& [id, r] : pending) all.push_back(r);
+  for (auto& r : all) {
+    if (r->completed) continue;
+    const bool may = retryable && Clock::now() < r->deadline && (r->idempotent || !r->sent);
+    // A refused connection consumes an attempt of every request; a lost one only of those sent.
+    const bool costs = connecting || r->sent;
+    if (may && (!costs || r->attempts_left > 0)) {
+      if (costs) {
+        --r->attempts_left;
+        client->n_retries++;
       }
-    }
-    if (failure) {
-      bool gone = false;
-      {
-        std::lock_guard lock(seqs_mutex);
-        gone = seqs.find(p.seq) == seqs.end();
-      }
-      if (gone) {
-        ++run->next;  // dropped meanwhile: the backlog holds the drop
-      } else {
-        copy_failed(source, *failure);  // the next complete copy is read instead
-      }
-      refill_step(run);
-      return;
-    }
-    p.done += reply->kv.tokens;
-    run->tokens_copied += reply->kv.tokens;
-    send_frame(run->server, MsgType::append, [&reply](std::uint64_t id) { return append_frame(id, reply->kv); }, false,
-               [this, run](const Error* err, std::vector<std::byte>&) {
-                 if (run->ended) return;
-                 if (err) {
-                   refill_failed(run->server, *err);
-                   return;
-                 }
-                 refill_step(run);
-               });
-  }
-
-  // I/O thread: every piece copied; the backlog goes out and the server is complete, both under
-  // seqs_mutex so that no write falls between them.
-  void refill_done(const std::shared_ptr<RefillRun>& run) {
-    const int server = run->server;
-    std::size_t held = 0;
-    {
-      std::lock_guard lock(seqs_mutex);
-      if (replicas->state(server) != CopyState::refilling) {
-        drop_backlog(server);
-      } else {
-        auto writes = std::move(backlog[static_cast<std::size_t>(server)]);
-        held = writes.size();
-        drop_backlog(server);
-        for (auto& w : writes)
-          send_built(server, std::move(w), [this, server](const Error* e, std::vector<std::byte>&) {
-            if (e) copy_failed(server, *e);
-          });
-        replicas->finish_refill(server);
-      }
-    }
-    if (!replicas->complete(server)) {
-      refill_failed(server, Error(ErrorCode::communication, "it failed again while being refilled"));
-      return;
-    }
-    run->ended = true;
-    refills[static_cast<std::size_t>(server)] = nullptr;
-    refill_failures[static_cast<std::size_t>(server)] = 0;
-    n_refills++;
-    logger(Subsystem::offload).info("server {} refilled ({} piece(s), {} token-layers copied, then {} write(s) that came meanwhile); it "
-                                    "serves reads again", replicas->name(server), run->pieces.size(), run->tokens_copied, held);
-    for (auto& w : run->waiters) w->set_value();
-  }
-
-  // I/O thread: the refill of `server` stopped; it stays out of service and is probed again.
-  void refill_failed(int server, const Error& why) {
-    auto run = std::move(refills[static_cast<std::size_t>(server)]);
-    if (!run || run->ended) return;
-    run->ended = true;
-    ++refill_failures[static_cast<std::size_t>(server)];
-    {
-      std::lock_guard lock(seqs_mutex);
-      replicas->mark_incomplete(server);
-      drop_backlog(server);
-    }
-    const Error told(why.code(), fmt::format("refill of server {} failed: {}", replicas->name(server), why.what()));
-    if (!stopping) {
-      logger(Subsystem::offload).warn("{}; it stays out of service and is tried again", told.what());
-      schedule_probe(server);
-    }
-    for (auto& w : run->waiters) w->set_exception(std::make_exception_ptr(told));
-  }
-
-  // I/O thread, at shutdown.
-  void stop_refills() {
-    stopping = true;
-    for (auto& t : probes) t->cancel();
-    for (std::size_t s = 0; s < refills.size(); ++s) {
-      auto run = std::move(refills[s]);
-      if (!run || run->ended) continue;
-      run->ended = true;
-      for (auto& w : run->waiters)
-        w->set_exception(std::make_exception_ptr(Error(ErrorCode::communication, "the offload client was destroyed during a refill")));
+      r->sent = false;
+      keep.push_back(r);
+    } else {
+      complete(*r, why);
     }
   }
+  queue.assign(keep.begin(), keep.end());
+  std::sort(queue.begin(), queue.end(), [](const auto& a, const auto& b) { return a->id < b->id; });
+  if (queue.empty()) return;
+  logger(Subsystem::offload).debug("server {}: {}; retrying {} request(s)", name, why.what(), queue.size());
+  backoff.expires_after(std::chrono::milliseconds(std::min(50 * (1 << std::min(connect_failures, 4)), 500)));
+  const int gen = generation;
+  auto self = shared_from_this();
+  backoff.async_wait([self, gen](boost::system::error_code e) {
+    if (e || gen != self->generation || self->state != State::idle) return;
+    if (self->pending.empty()) return;
+    self->connect();
+  });
+}
 
-  std::unique_ptr<ByteStream> make_stream() {
-    if (ucx) return ucx->stream();
-    if (tls) return make_tls_byte_stream(io, tls, opt.tls.server_name);
-    return make_tcp_byte_stream(io);
+void Client::Impl::Conn::shutdown(const Error& why) {
+  ++generation;
+  if (stream) stream->close();
+  backoff.cancel();
+  std::vector<std::shared_ptr<Request>> all;
+  for (auto& [id, r] : pending) all.push_back(r);
+  for (auto& r : all) complete(*r, why);
+  queue.clear();
+}
+
+// A write (open, append, drop) of the piece whose primary server is `primary`, sent to every
+// complete copy. `outcome` runs once on the I/O thread: success when any copy took it (the
+// copies that failed are incomplete from then on), else the error. Without replicas: one send.
+// A copy being refilled gets the write later, in order, once its refill has caught up
+// (backlog_write). The caller holds seqs_mutex.
+template <class Build>
+void Client::Impl::send_replicated(int primary, MsgType t, Build&& build, bool idempotent, std::function<void(const Error*)> outcome) {
+  if (!replicas->replicated()) {
+    send_frame(primary, t, std::forward<Build>(build), idempotent, [outcome](const Error* e, std::vector<std::byte>&) { outcome(e); });
+    return;
   }
-
-  explicit Impl(ClientOptions o) : opt(std::move(o)) {
-    LONGATTN_INVALID(!opt.servers.empty(), "offload client: no servers given");
-    LONGATTN_INVALID(!opt.token.empty(), "offload client: no token given (the servers refuse unauthenticated clients)");
-    LONGATTN_INVALID(opt.timeout.count() > 0, "offload client: the timeout must be positive");
-    LONGATTN_INVALID(opt.retries >= 0 && opt.retries <= 100, "offload client: retries {} outside [0, 100]", opt.retries);
-    LONGATTN_INVALID(opt.shard_tokens >= 0, "offload client: shard_tokens must be >= 0");
-    LONGATTN_INVALID(opt.transport == "tcp" || opt.transport == "ucx", "offload client: transport must be tcp or ucx, got '{}'",
-                     opt.transport);
-    LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
-                     "offload client: transport 'ucx' is not available in this build (built without UCX); use tcp");
-    LONGATTN_REQUIRE(!opt.tls.enabled || opt.transport == "tcp", ErrorCode::unsupported,
-                     "offload client: TLS is available on the tcp transport only");
-    if (opt.tls.enabled) tls = make_client_tls_context(opt.tls);
-    replicas = std::make_unique<ReplicaSet>(opt.servers, opt.replicas);
-    if (opt.client_id == 0) {
-      std::random_device rd;
-      opt.client_id = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ 1;
-    }
-    layout = {opt.shard_tokens, opt.servers.size()};
-    for (std::size_t i = 0; i < opt.servers.size(); ++i) conns.push_back(std::make_shared<Conn>(this, static_cast<int>(i), opt.servers[i]));
-    backlog.resize(opt.servers.size());
-    backlog_bytes.assign(opt.servers.size(), 0);
-    refills.resize(opt.servers.size());
-    refill_failures.assign(opt.servers.size(), 0);
-    for (std::size_t i = 0; i < opt.servers.size(); ++i) probes.push_back(std::make_unique<asio::steady_timer>(io));
-    work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
-    io_drained = io_done.get_future();
-    thread = std::thread([this] {
-      io.run();
-      io_done.set_value();
-    });
-    if (opt.transport == "ucx") ucx = make_ucx_client([this](std::function<void()> fn) { asio::post(io, std::move(fn)); });
+  for (int h : replicas->holders(primary))
+    if (replicas->state(h) == CopyState::refilling) backlog_write(h, t, build(0), idempotent);
+  const auto targets = replicas->complete_holders(primary);
+  if (targets.empty()) {
+    const Error lost(ErrorCode::communication, fmt::format("a {} request cannot be served: {}", to_string(t), replicas->describe_lost(primary)));
+    asio::post(io, [outcome, lost] { outcome(&lost); });
+    return;
   }
-
-  // Shuts down by cancelling and then waiting: every connection closes its stream and fails what
-  // is pending, and the I/O thread runs until the cancelled operations have delivered their
-  // completions (they find a newer generation and do nothing). Only then do the streams go.
-  ~Impl() {
-    asio::post(io, [this] {
-      stop_refills();
-      for (auto& c : conns) c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
-    });
-    work.reset();
-    if (io_drained.wait_for(kShutdownDrainLimit) != std::future_status::ready) {
-      // A resolver still waiting on the system resolver; its handler is dropped unrun.
-      logger(Subsystem::offload).warn("offload client: pending operations did not finish within {} ms of shutdown; dropping them",
-                                      kShutdownDrainLimit.count());
-      io.stop();
-    }
-    thread.join();
-    for (auto& c : conns) c->stream.reset();  // before the UCX engine goes
-    ucx.reset();  // its worker thread stops; completions it still posts are dropped with the io_context
-  }
-
-  // Sends one request to server `s`; `done` runs on the I/O thread.
-  void send(int s, MsgType t, std::span<const std::byte> payload, bool idempotent, Done done) {
-    send_frame(s, t, [&](std::uint64_t id) { return frame(t, 0, id, payload); }, idempotent, std::move(done));
-  }
-  // The same with the frame built by `build(request id)` (bulk appends write theirs in one pass).
-  template <class Build>
-  void send_frame(int s, MsgType t, Build&& build, bool idempotent, Done done) {
-    auto r = std::make_shared<Request>();
-    r->id = next_id++;
-    r->type = t;
-    r->frame = build(r->id);
-    r->idempotent = idempotent;
-    r->attempts_left = opt.retries;
-    r->deadline = Clock::now() + opt.timeout;
-    r->done = std::move(done);
-    n_requests++;
-    auto c = conns[static_cast<std::size_t>(s)];
-    asio::post(io, [c, r] { c->submit(r); });
-  }
-
-  int server_of(const SeqState& st, std::uint64_t shard) const { return layout.server_of(st.home, shard); }
-
-  Open open_message(const SeqState& st, std::uint64_t k) const {
-    Open m;
-    m.seq = server_seq_id(st.spec.id, k);
-    m.layers = static_cast<std::uint32_t>(st.spec.layers);
-    m.kv_heads = static_cast<std::uint32_t>(st.spec.kv_heads);
-    m.head_dim = static_cast<std::uint32_t>(st.spec.head_dim);
-    m.dtype = st.spec.dtype;
-    m.kv_start = layout.first_token(k);
-    return m;
-  }
-
-  // Sends an open for shard `k` unless done; caller holds seqs_mutex.
-  template <class J>
-  void ensure_open(SeqState& st, std::uint64_t k, const std::shared_ptr<J>& join) {
-    if (st.opened_shards.count(k)) return;
-    st.opened_shards.insert(k);
-    const Open m = open_message(st, k);
-    join->left++;
-    const auto seq = st.spec.id;
-    const auto payload = encode(m);
-    send_replicated(server_of(st, k), MsgType::open, [&](std::uint64_t id) { return frame(MsgType::open, 0, id, payload); }, true,
-                    [this, join, seq](const Error* e) {
+  struct Tally {
+    std::size_t left = 0;
+    bool any_ok = false;
+    std::optional<Error> last;
+  };
+  auto tally = std::make_shared<Tally>();
+  tally->left = targets.size();
+  for (int s : targets)
+    send_frame(s, t, build, idempotent, [this, primary, s, tally, outcome](const Error* e, std::vector<std::byte>&) {
       if (e) {
-        mark_broken(seq);
-        join->fail(*e);
+        copy_failed(s, *e);
+        tally->last = *e;
+      } else {
+        tally->any_ok = true;
       }
-      join->part_done();
+      if (--tally->left > 0) return;
+      if (tally->any_ok) {
+        outcome(nullptr);
+        return;
+      }
+      const Error lost = every_copy_failed(primary, *tally->last);
+      outcome(&lost);
     });
-  }
+}
 
-  void mark_broken(std::uint64_t seq) {
+Error Client::Impl::every_copy_failed(int primary, const Error& last) const {
+  return Error(last.code(), fmt::format("{}; the last error: {}", replicas->describe_lost(primary), last.what()));
+}
+
+// On the I/O thread, after a request to `server` failed.
+void Client::Impl::copy_failed(int server, const Error& why) {
+  bool news = false;
+  {
     std::lock_guard lock(seqs_mutex);
-    auto it = seqs.find(seq);
-    if (it != seqs.end()) it->second.broken = true;
+    news = replicas->mark_incomplete(server);
+    drop_backlog(server);
   }
-};
+  if (!news) return;
+  logger(Subsystem::offload).warn("server {} failed ({}); its copies of KV are incomplete, the replicas serve from now on", opt.servers[static_cast<std::size_t>(server)], why.what());
+  schedule_probe(server);
+}
+
+// An attend part for the pieces whose primary is `primary`, sent to their first complete copy;
+// when that server fails, to the next one (the same request: the copies hold the same sequence
+// ids and token ranges).
+void Client::Impl::send_attend(int primary, std::shared_ptr<const std::vector<std::byte>> request, Done done) {
+  if (!replicas->replicated()) {
+    send(primary, MsgType::attend, *request, true, std::move(done));
+    return;
+  }
+  const int target = replicas->reader(primary);
+  if (target < 0) {
+    auto lost = std::make_shared<Error>(ErrorCode::communication, fmt::format("attend cannot be served: {}", replicas->describe_lost(primary)));
+    asio::post(io, [done, lost] {
+      std::vector<std::byte> none;
+      done(lost.get(), none);
+    });
+    return;
+  }
+  send(target, MsgType::attend, *request, true, [this, primary, target, request, done](const Error* e, std::vector<std::byte>& reply) {
+    if (e) {
+      copy_failed(target, *e);
+      if (replicas->reader(primary) >= 0) {
+        send_attend(primary, request, done);
+        return;
+      }
+      const Error lost = every_copy_failed(primary, *e);
+      done(&lost, reply);
+      return;
+    }
+    done(e, reply);
+  });
+}
+
+std::unique_ptr<ByteStream> Client::Impl::make_stream() {
+  if (ucx) return ucx->stream();
+  if (tls) return make_tls_byte_stream(io, tls, opt.tls.server_name);
+  return make_tcp_byte_stream(io);
+}
+
+Client::Impl::Impl(ClientOptions o) : opt(std::move(o)) {
+  LONGATTN_INVALID(!opt.servers.empty(), "offload client: no servers given");
+  LONGATTN_INVALID(!opt.token.empty(), "offload client: no token given (the servers refuse unauthenticated clients)");
+  LONGATTN_INVALID(opt.timeout.count() > 0, "offload client: the timeout must be positive");
+  LONGATTN_INVALID(opt.retries >= 0 && opt.retries <= 100, "offload client: retries {} outside [0, 100]", opt.retries);
+  LONGATTN_INVALID(opt.shard_tokens >= 0, "offload client: shard_tokens must be >= 0");
+  LONGATTN_INVALID(opt.transport == "tcp" || opt.transport == "ucx", "offload client: transport must be tcp or ucx, got '{}'",
+                   opt.transport);
+  LONGATTN_REQUIRE(opt.transport == "tcp" || ucx_available(), ErrorCode::unsupported,
+                   "offload client: transport 'ucx' is not available in this build (built without UCX); use tcp");
+  LONGATTN_REQUIRE(!opt.tls.enabled || opt.transport == "tcp", ErrorCode::unsupported,
+                   "offload client: TLS is available on the tcp transport only");
+  if (opt.tls.enabled) tls = make_client_tls_context(opt.tls);
+  replicas = std::make_unique<ReplicaSet>(opt.servers, opt.replicas);
+  if (opt.client_id == 0) {
+    std::random_device rd;
+    opt.client_id = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ 1;
+  }
+  layout = {opt.shard_tokens, opt.servers.size()};
+  for (std::size_t i = 0; i < opt.servers.size(); ++i) conns.push_back(std::make_shared<Conn>(this, static_cast<int>(i), opt.servers[i]));
+  backlog.resize(opt.servers.size());
+  backlog_bytes.assign(opt.servers.size(), 0);
+  refills.resize(opt.servers.size());
+  refill_failures.assign(opt.servers.size(), 0);
+  for (std::size_t i = 0; i < opt.servers.size(); ++i) probes.push_back(std::make_unique<asio::steady_timer>(io));
+  work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
+  io_drained = io_done.get_future();
+  thread = std::thread([this] {
+    io.run();
+    io_done.set_value();
+  });
+  if (opt.transport == "ucx") ucx = make_ucx_client([this](std::function<void()> fn) { asio::post(io, std::move(fn)); });
+}
+
+// Shuts down by cancelling and then waiting: every connection closes its stream and fails what
+// is pending, and the I/O thread runs until the cancelled operations have delivered their
+// completions (they find a newer generation and do nothing). Only then do the streams go.
+Client::Impl::~Impl() {
+  asio::post(io, [this] {
+    stop_refills();
+    for (auto& c : conns) c->shutdown(Error(ErrorCode::communication, "the offload client was destroyed"));
+  });
+  work.reset();
+  if (io_drained.wait_for(kShutdownDrainLimit) != std::future_status::ready) {
+    // A resolver still waiting on the system resolver; its handler is dropped unrun.
+    logger(Subsystem::offload).warn("offload client: pending operations did not finish within {} ms of shutdown; dropping them",
+                                    kShutdownDrainLimit.count());
+    io.stop();
+  }
+  thread.join();
+  for (auto& c : conns) c->stream.reset();  // before the UCX engine goes
+  ucx.reset();  // its worker thread stops; completions it still posts are dropped with the io_context
+}
+
+// Sends one request to server `s`; `done` runs on the I/O thread.
+void Client::Impl::send(int s, MsgType t, std::span<const std::byte> payload, bool idempotent, Done done) {
+  send_frame(s, t, [&](std::uint64_t id) { return frame(t, 0, id, payload); }, idempotent, std::move(done));
+}
+
+Open Client::Impl::open_message(const SeqState& st, std::uint64_t k) const {
+  Open m;
+  m.seq = server_seq_id(st.spec.id, k);
+  m.layers = static_cast<std::uint32_t>(st.spec.layers);
+  m.kv_heads = static_cast<std::uint32_t>(st.spec.kv_heads);
+  m.head_dim = static_cast<std::uint32_t>(st.spec.head_dim);
+  m.dtype = st.spec.dtype;
+  m.kv_start = layout.first_token(k);
+  return m;
+}
+
+// Sends an open for shard `k` unless done; caller holds seqs_mutex.
+template <class J>
+void Client::Impl::ensure_open(SeqState& st, std::uint64_t k, const std::shared_ptr<J>& join) {
+  if (st.opened_shards.count(k)) return;
+  st.opened_shards.insert(k);
+  const Open m = open_message(st, k);
+  join->left++;
+  const auto seq = st.spec.id;
+  const auto payload = encode(m);
+  send_replicated(server_of(st, k), MsgType::open, [&](std::uint64_t id) { return frame(MsgType::open, 0, id, payload); }, true,
+                  [this, join, seq](const Error* e) {
+    if (e) {
+      mark_broken(seq);
+      join->fail(*e);
+    }
+    join->part_done();
+  });
+}
+
+void Client::Impl::mark_broken(std::uint64_t seq) {
+  std::lock_guard lock(seqs_mutex);
+  auto it = seqs.find(seq);
+  if (it != seqs.end()) it->second.broken = true;
+}
 
 Client::Client(ClientOptions opt) : impl_(std::make_unique<Impl>(std::move(opt))) {}
 Client::~Client() = default;
