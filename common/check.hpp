@@ -43,9 +43,22 @@ namespace longattn {
   } while (0)
 
 // A failing CUDA runtime or cuDNN call is a bug or a broken device or setup, never the caller's
-// input: internal.
-#define LONGATTN_CUDA_CHECK(call) \
-  LONGATTN_LIBRARY_CHECK_(cudaError_t, call, #call, cudaSuccess, cudaSuccess, ::longattn::ErrorCode::internal, cudaGetErrorString)
+// input: internal; except a full GPU memory, which is the problem's size against the card
+// (out_of_capacity, so that callers can tell "too long for these GPUs" from a bug). That error is
+// not sticky, but CUDA also keeps it as the thread's last error: cleared here, or the next launch
+// check of a process that goes on (a trainer catching the error) would report it again.
+#define LONGATTN_CUDA_CHECK(call)                                                                          \
+  do {                                                                                                     \
+    const cudaError_t longattn_cuda_status_ = (call);                                                      \
+    if (longattn_cuda_status_ == cudaErrorMemoryAllocation) {                                              \
+      (void)cudaGetLastError();                                                                            \
+      ::longattn::throw_call_failed(::longattn::ErrorCode::out_of_capacity, #call,                         \
+                                    cudaGetErrorString(longattn_cuda_status_), __FILE__, __LINE__);        \
+    }                                                                                                      \
+    if (longattn_cuda_status_ != cudaSuccess)                                                              \
+      ::longattn::throw_call_failed(::longattn::ErrorCode::internal, #call, cudaGetErrorString(longattn_cuda_status_), \
+                                    __FILE__, __LINE__);                                                   \
+  } while (0)
 #define LONGATTN_CUDNN_CHECK(call)                                                                       \
   LONGATTN_LIBRARY_CHECK_(cudnnStatus_t, call, #call, CUDNN_STATUS_SUCCESS, CUDNN_STATUS_SUCCESS,                   \
                           ::longattn::ErrorCode::internal, cudnnGetErrorString)

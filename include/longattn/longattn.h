@@ -39,7 +39,7 @@ typedef enum longattn_status {
   LONGATTN_ERROR_IO = 3,               /* a file is missing, unreadable or malformed (machine file) */
   LONGATTN_ERROR_COMMUNICATION = 4,    /* a peer failed, disagreed or went away */
   LONGATTN_ERROR_TIMEOUT = 5,          /* a peer did not answer within the communicator's timeout */
-  LONGATTN_ERROR_OUT_OF_CAPACITY = 6,  /* a memory or size limit was reached */
+  LONGATTN_ERROR_OUT_OF_CAPACITY = 6,  /* a memory or size limit was reached (a full GPU too) */
   LONGATTN_ERROR_PROTOCOL = 7,         /* a malformed message on the wire */
   LONGATTN_ERROR_UNAUTHORIZED = 8,     /* a peer did not present the right credentials */
   LONGATTN_ERROR_INTERNAL = 9          /* a bug in longattn (or an unexpected C++ exception): please report it */

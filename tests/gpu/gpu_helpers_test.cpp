@@ -1,6 +1,7 @@
 // GPU merge, delta, fill/add/convert/copy and the split-KV decode kernel against their CPU twins.
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include <fmt/format.h>
 
@@ -8,6 +9,7 @@
 #include "kernels/cpu_kernels.hpp"
 #include "kernels/cuda/decode.hpp"
 #include "longattn/backend.hpp"
+#include "longattn/error.hpp"
 
 namespace longattn {
 namespace {
@@ -49,6 +51,23 @@ TEST(GpuHelpers, MergeMatchesCpuIncludingEmptyRows) {
     EXPECT_LE(test::compare(dla.to_host().to_f32(), la.to_f32()).max_abs, 1e-5);
     for (int x = 0; x < d; ++x) ASSERT_FALSE(std::isnan(doa.to_host().view.as<float>()[x])) << "NaN leaked from an empty side";
   }
+}
+
+// A GPU allocation larger than the card is the problem's size, not a bug: out_of_capacity, with
+// CUDA's own words for it (callers such as examples/torch_train.py tell "too long" from a failure).
+TEST(GpuHelpers, AnAllocationTheCardCannotHoldIsOutOfCapacity) {
+  LONGATTN_SKIP_WITHOUT_GPU();
+  auto backend = make_backend("cuda", DeviceKind::cuda);
+  try {
+    auto buffer = backend->device_ops().allocate(std::size_t{1} << 50);  // 1 PiB
+    ADD_FAILURE() << "a 1 PiB allocation succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::out_of_capacity) << e.what();
+    EXPECT_NE(std::string(e.what()).find("out of memory"), std::string::npos) << e.what();
+  }
+  // The device is still usable afterwards.
+  auto small = backend->device_ops().allocate(1 << 20);
+  EXPECT_NE(small->data(), nullptr);
 }
 
 TEST(GpuHelpers, DeltaFillAddConvertCopy) {

@@ -6,6 +6,7 @@
 
 #include <random>
 #include <string>
+#include <utility>
 
 #include "common/check.hpp"
 #include "support/test_util.hpp"
@@ -17,11 +18,12 @@ namespace {
 std::string status_text(int status) { return "status " + std::to_string(status) + " from the library"; }
 
 namespace fake_cuda {
-enum cudaError_t : int { cudaSuccess = 0 };
+enum cudaError_t : int { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
 std::string last_text;
 const char* cudaGetErrorString(cudaError_t e) { return (last_text = status_text(e)).c_str(); }
+// As CUDA's: the thread's last error, returned and reset by cudaGetLastError.
 cudaError_t cudaGetLastError_value;
-cudaError_t cudaGetLastError() { return cudaGetLastError_value; }
+cudaError_t cudaGetLastError() { return std::exchange(cudaGetLastError_value, cudaSuccess); }
 }  // namespace fake_cuda
 
 namespace fake_cudnn {
@@ -77,6 +79,20 @@ TEST(CheckMacros, CudaFailureNamesTheCallTheStatusAndThePlace) {
   cudaGetLastError_value = status;
   EXPECT_EQ(thrown_by([] { LONGATTN_CUDA_CHECK_LAUNCH(); }).code(), ErrorCode::internal);
   cudaGetLastError_value = cudaSuccess;
+  LONGATTN_CUDA_CHECK_LAUNCH();
+}
+
+TEST(CheckMacros, CudaOutOfMemoryIsOutOfCapacityAndLeavesNoLastError) {
+  using namespace fake_cuda;
+  cudaGetLastError_value = cudaErrorMemoryAllocation;  // what CUDA keeps after a failed cudaMalloc
+  const Error e = thrown_by([] { LONGATTN_CUDA_CHECK(cudaErrorMemoryAllocation); });
+  // The problem's size against the card, not a bug: callers (a trainer) can tell it apart.
+  EXPECT_EQ(e.code(), ErrorCode::out_of_capacity);
+  EXPECT_NE(std::string(e.what()).find("cudaErrorMemoryAllocation failed: " + status_text(cudaErrorMemoryAllocation)),
+            std::string::npos)
+      << e.what();
+  // A process that goes on is not told about the allocation again at its next launch check.
+  EXPECT_EQ(cudaGetLastError_value, cudaSuccess);
   LONGATTN_CUDA_CHECK_LAUNCH();
 }
 
