@@ -47,9 +47,21 @@ def check(tokens, heads, kv_heads, dim, causal, cu):
     return ok
 
 
+# DEVICE=cpu: the timing part only, on CPU tensors (TOKENS of them, float32, wall-clock timing), for
+# the host-side share of the op's time where no GPU is at hand.
+DEVICE = os.environ.get("DEVICE", "cuda")
+
+
 def timed(fn, iters=int(os.environ.get("ITERS", "10"))):
     for _ in range(3):
         fn()
+    if DEVICE == "cpu":
+        times = []
+        for _ in range(iters):
+            started = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - started))
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -103,18 +115,20 @@ def breakdown(q, k, v, d_o):
 
 def main():
     ok = True
-    if os.environ.get("TIMING_ONLY") != "1":
+    if os.environ.get("TIMING_ONLY") != "1" and DEVICE == "cuda":
         ok &= check(4096, 8, 2, 128, True, [0, 4096])
         ok &= check(3000, 8, 8, 64, False, [0, 3000])
         ok &= check(6000, 8, 2, 128, True, [0, 1, 700, 700, 4000, 6000])
-    tokens = 32768
-    q, k, v = (torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    d_o = torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16)
+    tokens = int(os.environ.get("TOKENS", "32768"))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (torch.randn(tokens, 32, 128, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    d_o = torch.randn(tokens, 32, 128, device=DEVICE, dtype=dtype)
     fwd = timed(lambda: lt.attention(q, k, v, causal=True))
     both = timed(lambda: torch.autograd.grad(lt.attention(q, k, v, causal=True), (q, k, v), d_o))
-    print(f"op at 32k, 32 heads d128 bf16 causal: forward {fwd:.3f} ms, forward+backward {both:.3f} ms")
+    print(f"op at {tokens} tokens, 32 heads d128 {dtype} causal on {DEVICE}: forward {fwd:.3f} ms, "
+          f"forward+backward {both:.3f} ms")
     parts = breakdown(q, k, v, d_o)
-    print("RESULT " + json.dumps({"ok": ok, "seq": tokens, "op_fwd_ms": fwd, "op_fwd_bwd_ms": both, **parts}))
+    print("RESULT " + json.dumps({"ok": ok, "device": DEVICE, "seq": tokens, "op_fwd_ms": fwd, "op_fwd_bwd_ms": both, **parts}))
     return 0 if ok else 1
 
 
